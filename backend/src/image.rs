@@ -1,0 +1,343 @@
+//! Disk images: the one small trait every image format implements, and the
+//! raw-file implementation.
+//!
+//! Reads and writes go straight between the caller's buffers (guest memory)
+//! and the file: `preadv2`/`pwritev2`, no bounce buffer unless O_DIRECT meets
+//! a buffer that is not aligned for it.
+
+use crate::iobuf::{is_aligned, total_len, IoBuf};
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+/// Errors from image I/O.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    /// Opening the image failed.
+    #[error("cannot open image {path}: {source}")]
+    Open {
+        /// The image path.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// A read, write, flush, discard or zeroing call failed.
+    #[error("{op} at offset {offset} length {len}: {source}")]
+    Io {
+        /// Which operation.
+        op: &'static str,
+        /// Byte offset of the request.
+        offset: u64,
+        /// Byte length of the request.
+        len: u64,
+        /// The OS error.
+        source: io::Error,
+    },
+}
+
+/// Access to one disk image. Everything the guest-facing `Disk` needs, and
+/// nothing more, so that other formats (qcow2, NBD, RBD) fit behind it.
+pub trait Image: Send + Sync {
+    /// Size in bytes.
+    fn size(&self) -> u64;
+    /// Where the image lives (for management queries).
+    fn path(&self) -> &Path;
+    /// Reads `bufs.len()` bytes at `offset` into `bufs`, completely or not at all.
+    fn read_at(&self, bufs: &[IoBuf], offset: u64) -> Result<(), ImageError>;
+    /// Writes `bufs` at `offset`; with `fua` the data is durable on return.
+    fn write_at(&self, bufs: &[IoBuf], offset: u64, fua: bool) -> Result<(), ImageError>;
+    /// Makes every completed write durable.
+    fn flush(&self) -> Result<(), ImageError>;
+    /// Deallocates a range (a hint: where the storage cannot, nothing happens).
+    fn discard(&self, offset: u64, len: u64) -> Result<(), ImageError>;
+    /// Zeroes a range; with `unmap` the range may also be deallocated.
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<(), ImageError>;
+    /// Bytes actually allocated on the storage (for `actual-size`).
+    fn allocated_bytes(&self) -> u64;
+}
+
+/// How to open a raw image.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RawImageOptions {
+    /// Open read-only.
+    pub read_only: bool,
+    /// Bypass the host page cache (O_DIRECT).
+    pub direct: bool,
+}
+
+/// A raw image: a regular file or a block device, byte for byte.
+pub struct RawImage {
+    file: File,
+    path: PathBuf,
+    size: u64,
+    direct: bool,
+    /// Memory alignment O_DIRECT needs for buffers.
+    dio_align: usize,
+}
+
+/// Largest number of iovecs one preadv/pwritev call takes (IOV_MAX on Linux).
+const IOV_MAX: usize = 1024;
+
+impl RawImage {
+    /// Opens `path` as a raw image.
+    pub fn open(path: &Path, opts: RawImageOptions) -> Result<RawImage, ImageError> {
+        let open_err = |source| ImageError::Open {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut oo = OpenOptions::new();
+        oo.read(true).write(!opts.read_only);
+        if opts.direct {
+            oo.custom_flags(libc::O_DIRECT);
+        }
+        let file = oo.open(path).map_err(open_err)?;
+        let meta = file.metadata().map_err(open_err)?;
+        let size = if meta.file_type().is_block_device() {
+            // SAFETY: lseek on an fd we own; no memory is touched.
+            let end = unsafe { libc::lseek(file.as_raw_fd(), 0, libc::SEEK_END) };
+            if end < 0 {
+                return Err(open_err(io::Error::last_os_error()));
+            }
+            end as u64
+        } else if meta.is_file() {
+            meta.len()
+        } else {
+            return Err(open_err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a regular file or block device",
+            )));
+        };
+        Ok(RawImage {
+            file,
+            path: path.to_path_buf(),
+            size,
+            direct: opts.direct,
+            dio_align: 4096,
+        })
+    }
+
+    fn fd(&self) -> libc::c_int {
+        self.file.as_raw_fd()
+    }
+
+    /// Transfers all of `bufs` at `offset`, retrying short transfers.
+    fn transfer(&self, bufs: &[IoBuf], offset: u64, write: bool, flags: i32) -> io::Result<()> {
+        // A short transfer is rare (signals, a file truncated underneath);
+        // only then is the list copied so its first buffer can be trimmed.
+        let mut owned: Option<Vec<IoBuf>> = None;
+        let mut idx = 0;
+        let mut pos = offset;
+        loop {
+            let list: &[IoBuf] = owned.as_deref().unwrap_or(bufs);
+            let cur = &list[idx..];
+            if cur.is_empty() {
+                return Ok(());
+            }
+            let count = cur.len().min(IOV_MAX);
+            let iov = cur.as_ptr().cast::<libc::iovec>();
+            // SAFETY: IoBuf is repr(transparent) over iovec; the buffers are
+            // valid per IoBuf::new's contract; `count` entries exist.
+            let n = unsafe {
+                if write {
+                    libc::pwritev2(self.fd(), iov, count as i32, pos as i64, flags)
+                } else {
+                    libc::preadv2(self.fd(), iov, count as i32, pos as i64, flags)
+                }
+            };
+            if n < 0 {
+                let err = io::Error::last_os_error();
+                if err.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(err);
+            }
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "image ended early (truncated underneath us?)",
+                ));
+            }
+            let mut done = n as usize;
+            pos += done as u64;
+            while idx < list.len() && done >= list[idx].len() {
+                done -= list[idx].len();
+                idx += 1;
+            }
+            if done > 0 {
+                let v = owned.get_or_insert_with(|| bufs.to_vec());
+                v[idx] = v[idx].advance(done);
+            }
+        }
+    }
+}
+
+/// A heap buffer aligned for O_DIRECT, used only when guest buffers are not.
+struct AlignedBuf {
+    ptr: *mut u8,
+    layout: std::alloc::Layout,
+}
+
+impl AlignedBuf {
+    fn zeroed(len: usize, align: usize) -> io::Result<AlignedBuf> {
+        let layout = std::alloc::Layout::from_size_align(len.max(align), align)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        // SAFETY: layout has non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        if ptr.is_null() {
+            return Err(io::Error::from(io::ErrorKind::OutOfMemory));
+        }
+        Ok(AlignedBuf { ptr, layout })
+    }
+
+    fn as_iobuf(&self, len: usize) -> IoBuf {
+        // SAFETY: the allocation is at least `len` bytes and lives as long as self.
+        unsafe { IoBuf::new(self.ptr, len.min(self.layout.size())) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated with this layout in `zeroed`.
+        unsafe { std::alloc::dealloc(self.ptr, self.layout) }
+    }
+}
+
+/// Copies between a contiguous buffer and a scatter list.
+fn scatter_copy(bufs: &[IoBuf], contiguous: *mut u8, to_contiguous: bool) {
+    let mut off = 0usize;
+    for b in bufs {
+        // SAFETY: both ranges are valid (IoBuf contract, and the aligned
+        // buffer holds total_len(bufs) bytes); they do not overlap.
+        unsafe {
+            if to_contiguous {
+                std::ptr::copy_nonoverlapping(b.ptr(), contiguous.add(off), b.len());
+            } else {
+                std::ptr::copy_nonoverlapping(contiguous.add(off), b.ptr(), b.len());
+            }
+        }
+        off += b.len();
+    }
+}
+
+fn fallocate(fd: libc::c_int, mode: i32, offset: u64, len: u64) -> io::Result<()> {
+    loop {
+        // SAFETY: fallocate on an fd we own; no memory is passed.
+        let rc = unsafe { libc::fallocate(fd, mode, offset as i64, len as i64) };
+        if rc == 0 {
+            return Ok(());
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+}
+
+fn is_unsupported(err: &io::Error) -> bool {
+    matches!(
+        err.raw_os_error(),
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL) | Some(libc::ENODEV)
+    )
+}
+
+impl RawImage {
+    fn io_err(op: &'static str, offset: u64, len: u64) -> impl FnOnce(io::Error) -> ImageError {
+        move |source| ImageError::Io {
+            op,
+            offset,
+            len,
+            source,
+        }
+    }
+
+    /// Writes zero bytes the slow way, for storage without fallocate modes.
+    fn write_zero_buffers(&self, offset: u64, len: u64) -> io::Result<()> {
+        const CHUNK: u64 = 1 << 20;
+        let zeroes = AlignedBuf::zeroed(CHUNK as usize, self.dio_align)?;
+        let mut pos = offset;
+        let end = offset + len;
+        while pos < end {
+            let n = (end - pos).min(CHUNK);
+            self.transfer(&[zeroes.as_iobuf(n as usize)], pos, true, 0)?;
+            pos += n;
+        }
+        Ok(())
+    }
+}
+
+impl Image for RawImage {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn read_at(&self, bufs: &[IoBuf], offset: u64) -> Result<(), ImageError> {
+        let len = total_len(bufs);
+        let err = Self::io_err("read", offset, len);
+        if self.direct && !is_aligned(bufs, 512) {
+            let bounce = AlignedBuf::zeroed(len as usize, self.dio_align).map_err(err)?;
+            self.transfer(&[bounce.as_iobuf(len as usize)], offset, false, 0)
+                .map_err(Self::io_err("read", offset, len))?;
+            scatter_copy(bufs, bounce.ptr, false);
+            return Ok(());
+        }
+        self.transfer(bufs, offset, false, 0).map_err(err)
+    }
+
+    fn write_at(&self, bufs: &[IoBuf], offset: u64, fua: bool) -> Result<(), ImageError> {
+        let len = total_len(bufs);
+        let err = Self::io_err("write", offset, len);
+        let flags = if fua { libc::RWF_DSYNC } else { 0 };
+        if self.direct && !is_aligned(bufs, 512) {
+            let bounce = AlignedBuf::zeroed(len as usize, self.dio_align).map_err(err)?;
+            scatter_copy(bufs, bounce.ptr, true);
+            return self
+                .transfer(&[bounce.as_iobuf(len as usize)], offset, true, flags)
+                .map_err(Self::io_err("write", offset, len));
+        }
+        self.transfer(bufs, offset, true, flags).map_err(err)
+    }
+
+    fn flush(&self) -> Result<(), ImageError> {
+        self.file
+            .sync_data()
+            .map_err(Self::io_err("flush", 0, self.size))
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<(), ImageError> {
+        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        match fallocate(self.fd(), mode, offset, len) {
+            Ok(()) => Ok(()),
+            // Discard is advisory: storage that cannot deallocate keeps the data.
+            Err(e) if is_unsupported(&e) => Ok(()),
+            Err(e) => Err(Self::io_err("discard", offset, len)(e)),
+        }
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<(), ImageError> {
+        let err = Self::io_err("write-zeroes", offset, len);
+        if unmap {
+            let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+            match fallocate(self.fd(), mode, offset, len) {
+                Ok(()) => return Ok(()),
+                Err(e) if is_unsupported(&e) => {}
+                Err(e) => return Err(err(e)),
+            }
+        }
+        match fallocate(self.fd(), libc::FALLOC_FL_ZERO_RANGE, offset, len) {
+            Ok(()) => Ok(()),
+            Err(e) if is_unsupported(&e) => self.write_zero_buffers(offset, len).map_err(err),
+            Err(e) => Err(err(e)),
+        }
+    }
+
+    fn allocated_bytes(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        self.file.metadata().map(|m| m.blocks() * 512).unwrap_or(0)
+    }
+}

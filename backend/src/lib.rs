@@ -1,0 +1,12 @@
+//! vubd's block layer: disk images, the guest-visible [`Disk`] with its
+//! write hooks (dirty tracking), and later block jobs and management
+//! commands. Nothing in this crate knows about vhost or virtio: the
+//! `vhost-glue` crate turns virtio requests into calls on [`Disk`].
+
+pub mod disk;
+pub mod image;
+pub mod iobuf;
+
+pub use disk::{Disk, DiskError, WriteHook};
+pub use image::{Image, ImageError, RawImage, RawImageOptions};
+pub use iobuf::IoBuf;

@@ -1,0 +1,13 @@
+#!/bin/bash
+# Installs every system package vubd's build, tests and benchmarks need on Debian 12.
+# qemu-system-x86 and qemu-utils must come in one command, from bookworm: a newer
+# qemu-utils (backports) conflicts with bookworm's qemu-system-common.
+set -euo pipefail
+export DEBIAN_FRONTEND=noninteractive
+SUDO=""
+[ "$(id -u)" = 0 ] || SUDO=sudo
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -q --allow-downgrades \
+    qemu-system-x86 qemu-utils/bookworm \
+    linux-image-amd64 busybox-static fio e2fsprogs util-linux \
+    libnbd-bin nbdkit cpio zstd python3-pip >/dev/null

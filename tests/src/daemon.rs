@@ -1,0 +1,225 @@
+//! Starting and stopping the daemons under test: `vubd` itself and
+//! qemu-storage-daemon (qsd), the reference vhost-user-blk backend.
+
+use anyhow::{bail, Context, Result};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// Path of the `vubd` binary built by this workspace (release if present and
+/// newer, else debug), overridable with `VUBD_BIN`.
+pub fn vubd_binary() -> PathBuf {
+    if let Ok(path) = std::env::var("VUBD_BIN") {
+        return PathBuf::from(path);
+    }
+    let target = workspace_root().join("target");
+    let candidates = [target.join("release/vubd"), target.join("debug/vubd")];
+    let newest = candidates
+        .iter()
+        .filter_map(|p| Some((p.metadata().ok()?.modified().ok()?, p.clone())))
+        .max_by_key(|(mtime, _)| *mtime);
+    newest.map(|(_, p)| p).unwrap_or_else(|| candidates[0].clone())
+}
+
+/// The repository root (parent of the `tests` crate).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// A fresh scratch directory under `base` (e.g. /tmp or /dev/shm), removed on drop.
+pub struct ScratchDir {
+    path: PathBuf,
+}
+
+impl ScratchDir {
+    /// Creates a unique directory under `base`, named after `tag`.
+    pub fn new_in(base: impl AsRef<Path>, tag: &str) -> Result<Self> {
+        static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = base
+            .as_ref()
+            .join(format!("vubd-{tag}-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&path).with_context(|| format!("mkdir {}", path.display()))?;
+        Ok(ScratchDir { path })
+    }
+
+    /// Creates a unique directory under /tmp.
+    pub fn new(tag: &str) -> Result<Self> {
+        Self::new_in(std::env::temp_dir(), tag)
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A path inside the directory.
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// Creates (or truncates) a sparse image file of `size` bytes.
+pub fn create_image(path: &Path, size: u64) -> Result<()> {
+    let file = std::fs::File::create(path).with_context(|| format!("create {}", path.display()))?;
+    file.set_len(size)?;
+    Ok(())
+}
+
+/// A running daemon process serving a vhost-user socket; killed on drop.
+pub struct Daemon {
+    child: Option<Child>,
+    socket: PathBuf,
+    name: &'static str,
+}
+
+impl Daemon {
+    /// Starts `vubd --socket SOCKET --image IMAGE EXTRA...` and waits until
+    /// its socket accepts connections.
+    pub fn vubd(socket: &Path, image: &Path, extra: &[&str]) -> Result<Daemon> {
+        let mut cmd = Command::new(vubd_binary());
+        cmd.arg("--socket").arg(socket).arg("--image").arg(image);
+        cmd.args(extra);
+        Self::spawn(cmd, socket, "vubd")
+    }
+
+    /// Starts qemu-storage-daemon exporting IMAGE over vhost-user-blk at SOCKET
+    /// with `num_queues` queues; `direct` selects O_DIRECT (cache.direct=on).
+    pub fn qsd(socket: &Path, image: &Path, num_queues: u16, direct: bool) -> Result<Daemon> {
+        let mut cmd = Command::new("qemu-storage-daemon");
+        let direct = if direct { "on" } else { "off" };
+        cmd.arg("--blockdev").arg(format!(
+            "driver=file,node-name=f0,filename={},cache.direct={direct},aio=io_uring,discard=unmap",
+            image.display()
+        ));
+        cmd.arg("--export").arg(format!(
+            "type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path={},writable=on,num-queues={num_queues}",
+            socket.display()
+        ));
+        Self::spawn(cmd, socket, "qemu-storage-daemon")
+    }
+
+    /// Starts any command that will listen on `socket`, and waits for it.
+    pub fn spawn(mut cmd: Command, socket: &Path, name: &'static str) -> Result<Daemon> {
+        let _ = std::fs::remove_file(socket);
+        cmd.stdin(Stdio::null());
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start {name} ({cmd:?})"))?;
+        let mut daemon = Daemon {
+            child: Some(child),
+            socket: socket.to_path_buf(),
+            name,
+        };
+        daemon.wait_listening(Duration::from_secs(20))?;
+        Ok(daemon)
+    }
+
+    fn wait_listening(&mut self, timeout: Duration) -> Result<()> {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.try_wait()? {
+                bail!("{} exited before listening: {status}", self.name);
+            }
+            // A probe connection would count as a frontend session; existence
+            // of the socket file plus a successful connect is what we need,
+            // and both daemons tolerate a client that connects and leaves.
+            if self.socket.exists() && UnixStream::connect(&self.socket).is_ok() {
+                return Ok(());
+            }
+            if start.elapsed() > timeout {
+                bail!("{} did not listen on {} in time", self.name, self.socket.display());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The vhost-user socket.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// Returns the exit status if the process has exited.
+    pub fn try_wait(&mut self) -> Result<Option<ExitStatus>> {
+        match self.child.as_mut() {
+            Some(child) => Ok(child.try_wait()?),
+            None => bail!("{} already reaped", self.name),
+        }
+    }
+
+    /// Sends `signal` (e.g. libc::SIGTERM) to the daemon.
+    pub fn signal(&self, signal: i32) -> Result<()> {
+        // SAFETY: kill(2) with a pid we spawned and still own (not yet reaped).
+        let rc = unsafe { libc::kill(self.pid() as libc::pid_t, signal) };
+        if rc != 0 {
+            bail!("kill({}, {signal}): {}", self.pid(), std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for the daemon to exit and returns its status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.try_wait()? {
+                self.child = None;
+                return Ok(status);
+            }
+            if start.elapsed() > timeout {
+                bail!("{} did not exit within {timeout:?}", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Kills the daemon with SIGKILL and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// CPU time (user + system) the daemon process has used so far, from /proc.
+    pub fn cpu_time(&self) -> Result<Duration> {
+        process_cpu_time(self.pid())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// CPU time (utime + stime) of process `pid`, all threads, from /proc/PID/stat.
+pub fn process_cpu_time(pid: u32) -> Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name may contain spaces; fields resume after the last ')'.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .context("malformed /proc stat")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After ')': state is field 3, utime field 14, stime field 15 (1-based in proc(5)).
+    let utime: u64 = fields.get(11).context("no utime")?.parse()?;
+    let stime: u64 = fields.get(12).context("no stime")?.parse()?;
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Ok(Duration::from_nanos((utime + stime) * 1_000_000_000 / ticks))
+}

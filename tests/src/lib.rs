@@ -1,0 +1,8 @@
+//! vubd's test harness: starts daemons (vubd and the reference
+//! qemu-storage-daemon), drives them with real frontends (libblkio, QEMU
+//! guests, a deliberately hostile vhost-user frontend) and measures them.
+
+pub mod daemon;
+pub mod client;
+pub mod guest;
+pub mod raw_frontend;

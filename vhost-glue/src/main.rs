@@ -1,0 +1,144 @@
+//! `vubd`: serves one disk image to a vhost-user frontend (QEMU,
+//! cloud-hypervisor, libblkio) as a virtio-blk device.
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use log::info;
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+use std::path::PathBuf;
+use std::sync::Arc;
+use vhost_glue::server::{bind_socket, Server};
+use vhost_glue::DeviceConfig;
+use vubd_backend::{Disk, RawImage, RawImageOptions};
+
+/// vhost-user-blk daemon: serves a disk image to a VM over a vhost-user socket.
+#[derive(Parser, Debug)]
+#[command(name = "vubd", version, about, long_about = None)]
+struct Options {
+    /// Path of the vhost-user socket to listen on (created with mode 0600).
+    #[arg(long, value_name = "PATH")]
+    socket: PathBuf,
+    /// The disk image (a raw file or block device).
+    #[arg(long, value_name = "PATH")]
+    image: PathBuf,
+    /// Number of virtqueues (each served by its own thread).
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u16).range(1..=64))]
+    queues: u16,
+    /// Maximum virtqueue size: a power of two from 2 to 1024.
+    #[arg(long, value_name = "N", default_value_t = 256, value_parser = parse_queue_size)]
+    queue_size: u16,
+    /// Offer a read-only disk (VIRTIO_BLK_F_RO).
+    #[arg(long)]
+    readonly: bool,
+    /// Open the image with O_DIRECT (bypass the host page cache).
+    #[arg(long)]
+    direct: bool,
+    /// Serial number the guest reads with GET_ID (at most 20 bytes).
+    #[arg(long, value_name = "STR", default_value = "vubd", value_parser = parse_serial)]
+    serial: String,
+    /// Logical block size presented to the guest.
+    #[arg(long, value_name = "BYTES", default_value_t = 512, value_parser = parse_block_size)]
+    logical_block_size: u32,
+    /// Keep polling a queue for this many microseconds after it last had
+    /// work before sleeping on its kick (lower latency, burns CPU). 0 = off.
+    #[arg(long, value_name = "N", default_value_t = 0,
+          value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    poll_us: u64,
+}
+
+fn parse_queue_size(s: &str) -> Result<u16, String> {
+    let n: u16 = s.parse().map_err(|_| format!("'{s}' is not a number"))?;
+    if !(2..=1024).contains(&n) || !n.is_power_of_two() {
+        return Err(format!("{n} is not a power of two from 2 to 1024"));
+    }
+    Ok(n)
+}
+
+fn parse_block_size(s: &str) -> Result<u32, String> {
+    match s {
+        "512" => Ok(512),
+        "4096" => Ok(4096),
+        _ => Err(format!("'{s}' must be 512 or 4096")),
+    }
+}
+
+fn parse_serial(s: &str) -> Result<String, String> {
+    if s.len() > 20 {
+        return Err(format!("'{s}' is {} bytes; the limit is 20", s.len()));
+    }
+    Ok(s.to_string())
+}
+
+fn run(opts: Options) -> Result<()> {
+    let image = RawImage::open(
+        &opts.image,
+        RawImageOptions {
+            read_only: opts.readonly,
+            direct: opts.direct,
+        },
+    )?;
+    let size = vubd_backend::Image::size(&image);
+    let lbs = u64::from(opts.logical_block_size);
+    if size == 0 || size % lbs != 0 {
+        bail!(
+            "image {} is {size} bytes, not a non-zero multiple of the logical block size {lbs}",
+            opts.image.display()
+        );
+    }
+    let disk = Arc::new(Disk::new(Box::new(image), opts.readonly));
+    let cfg = DeviceConfig {
+        size,
+        num_queues: opts.queues,
+        queue_size: opts.queue_size,
+        logical_block_size: opts.logical_block_size,
+        physical_block_size: opts.logical_block_size.max(4096),
+        read_only: opts.readonly,
+        serial: opts.serial.clone(),
+        poll_us: opts.poll_us,
+    };
+    let listener = bind_socket(&opts.socket)?;
+    let mut server = Server::new(listener, disk.clone(), cfg);
+
+    let mut signals = Signals::new([SIGTERM, SIGINT]).context("cannot install signal handlers")?;
+    let stop = server.stop_handle();
+    let socket = opts.socket.clone();
+    std::thread::Builder::new()
+        .name("vubd-signals".into())
+        .spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                info!("signal {sig}: finishing requests in flight");
+                stop.stop_and_drain();
+                let code = match disk.flush() {
+                    Ok(()) => 0,
+                    Err(e) => {
+                        eprintln!("vubd: error: final flush failed: {e}");
+                        1
+                    }
+                };
+                let _ = std::fs::remove_file(&socket);
+                info!("stopped");
+                std::process::exit(code);
+            }
+        })
+        .context("cannot start the signal thread")?;
+
+    eprintln!(
+        "vubd: serving {} ({size} bytes, {} queue(s)) on {}",
+        opts.image.display(),
+        opts.queues,
+        opts.socket.display()
+    );
+    server.run()?;
+    Ok(())
+}
+
+fn main() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let opts = Options::parse();
+    if let Err(e) = run(opts) {
+        eprintln!("vubd: error: {e:#}");
+        std::process::exit(1);
+    }
+}

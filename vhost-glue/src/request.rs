@@ -1,0 +1,360 @@
+//! Parsing, validating and executing one virtio-blk request.
+//!
+//! A descriptor chain is flattened into two lists of host buffers, the
+//! driver-readable bytes and the device-writable bytes (virtio 1.x allows any
+//! framing, so the 16-byte header and the status byte may share descriptors
+//! with data). The header is the first 16 readable bytes, the status the last
+//! writable byte; what is between is data, handed to the disk in place.
+//!
+//! Every malformed request ends with IOERR or UNSUPP, or, when the chain has
+//! no usable status byte, is returned to the driver untouched.
+
+use crate::config_space::{DeviceConfig, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS, MAX_REQUEST_BYTES};
+use log::{debug, warn};
+use std::ops::Deref;
+use virtio_bindings::virtio_blk::*;
+use virtio_queue::DescriptorChain;
+use vm_memory::GuestMemoryBackend;
+
+/// Guest memory as vubd maps it (no dirty-page log: vubd does not offer LOG_ALL).
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
+use vubd_backend::iobuf::total_len;
+use vubd_backend::{Disk, DiskError, IoBuf};
+
+const HEADER_LEN: usize = 16;
+const SEGMENT_LEN: usize = 16;
+
+/// The outcome of one request: the status byte and the used length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Completion {
+    /// VIRTIO_BLK_S_* value, or None when the chain has nowhere to put it.
+    pub status: Option<u8>,
+    /// Bytes written into device-writable buffers (for the used ring).
+    pub used_len: u32,
+}
+
+/// Reusable scratch space for parsing, so the steady state allocates nothing.
+#[derive(Default)]
+pub struct RequestParser {
+    readable: Vec<IoBuf>,
+    writable: Vec<IoBuf>,
+}
+
+/// Why a chain could not be parsed.
+#[derive(Debug, PartialEq, Eq)]
+enum Malformed {
+    /// Chain loops, runs off the table, or points outside guest memory.
+    Broken,
+    /// Readable descriptor after a writable one.
+    Order,
+    /// No writable byte for the status.
+    NoStatus,
+    /// Fewer than 16 readable bytes.
+    ShortHeader,
+}
+
+impl RequestParser {
+    /// Flattens `chain` into host buffers. Returns the status byte location
+    /// and whether the chain is well formed.
+    fn flatten<M>(
+        &mut self,
+        chain: DescriptorChain<M>,
+        mem: &GuestMemoryMmap,
+    ) -> (Option<IoBuf>, Result<(), Malformed>)
+    where
+        M: Deref<Target = GuestMemoryMmap>,
+    {
+        self.readable.clear();
+        self.writable.clear();
+        let mut result = Ok(());
+        let mut seen_writable = false;
+        let mut last_has_next = false;
+        let mut last_writable_ok = false;
+        for desc in chain {
+            last_has_next = desc.has_next();
+            last_writable_ok = false;
+            if desc.len() == 0 {
+                continue;
+            }
+            let writable = desc.is_write_only();
+            if writable {
+                seen_writable = true;
+            } else if seen_writable && result.is_ok() {
+                result = Err(Malformed::Order);
+            }
+            let list = if writable {
+                &mut self.writable
+            } else {
+                &mut self.readable
+            };
+            let mut ok = true;
+            for slice in GuestMemoryBackend::get_slices(mem, desc.addr(), desc.len() as usize) {
+                match slice {
+                    Ok(s) => {
+                        let ptr = s.ptr_guard_mut().as_ptr();
+                        // SAFETY: the slice is inside a mapped guest region, kept
+                        // mapped by the memory guard for the request's lifetime.
+                        list.push(unsafe { IoBuf::new(ptr, s.len()) });
+                    }
+                    Err(_) => {
+                        ok = false;
+                        break;
+                    }
+                }
+            }
+            if !ok {
+                result = Err(Malformed::Broken);
+            }
+            last_writable_ok = writable && ok;
+        }
+        if last_has_next {
+            // The iterator stopped on a loop, an index past the table, or an
+            // unreadable descriptor: we cannot know where the chain really ends.
+            return (None, Err(Malformed::Broken));
+        }
+        if !last_writable_ok {
+            let err = if self.writable.is_empty() {
+                Malformed::NoStatus
+            } else {
+                Malformed::Broken
+            };
+            return (None, Err(err));
+        }
+        let status = match self.writable.last_mut() {
+            Some(last) => {
+                let status = last.advance(last.len() - 1);
+                *last = last.truncate(last.len() - 1);
+                if last.is_empty() {
+                    self.writable.pop();
+                }
+                Some(status)
+            }
+            None => None,
+        };
+        if result.is_ok() && total_len(&self.readable) < HEADER_LEN as u64 {
+            result = Err(Malformed::ShortHeader);
+        }
+        (status, result)
+    }
+
+    /// Parses and executes the request in `chain` against `disk`, writes the
+    /// status byte, and returns what to put in the used ring. `mem` is the
+    /// guest memory the chain lives in; the caller keeps it mapped until the
+    /// request is complete.
+    pub fn process<M>(
+        &mut self,
+        chain: DescriptorChain<M>,
+        mem: &GuestMemoryMmap,
+        disk: &Disk,
+        cfg: &DeviceConfig,
+    ) -> Completion
+    where
+        M: Deref<Target = GuestMemoryMmap>,
+    {
+        let (status_buf, parsed) = self.flatten(chain, mem);
+        let Some(status_buf) = status_buf else {
+            debug!("dropping descriptor chain without a usable status byte: {parsed:?}");
+            return Completion {
+                status: None,
+                used_len: 0,
+            };
+        };
+        let (status, data_written) = match parsed {
+            Err(e) => {
+                debug!("malformed descriptor chain: {e:?}");
+                (VIRTIO_BLK_S_IOERR as u8, 0)
+            }
+            Ok(()) => {
+                let mut header = [0u8; HEADER_LEN];
+                copy_out(&self.readable, &mut header);
+                consume_front(&mut self.readable, HEADER_LEN);
+                let req_type = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+                let sector = u64::from_le_bytes(header[8..16].try_into().unwrap_or([0; 8]));
+                self.execute(req_type, sector, disk, cfg)
+            }
+        };
+        // SAFETY: status_buf is one byte of mapped guest memory (see flatten).
+        unsafe { std::ptr::write_volatile(status_buf.ptr(), status) };
+        Completion {
+            status: Some(status),
+            used_len: data_written.saturating_add(1),
+        }
+    }
+
+    /// Runs one parsed request; returns (status, bytes written to the driver).
+    fn execute(&mut self, req_type: u32, sector: u64, disk: &Disk, cfg: &DeviceConfig) -> (u8, u32) {
+        let ok = VIRTIO_BLK_S_OK as u8;
+        let ioerr = VIRTIO_BLK_S_IOERR as u8;
+        let unsupp = VIRTIO_BLK_S_UNSUPP as u8;
+        let readable_len = total_len(&self.readable);
+        let writable_len = total_len(&self.writable);
+        match req_type {
+            VIRTIO_BLK_T_IN => {
+                if readable_len != 0 {
+                    return (ioerr, 0);
+                }
+                let Some(offset) = check_rw_range(sector, writable_len, cfg) else {
+                    return (ioerr, 0);
+                };
+                match disk.read(offset, &self.writable) {
+                    Ok(()) => (ok, writable_len as u32),
+                    Err(e) => (io_status(&e), 0),
+                }
+            }
+            VIRTIO_BLK_T_OUT => {
+                if writable_len != 0 {
+                    return (ioerr, 0);
+                }
+                if cfg.read_only {
+                    return (ioerr, 0);
+                }
+                let Some(offset) = check_rw_range(sector, readable_len, cfg) else {
+                    return (ioerr, 0);
+                };
+                match disk.write(offset, &self.readable) {
+                    Ok(()) => (ok, 0),
+                    Err(e) => (io_status(&e), 0),
+                }
+            }
+            VIRTIO_BLK_T_FLUSH => {
+                if readable_len != 0 || writable_len != 0 {
+                    return (ioerr, 0);
+                }
+                match disk.flush() {
+                    Ok(()) => (ok, 0),
+                    Err(e) => (io_status(&e), 0),
+                }
+            }
+            VIRTIO_BLK_T_GET_ID => {
+                if readable_len != 0 {
+                    return (ioerr, 0);
+                }
+                let mut id = [0u8; VIRTIO_BLK_ID_BYTES as usize];
+                let serial = cfg.serial.as_bytes();
+                let n = serial.len().min(id.len());
+                id[..n].copy_from_slice(&serial[..n]);
+                let len = (writable_len as usize).min(id.len());
+                copy_in(&self.writable, &id[..len]);
+                (ok, len as u32)
+            }
+            VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
+                let discard = req_type == VIRTIO_BLK_T_DISCARD;
+                if writable_len != 0 {
+                    return (ioerr, 0);
+                }
+                if cfg.read_only {
+                    return (ioerr, 0);
+                }
+                self.discard_or_zero(discard, disk, cfg)
+            }
+            other => {
+                debug!("unsupported request type {other}");
+                (unsupp, 0)
+            }
+        }
+    }
+
+    fn discard_or_zero(&mut self, discard: bool, disk: &Disk, cfg: &DeviceConfig) -> (u8, u32) {
+        let ioerr = VIRTIO_BLK_S_IOERR as u8;
+        let len = total_len(&self.readable) as usize;
+        if len == 0 || len % SEGMENT_LEN != 0 || len / SEGMENT_LEN > MAX_DISCARD_SEGMENTS as usize {
+            return (ioerr, 0);
+        }
+        let mut raw = [0u8; SEGMENT_LEN * MAX_DISCARD_SEGMENTS as usize];
+        copy_out(&self.readable, &mut raw[..len]);
+        // Validate every segment before touching the disk, so a bad segment
+        // fails the request without half of it done.
+        let mut segments = [(0u64, 0u64, false); MAX_DISCARD_SEGMENTS as usize];
+        for (i, seg) in raw[..len].chunks_exact(SEGMENT_LEN).enumerate() {
+            let sector = u64::from_le_bytes(seg[0..8].try_into().unwrap_or([0; 8]));
+            let num = u32::from_le_bytes(seg[8..12].try_into().unwrap_or([0; 4]));
+            let flags = u32::from_le_bytes(seg[12..16].try_into().unwrap_or([0; 4]));
+            let unmap = flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0;
+            let reserved = flags & !VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0;
+            if reserved || (discard && unmap) {
+                return (VIRTIO_BLK_S_UNSUPP as u8, 0);
+            }
+            if num == 0 || num > MAX_DISCARD_SECTORS {
+                return (ioerr, 0);
+            }
+            let Some(offset) = check_rw_range(sector, u64::from(num) * 512, cfg) else {
+                return (ioerr, 0);
+            };
+            segments[i] = (offset, u64::from(num) * 512, unmap);
+        }
+        for &(offset, bytes, unmap) in &segments[..len / SEGMENT_LEN] {
+            let result = if discard {
+                disk.discard(offset, bytes)
+            } else {
+                disk.write_zeroes(offset, bytes, unmap)
+            };
+            if let Err(e) = result {
+                return (io_status(&e), 0);
+            }
+        }
+        (VIRTIO_BLK_S_OK as u8, 0)
+    }
+}
+
+/// Checks a read/write range: aligned to the logical block size, inside the
+/// disk, not larger than a request may be. Returns the byte offset.
+fn check_rw_range(sector: u64, len: u64, cfg: &DeviceConfig) -> Option<u64> {
+    let lbs = u64::from(cfg.logical_block_size);
+    let offset = sector.checked_mul(512)?;
+    let end = offset.checked_add(len)?;
+    if offset % lbs != 0 || len % lbs != 0 || end > cfg.size || len > MAX_REQUEST_BYTES {
+        return None;
+    }
+    Some(offset)
+}
+
+fn io_status(err: &DiskError) -> u8 {
+    match err {
+        DiskError::Image(e) => warn!("I/O error: {e}"),
+        other => debug!("request failed: {other}"),
+    }
+    VIRTIO_BLK_S_IOERR as u8
+}
+
+/// Copies the first `out.len()` bytes of `bufs` into `out` (bufs must hold them).
+fn copy_out(bufs: &[IoBuf], out: &mut [u8]) {
+    let mut done = 0;
+    for b in bufs {
+        if done == out.len() {
+            break;
+        }
+        let n = b.len().min(out.len() - done);
+        // SAFETY: b is valid guest memory of at least n bytes; out has room.
+        unsafe { std::ptr::copy_nonoverlapping(b.ptr(), out[done..].as_mut_ptr(), n) };
+        done += n;
+    }
+}
+
+/// Copies `data` into the start of `bufs` (bufs must hold it).
+fn copy_in(bufs: &[IoBuf], data: &[u8]) {
+    let mut done = 0;
+    for b in bufs {
+        if done == data.len() {
+            break;
+        }
+        let n = b.len().min(data.len() - done);
+        // SAFETY: b is valid, writable guest memory of at least n bytes.
+        unsafe { std::ptr::copy_nonoverlapping(data[done..].as_ptr(), b.ptr(), n) };
+        done += n;
+    }
+}
+
+/// Drops the first `n` bytes of a buffer list.
+fn consume_front(bufs: &mut Vec<IoBuf>, mut n: usize) {
+    let mut whole = 0;
+    while whole < bufs.len() && n >= bufs[whole].len() {
+        n -= bufs[whole].len();
+        whole += 1;
+    }
+    bufs.drain(..whole);
+    if n > 0 {
+        if let Some(first) = bufs.first_mut() {
+            *first = first.advance(n);
+        }
+    }
+}

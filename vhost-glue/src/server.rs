@@ -1,0 +1,152 @@
+//! The vhost-user socket: binding it safely, serving one frontend after
+//! another on it, and stopping cleanly on SIGTERM/SIGINT.
+
+use crate::config_space::DeviceConfig;
+use crate::device::BlockDevice;
+use log::{debug, info, warn};
+use std::io;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use vhost::vhost_user::Listener;
+use vhost_user_backend::VhostUserDaemon;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vubd_backend::Disk;
+
+/// Why the socket could not be set up or served.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// Another process is listening on the socket path.
+    #[error("{0} is in use by a running process (is another vubd serving it?)")]
+    SocketInUse(PathBuf),
+    /// The path exists and is not a socket: never delete it.
+    #[error("{0} exists and is not a socket; refusing to replace it")]
+    NotASocket(PathBuf),
+    /// bind/chmod/unlink failed.
+    #[error("cannot listen on {path}: {source}")]
+    Bind {
+        /// The socket path.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The vhost-user library failed to set up a session.
+    #[error("vhost-user: {0}")]
+    Vhost(String),
+}
+
+/// Creates the listening socket at `path` with mode 0600, replacing a stale
+/// socket file but never a live one.
+pub fn bind_socket(path: &Path) -> Result<UnixListener, ServerError> {
+    let bind_err = |source| ServerError::Bind {
+        path: path.to_path_buf(),
+        source,
+    };
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            if UnixStream::connect(path).is_ok() {
+                return Err(ServerError::SocketInUse(path.to_path_buf()));
+            }
+            info!("removing stale socket {}", path.display());
+            std::fs::remove_file(path).map_err(bind_err)?;
+        }
+        Ok(_) => return Err(ServerError::NotASocket(path.to_path_buf())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(bind_err(e)),
+    }
+    // Create the socket 0600 from the start (no window where others could
+    // connect); the process is still single-threaded here.
+    // SAFETY: umask only changes this process's file creation mask.
+    let old = unsafe { libc::umask(0o177) };
+    let listener = UnixListener::bind(path);
+    // SAFETY: as above, restoring the previous mask.
+    unsafe { libc::umask(old) };
+    let listener = listener.map_err(bind_err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
+    Ok(listener)
+}
+
+/// Serves frontends on a socket, one session after another.
+pub struct Server {
+    listener: Listener,
+    disk: Arc<Disk>,
+    cfg: DeviceConfig,
+    stopping: Arc<AtomicBool>,
+    current: Arc<Mutex<Option<Arc<BlockDevice>>>>,
+}
+
+/// Lets another thread stop the server cleanly.
+#[derive(Clone)]
+pub struct StopHandle {
+    stopping: Arc<AtomicBool>,
+    current: Arc<Mutex<Option<Arc<BlockDevice>>>>,
+}
+
+impl StopHandle {
+    /// Stops taking requests and waits for those in flight to complete. The
+    /// caller then flushes and exits; the frontend sees no half-done request.
+    pub fn stop_and_drain(&self) {
+        self.stopping.store(true, Ordering::Release);
+        let device = self
+            .current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(device) = device {
+            device.quiesce();
+        }
+    }
+}
+
+impl Server {
+    /// A server for `disk` on an already bound `listener`.
+    pub fn new(listener: UnixListener, disk: Arc<Disk>, cfg: DeviceConfig) -> Server {
+        Server {
+            listener: Listener::from(listener),
+            disk,
+            cfg,
+            stopping: Arc::new(AtomicBool::new(false)),
+            current: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// A handle to stop the server from a signal thread.
+    pub fn stop_handle(&self) -> StopHandle {
+        StopHandle {
+            stopping: self.stopping.clone(),
+            current: self.current.clone(),
+        }
+    }
+
+    /// Accepts and serves frontends until the server is stopped. A session
+    /// ending (guest shutdown, VMM crash) is normal: the next one is accepted.
+    pub fn run(&mut self) -> Result<(), ServerError> {
+        while !self.stopping.load(Ordering::Acquire) {
+            let device = Arc::new(BlockDevice::new(
+                self.disk.clone(),
+                self.cfg.clone(),
+                self.stopping.clone(),
+            ));
+            let memory = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+            let mut daemon = VhostUserDaemon::new("vubd-vhost".into(), device.clone(), memory)
+                .map_err(|e| ServerError::Vhost(e.to_string()))?;
+            if let Err(e) = daemon.start(&mut self.listener) {
+                warn!("accepting a frontend failed: {e}");
+                continue;
+            }
+            info!("frontend connected");
+            *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(device);
+            match daemon.wait() {
+                Ok(()) => info!("frontend disconnected"),
+                Err(e) => info!("frontend session ended: {e}"),
+            }
+            *self.current.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            // Dropping the daemon stops and joins this session's queue threads.
+            drop(daemon);
+            debug!("session cleaned up");
+        }
+        Ok(())
+    }
+}
