@@ -110,8 +110,8 @@ up_to_date() {
 report() {
     local kernel=$KERNEL_OUT boot=pvh
     [ -e "$kernel" ] || { kernel=$OUT/bzImage; boot=bzimage; }
-    echo "build-initramfs: kernel $KVER ($boot): $kernel ($(du -h "$kernel" | cut -f1))"
-    echo "build-initramfs: initramfs: $INITRD_OUT ($(du -h "$INITRD_OUT" | cut -f1))"
+    echo "build-initramfs: kernel $KVER ($boot): $kernel ($(du -h --apparent-size "$kernel" | cut -f1))"
+    echo "build-initramfs: initramfs: $INITRD_OUT ($(du -h --apparent-size "$INITRD_OUT" | cut -f1))"
 }
 
 if [ "${FORCE:-0}" != 1 ] && up_to_date; then

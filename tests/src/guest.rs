@@ -394,6 +394,40 @@ impl GuestOutput {
         Ok(())
     }
 
+    /// Kernel log lines that mean the disk or the guest went wrong even if
+    /// the script carried on (a tool may ignore a failed request: mkfs.ext4
+    /// shrugs off a failed discard). The console shows them at loglevel 4.
+    pub fn kernel_errors(&self) -> Vec<&str> {
+        const PATTERNS: [&str; 7] = [
+            "I/O error",
+            "Buffer I/O error",
+            "EXT4-fs error",
+            "Oops",
+            "BUG:",
+            "Kernel panic",
+            "virtio_blk",
+        ];
+        self.log
+            .lines()
+            .filter(|l| !l.contains(RESULT_MARKER) && PATTERNS.iter().any(|p| l.contains(p)))
+            .collect()
+    }
+
+    /// [`GuestOutput::ensure_success`], and no [`GuestOutput::kernel_errors`].
+    pub fn ensure_clean(&self) -> Result<()> {
+        self.ensure_success()?;
+        let errors = self.kernel_errors();
+        if !errors.is_empty() {
+            bail!(
+                "guest {} logged kernel errors (serial log {}):\n{}",
+                self.name,
+                self.log_path.display(),
+                errors.join("\n")
+            );
+        }
+        Ok(())
+    }
+
     /// The value the script reported for `key`, or an error pointing at the log.
     pub fn get(&self, key: &str) -> Result<&str> {
         match self.results.get(key) {
@@ -500,6 +534,12 @@ mod tests {
         assert_eq!(out.results.get("a").map(String::as_str), Some("2"));
         assert_eq!(out.results.get("b").map(String::as_str), Some("x y"));
         assert!(out.ensure_success().is_err());
+        assert!(out.kernel_errors().is_empty());
+        let bad = "[ 3.0] I/O error, dev vda, sector 0 op 0x3:(DISCARD)\nVUBD-EXIT code=0\n";
+        let out = GuestOutput::parse("t", bad.into(), PathBuf::from("/x"), Duration::ZERO);
+        assert!(out.ensure_success().is_ok());
+        assert_eq!(out.kernel_errors().len(), 1);
+        assert!(out.ensure_clean().is_err());
     }
 
     #[test]

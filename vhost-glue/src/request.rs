@@ -358,3 +358,7 @@ fn consume_front(bufs: &mut Vec<IoBuf>, mut n: usize) {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "request_tests.rs"]
+mod tests;

@@ -229,7 +229,7 @@ impl GuestMemory {
     }
 
     fn atomic_u16(&self, gpa: u64) -> Result<&AtomicU16> {
-        ensure!(gpa % 2 == 0, "unaligned u16 at {gpa:#x}");
+        ensure!(gpa.is_multiple_of(2), "unaligned u16 at {gpa:#x}");
         let p = self.ptr(gpa, 2)?;
         // SAFETY: p is 2-byte aligned (the mapping is page aligned and gpa
         // and the region offsets are even) and lives as long as &self.

@@ -1,0 +1,272 @@
+//! vubd's standard QMP commands, with QEMU 7.2's names, arguments, result
+//! shapes and error texts: `query-block`, `query-named-block-nodes`, `quit`
+//! and the `block-dirty-bitmap-*` family. They reach the daemon only
+//! through [`ManagementContext`] and [`DirtyBitmaps`].
+
+use super::args::{value_str, Args};
+use super::context::{BitmapInfo, DirtyBitmaps, ManagementContext};
+use super::dispatch::{Call, Dispatcher};
+use super::error::QmpError;
+use serde_json::{json, Value};
+use std::os::unix::fs::MetadataExt;
+use std::sync::Arc;
+
+/// Smallest bitmap granularity (QEMU's minimum too).
+pub const MIN_GRANULARITY: u64 = 512;
+/// Largest bitmap granularity vubd accepts (64 MiB).
+pub const MAX_GRANULARITY: u64 = 64 << 20;
+/// Granularity when `block-dirty-bitmap-add` gives none (QEMU's default
+/// for a raw image).
+pub const DEFAULT_GRANULARITY: u64 = 64 << 10;
+/// Longest bitmap name (QEMU's `BDRV_BITMAP_MAX_NAME_SIZE`).
+pub const MAX_BITMAP_NAME: usize = 1023;
+
+/// Registers every standard command on `d`, bound to `ctx`.
+pub fn register_standard(d: &Dispatcher, ctx: Arc<dyn ManagementContext>) {
+    let c = ctx.clone();
+    d.register("query-block", move |call: &mut Call<'_>| {
+        std::mem::take(&mut call.args).finish()?;
+        Ok(json!([block_info(c.as_ref())]))
+    });
+    let c = ctx.clone();
+    d.register("query-named-block-nodes", move |call: &mut Call<'_>| {
+        let mut args = std::mem::take(&mut call.args);
+        // vubd has one node, so the flat and the nested view are the same.
+        let _flat = args.opt_bool("flat")?;
+        args.finish()?;
+        Ok(json!([block_device_info(c.as_ref())]))
+    });
+    let c = ctx.clone();
+    d.register("quit", move |call: &mut Call<'_>| {
+        std::mem::take(&mut call.args).finish()?;
+        log::info!("QMP quit: shutting down");
+        // QEMU emits SHUTDOWN before the reply reaches the client; the
+        // daemon is asked to stop only once both are queued.
+        call.events
+            .emit("SHUTDOWN", json!({"guest": false, "reason": "host-qmp-quit"}));
+        let c = c.clone();
+        call.after_reply(move || c.quit());
+        Ok(json!({}))
+    });
+    let c = ctx.clone();
+    d.register("block-dirty-bitmap-add", move |call: &mut Call<'_>| {
+        bitmap_add(c.as_ref(), &mut call.args)
+    });
+    for (cmd, op) in [
+        ("block-dirty-bitmap-remove", Op::Remove),
+        ("block-dirty-bitmap-clear", Op::Clear),
+        ("block-dirty-bitmap-enable", Op::Enable),
+        ("block-dirty-bitmap-disable", Op::Disable),
+        ("x-debug-block-dirty-bitmap-sha256", Op::Sha256),
+    ] {
+        let c = ctx.clone();
+        d.register(cmd, move |call: &mut Call<'_>| bitmap_op(c.as_ref(), &mut call.args, op));
+    }
+    let c = ctx;
+    d.register("block-dirty-bitmap-merge", move |call: &mut Call<'_>| {
+        bitmap_merge(c.as_ref(), &mut call.args)
+    });
+}
+
+fn bitmap_json(b: &BitmapInfo) -> Value {
+    // QEMU omits `inconsistent` unless true; vubd always reports it so
+    // that clients need not special-case its absence (QEMU's schema marks
+    // it optional, so both forms are valid QMP).
+    json!({
+        "name": b.name,
+        "count": b.count,
+        "granularity": b.granularity,
+        "recording": b.recording,
+        "busy": b.busy,
+        "persistent": b.persistent,
+        "inconsistent": b.inconsistent,
+    })
+}
+
+/// QEMU's `BlockDeviceInfo` for the disk (the `inserted` member of
+/// `query-block`, and an element of `query-named-block-nodes`).
+pub fn block_device_info(ctx: &dyn ManagementContext) -> Value {
+    let disk = ctx.disk_info();
+    let file = disk.image.to_string_lossy().into_owned();
+    let mut image = serde_json::Map::new();
+    image.insert("filename".into(), json!(file));
+    image.insert("format".into(), json!("raw"));
+    image.insert("dirty-flag".into(), json!(false));
+    // Allocated bytes, as `qemu-img info` reports "disk size"; optional in
+    // QEMU's schema, so omitted if the file cannot be examined.
+    if let Ok(meta) = std::fs::metadata(&disk.image) {
+        image.insert("actual-size".into(), json!(meta.blocks() * 512));
+    }
+    image.insert("virtual-size".into(), json!(disk.size));
+    let bitmaps: Vec<Value> = ctx
+        .bitmaps()
+        .map(|b| b.list().iter().map(bitmap_json).collect())
+        .unwrap_or_default();
+    json!({
+        "file": file,
+        "node-name": ctx.node_name(),
+        "ro": disk.read_only,
+        "drv": "raw",
+        "backing_file_depth": 0,
+        "encrypted": false,
+        "detect_zeroes": "off",
+        "bps": 0,
+        "bps_rd": 0,
+        "bps_wr": 0,
+        "iops": 0,
+        "iops_rd": 0,
+        "iops_wr": 0,
+        "image": Value::Object(image),
+        "cache": {"writeback": disk.writeback, "direct": disk.direct, "no-flush": false},
+        "write_threshold": 0,
+        // QEMU omits an empty list; an empty list is easier on clients.
+        "dirty-bitmaps": bitmaps,
+    })
+}
+
+/// QEMU's `BlockInfo` for the disk (one element of `query-block`). The
+/// `device` is the node name: vubd has no separate drive id, and every
+/// command that takes a device accepts the node name.
+pub fn block_info(ctx: &dyn ManagementContext) -> Value {
+    json!({
+        "device": ctx.node_name(),
+        "type": "unknown",
+        "removable": false,
+        "locked": false,
+        "inserted": block_device_info(ctx),
+    })
+}
+
+fn bitmaps(ctx: &dyn ManagementContext) -> Result<Arc<dyn DirtyBitmaps>, QmpError> {
+    ctx.bitmaps()
+        .ok_or_else(|| QmpError::generic("Dirty bitmaps are not available on this disk"))
+}
+
+/// The lookup used by the bitmap commands other than `add` (QEMU's
+/// `block_dirty_bitmap_lookup`).
+fn check_node(ctx: &dyn ManagementContext, node: &str) -> Result<(), QmpError> {
+    if node == ctx.node_name() {
+        Ok(())
+    } else {
+        Err(QmpError::generic(format!("Node '{node}' not found")))
+    }
+}
+
+/// The lookup used by commands that take a device or a node name (QEMU's
+/// `bdrv_lookup_bs`), e.g. `block-dirty-bitmap-add`; public so that block
+/// job commands word it the same way.
+pub fn check_device_or_node(ctx: &dyn ManagementContext, name: &str) -> Result<(), QmpError> {
+    if name == ctx.node_name() {
+        Ok(())
+    } else {
+        Err(QmpError::generic(format!(
+            "Cannot find device='{name}' nor node-name='{name}'"
+        )))
+    }
+}
+
+fn bitmap_add(ctx: &dyn ManagementContext, args: &mut Args) -> Result<Value, QmpError> {
+    let mut args = std::mem::take(args);
+    let node = args.req_str("node")?;
+    let name = args.req_str("name")?;
+    let granularity = args.opt_u32("granularity")?;
+    let persistent = args.opt_bool("persistent")?.unwrap_or(false);
+    let disabled = args.opt_bool("disabled")?.unwrap_or(false);
+    args.finish()?;
+    // Checks in QEMU's order: name, node, granularity, then the engine.
+    if name.is_empty() {
+        return Err(QmpError::generic("Bitmap name cannot be empty"));
+    }
+    check_device_or_node(ctx, &node)?;
+    let granularity = match granularity {
+        None => DEFAULT_GRANULARITY,
+        Some(g) => {
+            let g = u64::from(g);
+            if g < MIN_GRANULARITY || !g.is_power_of_two() {
+                return Err(QmpError::generic(
+                    "Granularity must be power of 2 and at least 512",
+                ));
+            }
+            if g > MAX_GRANULARITY {
+                return Err(QmpError::generic(format!(
+                    "Granularity must be power of 2 and at most {MAX_GRANULARITY}"
+                )));
+            }
+            g
+        }
+    };
+    if name.len() > MAX_BITMAP_NAME {
+        return Err(QmpError::generic(format!("Bitmap name too long: {name}")));
+    }
+    bitmaps(ctx)?
+        .add(&name, granularity, persistent, disabled)
+        .map_err(|e| QmpError::generic(e.to_string()))?;
+    Ok(json!({}))
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    Remove,
+    Clear,
+    Enable,
+    Disable,
+    Sha256,
+}
+
+fn bitmap_op(ctx: &dyn ManagementContext, args: &mut Args, op: Op) -> Result<Value, QmpError> {
+    let mut args = std::mem::take(args);
+    let node = args.req_str("node")?;
+    let name = args.req_str("name")?;
+    args.finish()?;
+    check_node(ctx, &node)?;
+    let b = bitmaps(ctx)?;
+    let err = |e: super::context::BitmapOpError| QmpError::generic(e.to_string());
+    match op {
+        Op::Remove => b.remove(&name).map_err(err)?,
+        Op::Clear => b.clear(&name).map_err(err)?,
+        Op::Enable => b.enable(&name).map_err(err)?,
+        Op::Disable => b.disable(&name).map_err(err)?,
+        Op::Sha256 => return Ok(json!({"sha256": b.sha256(&name).map_err(err)?})),
+    }
+    Ok(json!({}))
+}
+
+fn bitmap_merge(ctx: &dyn ManagementContext, args: &mut Args) -> Result<Value, QmpError> {
+    let mut args = std::mem::take(args);
+    let node = args.req_str("node")?;
+    let target = args.req_str("target")?;
+    let items = args.req_list("bitmaps")?;
+    // Each source is a bitmap name on `node`, or {node, name} (QEMU's
+    // BlockDirtyBitmapOrStr); all are parsed before anything is looked up.
+    let mut sources = Vec::with_capacity(items.len());
+    for (path, v) in items {
+        match v {
+            Value::String(s) => sources.push((None, s)),
+            Value::Object(_) => {
+                let mut inner = Args::nested(&path, v)?;
+                let n = inner.req_str("node")?;
+                let name = inner.req_str("name")?;
+                inner.finish()?;
+                sources.push((Some(n), name));
+            }
+            _ => {
+                return Err(QmpError::generic(format!(
+                    "Invalid parameter type for '{path}', expected: BlockDirtyBitmapOrStr"
+                )))
+            }
+        }
+    }
+    args.finish()?;
+    check_node(ctx, &node)?;
+    let mut names = Vec::with_capacity(sources.len());
+    for (n, name) in sources {
+        if let Some(n) = n {
+            check_node(ctx, &n)?;
+        }
+        names.push(value_str("name", Value::String(name))?);
+    }
+    bitmaps(ctx)?
+        .merge(&target, &names)
+        .map_err(|e| QmpError::generic(e.to_string()))?;
+    Ok(json!({}))
+}
