@@ -3,6 +3,7 @@
 //! that run before every write (dirty bitmaps today, copy-before-write for
 //! backup views later).
 
+use crate::gate::IoGate;
 use crate::image::{Image, ImageError};
 use crate::iobuf::{total_len, IoBuf};
 use arc_swap::ArcSwap;
@@ -33,13 +34,36 @@ pub enum DiskError {
     Hook(String),
 }
 
-/// Code that must run before guest data lands on the image, and after a
-/// guest flush. Implementations must be cheap on the hot path and safe to
-/// call from every queue thread at once.
+/// What a guest write-type request did to a range.
+#[derive(Clone, Copy)]
+pub enum WriteOp<'a> {
+    /// New data, still in the guest's buffers.
+    Data(&'a [IoBuf]),
+    /// Zeroes (with `unmap`, possibly deallocated).
+    Zeroes {
+        /// The range may have been deallocated.
+        unmap: bool,
+    },
+    /// Deallocated; contents unspecified (zeroes on raw files).
+    Discard,
+}
+
+/// Code that must run around guest writes: before the data lands on the
+/// image (dirty bitmaps), after it has landed (a mirror re-marking the chunk
+/// or copying the data to its target), and after a guest flush.
+/// Implementations must be cheap on the hot path and safe to call from
+/// every queue thread at once.
 pub trait WriteHook: Send + Sync {
     /// Called before a write, discard or write-zeroes of `len` bytes at
-    /// `offset` is issued. An error fails the guest request (the data is not written).
-    fn before_write(&self, offset: u64, len: u64) -> Result<(), DiskError>;
+    /// `offset` is issued. An error fails the guest request (nothing is written).
+    fn before_write(&self, _offset: u64, _len: u64) -> Result<(), DiskError> {
+        Ok(())
+    }
+    /// Called after the request succeeded on the active image, before the
+    /// guest is told. An error fails the guest request.
+    fn after_write(&self, _offset: u64, _len: u64, _op: WriteOp<'_>) -> Result<(), DiskError> {
+        Ok(())
+    }
     /// Called after a guest flush has made the image durable.
     fn after_flush(&self) -> Result<(), DiskError> {
         Ok(())
@@ -55,6 +79,7 @@ pub struct Disk {
     /// durable before they complete.
     writeback: AtomicBool,
     hooks: ArcSwap<Vec<Arc<dyn WriteHook>>>,
+    gate: IoGate,
 }
 
 impl Disk {
@@ -67,6 +92,7 @@ impl Disk {
             read_only,
             writeback: AtomicBool::new(true),
             hooks: ArcSwap::from_pointee(Vec::new()),
+            gate: IoGate::default(),
         }
     }
 
@@ -95,12 +121,34 @@ impl Disk {
         self.image.load_full()
     }
 
+    /// Replaces the active image (the pivot of a mirror). Call with guest
+    /// I/O paused; returns the previous image.
+    pub fn replace_image(&self, image: Box<dyn Image>) -> Arc<Box<dyn Image>> {
+        self.image.swap(Arc::new(image))
+    }
+
+    /// The gate queue workers enter per batch, and jobs pause I/O with.
+    pub fn gate(&self) -> &IoGate {
+        &self.gate
+    }
+
     /// Adds a write hook; it sees every write issued from now on.
     pub fn add_hook(&self, hook: Arc<dyn WriteHook>) {
         self.hooks.rcu(|hooks| {
             let mut v = Vec::clone(hooks);
             v.push(hook.clone());
             v
+        });
+    }
+
+    /// Removes a hook added with `add_hook` (compared by pointer).
+    pub fn remove_hook(&self, hook: &Arc<dyn WriteHook>) {
+        self.hooks.rcu(|hooks| {
+            hooks
+                .iter()
+                .filter(|h| !Arc::ptr_eq(h, hook))
+                .cloned()
+                .collect::<Vec<_>>()
         });
     }
 
@@ -126,6 +174,13 @@ impl Disk {
         Ok(())
     }
 
+    fn after_write(&self, offset: u64, len: u64, op: WriteOp<'_>) -> Result<(), DiskError> {
+        for hook in self.hooks.load().iter() {
+            hook.after_write(offset, len, op)?;
+        }
+        Ok(())
+    }
+
     /// Reads into `bufs` from `offset`.
     pub fn read(&self, offset: u64, bufs: &[IoBuf]) -> Result<(), DiskError> {
         self.check_range(offset, total_len(bufs))?;
@@ -134,9 +189,11 @@ impl Disk {
 
     /// Writes `bufs` at `offset`, honouring the write-back mode.
     pub fn write(&self, offset: u64, bufs: &[IoBuf]) -> Result<(), DiskError> {
-        self.before_write(offset, total_len(bufs))?;
+        let len = total_len(bufs);
+        self.before_write(offset, len)?;
         let fua = !self.writeback();
-        Ok(self.image.load().write_at(bufs, offset, fua)?)
+        self.image.load().write_at(bufs, offset, fua)?;
+        self.after_write(offset, len, WriteOp::Data(bufs))
     }
 
     /// Makes all completed writes durable, then tells the hooks.
@@ -151,7 +208,8 @@ impl Disk {
     /// Deallocates a range (contents become unspecified; on raw files, zeroes).
     pub fn discard(&self, offset: u64, len: u64) -> Result<(), DiskError> {
         self.before_write(offset, len)?;
-        Ok(self.image.load().discard(offset, len)?)
+        self.image.load().discard(offset, len)?;
+        self.after_write(offset, len, WriteOp::Discard)
     }
 
     /// Zeroes a range, deallocating it if `unmap`.
@@ -162,7 +220,7 @@ impl Disk {
         if !self.writeback() {
             image.flush()?;
         }
-        Ok(())
+        self.after_write(offset, len, WriteOp::Zeroes { unmap })
     }
 }
 
@@ -250,6 +308,10 @@ mod tests {
             self.0.fetch_add(len, Ordering::Relaxed);
             Ok(())
         }
+        fn after_write(&self, _offset: u64, len: u64, _op: WriteOp<'_>) -> Result<(), DiskError> {
+            self.0.fetch_add(len << 32, Ordering::Relaxed);
+            Ok(())
+        }
     }
 
     #[test]
@@ -263,7 +325,12 @@ mod tests {
         disk.discard(8192, 4096).unwrap();
         disk.write_zeroes(16384, 8192, true).unwrap();
         disk.read(0, &[IoBuf::from_slice(&mut buf)]).unwrap();
-        assert_eq!(hook.0.load(Ordering::Relaxed), 4096 + 4096 + 8192);
+        let total = 4096 + 4096 + 8192;
+        assert_eq!(hook.0.load(Ordering::Relaxed), total | (total << 32));
+        let as_dyn: Arc<dyn WriteHook> = hook.clone();
+        disk.remove_hook(&as_dyn);
+        disk.write(0, &[IoBuf::from_slice(&mut buf)]).unwrap();
+        assert_eq!(hook.0.load(Ordering::Relaxed), total | (total << 32), "removed hook still called");
     }
 
     #[test]

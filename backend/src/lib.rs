@@ -4,9 +4,12 @@
 //! `vhost-glue` crate turns virtio requests into calls on [`Disk`].
 
 pub mod disk;
+pub mod gate;
 pub mod image;
 pub mod iobuf;
+pub mod qmp;
 
-pub use disk::{Disk, DiskError, WriteHook};
+pub use disk::{Disk, DiskError, WriteHook, WriteOp};
+pub use gate::IoGate;
 pub use image::{Image, ImageError, RawImage, RawImageOptions};
 pub use iobuf::IoBuf;

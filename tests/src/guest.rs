@@ -284,11 +284,20 @@ impl Guest {
 
         let start = Instant::now();
         let mut child = cmd.spawn().context("cannot start qemu-system-x86_64")?;
+        let mut panicked = false;
+        let mut last_scan = Instant::now();
         let status = loop {
             if let Some(status) = child.try_wait()? {
                 break Some(status);
             }
-            if start.elapsed() > self.timeout {
+            // A guest that may reboot would re-run its script after a panic
+            // until the time-out; stop it at the first panic instead.
+            if self.allow_reboot && last_scan.elapsed() > Duration::from_secs(1) {
+                last_scan = Instant::now();
+                let log = std::fs::read(&log_path).unwrap_or_default();
+                panicked = String::from_utf8_lossy(&log).contains("Kernel panic");
+            }
+            if panicked || start.elapsed() > self.timeout {
                 let _ = child.kill();
                 let _ = child.wait();
                 break None;
@@ -301,6 +310,12 @@ impl Guest {
         let output = GuestOutput::parse(&self.name, log, log_path, duration);
 
         match status {
+            None if panicked => bail!(
+                "guest {} kernel panicked; serial log {} ends:\n{}",
+                self.name,
+                output.log_path.display(),
+                output.tail(40)
+            ),
             None => bail!(
                 "guest {} timed out after {:?}; serial log {} ends:\n{}\nqemu stderr: {stderr}",
                 self.name,

@@ -6,3 +6,4 @@ pub mod daemon;
 pub mod client;
 pub mod guest;
 pub mod raw_frontend;
+pub mod bench;

@@ -405,6 +405,13 @@ impl RawFrontend {
         Ok(())
     }
 
+    /// Shuts the vhost-user socket down (the backend sees the frontend
+    /// leave); the object is useless afterwards and only good for drop.
+    pub fn disconnect(&self) {
+        // SAFETY: shutdown(2) on a socket descriptor the Frontend owns.
+        unsafe { libc::shutdown(self.fe.as_raw_fd(), libc::SHUT_RDWR) };
+    }
+
     /// The guest memory shared with the backend.
     pub fn mem(&self) -> &GuestMemory {
         &self.mem

@@ -39,10 +39,11 @@ fn backend() -> Backend {
 
 /// A scratch directory with an image and a running backend serving it.
 struct Setup {
-    _dir: ScratchDir,
+    // Fields drop in order: stop the daemon before removing its directory.
+    daemon: Daemon,
     image: PathBuf,
     socket: PathBuf,
-    daemon: Daemon,
+    _dir: ScratchDir,
 }
 
 /// Starts the backend on `image` (created sparse with `size` bytes unless
@@ -68,10 +69,10 @@ fn setup(
         Backend::Qsd => Daemon::qsd(&socket, &image, queues, false)?,
     };
     Ok(Setup {
-        _dir: dir,
+        daemon,
         image,
         socket,
-        daemon,
+        _dir: dir,
     })
 }
 

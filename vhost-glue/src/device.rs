@@ -94,7 +94,12 @@ impl BlockDevice {
                     debug!("queue {index}: cannot disable notifications: {e}");
                 }
             }
-            self.drain(index, &mut state, &mem, &mut worker.parser);
+            {
+                // A block job may pause guest I/O (mirror pivot): wait here,
+                // between batches, never in the middle of a request.
+                let _batch = self.disk.gate().enter();
+                self.drain(index, &mut state, &mem, &mut worker.parser);
+            }
             if self.stopping.load(Ordering::Acquire) {
                 return;
             }

@@ -4,6 +4,7 @@
 
 pub mod config_space;
 pub mod device;
+pub mod management;
 pub mod request;
 pub mod server;
 

@@ -7,7 +7,9 @@ use log::info;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{mpsc, Arc, Mutex};
+use vhost_glue::management::{DaemonContext, ShutdownReason};
+use vubd_backend::qmp::{standard_dispatcher, EventBus, QmpServer, ServerConfig};
 use vhost_glue::server::{bind_socket, Server};
 use vhost_glue::DeviceConfig;
 use vubd_backend::{Disk, RawImage, RawImageOptions};
@@ -46,6 +48,24 @@ struct Options {
     #[arg(long, value_name = "N", default_value_t = 0,
           value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     poll_us: u64,
+    /// Path of the QMP management socket (mode 0600; several clients at once).
+    #[arg(long, value_name = "PATH")]
+    qmp: Option<PathBuf>,
+    /// The disk's node name in management commands.
+    #[arg(long, value_name = "NAME", default_value = "disk0", value_parser = parse_node_name)]
+    node_name: String,
+}
+
+fn parse_node_name(s: &str) -> Result<String, String> {
+    // QEMU's rule for node names: a letter first, then letters, digits, '-', '.', '_'.
+    let mut chars = s.chars();
+    let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphabetic());
+    if !first_ok || s.len() > 31 || !chars.all(|c| c.is_ascii_alphanumeric() || "-._".contains(c)) {
+        return Err(format!(
+            "'{s}': a node name starts with a letter and has at most 31 letters, digits, '-', '.', '_'"
+        ));
+    }
+    Ok(s.to_string())
 }
 
 fn parse_queue_size(s: &str) -> Result<u16, String> {
@@ -71,7 +91,10 @@ fn parse_serial(s: &str) -> Result<String, String> {
     Ok(s.to_string())
 }
 
-fn run(opts: Options) -> Result<()> {
+fn run(mut opts: Options) -> Result<()> {
+    // Management queries report where the image really is.
+    opts.image = std::fs::canonicalize(&opts.image)
+        .with_context(|| format!("cannot open image {}", opts.image.display()))?;
     let image = RawImage::open(
         &opts.image,
         RawImageOptions {
@@ -101,28 +124,71 @@ fn run(opts: Options) -> Result<()> {
     let listener = bind_socket(&opts.socket)?;
     let mut server = Server::new(listener, disk.clone(), cfg);
 
+    // Every way of stopping (signals, QMP quit) ends up in one handler.
+    let (shutdown_tx, shutdown_rx) = mpsc::channel::<ShutdownReason>();
     let mut signals = Signals::new([SIGTERM, SIGINT]).context("cannot install signal handlers")?;
-    let stop = server.stop_handle();
-    let socket = opts.socket.clone();
+    let signal_tx = shutdown_tx.clone();
     std::thread::Builder::new()
         .name("vubd-signals".into())
         .spawn(move || {
-            if let Some(sig) = signals.forever().next() {
-                info!("signal {sig}: finishing requests in flight");
-                stop.stop_and_drain();
-                let code = match disk.flush() {
-                    Ok(()) => 0,
-                    Err(e) => {
-                        eprintln!("vubd: error: final flush failed: {e}");
-                        1
-                    }
-                };
-                let _ = std::fs::remove_file(&socket);
-                info!("stopped");
-                std::process::exit(code);
+            for _ in signals.forever() {
+                let _ = signal_tx.send(ShutdownReason::Signal);
             }
         })
         .context("cannot start the signal thread")?;
+
+    let events = EventBus::new();
+    let qmp = match &opts.qmp {
+        Some(path) => {
+            let ctx = Arc::new(DaemonContext {
+                node_name: opts.node_name.clone(),
+                disk: disk.clone(),
+                direct: opts.direct,
+                bitmaps: None,
+                shutdown: Mutex::new(shutdown_tx.clone()),
+            });
+            let dispatcher = standard_dispatcher(ctx, events.clone());
+            let server = QmpServer::start(path, dispatcher, ServerConfig::default())
+                .with_context(|| format!("cannot start the QMP monitor on {}", path.display()))?;
+            Some(server)
+        }
+        None => None,
+    };
+
+    let stop = server.stop_handle();
+    let socket = opts.socket.clone();
+    std::thread::Builder::new()
+        .name("vubd-shutdown".into())
+        .spawn(move || {
+            let Ok(reason) = shutdown_rx.recv() else {
+                return;
+            };
+            info!("shutting down ({reason:?}): finishing requests in flight");
+            if reason == ShutdownReason::Signal {
+                events.emit(
+                    "SHUTDOWN",
+                    serde_json::json!({"guest": false, "reason": "host-signal"}),
+                );
+            }
+            stop.stop_and_drain();
+            let code = match disk.flush() {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("vubd: error: final flush failed: {e}");
+                    1
+                }
+            };
+            let _ = std::fs::remove_file(&socket);
+            // Not QmpServer::shutdown(): it joins client threads, one of
+            // which may be the one that asked us to quit. Replies and events
+            // are already written; removing the socket is all that is left.
+            if let Some(qmp) = qmp {
+                let _ = std::fs::remove_file(qmp.path());
+            }
+            info!("stopped");
+            std::process::exit(code);
+        })
+        .context("cannot start the shutdown thread")?;
 
     eprintln!(
         "vubd: serving {} ({size} bytes, {} queue(s)) on {}",

@@ -57,8 +57,7 @@ pub fn value_u64(path: &str, v: &Value) -> Result<u64, QmpError> {
 /// integer: "expects uint64"; out of range: "expects uint32_t").
 pub fn value_u32(path: &str, v: &Value) -> Result<u32, QmpError> {
     let n = value_u64(path, v)?;
-    u32::try_from(n)
-        .map_err(|_| QmpError::generic(format!("Parameter '{path}' expects uint32_t")))
+    u32::try_from(n).map_err(|_| QmpError::generic(format!("Parameter '{path}' expects uint32_t")))
 }
 
 /// Converts `v` to one of the enum's `values`, with QEMU's errors.
@@ -131,7 +130,9 @@ impl Args {
 
     /// An optional string member.
     pub fn opt_str(&mut self, name: &str) -> Result<Option<String>, QmpError> {
-        self.take(name).map(|v| value_str(&self.path(name), v)).transpose()
+        self.take(name)
+            .map(|v| value_str(&self.path(name), v))
+            .transpose()
     }
 
     /// A required boolean member.
@@ -142,7 +143,9 @@ impl Args {
 
     /// An optional boolean member.
     pub fn opt_bool(&mut self, name: &str) -> Result<Option<bool>, QmpError> {
-        self.take(name).map(|v| value_bool(&self.path(name), v)).transpose()
+        self.take(name)
+            .map(|v| value_bool(&self.path(name), v))
+            .transpose()
     }
 
     /// A required `int` member.
@@ -153,7 +156,9 @@ impl Args {
 
     /// An optional `int` member.
     pub fn opt_i64(&mut self, name: &str) -> Result<Option<i64>, QmpError> {
-        self.take(name).map(|v| value_i64(&self.path(name), &v)).transpose()
+        self.take(name)
+            .map(|v| value_i64(&self.path(name), &v))
+            .transpose()
     }
 
     /// A required `uint64` member.
@@ -164,12 +169,16 @@ impl Args {
 
     /// An optional `uint64` member.
     pub fn opt_u64(&mut self, name: &str) -> Result<Option<u64>, QmpError> {
-        self.take(name).map(|v| value_u64(&self.path(name), &v)).transpose()
+        self.take(name)
+            .map(|v| value_u64(&self.path(name), &v))
+            .transpose()
     }
 
     /// An optional `uint32` member.
     pub fn opt_u32(&mut self, name: &str) -> Result<Option<u32>, QmpError> {
-        self.take(name).map(|v| value_u32(&self.path(name), &v)).transpose()
+        self.take(name)
+            .map(|v| value_u32(&self.path(name), &v))
+            .transpose()
     }
 
     /// A required enum member restricted to `values`.
@@ -194,7 +203,9 @@ impl Args {
 
     /// An optional list member, as [`Args::req_list`].
     pub fn opt_list(&mut self, name: &str) -> Result<Option<Vec<(String, Value)>>, QmpError> {
-        self.take(name).map(|v| list_items(&self.path(name), v)).transpose()
+        self.take(name)
+            .map(|v| list_items(&self.path(name), v))
+            .transpose()
     }
 
     /// Ends reading: any member not taken is "Parameter 'x' is unexpected".
@@ -239,14 +250,26 @@ mod tests {
             a.req_str("name").unwrap_err().desc,
             "Invalid parameter type for 'name', expected: string"
         );
-        assert_eq!(a.opt_u32("g").unwrap_err().desc, "Parameter 'g' expects uint64");
-        assert_eq!(a.opt_u32("h").unwrap_err().desc, "Parameter 'h' expects uint32_t");
-        assert_eq!(a.opt_u64("i").unwrap_err().desc, "Parameter 'i' expects uint64");
+        assert_eq!(
+            a.opt_u32("g").unwrap_err().desc,
+            "Parameter 'g' expects uint64"
+        );
+        assert_eq!(
+            a.opt_u32("h").unwrap_err().desc,
+            "Parameter 'h' expects uint32_t"
+        );
+        assert_eq!(
+            a.opt_u64("i").unwrap_err().desc,
+            "Parameter 'i' expects uint64"
+        );
         assert_eq!(
             a.opt_bool("b").unwrap_err().desc,
             "Invalid parameter type for 'b', expected: boolean"
         );
-        assert_eq!(a.req_str("node").unwrap_err().desc, "Parameter 'node' is missing");
+        assert_eq!(
+            a.req_str("node").unwrap_err().desc,
+            "Parameter 'node' is missing"
+        );
         a.finish().unwrap();
     }
 
@@ -261,7 +284,10 @@ mod tests {
             inner.req_str("name").unwrap_err().desc,
             "Parameter 'bitmaps[0].name' is missing"
         );
-        assert_eq!(a.finish().unwrap_err().desc, "Parameter 'extra' is unexpected");
+        assert_eq!(
+            a.finish().unwrap_err().desc,
+            "Parameter 'extra' is unexpected"
+        );
     }
 
     #[test]

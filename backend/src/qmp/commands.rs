@@ -3,8 +3,8 @@
 //! and the `block-dirty-bitmap-*` family. They reach the daemon only
 //! through [`ManagementContext`] and [`DirtyBitmaps`].
 
-use super::args::{value_str, Args};
-use super::context::{BitmapInfo, DirtyBitmaps, ManagementContext};
+use super::args::Args;
+use super::context::{BitmapInfo, BitmapOpError, DirtyBitmaps, ManagementContext};
 use super::dispatch::{Call, Dispatcher};
 use super::error::QmpError;
 use serde_json::{json, Value};
@@ -42,8 +42,10 @@ pub fn register_standard(d: &Dispatcher, ctx: Arc<dyn ManagementContext>) {
         log::info!("QMP quit: shutting down");
         // QEMU emits SHUTDOWN before the reply reaches the client; the
         // daemon is asked to stop only once both are queued.
-        call.events
-            .emit("SHUTDOWN", json!({"guest": false, "reason": "host-qmp-quit"}));
+        call.events.emit(
+            "SHUTDOWN",
+            json!({"guest": false, "reason": "host-qmp-quit"}),
+        );
         let c = c.clone();
         call.after_reply(move || c.quit());
         Ok(json!({}))
@@ -60,7 +62,9 @@ pub fn register_standard(d: &Dispatcher, ctx: Arc<dyn ManagementContext>) {
         ("x-debug-block-dirty-bitmap-sha256", Op::Sha256),
     ] {
         let c = ctx.clone();
-        d.register(cmd, move |call: &mut Call<'_>| bitmap_op(c.as_ref(), &mut call.args, op));
+        d.register(cmd, move |call: &mut Call<'_>| {
+            bitmap_op(c.as_ref(), &mut call.args, op)
+        });
     }
     let c = ctx;
     d.register("block-dirty-bitmap-merge", move |call: &mut Call<'_>| {
@@ -188,8 +192,9 @@ fn bitmap_add(ctx: &dyn ManagementContext, args: &mut Args) -> Result<Value, Qmp
                 ));
             }
             if g > MAX_GRANULARITY {
+                // Worded as the dirty engine (and QEMU's qcow2 limit) words it.
                 return Err(QmpError::generic(format!(
-                    "Granularity must be power of 2 and at most {MAX_GRANULARITY}"
+                    "Granularity exceeds maximum ({MAX_GRANULARITY} bytes)"
                 )));
             }
             g
@@ -220,7 +225,7 @@ fn bitmap_op(ctx: &dyn ManagementContext, args: &mut Args, op: Op) -> Result<Val
     args.finish()?;
     check_node(ctx, &node)?;
     let b = bitmaps(ctx)?;
-    let err = |e: super::context::BitmapOpError| QmpError::generic(e.to_string());
+    let err = |e: BitmapOpError| QmpError::generic(e.to_string());
     match op {
         Op::Remove => b.remove(&name).map_err(err)?,
         Op::Clear => b.clear(&name).map_err(err)?,
@@ -258,15 +263,21 @@ fn bitmap_merge(ctx: &dyn ManagementContext, args: &mut Args) -> Result<Value, Q
     }
     args.finish()?;
     check_node(ctx, &node)?;
+    let b = bitmaps(ctx)?;
+    // QEMU resolves the target before the sources.
+    if !b.list().iter().any(|i| i.name == target) {
+        return Err(QmpError::generic(
+            BitmapOpError::NotFound(target).to_string(),
+        ));
+    }
     let mut names = Vec::with_capacity(sources.len());
     for (n, name) in sources {
         if let Some(n) = n {
             check_node(ctx, &n)?;
         }
-        names.push(value_str("name", Value::String(name))?);
+        names.push(name);
     }
-    bitmaps(ctx)?
-        .merge(&target, &names)
+    b.merge(&target, &names)
         .map_err(|e| QmpError::generic(e.to_string()))?;
     Ok(json!({}))
 }

@@ -88,7 +88,13 @@ pub enum BitmapOpError {
 /// busy, inconsistent). Names are unique per disk.
 pub trait DirtyBitmaps: Send + Sync {
     /// Creates a bitmap (`disabled`: not recording yet).
-    fn add(&self, name: &str, granularity: u64, persistent: bool, disabled: bool) -> Result<(), BitmapOpError>;
+    fn add(
+        &self,
+        name: &str,
+        granularity: u64,
+        persistent: bool,
+        disabled: bool,
+    ) -> Result<(), BitmapOpError>;
     /// Deletes a bitmap (and its stored copy if persistent).
     fn remove(&self, name: &str) -> Result<(), BitmapOpError>;
     /// Clears every bit.

@@ -179,7 +179,10 @@ impl Dispatcher {
         let weak = Arc::downgrade(&d);
         d.register("query-commands", move |call: &mut Call<'_>| {
             std::mem::take(&mut call.args).finish()?;
-            let names = weak.upgrade().map(|d| d.command_names()).unwrap_or_default();
+            let names = weak
+                .upgrade()
+                .map(|d| d.command_names())
+                .unwrap_or_default();
             Ok(Value::Array(
                 names.into_iter().map(|n| json!({ "name": n })).collect(),
             ))
@@ -234,7 +237,11 @@ impl Dispatcher {
         result
     }
 
-    fn run(&self, name: &str, arguments: Map<String, Value>) -> (Result<Value, QmpError>, Vec<AfterReply>) {
+    fn run(
+        &self,
+        name: &str,
+        arguments: Map<String, Value>,
+    ) -> (Result<Value, QmpError>, Vec<AfterReply>) {
         let handler = self
             .commands
             .read()
@@ -274,7 +281,8 @@ impl Dispatcher {
             }
             Frame::Value(Value::Object(m)) => m,
             Frame::Value(_) => {
-                response.message = error_message(&QmpError::generic("QMP input must be a JSON object"), None);
+                response.message =
+                    error_message(&QmpError::generic("QMP input must be a JSON object"), None);
                 return response;
             }
         };
@@ -311,23 +319,38 @@ impl Dispatcher {
     }
 
     /// Checks the request envelope as QEMU's `qmp_dispatch_check_obj` does.
-    fn parse_envelope(&self, request: Map<String, Value>) -> Result<(String, Map<String, Value>), QmpError> {
+    fn parse_envelope(
+        &self,
+        request: Map<String, Value>,
+    ) -> Result<(String, Map<String, Value>), QmpError> {
         let mut name = None;
         let mut arguments = Map::new();
         for (key, value) in request {
             match key.as_str() {
                 "execute" => match value {
                     Value::String(s) => name = Some(s),
-                    _ => return Err(QmpError::generic("QMP input member 'execute' must be a string")),
+                    _ => {
+                        return Err(QmpError::generic(
+                            "QMP input member 'execute' must be a string",
+                        ))
+                    }
                 },
                 "arguments" => match value {
                     Value::Object(m) => arguments = m,
-                    _ => return Err(QmpError::generic("QMP input member 'arguments' must be an object")),
+                    _ => {
+                        return Err(QmpError::generic(
+                            "QMP input member 'arguments' must be an object",
+                        ))
+                    }
                 },
                 "id" => {}
                 // vubd offers no out-of-band capability, so QEMU's answer
                 // for exec-oob without the 'oob' capability applies.
-                _ => return Err(QmpError::generic(format!("QMP input member '{key}' is unexpected"))),
+                _ => {
+                    return Err(QmpError::generic(format!(
+                        "QMP input member '{key}' is unexpected"
+                    )))
+                }
             }
         }
         let name = name.ok_or_else(|| QmpError::generic("QMP input lacks member 'execute'"))?;
@@ -339,10 +362,13 @@ fn negotiate(arguments: Map<String, Value>) -> Result<Value, QmpError> {
     let mut args = Args::new(arguments);
     let enable = args.opt_list("enable")?;
     args.finish()?;
+    let mut caps = Vec::new();
     for (path, v) in enable.unwrap_or_default() {
-        let cap = value_enum(&path, v, &["oob"])?;
-        // The greeting offers no capability (vubd runs every command in
-        // order), so any requested one is unavailable, worded as QEMU.
+        caps.push(value_enum(&path, v, &["oob"])?);
+    }
+    // The greeting offers no capability (vubd runs every command in
+    // order), so any requested one is unavailable, worded as QEMU.
+    if let Some(cap) = caps.first() {
         return Err(QmpError::generic(format!("Capability {cap} not available")));
     }
     Ok(json!({}))
@@ -367,37 +393,83 @@ mod tests {
         let r = reply(&d, &mut s, r#"{"execute":"query-version","id":5}"#);
         assert_eq!(r["id"], 5);
         assert_eq!(r["error"]["class"], "CommandNotFound");
-        assert_eq!(r["error"]["desc"], "Expecting capabilities negotiation with 'qmp_capabilities'");
-        let r = reply(&d, &mut s, r#"{"execute":"qmp_capabilities","arguments":{"enable":["oob"]}}"#);
+        assert_eq!(
+            r["error"]["desc"],
+            "Expecting capabilities negotiation with 'qmp_capabilities'"
+        );
+        let r = reply(
+            &d,
+            &mut s,
+            r#"{"execute":"qmp_capabilities","arguments":{"enable":["oob"]}}"#,
+        );
         assert_eq!(r["error"]["desc"], "Capability oob not available");
-        let r = reply(&d, &mut s, r#"{"execute":"qmp_capabilities","arguments":{"enable":["x"]}}"#);
-        assert_eq!(r["error"]["desc"], "Parameter 'enable[0]' does not accept value 'x'");
+        let r = reply(
+            &d,
+            &mut s,
+            r#"{"execute":"qmp_capabilities","arguments":{"enable":["x"]}}"#,
+        );
+        assert_eq!(
+            r["error"]["desc"],
+            "Parameter 'enable[0]' does not accept value 'x'"
+        );
         assert!(!s.negotiated());
-        let resp = d.handle(&mut s, frame(r#"{"execute":"qmp_capabilities","id":{"a":[1]}}"#));
+        let resp = d.handle(
+            &mut s,
+            frame(r#"{"execute":"qmp_capabilities","id":{"a":[1]}}"#),
+        );
         assert!(resp.negotiated_now);
         assert_eq!(resp.message, json!({"return": {}, "id": {"a": [1]}}));
         let r = reply(&d, &mut s, r#"{"execute":"qmp_capabilities"}"#);
-        assert_eq!(r["error"]["desc"], "Capabilities negotiation is already complete, command ignored");
+        assert_eq!(
+            r["error"]["desc"],
+            "Capabilities negotiation is already complete, command ignored"
+        );
         let r = reply(&d, &mut s, r#"{"execute":"query-version","id":null}"#);
         assert_eq!(r["return"]["qemu"]["major"], 7);
         assert!(r.as_object().unwrap().contains_key("id"));
         for (msg, desc) in [
-            (r#"{"execute":1}"#, "QMP input member 'execute' must be a string"),
-            (r#"{"execute":"query-version","arguments":[]}"#, "QMP input member 'arguments' must be an object"),
-            (r#"{"exec-oob":"query-version"}"#, "QMP input member 'exec-oob' is unexpected"),
-            (r#"{"execute":"query-version","foo":1}"#, "QMP input member 'foo' is unexpected"),
+            (
+                r#"{"execute":1}"#,
+                "QMP input member 'execute' must be a string",
+            ),
+            (
+                r#"{"execute":"query-version","arguments":[]}"#,
+                "QMP input member 'arguments' must be an object",
+            ),
+            (
+                r#"{"exec-oob":"query-version"}"#,
+                "QMP input member 'exec-oob' is unexpected",
+            ),
+            (
+                r#"{"execute":"query-version","foo":1}"#,
+                "QMP input member 'foo' is unexpected",
+            ),
             (r#"{"id":1}"#, "QMP input lacks member 'execute'"),
             (r#"[1]"#, "QMP input must be a JSON object"),
-            (r#"{"execute":"query-version","arguments":{"x":1}}"#, "Parameter 'x' is unexpected"),
+            (
+                r#"{"execute":"query-version","arguments":{"x":1}}"#,
+                "Parameter 'x' is unexpected",
+            ),
         ] {
             let r = reply(&d, &mut s, msg);
             assert_eq!(r["error"]["desc"], desc, "{msg}");
             assert_eq!(r["error"]["class"], "GenericError", "{msg}");
         }
         let r = reply(&d, &mut s, r#"{"execute":"nope","id":"i"}"#);
-        assert_eq!(r, json!({"id": "i", "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}));
+        assert_eq!(
+            r,
+            json!({"id": "i", "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}})
+        );
         let r = reply(&d, &mut s, r#"{"execute":"query-commands"}"#);
-        let names: Vec<&str> = r["return"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
-        assert_eq!(names, ["qmp_capabilities", "query-commands", "query-version"]);
+        let names: Vec<&str> = r["return"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            names,
+            ["qmp_capabilities", "query-commands", "query-version"]
+        );
     }
 }

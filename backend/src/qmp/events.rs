@@ -2,16 +2,16 @@
 //! block jobs) sends a QMP event to every negotiated client.
 //!
 //! An event is serialised once, with QEMU's wall-clock timestamp, and
-//! handed to each subscriber's bounded queue with a non-blocking send, so
+//! handed to each subscriber's sink, which queues it without blocking, so
 //! that an emitter (a job thread, a queue thread) never waits for a slow
-//! client. A subscriber whose queue is full has stopped reading; it is
-//! dropped from the bus and its overflow hook runs (the server closes that
-//! connection), since silently losing e.g. BLOCK_JOB_COMPLETED would be
-//! worse for a client than a disconnect it can notice and recover from.
+//! client. The QMP server's sink closes a connection whose queue is full:
+//! that client has stopped reading, and silently losing e.g.
+//! BLOCK_JOB_COMPLETED would be worse for it than a disconnect it can
+//! notice and recover from (by reconnecting and querying state).
 
 use super::json::to_wire;
 use serde_json::{Map, Value};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::mpsc::{sync_channel, Receiver, TrySendError};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -38,7 +38,10 @@ impl Event {
             .unwrap_or_default();
         let (seconds, microseconds) = (since.as_secs(), since.subsec_micros());
         let mut msg = Map::new();
-        msg.insert("timestamp".into(), serde_json::json!({"seconds": seconds, "microseconds": microseconds}));
+        msg.insert(
+            "timestamp".into(),
+            serde_json::json!({"seconds": seconds, "microseconds": microseconds}),
+        );
         msg.insert("event".into(), Value::String(name.to_string()));
         if let Some(d) = &data {
             msg.insert("data".into(), d.clone());
@@ -57,12 +60,22 @@ impl Event {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SubscriptionId(u64);
 
-type OverflowHook = Box<dyn Fn() + Send>;
+/// What a subscriber's sink reports for one event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// Queued; keep the subscription.
+    Queued,
+    /// The subscriber is gone (or gave up); drop the subscription.
+    Gone,
+}
+
+/// A subscriber: queues the event without blocking and says whether to
+/// keep it subscribed.
+pub type Sink = Box<dyn FnMut(&Arc<Event>) -> Delivery + Send>;
 
 struct Subscriber {
     id: u64,
-    tx: SyncSender<Arc<Event>>,
-    on_overflow: Option<OverflowHook>,
+    sink: Sink,
 }
 
 #[derive(Default)]
@@ -100,55 +113,63 @@ impl EventBus {
 
     /// Emits event `name` with optional `data` to every subscriber, e.g.
     /// `bus.emit("SHUTDOWN", json!({"guest": false, "reason": "host-signal"}))`
-    /// or `bus.emit("STOP", None)`. Never blocks.
+    /// or `bus.emit("STOP", None)`. Never blocks on a client.
     pub fn emit(&self, name: &str, data: impl Into<Option<Value>>) {
         let event = Arc::new(Event::now(name, data.into()));
         log::debug!("QMP event {}", event.wire.trim_end());
-        let mut inner = self.lock();
-        let mut overflowed = Vec::new();
-        inner.subs.retain_mut(|s| match s.tx.try_send(event.clone()) {
-            Ok(()) => true,
-            Err(TrySendError::Disconnected(_)) => false,
-            Err(TrySendError::Full(_)) => {
-                overflowed.push(s.on_overflow.take());
-                false
-            }
-        });
-        drop(inner);
-        for hook in overflowed.into_iter().flatten() {
-            log::warn!("QMP client stopped reading its events; disconnecting it");
-            hook();
-        }
+        self.lock()
+            .subs
+            .retain_mut(|s| (s.sink)(&event) == Delivery::Queued);
     }
 
-    /// Subscribes a queue; `on_overflow` runs (once) if the queue is full
-    /// when an event arrives, after which the subscription is gone.
-    pub fn subscribe(
-        &self,
-        tx: SyncSender<Arc<Event>>,
-        on_overflow: Option<Box<dyn Fn() + Send>>,
-    ) -> SubscriptionId {
+    /// Subscribes a sink. The sink runs under the bus lock: it must only
+    /// queue (never block, never emit).
+    pub fn subscribe(&self, sink: Sink) -> SubscriptionId {
+        self.subscribe_after(sink, || ())
+    }
+
+    /// Subscribes a sink right after running `first` under the bus lock,
+    /// so that no event can slip in before whatever `first` queues (the
+    /// server queues the reply to `qmp_capabilities` this way: events only
+    /// ever follow it). `first` must not block or emit.
+    pub fn subscribe_after(&self, sink: Sink, first: impl FnOnce()) -> SubscriptionId {
         let mut inner = self.lock();
+        first();
         let id = inner.next_id;
         inner.next_id += 1;
-        inner.subs.push(Subscriber {
-            id,
-            tx,
-            on_overflow,
-        });
+        inner.subs.push(Subscriber { id, sink });
         SubscriptionId(id)
     }
 
     /// Subscribes a fresh channel of `capacity` events (for in-process
-    /// listeners and tests); an overflowing channel is unsubscribed.
+    /// listeners and tests). A full channel loses its subscription (and is
+    /// told so by the channel closing once drained), rather than blocking
+    /// the emitter.
     pub fn subscribe_channel(&self, capacity: usize) -> (SubscriptionId, Receiver<Arc<Event>>) {
         let (tx, rx) = sync_channel(capacity);
-        (self.subscribe(tx, None), rx)
+        let id = self.subscribe(Box::new(move |e| match tx.try_send(e.clone()) {
+            Ok(()) => Delivery::Queued,
+            Err(TrySendError::Full(_)) => {
+                log::warn!("QMP event listener is not keeping up; unsubscribing it");
+                Delivery::Gone
+            }
+            Err(TrySendError::Disconnected(_)) => Delivery::Gone,
+        }));
+        (id, rx)
     }
 
-    /// Removes a subscription (no-op if already gone).
+    /// Removes a subscription (no-op if already gone). Once this returns,
+    /// the sink has been dropped.
     pub fn unsubscribe(&self, id: SubscriptionId) {
-        self.lock().subs.retain(|s| s.id != id.0);
+        let removed: Vec<Subscriber> = {
+            let mut inner = self.lock();
+            let (gone, keep) = std::mem::take(&mut inner.subs)
+                .into_iter()
+                .partition(|s| s.id == id.0);
+            inner.subs = keep;
+            gone
+        };
+        drop(removed);
     }
 
     /// Number of current subscribers.
@@ -161,17 +182,16 @@ impl EventBus {
 mod tests {
     use super::*;
     use serde_json::json;
-    use std::sync::atomic::{AtomicBool, Ordering};
 
     #[test]
     fn broadcast_format_and_overflow() {
         let bus = EventBus::new();
         let (_a, rx_a) = bus.subscribe_channel(8);
-        let (tx_b, rx_b) = sync_channel(1);
-        let overflowed = Arc::new(AtomicBool::new(false));
-        let flag = overflowed.clone();
-        bus.subscribe(tx_b, Some(Box::new(move || flag.store(true, Ordering::SeqCst))));
-        bus.emit("SHUTDOWN", json!({"guest": false, "reason": "host-qmp-quit"}));
+        let (_b, rx_b) = bus.subscribe_channel(1);
+        bus.emit(
+            "SHUTDOWN",
+            json!({"guest": false, "reason": "host-qmp-quit"}),
+        );
         bus.emit("STOP", None);
         let e = rx_a.recv().unwrap();
         let v: Value = serde_json::from_str(&e.wire).unwrap();
@@ -182,7 +202,10 @@ mod tests {
         let stop: Value = serde_json::from_str(&rx_a.recv().unwrap().wire).unwrap();
         assert!(stop.get("data").is_none());
         assert_eq!(rx_b.recv().unwrap().name, "SHUTDOWN");
-        assert!(overflowed.load(Ordering::SeqCst), "second event overflows b");
+        assert!(rx_b.recv().is_err(), "b overflowed on STOP and was dropped");
         assert_eq!(bus.subscribers(), 1);
+        let (c, rx_c) = bus.subscribe_channel(4);
+        bus.unsubscribe(c);
+        assert!(rx_c.recv().is_err());
     }
 }

@@ -229,7 +229,9 @@ pub fn measure(
     let d0 = process_cpu_time(daemon_pid).context("daemon CPU time")?;
     let c0 = process_cpu_time(std::process::id())?;
     let t0 = Instant::now();
-    sleep_until_or(end, || failed.load(Ordering::Relaxed) || stop.load(Ordering::Relaxed));
+    sleep_until_or(end, || {
+        failed.load(Ordering::Relaxed) || stop.load(Ordering::Relaxed)
+    });
     let d1 = process_cpu_time(daemon_pid).context("daemon CPU time (did it die?)")?;
     let c1 = process_cpu_time(std::process::id())?;
     let elapsed = t0.elapsed();
@@ -380,7 +382,9 @@ fn load_thread(
                 result.ios += 1;
                 result.bytes += bs as u64;
                 let ns = t.duration_since(submitted[slot]).as_nanos();
-                result.latencies_ns.push(ns.min(u128::from(u32::MAX)) as u32);
+                result
+                    .latencies_ns
+                    .push(ns.min(u128::from(u32::MAX)) as u32);
             }
             free.push(slot);
         }

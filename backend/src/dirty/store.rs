@@ -1,0 +1,223 @@
+//! [`MetaStore`]: the one narrow door through which sidecar bytes reach
+//! storage. Everything the durability protocol relies on is stated here
+//! (what is durable when), so a test can put a store that forgets unsynced
+//! writes at a "power cut" in place of the real file and check recovery.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, RwLock};
+
+/// Positional storage for one sidecar file.
+///
+/// Durability contract the tracker relies on:
+/// - a [`MetaStore::write_at`] may be lost, partly (per 512-byte sector) or
+///   wholly, in any order relative to other unsynced writes, until a
+///   [`MetaStore::sync`] that started after it returns;
+/// - [`MetaStore::replace`] is atomic (a crash leaves the old or the new
+///   content) and durable when it returns;
+/// - [`MetaStore::remove`] is durable when it returns.
+pub trait MetaStore: Send + Sync {
+    /// Current size in bytes, or `None` if the file does not exist.
+    fn size(&self) -> io::Result<Option<u64>>;
+    /// Reads at `offset` into `buf`; returns the bytes read (short at end of file).
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize>;
+    /// Writes all of `buf` at `offset` (not durable until [`MetaStore::sync`]).
+    fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()>;
+    /// Makes every write that completed before the call durable (fdatasync).
+    fn sync(&self) -> io::Result<()>;
+    /// Atomically replaces the whole content, durably (creates the file).
+    fn replace(&self, contents: &[u8]) -> io::Result<()>;
+    /// Deletes the file, durably; no error if it does not exist.
+    fn remove(&self) -> io::Result<()>;
+    /// A name for log lines (the path).
+    fn describe(&self) -> String;
+}
+
+/// Reads the whole content (or `None` if the file does not exist).
+pub(crate) fn read_all(store: &dyn MetaStore) -> io::Result<Option<Vec<u8>>> {
+    let Some(size) = store.size()? else {
+        return Ok(None);
+    };
+    let size = usize::try_from(size).map_err(|_| io::Error::other("sidecar too large"))?;
+    let mut buf = vec![0u8; size];
+    let mut done = 0;
+    while done < size {
+        let n = store.read_at(done as u64, &mut buf[done..])?;
+        if n == 0 {
+            break;
+        }
+        done += n;
+    }
+    buf.truncate(done);
+    Ok(Some(buf))
+}
+
+/// The real sidecar: a file beside the image. Replacement writes
+/// `PATH.tmp`, fsyncs it, renames it over `PATH` and fsyncs the directory.
+pub struct FileStore {
+    path: PathBuf,
+    file: RwLock<Option<File>>,
+}
+
+impl FileStore {
+    /// A store for the file at `path` (which need not exist yet).
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        FileStore {
+            path: path.into(),
+            file: RwLock::new(None),
+        }
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn with_file<T>(&self, f: impl FnOnce(&File) -> io::Result<T>) -> io::Result<T> {
+        {
+            let guard = self.file.read().unwrap_or_else(|e| e.into_inner());
+            if let Some(file) = guard.as_ref() {
+                return f(file);
+            }
+        }
+        let mut guard = self.file.write().unwrap_or_else(|e| e.into_inner());
+        if guard.is_none() {
+            *guard = Some(OpenOptions::new().read(true).write(true).open(&self.path)?);
+        }
+        match guard.as_ref() {
+            Some(file) => f(file),
+            None => Err(io::Error::other("sidecar not open")),
+        }
+    }
+
+    fn sync_dir(&self) -> io::Result<()> {
+        let dir = match self.path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        File::open(dir)?.sync_all()
+    }
+}
+
+impl MetaStore for FileStore {
+    fn size(&self) -> io::Result<Option<u64>> {
+        match std::fs::metadata(&self.path) {
+            Ok(m) => Ok(Some(m.len())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
+        self.with_file(|f| f.read_at(buf, offset))
+    }
+
+    fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        self.with_file(|f| f.write_all_at(buf, offset))
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        self.with_file(|f| f.sync_data())
+    }
+
+    fn replace(&self, contents: &[u8]) -> io::Result<()> {
+        let mut tmp = self.path.clone().into_os_string();
+        tmp.push(".tmp");
+        let tmp = PathBuf::from(tmp);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
+        file.write_all_at(contents, 0)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, &self.path)?;
+        self.sync_dir()?;
+        *self.file.write().unwrap_or_else(|e| e.into_inner()) = Some(file);
+        Ok(())
+    }
+
+    fn remove(&self) -> io::Result<()> {
+        *self.file.write().unwrap_or_else(|e| e.into_inner()) = None;
+        match std::fs::remove_file(&self.path) {
+            Ok(()) => self.sync_dir(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn describe(&self) -> String {
+        self.path.display().to_string()
+    }
+}
+
+/// An in-memory store where everything is durable at once (unit tests, and
+/// a place to keep a sidecar image in memory).
+#[derive(Default)]
+pub struct MemStore {
+    data: Mutex<Option<Vec<u8>>>,
+}
+
+impl MemStore {
+    /// An empty store (no file).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A copy of the current content.
+    pub fn contents(&self) -> Option<Vec<u8>> {
+        self.data.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Sets the content (e.g. to inject damage).
+    pub fn set_contents(&self, contents: Option<Vec<u8>>) {
+        *self.data.lock().unwrap_or_else(|e| e.into_inner()) = contents;
+    }
+}
+
+impl MetaStore for MemStore {
+    fn size(&self) -> io::Result<Option<u64>> {
+        Ok(self.data.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|d| d.len() as u64))
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
+        let guard = self.data.lock().unwrap_or_else(|e| e.into_inner());
+        let data = guard.as_ref().ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
+        let start = usize::try_from(offset).unwrap_or(usize::MAX).min(data.len());
+        let n = buf.len().min(data.len() - start);
+        buf[..n].copy_from_slice(&data[start..start + n]);
+        Ok(n)
+    }
+
+    fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        let mut guard = self.data.lock().unwrap_or_else(|e| e.into_inner());
+        let data = guard.as_mut().ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
+        let start = usize::try_from(offset).map_err(|_| io::Error::other("offset"))?;
+        if data.len() < start + buf.len() {
+            data.resize(start + buf.len(), 0);
+        }
+        data[start..start + buf.len()].copy_from_slice(buf);
+        Ok(())
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn replace(&self, contents: &[u8]) -> io::Result<()> {
+        *self.data.lock().unwrap_or_else(|e| e.into_inner()) = Some(contents.to_vec());
+        Ok(())
+    }
+
+    fn remove(&self) -> io::Result<()> {
+        *self.data.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        "memory".to_string()
+    }
+}

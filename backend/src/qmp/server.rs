@@ -1,0 +1,448 @@
+//! The QMP transport: a unix socket (mode 0600) serving several clients at
+//! once, one reader thread and one writer thread per client.
+//!
+//! Every message to a client (greeting, replies, events) goes through one
+//! bounded queue drained by that client's writer thread, so replies and
+//! events keep their order and nothing else in the daemon ever blocks on a
+//! client's socket. The reader thread reads bytes, splits them into JSON
+//! messages and runs each through the [`Dispatcher`]; a client that stops
+//! reading eventually blocks only its own reader. A client whose event
+//! queue overflows is disconnected (see `events.rs`). A client that sends
+//! half a message and leaves costs nothing: the partial input is dropped
+//! with its thread.
+
+use super::dispatch::{Dispatcher, Session};
+use super::events::{Delivery, Event};
+use super::json::{to_wire, Splitter, DEFAULT_MAX_MESSAGE};
+use serde_json::json;
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::Shutdown;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::io::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::{JoinHandle, ThreadId};
+use std::time::{Duration, Instant};
+
+/// Errors starting the server.
+#[derive(Debug, thiserror::Error)]
+pub enum QmpServerError {
+    /// The path exists and is not a socket; it is not ours to replace.
+    #[error("{0} exists and is not a socket")]
+    PathInUse(PathBuf),
+    /// Creating, binding or publishing the socket failed.
+    #[error("cannot listen on {path}: {source}")]
+    Listen {
+        /// The socket path.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+/// Tunables of the server.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Simultaneous clients; more are refused with an error line.
+    pub max_clients: usize,
+    /// Largest accepted message in bytes.
+    pub max_message: usize,
+    /// Messages queued to one client before its events overflow.
+    pub queue_len: usize,
+    /// How long a write to a client that does not read may block before
+    /// the client is dropped.
+    pub write_timeout: Duration,
+    /// How long [`QmpServer::shutdown`] waits for clients to drain.
+    pub drain_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            max_clients: 64,
+            max_message: DEFAULT_MAX_MESSAGE,
+            queue_len: 4096,
+            write_timeout: Duration::from_secs(30),
+            drain_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+enum Out {
+    Text(String),
+    Event(Arc<Event>),
+}
+
+struct Client {
+    stream: UnixStream,
+    thread: Option<JoinHandle<()>>,
+    thread_id: Option<ThreadId>,
+}
+
+struct Shared {
+    dispatcher: Arc<Dispatcher>,
+    config: ServerConfig,
+    closing: AtomicBool,
+    clients: Mutex<HashMap<u64, Client>>,
+    next_client: AtomicU64,
+}
+
+impl Shared {
+    fn clients(&self) -> MutexGuard<'_, HashMap<u64, Client>> {
+        self.clients.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A running QMP server; stops (draining its clients) on
+/// [`QmpServer::shutdown`] or drop, and removes its socket file.
+pub struct QmpServer {
+    path: PathBuf,
+    listener: Arc<UnixListener>,
+    shared: Arc<Shared>,
+    accept_thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for QmpServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QmpServer")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+/// Binds `path` with mode 0600 from the first instant: the socket is
+/// created under a temporary name, restricted, then renamed into place, so
+/// no other user can connect through `path` in between. A stale socket at
+/// `path` is replaced (as QEMU does); any other file is refused.
+fn bind_private(path: &Path) -> Result<UnixListener, QmpServerError> {
+    let listen_err = |source| QmpServerError::Listen {
+        path: path.to_path_buf(),
+        source,
+    };
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            std::fs::remove_file(path).map_err(listen_err)?;
+        }
+        Ok(_) => return Err(QmpServerError::PathInUse(path.to_path_buf())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(listen_err(e)),
+    }
+    let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
+    tmp_name.push(format!(".tmp-{}", std::process::id()));
+    let tmp = path.with_file_name(tmp_name);
+    let _ = std::fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp).map_err(listen_err)?;
+    let publish = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = publish {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(listen_err(e));
+    }
+    Ok(listener)
+}
+
+impl QmpServer {
+    /// Listens on `path` and serves `dispatcher` there until shut down.
+    pub fn start(
+        path: &Path,
+        dispatcher: Arc<Dispatcher>,
+        config: ServerConfig,
+    ) -> Result<QmpServer, QmpServerError> {
+        let listener = Arc::new(bind_private(path)?);
+        let shared = Arc::new(Shared {
+            dispatcher,
+            config,
+            closing: AtomicBool::new(false),
+            clients: Mutex::new(HashMap::new()),
+            next_client: AtomicU64::new(0),
+        });
+        let (l, s) = (listener.clone(), shared.clone());
+        let accept_thread = std::thread::Builder::new()
+            .name("qmp-accept".into())
+            .spawn(move || accept_loop(&l, &s))
+            .map_err(|source| QmpServerError::Listen {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        log::info!("QMP monitor listening on {}", path.display());
+        Ok(QmpServer {
+            path: path.to_path_buf(),
+            listener,
+            shared,
+            accept_thread: Some(accept_thread),
+        })
+    }
+
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The dispatcher this server serves.
+    pub fn dispatcher(&self) -> &Arc<Dispatcher> {
+        &self.shared.dispatcher
+    }
+
+    /// Number of connected clients.
+    pub fn clients(&self) -> usize {
+        self.shared
+            .clients()
+            .values()
+            .filter(|c| c.thread.as_ref().is_some_and(|t| !t.is_finished()))
+            .count()
+    }
+
+    /// Stops accepting, lets every client finish the command it is running
+    /// and receive what is queued for it (e.g. the SHUTDOWN event), then
+    /// closes the connections and removes the socket file. Safe to call
+    /// from a client's own thread (that thread is not waited for).
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        let Some(accept) = self.accept_thread.take() else {
+            return;
+        };
+        self.shared.closing.store(true, Ordering::SeqCst);
+        // SAFETY: shutdown(2) on a descriptor we own (kept open by
+        // self.listener); on Linux it wakes the blocked accept(2).
+        unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
+        let _ = accept.join();
+        let me = std::thread::current().id();
+        let mut clients: Vec<Client> = self.shared.clients().drain().map(|(_, c)| c).collect();
+        // First ask politely: end of input, so each reader finishes its
+        // command, its writer drains the queue, and both exit.
+        for c in &clients {
+            let _ = c.stream.shutdown(Shutdown::Read);
+        }
+        let deadline = Instant::now() + self.shared.config.drain_timeout;
+        wait_clients(&mut clients, me, deadline);
+        // Then force the stragglers (clients that do not read).
+        for c in &clients {
+            let _ = c.stream.shutdown(Shutdown::Both);
+        }
+        wait_clients(
+            &mut clients,
+            me,
+            Instant::now() + Duration::from_millis(500),
+        );
+        if clients
+            .iter()
+            .any(|c| c.thread.is_some() && c.thread_id != Some(me))
+        {
+            log::warn!("QMP: some client threads did not exit; leaving them detached");
+        }
+        let _ = std::fs::remove_file(&self.path);
+        log::info!("QMP monitor on {} closed", self.path.display());
+    }
+}
+
+fn wait_clients(clients: &mut [Client], me: ThreadId, deadline: Instant) {
+    loop {
+        let mut pending = false;
+        for c in clients.iter_mut() {
+            if c.thread_id == Some(me) {
+                continue;
+            }
+            if let Some(t) = c.thread.take() {
+                if t.is_finished() {
+                    let _ = t.join();
+                } else {
+                    c.thread = Some(t);
+                    pending = true;
+                }
+            }
+        }
+        if !pending || Instant::now() >= deadline {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+impl Drop for QmpServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn accept_loop(listener: &UnixListener, shared: &Arc<Shared>) {
+    loop {
+        let stream = match listener.accept() {
+            Ok((s, _)) => s,
+            Err(e) => {
+                if shared.closing.load(Ordering::SeqCst) {
+                    return;
+                }
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                // EMFILE and friends: back off instead of spinning.
+                log::warn!("QMP accept failed: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        if shared.closing.load(Ordering::SeqCst) {
+            return;
+        }
+        let mut clients = shared.clients();
+        clients.retain(|_, c| c.thread.as_ref().is_some_and(|t| !t.is_finished()));
+        if clients.len() >= shared.config.max_clients {
+            drop(clients);
+            log::warn!(
+                "QMP: refusing a client, {} already connected",
+                shared.config.max_clients
+            );
+            let msg = json!({"error": {"class": "GenericError", "desc": "Too many QMP clients"}});
+            let mut s = stream;
+            let _ = s.set_write_timeout(Some(Duration::from_secs(1)));
+            let _ = s.write_all(to_wire(&msg).as_bytes());
+            continue;
+        }
+        let id = shared.next_client.fetch_add(1, Ordering::Relaxed);
+        let keep = match stream.try_clone() {
+            Ok(k) => k,
+            Err(e) => {
+                log::warn!("QMP: cannot serve a client: {e}");
+                continue;
+            }
+        };
+        let s = shared.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("qmp-client-{id}"))
+            .spawn(move || serve_client(stream, &s));
+        match spawned {
+            Ok(t) => {
+                let thread_id = Some(t.thread().id());
+                clients.insert(
+                    id,
+                    Client {
+                        stream: keep,
+                        thread: Some(t),
+                        thread_id,
+                    },
+                );
+            }
+            Err(e) => log::warn!("QMP: cannot start a client thread: {e}"),
+        }
+    }
+}
+
+fn writer_loop(mut stream: UnixStream, rx: Receiver<Out>) {
+    for out in rx {
+        let bytes = match &out {
+            Out::Text(s) => s.as_bytes(),
+            Out::Event(e) => e.wire.as_bytes(),
+        };
+        if let Err(e) = stream.write_all(bytes) {
+            log::debug!("QMP client write failed: {e}");
+            // Unblock our reader too: this client is gone or stuck.
+            let _ = stream.shutdown(Shutdown::Both);
+            return;
+        }
+    }
+}
+
+fn serve_client(stream: UnixStream, shared: &Shared) {
+    log::debug!("QMP client connected");
+    let d = &shared.dispatcher;
+    let (tx, rx): (SyncSender<Out>, Receiver<Out>) = sync_channel(shared.config.queue_len);
+    let writer = match stream.try_clone() {
+        Ok(w) => {
+            let _ = w.set_write_timeout(Some(shared.config.write_timeout));
+            std::thread::Builder::new()
+                .name("qmp-writer".into())
+                .spawn(move || writer_loop(w, rx))
+        }
+        Err(e) => Err(e),
+    };
+    let writer = match writer {
+        Ok(w) => w,
+        Err(e) => {
+            log::warn!("QMP: cannot start a client writer: {e}");
+            return;
+        }
+    };
+    let mut subscription = None;
+    if tx.send(Out::Text(to_wire(&d.greeting()))).is_ok() {
+        let mut session = Session::new();
+        let mut splitter = Splitter::new(shared.config.max_message);
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut frames = Vec::new();
+        let mut reader = &stream;
+        'conn: loop {
+            let n = match reader.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    log::debug!("QMP client read failed: {e}");
+                    break;
+                }
+            };
+            splitter.feed(&buf[..n], &mut frames);
+            for frame in frames.drain(..) {
+                let response = d.handle(&mut session, frame);
+                let reply = Out::Text(to_wire(&response.message));
+                if response.negotiated_now && subscription.is_none() {
+                    // Queue the reply and subscribe atomically with respect
+                    // to emitters: events follow the reply, never precede it.
+                    let mut queued = false;
+                    subscription = Some(subscribe(d, &tx, &stream, || {
+                        queued = tx.try_send(reply).is_ok();
+                    }));
+                    if !queued {
+                        log::warn!("QMP client is not reading its replies; disconnecting it");
+                        break 'conn;
+                    }
+                } else if tx.send(reply).is_err() {
+                    break 'conn;
+                }
+                for action in response.after_reply {
+                    action();
+                }
+            }
+        }
+        if splitter.has_partial() {
+            log::debug!("QMP client left in the middle of a message");
+        }
+    }
+    if let Some(id) = subscription {
+        d.events().unsubscribe(id);
+    }
+    // With both senders gone, the writer drains the queue and exits.
+    drop(tx);
+    let _ = writer.join();
+    let _ = stream.shutdown(Shutdown::Both);
+    log::debug!("QMP client disconnected");
+}
+
+fn subscribe(
+    d: &Dispatcher,
+    tx: &SyncSender<Out>,
+    stream: &UnixStream,
+    first: impl FnOnce(),
+) -> super::events::SubscriptionId {
+    let tx = tx.clone();
+    let kill = stream.try_clone().ok();
+    let sink = Box::new(
+        move |event: &Arc<Event>| match tx.try_send(Out::Event(event.clone())) {
+            Ok(()) => Delivery::Queued,
+            Err(TrySendError::Full(_)) => {
+                log::warn!("QMP client is not reading its events; disconnecting it");
+                if let Some(k) = &kill {
+                    let _ = k.shutdown(Shutdown::Both);
+                }
+                Delivery::Gone
+            }
+            Err(TrySendError::Disconnected(_)) => Delivery::Gone,
+        },
+    );
+    d.events().subscribe_after(sink, first)
+}
