@@ -351,4 +351,27 @@ mod tests {
             assert_eq!(x, if zeroed { 0 } else { 7 }, "byte {i}");
         }
     }
+
+    #[test]
+    fn direct_io_with_unaligned_buffers_goes_through_the_bounce_buffer() {
+        let (_d, path) = temp_image(8 << 20);
+        let img = RawImage::open(&path, RawImageOptions { read_only: false, direct: true });
+        let Ok(img) = img else {
+            // The temp directory's file system has no O_DIRECT (old tmpfs).
+            return;
+        };
+        let disk = Disk::new(Box::new(img), false);
+        // 3 MiB + 512 of data starting one byte into an allocation: never aligned.
+        let len = (3 << 20) + 512;
+        let mut backing = vec![0u8; len + 1];
+        for (i, b) in backing.iter_mut().enumerate() {
+            *b = (i % 251) as u8;
+        }
+        let data = &mut backing[1..];
+        let (a, b) = data.split_at_mut(1000 * 512 + 3);
+        disk.write(4096, &[IoBuf::from_slice(a), IoBuf::from_slice(b)]).unwrap();
+        let mut out = vec![0u8; len + 7];
+        disk.read(4096, &[IoBuf::from_slice(&mut out[7..])]).unwrap();
+        assert!(out[7..] == backing[1..], "bounced round trip differs");
+    }
 }

@@ -16,15 +16,15 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
     /// Opening the image failed.
-    #[error("cannot open image {path}: {source}")]
+    #[error("cannot open image {path}: {cause}")]
     Open {
         /// The image path.
         path: PathBuf,
         /// The OS error.
-        source: io::Error,
+        cause: io::Error,
     },
     /// A read, write, flush, discard or zeroing call failed.
-    #[error("{op} at offset {offset} length {len}: {source}")]
+    #[error("{op} at offset {offset} length {len}: {cause}")]
     Io {
         /// Which operation.
         op: &'static str,
@@ -33,7 +33,7 @@ pub enum ImageError {
         /// Byte length of the request.
         len: u64,
         /// The OS error.
-        source: io::Error,
+        cause: io::Error,
     },
 }
 
@@ -83,9 +83,9 @@ const IOV_MAX: usize = 1024;
 impl RawImage {
     /// Opens `path` as a raw image.
     pub fn open(path: &Path, opts: RawImageOptions) -> Result<RawImage, ImageError> {
-        let open_err = |source| ImageError::Open {
+        let open_err = |cause| ImageError::Open {
             path: path.to_path_buf(),
-            source,
+            cause,
         };
         let mut oo = OpenOptions::new();
         oo.read(true).write(!opts.read_only);
@@ -244,12 +244,51 @@ fn is_unsupported(err: &io::Error) -> bool {
 
 impl RawImage {
     fn io_err(op: &'static str, offset: u64, len: u64) -> impl FnOnce(io::Error) -> ImageError {
-        move |source| ImageError::Io {
+        move |cause| ImageError::Io {
             op,
             offset,
             len,
-            source,
+            cause,
         }
+    }
+
+    /// O_DIRECT I/O for buffers O_DIRECT cannot take: through an aligned
+    /// bounce buffer, a bounded piece at a time.
+    fn bounced(&self, bufs: &[IoBuf], offset: u64, write: bool, flags: i32) -> io::Result<()> {
+        const CHUNK: usize = 1 << 20;
+        let bounce = AlignedBuf::zeroed(CHUNK, self.dio_align)?;
+        let mut piece: Vec<IoBuf> = Vec::new();
+        let mut piece_len = 0usize;
+        let mut pos = offset;
+        let flush_piece = |piece: &mut Vec<IoBuf>, len: usize, pos: &mut u64| -> io::Result<()> {
+            if len == 0 {
+                return Ok(());
+            }
+            if write {
+                scatter_copy(piece, bounce.ptr, true);
+                self.transfer(&[bounce.as_iobuf(len)], *pos, true, flags)?;
+            } else {
+                self.transfer(&[bounce.as_iobuf(len)], *pos, false, 0)?;
+                scatter_copy(piece, bounce.ptr, false);
+            }
+            *pos += len as u64;
+            piece.clear();
+            Ok(())
+        };
+        for buf in bufs {
+            let mut rest = *buf;
+            while !rest.is_empty() {
+                let take = rest.len().min(CHUNK - piece_len);
+                piece.push(rest.truncate(take));
+                piece_len += take;
+                rest = rest.advance(take);
+                if piece_len == CHUNK {
+                    flush_piece(&mut piece, piece_len, &mut pos)?;
+                    piece_len = 0;
+                }
+            }
+        }
+        flush_piece(&mut piece, piece_len, &mut pos)
     }
 
     /// Writes zero bytes the slow way, for storage without fallocate modes.
@@ -277,28 +316,18 @@ impl Image for RawImage {
     }
 
     fn read_at(&self, bufs: &[IoBuf], offset: u64) -> Result<(), ImageError> {
-        let len = total_len(bufs);
-        let err = Self::io_err("read", offset, len);
+        let err = Self::io_err("read", offset, total_len(bufs));
         if self.direct && !is_aligned(bufs, 512) {
-            let bounce = AlignedBuf::zeroed(len as usize, self.dio_align).map_err(err)?;
-            self.transfer(&[bounce.as_iobuf(len as usize)], offset, false, 0)
-                .map_err(Self::io_err("read", offset, len))?;
-            scatter_copy(bufs, bounce.ptr, false);
-            return Ok(());
+            return self.bounced(bufs, offset, false, 0).map_err(err);
         }
         self.transfer(bufs, offset, false, 0).map_err(err)
     }
 
     fn write_at(&self, bufs: &[IoBuf], offset: u64, fua: bool) -> Result<(), ImageError> {
-        let len = total_len(bufs);
-        let err = Self::io_err("write", offset, len);
+        let err = Self::io_err("write", offset, total_len(bufs));
         let flags = if fua { libc::RWF_DSYNC } else { 0 };
         if self.direct && !is_aligned(bufs, 512) {
-            let bounce = AlignedBuf::zeroed(len as usize, self.dio_align).map_err(err)?;
-            scatter_copy(bufs, bounce.ptr, true);
-            return self
-                .transfer(&[bounce.as_iobuf(len as usize)], offset, true, flags)
-                .map_err(Self::io_err("write", offset, len));
+            return self.bounced(bufs, offset, true, flags).map_err(err);
         }
         self.transfer(bufs, offset, true, flags).map_err(err)
     }

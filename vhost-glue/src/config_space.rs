@@ -6,10 +6,8 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use vhost::vhost_user::message::VhostUserVirtioFeatures;
 
-/// Largest single data segment (and so, with `seg_max`, bounds a request).
+/// Largest single data segment (with `seg_max`, it bounds a request).
 pub const SIZE_MAX: u32 = 1 << 20;
-/// Largest total data length of one read or write request.
-pub const MAX_REQUEST_BYTES: u64 = 4 << 20;
 /// Limits for DISCARD and WRITE_ZEROES: sectors per segment and segments per request.
 pub const MAX_DISCARD_SECTORS: u32 = (1 << 30) / 512;
 /// Segments per DISCARD / WRITE_ZEROES request.
@@ -40,6 +38,12 @@ impl DeviceConfig {
     /// Maximum segments per request: two descriptors of a chain are header and status.
     pub fn seg_max(&self) -> u32 {
         u32::from(self.queue_size).saturating_sub(2).max(1)
+    }
+
+    /// Largest data length of one read or write: exactly what the config
+    /// space advertises (`seg_max` segments of `size_max` bytes).
+    pub fn max_request_bytes(&self) -> u64 {
+        u64::from(self.seg_max()) * u64::from(SIZE_MAX)
     }
 
     /// The virtio features offered to the frontend.

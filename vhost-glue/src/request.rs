@@ -9,7 +9,7 @@
 //! Every malformed request ends with IOERR or UNSUPP, or, when the chain has
 //! no usable status byte, is returned to the driver untouched.
 
-use crate::config_space::{DeviceConfig, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS, MAX_REQUEST_BYTES};
+use crate::config_space::{DeviceConfig, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS};
 use log::{debug, warn};
 use std::ops::Deref;
 use virtio_bindings::virtio_blk::*;
@@ -302,7 +302,7 @@ fn check_rw_range(sector: u64, len: u64, cfg: &DeviceConfig) -> Option<u64> {
     let lbs = u64::from(cfg.logical_block_size);
     let offset = sector.checked_mul(512)?;
     let end = offset.checked_add(len)?;
-    if offset % lbs != 0 || len % lbs != 0 || end > cfg.size || len > MAX_REQUEST_BYTES {
+    if offset % lbs != 0 || len % lbs != 0 || end > cfg.size || len > cfg.max_request_bytes() {
         return None;
     }
     Some(offset)

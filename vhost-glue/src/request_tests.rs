@@ -162,16 +162,20 @@ fn range_and_alignment_violations_are_ioerr_and_touch_nothing() {
 #[test]
 fn oversized_requests_are_refused() {
     let mut f = Fixture::new(false, 512);
-    // Pretend the disk is large so only the per-request limit can refuse it.
+    // Pretend the disk is large so only the per-request limit can refuse it;
+    // a small queue keeps the advertised limit (seg_max * size_max) small.
     f.cfg.size = 64 << 20;
+    f.cfg.queue_size = 4;
+    let max = f.cfg.max_request_bytes();
+    assert_eq!(max, 2 * u64::from(crate::config_space::SIZE_MAX));
     let big = 0x40_0000u64;
     f.header(VIRTIO_BLK_T_IN, 0);
-    let done = f.run(&[(HDR, 16, false), (big, MAX_REQUEST_BYTES as u32, true), (big + MAX_REQUEST_BYTES, 512, true), (STATUS, 1, true)]);
+    let done = f.run(&[(HDR, 16, false), (big, max as u32, true), (big + max, 512, true), (STATUS, 1, true)]);
     assert_eq!(done.status, IOERR);
     // Exactly the limit is fine as far as validation goes (the real disk is
     // smaller, so the backend's own range check then refuses it).
     f.header(VIRTIO_BLK_T_IN, 0);
-    let done = f.run(&[(HDR, 16, false), (big, MAX_REQUEST_BYTES as u32, true), (STATUS, 1, true)]);
+    let done = f.run(&[(HDR, 16, false), (big, max as u32, true), (STATUS, 1, true)]);
     assert_eq!(done.status, IOERR);
     f.cfg.size = DISK_SIZE;
     f.header(VIRTIO_BLK_T_IN, 0);

@@ -25,12 +25,12 @@ pub enum ServerError {
     #[error("{0} exists and is not a socket; refusing to replace it")]
     NotASocket(PathBuf),
     /// bind/chmod/unlink failed.
-    #[error("cannot listen on {path}: {source}")]
+    #[error("cannot listen on {path}: {cause}")]
     Bind {
         /// The socket path.
         path: PathBuf,
         /// The OS error.
-        source: io::Error,
+        cause: io::Error,
     },
     /// The vhost-user library failed to set up a session.
     #[error("vhost-user: {0}")]
@@ -40,9 +40,9 @@ pub enum ServerError {
 /// Creates the listening socket at `path` with mode 0600, replacing a stale
 /// socket file but never a live one.
 pub fn bind_socket(path: &Path) -> Result<UnixListener, ServerError> {
-    let bind_err = |source| ServerError::Bind {
+    let bind_err = |cause| ServerError::Bind {
         path: path.to_path_buf(),
-        source,
+        cause,
     };
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => {

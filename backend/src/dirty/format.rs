@@ -144,11 +144,6 @@ impl Layout {
         }
     }
 
-    /// Number of activity-log extents.
-    pub fn nextents(&self) -> u64 {
-        self.disk_size.div_ceil(self.extent_size)
-    }
-
     /// Offset of activity-log slot `slot` (0 or 1).
     pub fn al_slot_off(&self, slot: u64) -> u64 {
         self.al_off + (slot % 2) * self.al_len
@@ -540,7 +535,8 @@ pub fn recover(store: &dyn MetaStore, disk_size: u64) -> Result<Recovery, DirtyE
             rec.bitmaps.push(inconsistent_bitmap(e.name.clone(), e.granularity, disk_size)?);
             continue;
         }
-        let bitmap = DirtyBitmap::new(disk_size, e.granularity, false)?;
+        // Page tracking on: the tracker keeps using this bitmap after open.
+        let bitmap = DirtyBitmap::new(disk_size, e.granularity, true)?;
         bitmap.or_le_bytes(data);
         let before = bitmap.dirty_chunks();
         if let (true, Some(ext)) = (recording, &extents) {

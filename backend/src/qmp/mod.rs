@@ -33,6 +33,7 @@
 pub mod args;
 pub mod commands;
 pub mod context;
+pub mod dirty_adapter;
 pub mod dispatch;
 pub mod error;
 pub mod events;

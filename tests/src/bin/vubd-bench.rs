@@ -333,6 +333,10 @@ fn run() -> Result<bool> {
                         break 'outer;
                     }
                     let r = run_one(&env, &kind, w, q, window);
+                    if r.is_err() && STOP.load(Ordering::Relaxed) {
+                        // Cut short by Ctrl-C: not a failure of the daemon.
+                        break 'outer;
+                    }
                     match &r {
                         Ok(m) => eprintln!(
                             "[{}/{}] {:<18} q{} {:<14} {:>9.0} IOPS  p50 {:>7.1} us  daemon {:.2}s",
@@ -468,14 +472,14 @@ impl Report {
     ) {
         println!();
         println!(
-            "{:<18} {:>5} {:<14} {:>10} {:>8} {:>9} {:>9} {:>11} {:>11}",
+            "{:<18} {:>8} {:<14} {:>10} {:>8} {:>9} {:>9} {:>11} {:>11}",
             "workload", "queues", "daemon", "IOPS", "MB/s", "p50 us", "p99 us", "daemon", "client"
         );
         println!(
-            "{:<18} {:>5} {:<14} {:>10} {:>8} {:>9} {:>9} {:>11} {:>11}",
-            "", "(qd)", "", "", "", "", "", "CPU s/MIO", "CPU s/MIO"
+            "{:<18} {:>8} {:<14} {:>10} {:>8} {:>9} {:>9} {:>11} {:>11}",
+            "", "(n x qd)", "", "", "", "", "", "CPU s/MIO", "CPU s/MIO"
         );
-        println!("{}", "-".repeat(104));
+        println!("{}", "-".repeat(107));
         for (wi, w) in workloads.iter().enumerate() {
             for &q in queues {
                 let qd = format!("{q}({}x{})", q, w.per_thread_depth(q));
@@ -493,7 +497,7 @@ impl Report {
                         runs.iter().filter_map(|r| r.as_ref().err()).collect();
                     if ok.is_empty() {
                         println!(
-                            "{:<18} {:>6} {:<14} FAILED ({}/{}): {}",
+                            "{:<18} {:>8} {:<14} FAILED ({}/{}): {}",
                             w.name,
                             qd,
                             kind.label(),
@@ -504,7 +508,7 @@ impl Report {
                         continue;
                     }
                     println!(
-                        "{:<18} {:>6} {:<14} {:>10.0} {:>8.1} {:>9.1} {:>9.1} {:>11.2} {:>11.2}{}",
+                        "{:<18} {:>8} {:<14} {:>10.0} {:>8.1} {:>9.1} {:>9.1} {:>11.2} {:>11.2}{}",
                         w.name,
                         qd,
                         kind.label(),
@@ -533,19 +537,22 @@ impl Report {
                 {
                     if r.pairs > 0 {
                         println!(
-                            "{:<18} {:>6} {:<14} {:>9.2}x {:>8} {:>8.2}x {:>9} {:>10.2}x {:>11}",
+                            "{:<18} {:>8} {:<14} {:>9.2}x {:>8} {:>8.2}x {:>9} {:>10.2}x {:>11}",
                             w.name, qd, "vubd/qsd", r.iops, "", r.p50, "", r.cpu_per_io, ""
                         );
                     }
                 }
             }
         }
-        println!("{}", "-".repeat(104));
+        println!("{}", "-".repeat(107));
         println!(
             "medians of the runs; vubd/qsd rows: median of per-repetition ratios (IOPS, p50, daemon CPU per I/O)"
         );
         println!("queues(n x d): n queues, one client thread each, d requests in flight per queue");
-        if poll_us > 0 {
+        if results
+            .keys()
+            .any(|(_, _, k)| matches!(k, Kind::VubdPoll(_)))
+        {
             println!(
                 "* vubd --poll-us {poll_us}: queue polling, burns CPU while it waits; its CPU/IO is not comparable"
             );

@@ -1,0 +1,1362 @@
+//! [`DirtyTracker`]: every dirty bitmap of one disk, the calls the data path
+//! makes around each guest write, the management operations, and the
+//! persistence machinery (activity log + lazy fine-level write-out).
+//!
+//! # Durability protocol (docs/bitmap-format.md has the full argument)
+//!
+//! The disk is cut into *extents* (4 MiB by default). For the current
+//! *epoch* E there is an in-memory activity log `AL_E` (one bit per extent)
+//! backed by sidecar slot `E % 2`. A mark of a persistent, recording bitmap:
+//!
+//! 1. sets the fine bits in memory (lock-free, `AtomicU64::fetch_or`);
+//! 2. issues a SeqCst fence and loads the current epoch's log;
+//! 3. if every touched extent is already durable in that log: returns — no
+//!    lock, no syscall (the hot path);
+//! 4. otherwise requests the extent bits and waits for a group commit
+//!    (one `pwrite` of the changed log pages + one `fdatasync`, shared by all
+//!    markers waiting at that moment) — then returns.
+//!
+//! A checkpoint (timer, management operation, clean shutdown) starts epoch
+//! E+1: it writes slot `(E+1) % 2` (header "epoch E+1" + the extents
+//! touched during E, so hot extents stay logged), syncs, switches the
+//! current log, fences, writes the fine-level pages that changed, syncs, and
+//! then writes state block "generation E+1", syncs. Recovery takes the newest
+//! valid state block G and ORs into each recording bitmap's fine level every
+//! extent of every log slot whose epoch is >= G.
+//!
+//! # Why a mark is never lost
+//!
+//! A marker sets its fine bit, fences, then loads the log; a checkpoint
+//! stores the new log, fences, then reads the fine bits. With two SeqCst
+//! fences one of the two sees the other: either the marker saw epoch E+1
+//! and made its extent durable in slot `(E+1) % 2` (whose header was durable
+//! before the switch), or the checkpoint's fine-level snapshot contains the
+//! bit. Until state block E+1 is durable, recovery still uses G = E and
+//! applies slot `E % 2` too; a log is only reused (retired) after the state
+//! block of the epoch after it is durable.
+
+use super::bitmap::{DirtyBitmap, PAGE_BYTES};
+use super::format::{recover, Layout, BITMAP_RECORDING, PAGE, STATE_CLEAN};
+use super::inflight::InFlightBitmap;
+use super::store::{FileStore, MetaStore};
+use super::{
+    check_granularity, DirtyError, DEFAULT_EXTENT_SIZE, DEFAULT_FLUSH_INTERVAL, DEFAULT_GRANULARITY, MAX_NAME_LEN,
+};
+use arc_swap::ArcSwap;
+use std::path::Path;
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// How to build a [`DirtyTracker`].
+#[derive(Clone)]
+pub struct TrackerConfig {
+    /// Size of the disk in bytes.
+    pub disk_size: u64,
+    /// Where persistent bitmaps live; `None`: only in-memory bitmaps.
+    pub sidecar: Option<Arc<dyn MetaStore>>,
+    /// Interval of the lazy fine-level write-out (CLI `--bitmap-flush-interval`).
+    pub flush_interval: Duration,
+    /// Activity-log extent size (power of two, >= 64 KiB), for new sidecars.
+    pub extent_size: u64,
+    /// The disk is read-only: the sidecar is loaded but never written.
+    pub read_only: bool,
+}
+
+impl TrackerConfig {
+    /// In-memory bitmaps only, defaults elsewhere.
+    pub fn new(disk_size: u64) -> Self {
+        TrackerConfig {
+            disk_size,
+            sidecar: None,
+            flush_interval: DEFAULT_FLUSH_INTERVAL,
+            extent_size: DEFAULT_EXTENT_SIZE,
+            read_only: false,
+        }
+    }
+
+    /// With the sidecar file beside `image` (`IMAGE.vubd-bitmaps`).
+    pub fn for_image(image: &Path, disk_size: u64) -> Self {
+        let store: Arc<dyn MetaStore> = Arc::new(FileStore::new(super::sidecar_path(image)));
+        TrackerConfig {
+            sidecar: Some(store),
+            ..Self::new(disk_size)
+        }
+    }
+}
+
+/// One bitmap as `query-block` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BitmapInfo {
+    /// Name.
+    pub name: String,
+    /// Bytes per bit.
+    pub granularity: u64,
+    /// Dirty bytes: dirty chunks times the granularity (QEMU's count).
+    pub count: u64,
+    /// Guest writes mark it.
+    pub recording: bool,
+    /// In use by a job; may not be changed.
+    pub busy: bool,
+    /// Stored in the sidecar.
+    pub persistent: bool,
+    /// Its stored copy could not be trusted.
+    pub inconsistent: bool,
+}
+
+/// Counters of the persistence machinery, for tests and the benchmark.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TrackerStats {
+    /// Marks that had to wait for an activity-log commit (slow path).
+    pub log_waits: u64,
+    /// Activity-log commits (each one pwrite batch + one fdatasync).
+    pub log_commits: u64,
+    /// Total time marks spent waiting for log commits, in microseconds.
+    pub log_wait_us: u64,
+    /// Completed checkpoints (fine level written, state block durable).
+    pub checkpoints: u64,
+    /// Failed checkpoints (retried on the next tick).
+    pub checkpoint_failures: u64,
+    /// At open: activity-log extents that recovery applied.
+    pub recovered_log_extents: u64,
+    /// At open: chunks recovery set from the activity log only (the
+    /// over-marking bound of the last unclean stop, over all bitmaps).
+    pub recovered_chunks_from_log: u64,
+    /// At open: the last stop was clean.
+    pub recovered_clean: bool,
+}
+
+struct Named {
+    name: String,
+    bitmap: Arc<DirtyBitmap>,
+    persistent: bool,
+    inconsistent: bool,
+    readonly: bool,
+    busy: AtomicBool,
+}
+
+const AL_LIVE: u8 = 0;
+const AL_NO_FILE: u8 = 1;
+const AL_CLOSED: u8 = 2;
+const AL_FAILED: u8 = 3;
+
+/// The activity log of one epoch.
+struct AlEpoch {
+    epoch: u64,
+    /// Absolute offset of the slot's header page (bits follow at +4 KiB).
+    slot_off: u64,
+    kind: AtomicU8,
+    requested: Box<[AtomicU64]>,
+    durable: Box<[AtomicU64]>,
+    touched: Box<[AtomicU64]>,
+    retired: AtomicBool,
+    committing: Mutex<bool>,
+    cv: Condvar,
+}
+
+impl AlEpoch {
+    fn new(epoch: u64, slot_off: u64, nwords: usize, kind: u8, prepop: &[u64], prepop_durable: bool) -> Self {
+        let mk = |v: &dyn Fn(usize) -> u64| (0..nwords).map(|i| AtomicU64::new(v(i))).collect::<Box<[_]>>();
+        let pre = |i: usize| prepop.get(i).copied().unwrap_or(0);
+        AlEpoch {
+            epoch,
+            slot_off,
+            kind: AtomicU8::new(kind),
+            requested: mk(&pre),
+            durable: mk(&|i| if prepop_durable { pre(i) } else { 0 }),
+            touched: mk(&|_| 0),
+            retired: AtomicBool::new(false),
+            committing: Mutex::new(false),
+            cv: Condvar::new(),
+        }
+    }
+
+    fn kind(&self) -> u8 {
+        self.kind.load(Ordering::Acquire)
+    }
+
+    fn is_durable(&self, e: u64) -> bool {
+        self.durable[(e / 64) as usize].load(Ordering::Acquire) & (1 << (e % 64)) != 0
+    }
+
+    fn touch(&self, e: u64) {
+        let w = &self.touched[(e / 64) as usize];
+        let bit = 1 << (e % 64);
+        if w.load(Ordering::Relaxed) & bit == 0 {
+            w.fetch_or(bit, Ordering::Relaxed);
+        }
+    }
+
+    fn request(&self, e: u64) {
+        self.requested[(e / 64) as usize].fetch_or(1 << (e % 64), Ordering::AcqRel);
+    }
+
+    fn snapshot(words: &[AtomicU64]) -> Vec<u64> {
+        words.iter().map(|w| w.load(Ordering::Acquire)).collect()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.requested.iter().all(|w| w.load(Ordering::Relaxed) == 0)
+    }
+
+    /// No marker will write this log's slot again: its extents are covered by
+    /// a durable checkpoint. Waiting markers return successfully.
+    fn retire(&self) {
+        self.retired.store(true, Ordering::Release);
+        let _g = lock(&self.committing);
+        self.cv.notify_all();
+    }
+
+    fn set_kind(&self, kind: u8) {
+        self.kind.store(kind, Ordering::Release);
+        let _g = lock(&self.committing);
+        self.cv.notify_all();
+    }
+}
+
+struct Persist {
+    store: Arc<dyn MetaStore>,
+    extent_shift: u32,
+    nwords: usize,
+    al: ArcSwap<AlEpoch>,
+    /// Held for reading by log commits, for writing while a log is retired or
+    /// the file is replaced, so no commit writes into a slot being reused.
+    layout_lock: RwLock<()>,
+    flush_interval_ms: AtomicU64,
+    wake: Mutex<Wake>,
+    wake_cv: Condvar,
+    stats: Stats,
+}
+
+#[derive(Default)]
+struct Wake {
+    kick: bool,
+    stop: bool,
+}
+
+#[derive(Default)]
+struct Stats {
+    log_waits: AtomicU64,
+    log_commits: AtomicU64,
+    log_wait_us: AtomicU64,
+    checkpoints: AtomicU64,
+    checkpoint_failures: AtomicU64,
+}
+
+/// State changed only under the control mutex: management operations and
+/// checkpoints are serialized by it.
+struct Control {
+    layout: Option<Layout>,
+    durable_gen: u64,
+    prev_al: Option<Arc<AlEpoch>>,
+    full_writeout: bool,
+    closed: bool,
+    recovered: TrackerStats,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Mode {
+    /// Next log prepopulated with the extents touched in this epoch.
+    Periodic,
+    /// Next log empty (after a clear: old extents must not come back).
+    Fresh,
+    /// Clean shutdown: the next log takes no marks, the state says clean.
+    Final,
+}
+
+struct Inner {
+    disk_size: u64,
+    read_only: bool,
+    bitmaps: ArcSwap<Vec<Arc<Named>>>,
+    inflight: ArcSwap<Vec<(Arc<InFlightBitmap>, Arc<DirtyBitmap>)>>,
+    persist: Option<Persist>,
+    control: Mutex<Control>,
+}
+
+/// All dirty bitmaps of one disk. Share it (`Arc`) between the queue threads
+/// (which call [`DirtyTracker::mark`]) and the management plane.
+pub struct DirtyTracker {
+    inner: Arc<Inner>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for DirtyTracker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DirtyTracker").field("bitmaps", &self.list()).finish()
+    }
+}
+
+fn new_file_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(Instant::now().elapsed().as_nanos() ^ u128::from(std::process::id()));
+    if let Ok(d) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+        h.write_u128(d.as_nanos());
+    }
+    h.finish()
+}
+
+impl DirtyTracker {
+    /// Opens the tracker: loads and recovers the persistent bitmaps from the
+    /// sidecar (if configured and present), rewrites the sidecar so that the
+    /// recovered state is the new durable base, and starts the background
+    /// write-out thread. Damaged sidecars never fail this call (their
+    /// bitmaps load as inconsistent, with an error logged); I/O errors and a
+    /// sidecar from a newer vubd do.
+    pub fn open(config: TrackerConfig) -> Result<DirtyTracker, DirtyError> {
+        let disk_size = config.disk_size;
+        if !config.extent_size.is_power_of_two() || config.extent_size < 65536 {
+            return Err(DirtyError::PersistenceUnavailable(format!(
+                "activity-log extent size {} must be a power of two of at least 64 KiB",
+                config.extent_size
+            )));
+        }
+        let mut named = Vec::new();
+        let mut recovered = TrackerStats::default();
+        let mut epoch0 = 0;
+        let extent_size = config.extent_size;
+        let mut had_valid_empty_file = false;
+        if let Some(store) = &config.sidecar {
+            let rec = recover(store.as_ref(), disk_size)?;
+            if rec.existed {
+                let from_log: u64 = rec.bitmaps.iter().map(|b| b.chunks_from_log).sum();
+                log::info!(
+                    "bitmap sidecar {}: {} bitmap(s), last stop {}; activity log: {} extent(s), {} chunk(s) added",
+                    store.describe(),
+                    rec.bitmaps.len(),
+                    if rec.clean { "clean" } else { "unclean" },
+                    rec.log_extents,
+                    from_log
+                );
+                recovered.recovered_log_extents = rec.log_extents;
+                recovered.recovered_chunks_from_log = from_log;
+                recovered.recovered_clean = rec.clean;
+                had_valid_empty_file = rec.damage.is_none() && rec.bitmaps.is_empty();
+            }
+            epoch0 = rec.generation;
+            for rb in rec.bitmaps {
+                let bitmap = rb.bitmap;
+                bitmap.set_recording(rb.recording && !rb.inconsistent);
+                named.push(Arc::new(Named {
+                    name: rb.name,
+                    bitmap: Arc::new(bitmap),
+                    persistent: true,
+                    inconsistent: rb.inconsistent,
+                    readonly: config.read_only,
+                    busy: AtomicBool::new(false),
+                }));
+            }
+        }
+        let extent_shift = extent_size.trailing_zeros();
+        let nwords = disk_size.div_ceil(extent_size).div_ceil(64).max(1) as usize;
+        let persist = config.sidecar.clone().map(|store| Persist {
+            store,
+            extent_shift,
+            nwords,
+            al: ArcSwap::from_pointee(AlEpoch::new(epoch0, 0, nwords, AL_NO_FILE, &[], false)),
+            layout_lock: RwLock::new(()),
+            flush_interval_ms: AtomicU64::new(config.flush_interval.as_millis().max(1) as u64),
+            wake: Mutex::new(Wake::default()),
+            wake_cv: Condvar::new(),
+            stats: Stats::default(),
+        });
+        let inner = Arc::new(Inner {
+            disk_size,
+            read_only: config.read_only,
+            bitmaps: ArcSwap::from_pointee(named.clone()),
+            inflight: ArcSwap::from_pointee(Vec::new()),
+            persist,
+            control: Mutex::new(Control {
+                layout: None,
+                durable_gen: epoch0,
+                prev_al: None,
+                full_writeout: false,
+                closed: false,
+                recovered,
+            }),
+        });
+        if let (Some(p), false) = (&inner.persist, config.read_only) {
+            let mut ctl = lock(&inner.control);
+            if !named.is_empty() {
+                p.relayout(&inner, &mut ctl, &named)?;
+            } else if had_valid_empty_file {
+                p.store
+                    .remove()
+                    .map_err(|e| DirtyError::io(format!("removing empty {}", p.store.describe()), e))?;
+            }
+        }
+        let thread = if inner.persist.is_some() && !config.read_only {
+            let inner2 = inner.clone();
+            let handle = std::thread::Builder::new()
+                .name("vubd-bitmaps".into())
+                .spawn(move || background(inner2))
+                .map_err(|e| DirtyError::io("starting the bitmap write-out thread", e))?;
+            Some(handle)
+        } else {
+            None
+        };
+        Ok(DirtyTracker {
+            inner,
+            thread: Mutex::new(thread),
+        })
+    }
+
+    /// Size of the disk.
+    pub fn disk_size(&self) -> u64 {
+        self.inner.disk_size
+    }
+
+    // ------------------------------------------------------------------
+    // Data path
+    // ------------------------------------------------------------------
+
+    /// Called before a guest write, discard or write-zeroes of `len` bytes at
+    /// `offset` is issued to the image. Marks every recording bitmap for every
+    /// chunk touched and clears the in-flight bits; for persistent bitmaps it
+    /// returns only once the mark is recoverable after a crash (the extents
+    /// are durable in the activity log). Lock-free and syscall-free when the
+    /// extents are already logged. An error means the guarantee could not be
+    /// established: fail the guest request without writing.
+    pub fn mark(&self, offset: u64, len: u64) -> Result<(), DirtyError> {
+        let inner = &*self.inner;
+        if len == 0 || offset >= inner.disk_size {
+            return Ok(());
+        }
+        let len = len.min(inner.disk_size - offset);
+        for (inflight, dirty) in inner.inflight.load().iter() {
+            inflight.clear_range(offset, len);
+            dirty.set_range(offset, len);
+        }
+        let mut log = false;
+        for b in inner.bitmaps.load().iter() {
+            if b.bitmap.mark_if_recording(offset, len) && b.persistent {
+                log = true;
+            }
+        }
+        match (&inner.persist, log) {
+            (Some(p), true) => p.log(offset, len),
+            _ => Ok(()),
+        }
+    }
+
+    /// Called after a guest write's data reached the image (before the request
+    /// completes): clears the in-flight bits again and re-marks the mirror's
+    /// dirty bitmaps, in that order (see [`InFlightBitmap`]). Nothing to do
+    /// and no cost while no mirror is attached.
+    pub fn write_completed(&self, offset: u64, len: u64) {
+        let list = self.inner.inflight.load();
+        for (inflight, dirty) in list.iter() {
+            inflight.clear_range(offset, len);
+            dirty.set_range(offset, len);
+        }
+    }
+
+    /// Called after a guest FLUSH made the image durable. The crash guarantee
+    /// does not depend on flushes (each mark is durable before its write is
+    /// issued), so a flush never waits for bitmap I/O: this returns at once.
+    /// The fine level is written by the background thread every flush interval.
+    pub fn after_guest_flush(&self) -> Result<(), DirtyError> {
+        Ok(())
+    }
+
+    /// Attaches a mirror's in-flight bitmap and its dirty bitmap (same
+    /// granularity): guest writes then clear the one and mark the other.
+    pub fn attach_inflight(&self, inflight: Arc<InFlightBitmap>, dirty: Arc<DirtyBitmap>) -> Result<(), DirtyError> {
+        if inflight.granularity() != dirty.granularity() {
+            return Err(DirtyError::GranularityMismatch {
+                inflight: inflight.granularity(),
+                dirty: dirty.granularity(),
+            });
+        }
+        self.inner.inflight.rcu(|v| {
+            let mut v = Vec::clone(v);
+            v.push((inflight.clone(), dirty.clone()));
+            v
+        });
+        Ok(())
+    }
+
+    /// Detaches an in-flight bitmap attached with [`DirtyTracker::attach_inflight`].
+    pub fn detach_inflight(&self, inflight: &Arc<InFlightBitmap>) {
+        self.inner.inflight.rcu(|v| {
+            v.iter()
+                .filter(|(i, _)| !Arc::ptr_eq(i, inflight))
+                .cloned()
+                .collect::<Vec<_>>()
+        });
+    }
+
+    // ------------------------------------------------------------------
+    // Management
+    // ------------------------------------------------------------------
+
+    fn find(&self, name: &str) -> Result<Arc<Named>, DirtyError> {
+        self.inner
+            .bitmaps
+            .load()
+            .iter()
+            .find(|b| b.name == name)
+            .cloned()
+            .ok_or_else(|| DirtyError::NotFound(name.to_string()))
+    }
+
+    fn check(b: &Named, busy: bool, ro: bool, inconsistent: bool) -> Result<(), DirtyError> {
+        if busy && b.busy.load(Ordering::Acquire) {
+            return Err(DirtyError::Busy(b.name.clone()));
+        }
+        if ro && b.readonly {
+            return Err(DirtyError::ReadOnly(b.name.clone()));
+        }
+        if inconsistent && b.inconsistent {
+            return Err(DirtyError::Inconsistent(b.name.clone()));
+        }
+        Ok(())
+    }
+
+    fn control(&self) -> Result<MutexGuard<'_, Control>, DirtyError> {
+        let ctl = lock(&self.inner.control);
+        if ctl.closed {
+            return Err(DirtyError::ShutDown);
+        }
+        Ok(ctl)
+    }
+
+    /// `block-dirty-bitmap-add`: a new bitmap, empty, recording unless
+    /// `disabled`. `granularity` defaults to 64 KiB. A persistent bitmap is
+    /// durable in the sidecar when this returns.
+    pub fn add(&self, name: &str, granularity: Option<u64>, persistent: bool, disabled: bool) -> Result<(), DirtyError> {
+        if name.is_empty() {
+            return Err(DirtyError::EmptyName);
+        }
+        let granularity = granularity.unwrap_or(DEFAULT_GRANULARITY);
+        check_granularity(granularity)?;
+        let inner = &*self.inner;
+        if persistent {
+            if inner.persist.is_none() {
+                return Err(DirtyError::PersistenceUnavailable("no sidecar file is configured".into()));
+            }
+            if inner.read_only {
+                return Err(DirtyError::PersistenceUnavailable("the image is read-only".into()));
+            }
+        }
+        let mut ctl = self.control()?;
+        if self.find(name).is_ok() {
+            return Err(DirtyError::AlreadyExists(name.to_string()));
+        }
+        if name.len() > MAX_NAME_LEN {
+            return Err(DirtyError::NameTooLong(name.to_string()));
+        }
+        let bitmap = DirtyBitmap::new(inner.disk_size, granularity, persistent)?;
+        bitmap.set_recording(!disabled);
+        let entry = Arc::new(Named {
+            name: name.to_string(),
+            bitmap: Arc::new(bitmap),
+            persistent,
+            inconsistent: false,
+            readonly: false,
+            busy: AtomicBool::new(false),
+        });
+        if let (true, Some(p)) = (persistent, &inner.persist) {
+            let mut files: Vec<Arc<Named>> = inner.bitmaps.load().iter().filter(|b| b.persistent).cloned().collect();
+            files.push(entry.clone());
+            p.relayout(inner, &mut ctl, &files)?;
+        }
+        inner.bitmaps.rcu(|v| {
+            let mut v = Vec::clone(v);
+            v.push(entry.clone());
+            v
+        });
+        log::info!(
+            "bitmap '{name}' added (granularity {granularity}, {}{})",
+            if persistent { "persistent" } else { "in memory" },
+            if disabled { ", disabled" } else { "" }
+        );
+        Ok(())
+    }
+
+    /// `block-dirty-bitmap-remove`.
+    pub fn remove(&self, name: &str) -> Result<(), DirtyError> {
+        let inner = &*self.inner;
+        let mut ctl = self.control()?;
+        let b = self.find(name)?;
+        Self::check(&b, true, true, false)?;
+        if let (true, Some(p)) = (b.persistent, &inner.persist) {
+            let files: Vec<Arc<Named>> = inner
+                .bitmaps
+                .load()
+                .iter()
+                .filter(|x| x.persistent && !Arc::ptr_eq(x, &b))
+                .cloned()
+                .collect();
+            p.relayout(inner, &mut ctl, &files)?;
+        }
+        inner.bitmaps.rcu(|v| v.iter().filter(|x| !Arc::ptr_eq(x, &b)).cloned().collect::<Vec<_>>());
+        log::info!("bitmap '{name}' removed");
+        Ok(())
+    }
+
+    /// `block-dirty-bitmap-clear`. For a persistent bitmap the cleared state
+    /// is durable when this returns (and old log extents no longer apply).
+    pub fn clear(&self, name: &str) -> Result<(), DirtyError> {
+        let inner = &*self.inner;
+        let mut ctl = self.control()?;
+        let b = self.find(name)?;
+        Self::check(&b, true, true, true)?;
+        b.bitmap.clear();
+        if let (true, Some(p)) = (b.persistent, &inner.persist) {
+            p.checkpoint(inner, &mut ctl, Mode::Fresh)?;
+        }
+        Ok(())
+    }
+
+    /// `block-dirty-bitmap-enable`.
+    pub fn enable(&self, name: &str) -> Result<(), DirtyError> {
+        self.set_recording(name, true)
+    }
+
+    /// `block-dirty-bitmap-disable`.
+    pub fn disable(&self, name: &str) -> Result<(), DirtyError> {
+        self.set_recording(name, false)
+    }
+
+    fn set_recording(&self, name: &str, on: bool) -> Result<(), DirtyError> {
+        let inner = &*self.inner;
+        let mut ctl = self.control()?;
+        let b = self.find(name)?;
+        Self::check(&b, true, false, true)?;
+        if b.bitmap.is_recording() == on {
+            return Ok(());
+        }
+        b.bitmap.set_recording(on);
+        if let (true, false, Some(p)) = (b.persistent, inner.read_only, &inner.persist) {
+            // The state block must say "recording" before a mark may rely on
+            // the activity log being applied to this bitmap at recovery.
+            if let Err(e) = p.checkpoint(inner, &mut ctl, Mode::Periodic) {
+                b.bitmap.set_recording(!on);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// `block-dirty-bitmap-merge`: ORs every source into `target`; all-or-
+    /// nothing (every name and state is checked before any bit changes).
+    /// Sources of other granularities map through byte ranges.
+    pub fn merge(&self, target: &str, sources: &[&str]) -> Result<(), DirtyError> {
+        let inner = &*self.inner;
+        let mut ctl = self.control()?;
+        let t = self.find(target)?;
+        Self::check(&t, true, true, true)?;
+        let mut srcs = Vec::with_capacity(sources.len());
+        for s in sources {
+            let b = self.find(s)?;
+            Self::check(&b, true, false, true)?;
+            srcs.push(b);
+        }
+        for s in &srcs {
+            if !Arc::ptr_eq(s, &t) {
+                t.bitmap.merge_from(&s.bitmap);
+            }
+        }
+        if let (true, Some(p)) = (t.persistent, &inner.persist) {
+            p.checkpoint(inner, &mut ctl, Mode::Periodic)?;
+        }
+        Ok(())
+    }
+
+    /// `x-debug-block-dirty-bitmap-sha256`: lowercase hex, as QEMU prints it.
+    pub fn sha256(&self, name: &str) -> Result<String, DirtyError> {
+        Ok(self.find(name)?.bitmap.sha256_hex())
+    }
+
+    /// Every bitmap, newest first (QEMU's `query-block` order).
+    pub fn list(&self) -> Vec<BitmapInfo> {
+        self.inner
+            .bitmaps
+            .load()
+            .iter()
+            .rev()
+            .map(|b| BitmapInfo {
+                name: b.name.clone(),
+                granularity: b.bitmap.granularity(),
+                count: b.bitmap.count_bytes(),
+                recording: b.bitmap.is_recording(),
+                busy: b.busy.load(Ordering::Acquire),
+                persistent: b.persistent,
+                inconsistent: b.inconsistent,
+            })
+            .collect()
+    }
+
+    /// The bits of a bitmap, for readers (backup, NBD export, tests).
+    pub fn bitmap(&self, name: &str) -> Result<Arc<DirtyBitmap>, DirtyError> {
+        Ok(self.find(name)?.bitmap.clone())
+    }
+
+    /// Marks a bitmap as used by a job (`busy`), or releases it.
+    pub fn set_busy(&self, name: &str, busy: bool) -> Result<(), DirtyError> {
+        let b = self.find(name)?;
+        if busy {
+            Self::check(&b, true, false, true)?;
+        }
+        b.busy.store(busy, Ordering::Release);
+        Ok(())
+    }
+
+    // ------------------------------------------------------------------
+    // Persistence control
+    // ------------------------------------------------------------------
+
+    /// Sets the interval of the lazy fine-level write-out.
+    pub fn set_flush_interval(&self, interval: Duration) {
+        if let Some(p) = &self.inner.persist {
+            p.flush_interval_ms
+                .store(interval.as_millis().clamp(1, u128::from(u64::MAX)) as u64, Ordering::Relaxed);
+            p.kick();
+        }
+    }
+
+    /// The interval of the lazy fine-level write-out.
+    pub fn flush_interval(&self) -> Duration {
+        self.inner
+            .persist
+            .as_ref()
+            .map_or(DEFAULT_FLUSH_INTERVAL, |p| Duration::from_millis(p.flush_interval_ms.load(Ordering::Relaxed)))
+    }
+
+    /// Writes the fine level out now and starts a new log epoch (what the
+    /// background thread does every interval); no-op without a sidecar.
+    pub fn checkpoint_now(&self) -> Result<(), DirtyError> {
+        let inner = &*self.inner;
+        let mut ctl = self.control()?;
+        match (&inner.persist, inner.read_only) {
+            (Some(p), false) => p.checkpoint(inner, &mut ctl, Mode::Periodic),
+            _ => Ok(()),
+        }
+    }
+
+    /// Counters of the persistence machinery.
+    pub fn stats(&self) -> TrackerStats {
+        let mut s = lock(&self.inner.control).recovered.clone();
+        if let Some(p) = &self.inner.persist {
+            s.log_waits = p.stats.log_waits.load(Ordering::Relaxed);
+            s.log_commits = p.stats.log_commits.load(Ordering::Relaxed);
+            s.log_wait_us = p.stats.log_wait_us.load(Ordering::Relaxed);
+            s.checkpoints = p.stats.checkpoints.load(Ordering::Relaxed);
+            s.checkpoint_failures = p.stats.checkpoint_failures.load(Ordering::Relaxed);
+        }
+        s
+    }
+
+    /// Clean shutdown: stops the background thread and writes everything out
+    /// with the "clean" flag, so the next start needs no activity log (no
+    /// over-marking). Call after the data path has stopped; later marks of
+    /// persistent bitmaps fail with [`DirtyError::ShutDown`]. Idempotent.
+    pub fn shutdown(&self) -> Result<(), DirtyError> {
+        self.stop_thread();
+        let inner = &*self.inner;
+        let mut ctl = lock(&inner.control);
+        if ctl.closed {
+            return Ok(());
+        }
+        let res = match (&inner.persist, inner.read_only) {
+            (Some(p), false) => p.checkpoint(inner, &mut ctl, Mode::Final),
+            _ => Ok(()),
+        };
+        ctl.closed = true;
+        if let Some(p) = &inner.persist {
+            p.al.load().set_kind(AL_CLOSED);
+        }
+        res
+    }
+
+    fn stop_thread(&self) {
+        if let Some(p) = &self.inner.persist {
+            lock(&p.wake).stop = true;
+            p.wake_cv.notify_all();
+        }
+        if let Some(h) = lock(&self.thread).take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for DirtyTracker {
+    /// Stops the background thread without a final write-out: like a crash,
+    /// the next start recovers from the activity log.
+    fn drop(&mut self) {
+        self.stop_thread();
+    }
+}
+
+fn background(inner: Arc<Inner>) {
+    let Some(p) = &inner.persist else { return };
+    loop {
+        {
+            let mut w = lock(&p.wake);
+            let deadline = Instant::now() + Duration::from_millis(p.flush_interval_ms.load(Ordering::Relaxed));
+            while !w.stop && !w.kick {
+                let now = Instant::now();
+                if now >= deadline {
+                    break;
+                }
+                w = p.wake_cv.wait_timeout(w, deadline - now).map(|(g, _)| g).unwrap_or_else(|e| e.into_inner().0);
+            }
+            if w.stop {
+                return;
+            }
+            w.kick = false;
+        }
+        let mut ctl = lock(&inner.control);
+        if ctl.closed {
+            return;
+        }
+        if p.needs_checkpoint(&inner, &ctl) {
+            if let Err(e) = p.checkpoint(&inner, &mut ctl, Mode::Periodic) {
+                log::warn!("bitmap write-out to {} failed (will retry): {e}", p.store.describe());
+            }
+        }
+    }
+}
+
+impl Persist {
+    fn kick(&self) {
+        lock(&self.wake).kick = true;
+        self.wake_cv.notify_all();
+    }
+
+    fn extent_range(&self, offset: u64, len: u64) -> (u64, u64) {
+        (offset >> self.extent_shift, (offset + len - 1) >> self.extent_shift)
+    }
+
+    /// Makes the extents of `[offset, offset+len)` durable in the current log.
+    fn log(&self, offset: u64, len: u64) -> Result<(), DirtyError> {
+        // Pairs with the fence after the log switch in `checkpoint`.
+        fence(Ordering::SeqCst);
+        let al = self.al.load();
+        match al.kind() {
+            AL_LIVE => {}
+            AL_NO_FILE => return Ok(()),
+            AL_CLOSED => return Err(DirtyError::ShutDown),
+            _ => return Err(failed_log()),
+        }
+        let (first, last) = self.extent_range(offset, len);
+        let mut missing = false;
+        for e in first..=last {
+            if al.is_durable(e) {
+                al.touch(e);
+            } else {
+                missing = true;
+            }
+        }
+        if !missing {
+            return Ok(());
+        }
+        let al = arc_swap::Guard::into_inner(al);
+        self.commit(&al, first, last)
+    }
+
+    /// The slow path: request the extents and wait for a group commit.
+    fn commit(&self, al: &Arc<AlEpoch>, first: u64, last: u64) -> Result<(), DirtyError> {
+        let start = Instant::now();
+        self.stats.log_waits.fetch_add(1, Ordering::Relaxed);
+        for e in first..=last {
+            al.request(e);
+            al.touch(e);
+        }
+        let result = (|| {
+            let mut committing = lock(&al.committing);
+            loop {
+                if al.retired.load(Ordering::Acquire) {
+                    return Ok(());
+                }
+                match al.kind() {
+                    AL_LIVE => {}
+                    AL_CLOSED => return Err(DirtyError::ShutDown),
+                    _ => return Err(failed_log()),
+                }
+                if (first..=last).all(|e| al.is_durable(e)) {
+                    return Ok(());
+                }
+                if *committing {
+                    committing = al.cv.wait(committing).unwrap_or_else(|e| e.into_inner());
+                    continue;
+                }
+                *committing = true;
+                drop(committing);
+                let res = self.write_log(al);
+                committing = lock(&al.committing);
+                *committing = false;
+                al.cv.notify_all();
+                res?;
+            }
+        })();
+        self.stats
+            .log_wait_us
+            .fetch_add(start.elapsed().as_micros() as u64, Ordering::Relaxed);
+        result
+    }
+
+    /// Writes every log page holding requested-but-not-durable bits, syncs,
+    /// and publishes them as durable.
+    fn write_log(&self, al: &AlEpoch) -> Result<(), DirtyError> {
+        let _shared = self.layout_lock.read().unwrap_or_else(|e| e.into_inner());
+        if al.retired.load(Ordering::Acquire) || al.kind() != AL_LIVE {
+            return Ok(());
+        }
+        let words_per_page = (PAGE / 8) as usize;
+        let req = AlEpoch::snapshot(&al.requested);
+        let mut pages = Vec::new();
+        for (w, r) in req.iter().enumerate() {
+            if r & !al.durable[w].load(Ordering::Acquire) != 0 {
+                let p = w / words_per_page;
+                if pages.last() != Some(&p) {
+                    pages.push(p);
+                }
+            }
+        }
+        let what = || format!("writing the activity log of {}", self.store.describe());
+        for &p in &pages {
+            let words = &req[p * words_per_page..((p + 1) * words_per_page).min(req.len())];
+            let mut buf = vec![0u8; PAGE as usize];
+            for (i, w) in words.iter().enumerate() {
+                buf[i * 8..i * 8 + 8].copy_from_slice(&w.to_le_bytes());
+            }
+            self.store
+                .write_at(al.slot_off + PAGE + p as u64 * PAGE, &buf)
+                .map_err(|e| DirtyError::io(what(), e))?;
+        }
+        self.store.sync().map_err(|e| DirtyError::io(what(), e))?;
+        self.stats.log_commits.fetch_add(1, Ordering::Relaxed);
+        for &p in &pages {
+            for w in p * words_per_page..((p + 1) * words_per_page).min(req.len()) {
+                al.durable[w].fetch_or(req[w], Ordering::AcqRel);
+            }
+        }
+        Ok(())
+    }
+
+    fn needs_checkpoint(&self, inner: &Inner, ctl: &Control) -> bool {
+        if ctl.layout.is_none() {
+            return false;
+        }
+        let cur = self.al.load();
+        ctl.durable_gen < cur.epoch
+            || ctl.full_writeout
+            || !cur.is_empty()
+            || inner
+                .bitmaps
+                .load()
+                .iter()
+                .any(|b| b.persistent && b.bitmap.has_changed_pages())
+    }
+
+    /// The persistent bitmaps of the current file, in file order.
+    fn file_bitmaps(inner: &Inner, layout: &Layout) -> Vec<Option<Arc<Named>>> {
+        let list = inner.bitmaps.load();
+        layout
+            .entries
+            .iter()
+            .map(|e| list.iter().find(|b| b.persistent && b.name == e.name).cloned())
+            .collect()
+    }
+
+    /// Starts a new epoch and writes the fine level out (see the module docs).
+    fn checkpoint(&self, inner: &Inner, ctl: &mut Control, mode: Mode) -> Result<(), DirtyError> {
+        let res = self.checkpoint_inner(inner, ctl, mode);
+        match &res {
+            Ok(()) => self.stats.checkpoints.fetch_add(1, Ordering::Relaxed),
+            Err(_) => self.stats.checkpoint_failures.fetch_add(1, Ordering::Relaxed),
+        };
+        res
+    }
+
+    fn checkpoint_inner(&self, inner: &Inner, ctl: &mut Control, mode: Mode) -> Result<(), DirtyError> {
+        let Some(layout) = ctl.layout.clone() else {
+            return Ok(());
+        };
+        let cur = self.al.load_full();
+        if cur.kind() != AL_LIVE {
+            return Err(failed_log());
+        }
+        // A previous checkpoint switched epochs but did not make its state
+        // durable: finish it first, so the log before `cur` may be retired.
+        if ctl.durable_gen < cur.epoch {
+            self.write_fine_and_state(inner, ctl, &layout, cur.epoch, false)?;
+        }
+        if let Some(prev) = ctl.prev_al.take() {
+            let _excl = self.layout_lock.write().unwrap_or_else(|e| e.into_inner());
+            prev.retire();
+        }
+        let next_epoch = cur.epoch + 1;
+        let next = if mode == Mode::Final {
+            AlEpoch::new(next_epoch, 0, self.nwords, AL_CLOSED, &[], false)
+        } else {
+            let prepop = if mode == Mode::Periodic {
+                AlEpoch::snapshot(&cur.touched)
+            } else {
+                Vec::new()
+            };
+            let slot_off = layout.al_slot_off(next_epoch);
+            let mut buf = layout.encode_al_header(next_epoch);
+            let bits_len = (layout.al_len - PAGE) as usize;
+            let start = buf.len();
+            buf.resize(start + bits_len, 0);
+            for (i, w) in prepop.iter().enumerate() {
+                buf[start + i * 8..start + i * 8 + 8].copy_from_slice(&w.to_le_bytes());
+            }
+            let what = || format!("starting log epoch {next_epoch} in {}", self.store.describe());
+            self.store.write_at(slot_off, &buf).map_err(|e| DirtyError::io(what(), e))?;
+            self.store.sync().map_err(|e| DirtyError::io(what(), e))?;
+            AlEpoch::new(next_epoch, slot_off, self.nwords, AL_LIVE, &prepop, true)
+        };
+        self.al.store(Arc::new(next));
+        // Pairs with the fence in `log`: after this, a marker either sees the
+        // new log or its fine bits are visible to the reads below.
+        fence(Ordering::SeqCst);
+        ctl.prev_al = Some(cur);
+        self.write_fine_and_state(inner, ctl, &layout, next_epoch, mode == Mode::Final)
+    }
+
+    fn write_fine_and_state(
+        &self,
+        inner: &Inner,
+        ctl: &mut Control,
+        layout: &Layout,
+        gen: u64,
+        clean: bool,
+    ) -> Result<(), DirtyError> {
+        let what = || format!("writing bitmaps to {}", self.store.describe());
+        let members = Self::file_bitmaps(inner, layout);
+        let full = ctl.full_writeout;
+        // From here until the state block is durable, a failure means the
+        // changed-page marks we take are lost: force a full write next time.
+        ctl.full_writeout = true;
+        let words_per_page = (PAGE_BYTES / 8) as usize;
+        let mut buf = vec![0u8; PAGE_BYTES as usize];
+        for (e, b) in layout.entries.iter().zip(&members) {
+            let Some(b) = b else { continue };
+            if e.data_len == 0 {
+                continue;
+            }
+            let pages = if full {
+                b.bitmap.take_changed_pages();
+                (0..b.bitmap.page_count()).collect()
+            } else {
+                b.bitmap.take_changed_pages()
+            };
+            for p in pages {
+                b.bitmap.read_words_le(p * words_per_page, &mut buf);
+                let off = p as u64 * PAGE_BYTES;
+                let n = (e.data_len - off).min(PAGE_BYTES) as usize;
+                self.store
+                    .write_at(e.data_off + off, &buf[..n])
+                    .map_err(|err| DirtyError::io(what(), err))?;
+            }
+        }
+        self.store.sync().map_err(|err| DirtyError::io(what(), err))?;
+        let flags: Vec<u64> = members
+            .iter()
+            .map(|b| match b {
+                Some(b) if b.bitmap.is_recording() => BITMAP_RECORDING,
+                _ => 0,
+            })
+            .collect();
+        let state = layout.encode_state(gen, if clean { STATE_CLEAN } else { 0 }, &flags);
+        self.store
+            .write_at(layout.state_off_for(gen), &state)
+            .map_err(|err| DirtyError::io(what(), err))?;
+        self.store.sync().map_err(|err| DirtyError::io(what(), err))?;
+        ctl.durable_gen = gen;
+        ctl.full_writeout = false;
+        Ok(())
+    }
+
+    /// Writes a whole new sidecar for `members` (persistent bitmaps, in
+    /// order) and switches to it atomically; with no members, deletes it.
+    fn relayout(&self, inner: &Inner, ctl: &mut Control, members: &[Arc<Named>]) -> Result<(), DirtyError> {
+        let _excl = self.layout_lock.write().unwrap_or_else(|e| e.into_inner());
+        let cur = self.al.load_full();
+        let next_epoch = cur.epoch.max(ctl.durable_gen) + 1;
+        let retire_old = |ctl: &mut Control| {
+            cur.retire();
+            if let Some(prev) = ctl.prev_al.take() {
+                prev.retire();
+            }
+        };
+        if members.is_empty() {
+            self.store
+                .remove()
+                .map_err(|e| DirtyError::io(format!("removing {}", self.store.describe()), e))?;
+            self.al
+                .store(Arc::new(AlEpoch::new(next_epoch, 0, self.nwords, AL_NO_FILE, &[], false)));
+            retire_old(ctl);
+            ctl.layout = None;
+            ctl.durable_gen = next_epoch;
+            ctl.full_writeout = false;
+            return Ok(());
+        }
+        let extent_size = 1u64 << self.extent_shift;
+        let plan: Vec<(String, u64, bool)> = members
+            .iter()
+            .map(|b| (b.name.clone(), b.bitmap.granularity(), b.inconsistent))
+            .collect();
+        let layout = Layout::plan(new_file_id(), inner.disk_size, extent_size, &plan);
+        let prepop = if cur.kind() == AL_LIVE {
+            AlEpoch::snapshot(&cur.touched)
+        } else {
+            Vec::new()
+        };
+        let slot_off = layout.al_slot_off(next_epoch);
+        // Not durable until the new file is in place: markers wait (their
+        // commits need the layout lock we hold).
+        let next = Arc::new(AlEpoch::new(next_epoch, slot_off, self.nwords, AL_LIVE, &prepop, false));
+        self.al.store(next.clone());
+        fence(Ordering::SeqCst);
+
+        let mut file = vec![0u8; layout.total_len as usize];
+        let put = |file: &mut Vec<u8>, off: u64, bytes: &[u8]| {
+            let off = off as usize;
+            file[off..off + bytes.len()].copy_from_slice(bytes);
+        };
+        put(&mut file, 0, &layout.encode_preamble());
+        let flags: Vec<u64> = members
+            .iter()
+            .map(|b| if b.bitmap.is_recording() { BITMAP_RECORDING } else { 0 })
+            .collect();
+        put(&mut file, layout.state_off_for(next_epoch), &layout.encode_state(next_epoch, 0, &flags));
+        put(&mut file, slot_off, &layout.encode_al_header(next_epoch));
+        let mut bits = Vec::with_capacity(prepop.len() * 8);
+        for w in &prepop {
+            bits.extend_from_slice(&w.to_le_bytes());
+        }
+        put(&mut file, slot_off + PAGE, &bits);
+        // The other slot: a valid header of epoch 0, which no state applies.
+        put(&mut file, layout.al_slot_off(next_epoch + 1), &layout.encode_al_header(0));
+        for (e, b) in layout.entries.iter().zip(members) {
+            if e.data_len == 0 {
+                continue;
+            }
+            b.bitmap.take_changed_pages();
+            let n = b.bitmap.word_count() * 8;
+            let off = e.data_off as usize;
+            b.bitmap.read_words_le(0, &mut file[off..off + n]);
+        }
+        match self.store.replace(&file) {
+            Ok(()) => {
+                for (i, w) in prepop.iter().enumerate() {
+                    next.durable[i].fetch_or(*w, Ordering::AcqRel);
+                }
+                retire_old(ctl);
+                ctl.layout = Some(layout);
+                ctl.durable_gen = next_epoch;
+                ctl.full_writeout = false;
+                Ok(())
+            }
+            Err(e) => {
+                // The old file is still in place and `cur` still valid in it.
+                next.set_kind(AL_FAILED);
+                self.al.store(cur.clone());
+                for b in members {
+                    b.bitmap.mark_all_pages_changed();
+                }
+                ctl.full_writeout = true;
+                Err(DirtyError::io(format!("replacing {}", self.store.describe()), e))
+            }
+        }
+    }
+}
+
+fn failed_log() -> DirtyError {
+    DirtyError::io(
+        "activity log",
+        std::io::Error::other("a sidecar update failed; marks cannot be made durable"),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dirty::MemStore;
+
+    const MIB: u64 = 1 << 20;
+
+    fn tracker(store: &Arc<MemStore>, size: u64) -> DirtyTracker {
+        let mut cfg = TrackerConfig::new(size);
+        cfg.sidecar = Some(store.clone());
+        cfg.extent_size = MIB;
+        cfg.flush_interval = Duration::from_secs(3600);
+        DirtyTracker::open(cfg).unwrap()
+    }
+
+    #[test]
+    fn management_errors_use_qemu_wording() {
+        let t = DirtyTracker::open(TrackerConfig::new(64 * MIB)).unwrap();
+        t.add("b0", None, false, false).unwrap();
+        let msg = |r: Result<(), DirtyError>| r.unwrap_err().to_string();
+        assert_eq!(msg(t.add("b0", None, false, false)), "Bitmap already exists: b0");
+        assert_eq!(msg(t.add("", None, false, false)), "Bitmap name cannot be empty");
+        assert_eq!(
+            msg(t.add("g", Some(256), false, false)),
+            "Granularity must be power of 2 and at least 512"
+        );
+        let long = "x".repeat(1024);
+        assert_eq!(msg(t.add(&long, None, false, false)), format!("Bitmap name too long: {long}"));
+        assert!(t.add(&"y".repeat(1023), None, false, false).is_ok());
+        assert_eq!(msg(t.clear("nope")), "Dirty bitmap 'nope' not found");
+        assert_eq!(msg(t.merge("b0", &["zz"])), "Dirty bitmap 'zz' not found");
+        assert!(matches!(
+            t.add("p", None, true, false),
+            Err(DirtyError::PersistenceUnavailable(_))
+        ));
+        t.set_busy("b0", true).unwrap();
+        assert_eq!(
+            msg(t.clear("b0")),
+            "Bitmap 'b0' is currently in use by another operation and cannot be used"
+        );
+        assert!(t.remove("b0").is_err());
+        t.set_busy("b0", false).unwrap();
+        t.remove("b0").unwrap();
+        assert_eq!(t.list().len(), 1);
+    }
+
+    #[test]
+    fn marks_counts_merge_enable_disable() {
+        let t = DirtyTracker::open(TrackerConfig::new(16 * MIB + 512)).unwrap();
+        t.add("a", Some(65536), false, false).unwrap();
+        t.add("fine", Some(512), false, false).unwrap();
+        t.add("off", None, false, true).unwrap();
+        t.mark(16 * MIB, 512).unwrap();
+        t.mark(4096, 4096).unwrap();
+        let info = |n: &str| t.list().into_iter().find(|b| b.name == n).unwrap();
+        assert_eq!(info("a").count, 2 * 65536);
+        assert_eq!(info("fine").count, 4096 + 512);
+        assert_eq!(info("off").count, 0);
+        assert!(!info("off").recording);
+        t.enable("off").unwrap();
+        t.mark(0, 1).unwrap();
+        assert_eq!(info("off").count, 65536);
+        // "fine" has 4 KiB..8 KiB (chunk 0 of "off", already set) and the
+        // last 512 bytes (chunk 256 of "off").
+        t.merge("off", &["fine"]).unwrap();
+        assert_eq!(info("off").count, 2 * 65536);
+        t.disable("a").unwrap();
+        t.mark(8 * MIB, 1).unwrap();
+        assert_eq!(info("a").count, 2 * 65536);
+        t.clear("fine").unwrap();
+        assert_eq!(info("fine").count, 0);
+        // Newest first.
+        let names: Vec<_> = t.list().into_iter().map(|b| b.name).collect();
+        assert_eq!(names, ["off", "fine", "a"]);
+    }
+
+    #[test]
+    fn persistent_bitmap_survives_clean_and_unclean_stops() {
+        let store = Arc::new(MemStore::new());
+        let size = 64 * MIB;
+        {
+            let t = tracker(&store, size);
+            t.add("p", Some(65536), true, false).unwrap();
+            t.add("v", Some(65536), false, false).unwrap();
+            t.mark(5 * MIB + 7, 100).unwrap();
+            t.shutdown().unwrap();
+            assert!(matches!(t.mark(0, 1), Err(DirtyError::ShutDown)));
+        }
+        {
+            let t = tracker(&store, size);
+            let list = t.list();
+            assert_eq!(list.len(), 1, "volatile bitmaps do not survive");
+            assert_eq!(list[0].count, 65536, "clean stop: no over-marking");
+            assert!(t.stats().recovered_clean);
+            t.mark(30 * MIB, 1).unwrap();
+            // Dropped without shutdown: like kill -9.
+        }
+        {
+            let t = tracker(&store, size);
+            let b = t.bitmap("p").unwrap();
+            assert!(b.get(5 * MIB) && b.get(30 * MIB));
+            // Over-marking is bounded by the 1 MiB extent that was logged.
+            assert!(b.dirty_chunks() <= 1 + 16, "{}", b.dirty_chunks());
+            assert!(!t.stats().recovered_clean);
+            t.clear("p").unwrap();
+        }
+        {
+            let t = tracker(&store, size);
+            assert_eq!(t.list()[0].count, 0, "a durable clear stays cleared");
+            t.remove("p").unwrap();
+        }
+        assert!(store.contents().is_none(), "no persistent bitmap: no sidecar");
+    }
+
+    #[test]
+    fn hot_extents_need_no_commit_after_checkpoint() {
+        let store = Arc::new(MemStore::new());
+        let t = tracker(&store, 64 * MIB);
+        t.add("p", None, true, false).unwrap();
+        t.mark(0, 4096).unwrap();
+        let s1 = t.stats();
+        assert_eq!(s1.log_commits, 1);
+        t.mark(8192, 4096).unwrap();
+        assert_eq!(t.stats().log_commits, 1, "same extent: hot path");
+        t.checkpoint_now().unwrap();
+        t.mark(12288, 4096).unwrap();
+        assert_eq!(t.stats().log_commits, 1, "extent carried into the next epoch");
+        t.checkpoint_now().unwrap();
+        t.checkpoint_now().unwrap();
+        // Untouched for a whole epoch: dropped from the log, logged again.
+        t.mark(0, 1).unwrap();
+        assert_eq!(t.stats().log_commits, 2);
+    }
+
+    #[test]
+    fn disabled_persistent_bitmap_is_not_overmarked() {
+        let store = Arc::new(MemStore::new());
+        {
+            let t = tracker(&store, 64 * MIB);
+            t.add("on", None, true, false).unwrap();
+            t.add("off", None, true, true).unwrap();
+            t.mark(MIB, 1).unwrap();
+        }
+        let t = tracker(&store, 64 * MIB);
+        let info: Vec<_> = t.list();
+        let off = info.iter().find(|b| b.name == "off").unwrap();
+        assert_eq!(off.count, 0);
+        assert!(!off.recording);
+        let on = info.iter().find(|b| b.name == "on").unwrap();
+        assert!(on.count >= 65536 && on.recording);
+    }
+
+    #[test]
+    fn damaged_sidecar_loads_inconsistent() {
+        let store = Arc::new(MemStore::new());
+        {
+            let t = tracker(&store, 64 * MIB);
+            t.add("p", None, true, false).unwrap();
+            t.shutdown().unwrap();
+        }
+        let mut bytes = store.contents().unwrap();
+        let len = bytes.len();
+        bytes.truncate(len - 4096);
+        store.set_contents(Some(bytes));
+        let t = tracker(&store, 64 * MIB);
+        let info = t.list();
+        assert!(info[0].inconsistent && !info[0].recording);
+        assert_eq!(
+            t.clear("p").unwrap_err().to_string(),
+            "Bitmap 'p' is inconsistent and cannot be used"
+        );
+        assert!(t.enable("p").is_err());
+        t.mark(0, 4096).unwrap();
+        drop(t);
+        // Stays inconsistent across restarts until removed.
+        let t = tracker(&store, 64 * MIB);
+        assert!(t.list()[0].inconsistent);
+        t.remove("p").unwrap();
+        assert!(t.list().is_empty());
+    }
+}
