@@ -306,29 +306,36 @@ fn allocated(path: &Path) -> Result<u64> {
 }
 
 /// (4) Discard frees space in the image file; write-zeroes reads back as
-/// zeros; data outside both ranges is untouched.
+/// zeros; data outside both ranges is untouched. The disk is 1 GiB (sparse
+/// but for its first 64 MiB) so that one discard segment can be as large as
+/// the device allows (Linux sends up to discard_max_bytes in one segment).
 #[test]
 fn discard_shrinks_image() -> Result<()> {
-    let size = 64 * MIB;
-    let fill = pattern(7, size as usize);
+    let size = 1024 * MIB;
+    let filled = 64 * MIB;
+    let fill = pattern(7, filled as usize);
     let mut s = setup("discard", size, 1, |img| {
-        std::fs::write(img, &fill)?;
+        let mut f = std::fs::OpenOptions::new().write(true).open(img)?;
+        f.write_all(&fill)?;
         Ok(())
     })?;
     let before = allocated(&s.image)?;
     ensure!(
-        before >= size,
-        "image not fully allocated before the test ({before})"
+        before >= filled,
+        "image not allocated before the test ({before})"
     );
     let script = r#"
 result discard_max_bytes "$(cat /sys/block/vda/queue/discard_max_bytes)"
 result write_zeroes_max_bytes "$(cat /sys/block/vda/queue/write_zeroes_max_bytes)"
-# Discard 16-48 MiB; write zeroes over 8-16 MiB. Both run whatever happens,
-# so a failure report shows every symptom at once.
+# Discard 16-48 MiB; write zeroes over 8-16 MiB; discard 64 MiB-1 GiB (never
+# written: no space to free, but the largest segments). All run whatever
+# happens, so a failure report shows every symptom at once.
 $BLKDISCARD -o $((16 << 20)) -l $((32 << 20)) /dev/vda
 result discard_rc $?
 $BLKDISCARD -z -o $((8 << 20)) -l $((8 << 20)) /dev/vda
 result zeroout_rc $?
+$BLKDISCARD -o $((64 << 20)) /dev/vda
+result big_discard_rc $?
 echo 3 > /proc/sys/vm/drop_caches
 dd if=/dev/vda bs=1M skip=8 count=8 2>/dev/null | cmp -s -n $((8 << 20)) - /dev/zero
 result zeroes_cmp $?
@@ -343,6 +350,12 @@ result zeroes_cmp $?
     ensure!(
         out.get("zeroout_rc")? == "0",
         "blkdiscard -z failed: {}",
+        out.kernel_errors().join("; ")
+    );
+    ensure!(
+        out.get("big_discard_rc")? == "0",
+        "blkdiscard of 960 MiB (discard_max_bytes {}) failed: {}",
+        out.get("discard_max_bytes")?,
         out.kernel_errors().join("; ")
     );
     out.ensure_clean()?;
@@ -360,7 +373,7 @@ result zeroes_cmp $?
         before.saturating_sub(after) >= 31 * MIB,
         "image allocation went from {before} to {after} bytes after discarding 32 MiB"
     );
-    let data = read_at(&s.image, 0, size as usize)?;
+    let data = read_at(&s.image, 0, filled as usize)?;
     let m = MIB as usize;
     ensure!(
         data[8 * m..16 * m].iter().all(|&b| b == 0),

@@ -951,3 +951,16 @@ fn qemu_qmp_python_client() -> Result<()> {
     ensure!(ran >= 5, "python suite ran {ran} tests:\n{log}");
     Ok(())
 }
+
+/// A client that sends `quit` and hangs up without reading the reply still
+/// stops the daemon (the command took effect; only its reply is lost).
+#[test]
+fn quit_from_a_client_that_hangs_up_at_once() -> Result<()> {
+    let mut v = Vubd::start(64 * MIB, &[])?;
+    let mut s = UnixStream::connect(&v.qmp)?;
+    s.write_all(br#"{"execute":"qmp_capabilities"}{"execute":"quit"}"#)?;
+    drop(s);
+    let status = v.daemon.wait_exit(TIMEOUT)?;
+    ensure!(status.success(), "{status}");
+    Ok(())
+}

@@ -12,6 +12,8 @@ use vhost_glue::management::{DaemonContext, ShutdownReason};
 use vubd_backend::qmp::{standard_dispatcher, EventBus, QmpServer, ServerConfig};
 use vhost_glue::server::{bind_socket, Server};
 use vhost_glue::DeviceConfig;
+use std::time::Duration;
+use vubd_backend::dirty::{DirtyTracker, TrackerConfig};
 use vubd_backend::{Disk, RawImage, RawImageOptions};
 
 /// vhost-user-blk daemon: serves a disk image to a VM over a vhost-user socket.
@@ -51,9 +53,20 @@ struct Options {
     /// Path of the QMP management socket (mode 0600; several clients at once).
     #[arg(long, value_name = "PATH")]
     qmp: Option<PathBuf>,
+    /// Seconds between lazy write-outs of persistent dirty bitmaps (the
+    /// crash guarantee does not depend on it; it bounds re-copying after a crash).
+    #[arg(long, value_name = "SECS", default_value_t = 5.0, value_parser = parse_interval)]
+    bitmap_flush_interval: f64,
     /// The disk's node name in management commands.
     #[arg(long, value_name = "NAME", default_value = "disk0", value_parser = parse_node_name)]
     node_name: String,
+}
+
+fn parse_interval(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.01..=3600.0).contains(&v) => Ok(v),
+        _ => Err(format!("'{s}' must be a number of seconds from 0.01 to 3600")),
+    }
 }
 
 fn parse_node_name(s: &str) -> Result<String, String> {
@@ -111,6 +124,13 @@ fn run(mut opts: Options) -> Result<()> {
         );
     }
     let disk = Arc::new(Disk::new(Box::new(image), opts.readonly));
+    // Persistent bitmaps live beside the image; they are loaded (and, after
+    // an unclean stop, recovered) before the first guest write can happen.
+    let mut tracker_cfg = TrackerConfig::for_image(&opts.image, size);
+    tracker_cfg.read_only = opts.readonly;
+    tracker_cfg.flush_interval = Duration::from_secs_f64(opts.bitmap_flush_interval);
+    let tracker = Arc::new(DirtyTracker::open(tracker_cfg).context("cannot load dirty bitmaps")?);
+    disk.add_hook(tracker.clone());
     let cfg = DeviceConfig {
         size,
         num_queues: opts.queues,
@@ -144,7 +164,7 @@ fn run(mut opts: Options) -> Result<()> {
                 node_name: opts.node_name.clone(),
                 disk: disk.clone(),
                 direct: opts.direct,
-                bitmaps: None,
+                bitmaps: Some(tracker.clone()),
                 shutdown: Mutex::new(shutdown_tx.clone()),
             });
             let dispatcher = standard_dispatcher(ctx, events.clone());
@@ -171,13 +191,15 @@ fn run(mut opts: Options) -> Result<()> {
                 );
             }
             stop.stop_and_drain();
-            let code = match disk.flush() {
-                Ok(()) => 0,
-                Err(e) => {
-                    eprintln!("vubd: error: final flush failed: {e}");
-                    1
-                }
-            };
+            let mut code = 0;
+            if let Err(e) = disk.flush() {
+                eprintln!("vubd: error: final flush failed: {e}");
+                code = 1;
+            }
+            if let Err(e) = tracker.shutdown() {
+                eprintln!("vubd: error: cannot write dirty bitmaps out: {e}");
+                code = 1;
+            }
             let _ = std::fs::remove_file(&socket);
             // Not QmpServer::shutdown(): it joins client threads, one of
             // which may be the one that asked us to quit. Replies and events

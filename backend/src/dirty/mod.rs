@@ -17,6 +17,7 @@
 
 mod bitmap;
 mod format;
+mod hook;
 mod inflight;
 mod store;
 mod tracker;

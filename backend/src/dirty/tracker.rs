@@ -66,6 +66,11 @@ pub struct TrackerConfig {
     pub extent_size: u64,
     /// The disk is read-only: the sidecar is loaded but never written.
     pub read_only: bool,
+    /// Carry the extents touched during an epoch into the next epoch's log
+    /// (DRBD's "hot extents"): a steady workload then pays no log commit
+    /// after a checkpoint, at the price of more over-marking after a crash
+    /// (extents of the last two epochs instead of one). Default on.
+    pub carry_hot_extents: bool,
 }
 
 impl TrackerConfig {
@@ -77,6 +82,7 @@ impl TrackerConfig {
             flush_interval: DEFAULT_FLUSH_INTERVAL,
             extent_size: DEFAULT_EXTENT_SIZE,
             read_only: false,
+            carry_hot_extents: true,
         }
     }
 
@@ -228,6 +234,7 @@ struct Persist {
     /// the file is replaced, so no commit writes into a slot being reused.
     layout_lock: RwLock<()>,
     flush_interval_ms: AtomicU64,
+    carry_hot_extents: bool,
     wake: Mutex<Wake>,
     wake_cv: Condvar,
     stats: Stats,
@@ -361,6 +368,7 @@ impl DirtyTracker {
             al: ArcSwap::from_pointee(AlEpoch::new(epoch0, 0, nwords, AL_NO_FILE, &[], false)),
             layout_lock: RwLock::new(()),
             flush_interval_ms: AtomicU64::new(config.flush_interval.as_millis().max(1) as u64),
+            carry_hot_extents: config.carry_hot_extents,
             wake: Mutex::new(Wake::default()),
             wake_cv: Condvar::new(),
             stats: Stats::default(),
@@ -997,7 +1005,7 @@ impl Persist {
         let next = if mode == Mode::Final {
             AlEpoch::new(next_epoch, 0, self.nwords, AL_CLOSED, &[], false)
         } else {
-            let prepop = if mode == Mode::Periodic {
+            let prepop = if mode == Mode::Periodic && self.carry_hot_extents {
                 AlEpoch::snapshot(&cur.touched)
             } else {
                 Vec::new()
@@ -1107,7 +1115,7 @@ impl Persist {
             .map(|b| (b.name.clone(), b.bitmap.granularity(), b.inconsistent))
             .collect();
         let layout = Layout::plan(new_file_id(), inner.disk_size, extent_size, &plan);
-        let prepop = if cur.kind() == AL_LIVE {
+        let prepop = if cur.kind() == AL_LIVE && self.carry_hot_extents {
             AlEpoch::snapshot(&cur.touched)
         } else {
             Vec::new()

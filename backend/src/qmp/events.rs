@@ -125,20 +125,31 @@ impl EventBus {
     /// Subscribes a sink. The sink runs under the bus lock: it must only
     /// queue (never block, never emit).
     pub fn subscribe(&self, sink: Sink) -> SubscriptionId {
-        self.subscribe_after(sink, || ())
-    }
-
-    /// Subscribes a sink right after running `first` under the bus lock,
-    /// so that no event can slip in before whatever `first` queues (the
-    /// server queues the reply to `qmp_capabilities` this way: events only
-    /// ever follow it). `first` must not block or emit.
-    pub fn subscribe_after(&self, sink: Sink, first: impl FnOnce()) -> SubscriptionId {
         let mut inner = self.lock();
-        first();
         let id = inner.next_id;
         inner.next_id += 1;
         inner.subs.push(Subscriber { id, sink });
         SubscriptionId(id)
+    }
+
+    /// Runs `first` under the bus lock and, if it returns true, subscribes
+    /// the sink before the lock is released, so that no event can slip in
+    /// before whatever `first` queued (the server queues the reply to
+    /// `qmp_capabilities` this way: events only ever follow it). `first`
+    /// must not block or emit.
+    pub fn subscribe_after(
+        &self,
+        sink: Sink,
+        first: impl FnOnce() -> bool,
+    ) -> Option<SubscriptionId> {
+        let mut inner = self.lock();
+        if !first() {
+            return None;
+        }
+        let id = inner.next_id;
+        inner.next_id += 1;
+        inner.subs.push(Subscriber { id, sink });
+        Some(SubscriptionId(id))
     }
 
     /// Subscribes a fresh channel of `capacity` events (for in-process

@@ -9,10 +9,12 @@
 //! reading eventually blocks only its own reader. A client whose event
 //! queue overflows is disconnected (see `events.rs`). A client that sends
 //! half a message and leaves costs nothing: the partial input is dropped
-//! with its thread.
+//! with its thread. Every complete command that arrived is executed even
+//! if its client has hung up (a client cannot know which of its commands
+//! ran; `quit` then close must still quit); only the replies are lost.
 
 use super::dispatch::{Dispatcher, Session};
-use super::events::{Delivery, Event};
+use super::events::{Delivery, Event, Sink, SubscriptionId};
 use super::json::{to_wire, Splitter, DEFAULT_MAX_MESSAGE};
 use serde_json::json;
 use std::collections::HashMap;
@@ -376,7 +378,8 @@ fn serve_client(stream: UnixStream, shared: &Shared) {
         let mut buf = vec![0u8; 64 * 1024];
         let mut frames = Vec::new();
         let mut reader = &stream;
-        'conn: loop {
+        let mut writer_gone = false;
+        loop {
             let n = match reader.read(&mut buf) {
                 Ok(0) => break,
                 Ok(n) => n,
@@ -391,18 +394,14 @@ fn serve_client(stream: UnixStream, shared: &Shared) {
                 let response = d.handle(&mut session, frame);
                 let reply = Out::Text(to_wire(&response.message));
                 if response.negotiated_now && subscription.is_none() {
-                    // Queue the reply and subscribe atomically with respect
-                    // to emitters: events follow the reply, never precede it.
-                    let mut queued = false;
-                    subscription = Some(subscribe(d, &tx, &stream, || {
-                        queued = tx.try_send(reply).is_ok();
-                    }));
-                    if !queued {
-                        log::warn!("QMP client is not reading its replies; disconnecting it");
-                        break 'conn;
-                    }
-                } else if tx.send(reply).is_err() {
-                    break 'conn;
+                    subscription = Some(negotiated(d, &tx, &stream, reply));
+                } else if tx.send(reply).is_err() && !writer_gone {
+                    // The writer has stopped (the client hung up or stopped
+                    // reading): keep executing what was fully received, as
+                    // the client cannot tell which commands ran, but drop
+                    // the replies.
+                    log::debug!("QMP client gone; executing its remaining commands");
+                    writer_gone = true;
                 }
                 for action in response.after_reply {
                     action();
@@ -423,15 +422,41 @@ fn serve_client(stream: UnixStream, shared: &Shared) {
     log::debug!("QMP client disconnected");
 }
 
-fn subscribe(
+/// Queues the reply to `qmp_capabilities` and subscribes the client to
+/// events, atomically with respect to emitters so that events follow the
+/// reply. If the queue is full (a client that sent many commands before
+/// negotiating and reads nothing), the reply is queued with a blocking send
+/// first; events emitted meanwhile are not owed to a client that has not
+/// yet seen its negotiation complete.
+fn negotiated(
     d: &Dispatcher,
     tx: &SyncSender<Out>,
     stream: &UnixStream,
-    first: impl FnOnce(),
-) -> super::events::SubscriptionId {
+    reply: Out,
+) -> SubscriptionId {
+    let mut pending = Some(reply);
+    let subscribed = d.events().subscribe_after(event_sink(tx, stream), || {
+        match pending.take().map(|r| tx.try_send(r)) {
+            Some(Err(TrySendError::Full(r))) => {
+                pending = Some(r);
+                false
+            }
+            _ => true,
+        }
+    });
+    if let Some(id) = subscribed {
+        return id;
+    }
+    if let Some(r) = pending {
+        let _ = tx.send(r);
+    }
+    d.events().subscribe(event_sink(tx, stream))
+}
+
+fn event_sink(tx: &SyncSender<Out>, stream: &UnixStream) -> Sink {
     let tx = tx.clone();
     let kill = stream.try_clone().ok();
-    let sink = Box::new(
+    Box::new(
         move |event: &Arc<Event>| match tx.try_send(Out::Event(event.clone())) {
             Ok(()) => Delivery::Queued,
             Err(TrySendError::Full(_)) => {
@@ -443,6 +468,5 @@ fn subscribe(
             }
             Err(TrySendError::Disconnected(_)) => Delivery::Gone,
         },
-    );
-    d.events().subscribe_after(sink, first)
+    )
 }
