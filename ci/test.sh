@@ -14,4 +14,4 @@ cargo fmt --all -- --check
 cargo clippy --release --workspace --all-targets -- -D warnings
 
 export VUBD_BIN="$PWD/target/release/vubd"
-cargo test --release --workspace
+cargo test --release --workspace --no-fail-fast

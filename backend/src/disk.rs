@@ -2,6 +2,13 @@
 //! can switch images live), the write-back cache setting, and the hooks
 //! that run before every write (dirty bitmaps today, copy-before-write for
 //! backup views later).
+//!
+//! Requests run either synchronously through `Disk`'s methods or through
+//! an asynchronous engine (`uring`), which uses the split halves of the
+//! same steps (`start_write`/`finish_write`, `finish_flush`).
+
+pub mod pins;
+pub mod uring;
 
 use crate::gate::IoGate;
 use crate::image::{Image, ImageError};
@@ -181,6 +188,43 @@ impl Disk {
         Ok(())
     }
 
+    /// Calls `f` with the active image without taking a reference count:
+    /// the cheap way for an engine to look at it per request and clone the
+    /// `Arc` only when it changed.
+    pub fn with_image<R>(&self, f: impl FnOnce(&Arc<Box<dyn Image>>) -> R) -> R {
+        f(&self.image.load())
+    }
+
+    /// The checks a read must pass before it is issued (the range is inside
+    /// the disk); for engines that issue the I/O themselves.
+    pub fn check_read(&self, offset: u64, len: u64) -> Result<(), DiskError> {
+        self.check_range(offset, len)
+    }
+
+    /// Everything that must happen before a write-type request of `len`
+    /// bytes at `offset` is issued by an engine of its own (read-only and
+    /// range checks, `before_write` hooks). After `Ok`, the engine issues the
+    /// write on the image and, once it succeeded, calls `finish_write`; an
+    /// error fails the request with nothing written.
+    pub fn start_write(&self, offset: u64, len: u64) -> Result<(), DiskError> {
+        self.before_write(offset, len)
+    }
+
+    /// The second half of `start_write`: runs the `after_write` hooks once
+    /// the data has landed on the image, before the guest is told.
+    pub fn finish_write(&self, offset: u64, len: u64, op: WriteOp<'_>) -> Result<(), DiskError> {
+        self.after_write(offset, len, op)
+    }
+
+    /// Runs the `after_flush` hooks, for an engine that made the image
+    /// durable itself (an asynchronous fdatasync).
+    pub fn finish_flush(&self) -> Result<(), DiskError> {
+        for hook in self.hooks.load().iter() {
+            hook.after_flush()?;
+        }
+        Ok(())
+    }
+
     /// Reads into `bufs` from `offset`.
     pub fn read(&self, offset: u64, bufs: &[IoBuf]) -> Result<(), DiskError> {
         self.check_range(offset, total_len(bufs))?;
@@ -199,10 +243,7 @@ impl Disk {
     /// Makes all completed writes durable, then tells the hooks.
     pub fn flush(&self) -> Result<(), DiskError> {
         self.image.load().flush()?;
-        for hook in self.hooks.load().iter() {
-            hook.after_flush()?;
-        }
-        Ok(())
+        self.finish_flush()
     }
 
     /// Deallocates a range (contents become unspecified; on raw files, zeroes).

@@ -3,12 +3,14 @@
 //!
 //! Reads and writes go straight between the caller's buffers (guest memory)
 //! and the file: `preadv2`/`pwritev2`, no bounce buffer unless O_DIRECT meets
-//! a buffer that is not aligned for it.
+//! a buffer that is not aligned for it. The io_uring engine (`crate::uring`)
+//! submits the same transfers asynchronously on the fd `Image::async_fd`
+//! hands out.
 
 use crate::iobuf::{is_aligned, total_len, IoBuf};
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -56,6 +58,24 @@ pub trait Image: Send + Sync {
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<(), ImageError>;
     /// Bytes actually allocated on the storage (for `actual-size`).
     fn allocated_bytes(&self) -> u64;
+    /// Allocation status at `offset` (< size): `(true, n)` if the `n` bytes
+    /// from `offset` hold data, `(false, n)` if they are a hole that reads
+    /// as zeroes; `n` runs to the next change of status (or the end). A
+    /// mirror uses it to copy only data and keep a sparse disk sparse.
+    /// Images that cannot tell report everything as data (the default).
+    fn allocation(&self, offset: u64) -> Result<(bool, u64), ImageError> {
+        Ok((true, self.size().saturating_sub(offset)))
+    }
+    /// A file descriptor on which `bufs` can be transferred at any offset
+    /// with plain positional vectored I/O (`preadv2`/`pwritev2` semantics,
+    /// `RWF_DSYNC` honoured) and made durable with `fdatasync`, for engines
+    /// that submit I/O asynchronously (io_uring); with `bufs` empty, the fd
+    /// a flush goes to. `None` (the default) sends the request through
+    /// `read_at`/`write_at`/`flush` instead: image formats with their own
+    /// mapping, or O_DIRECT meeting buffers it cannot take.
+    fn async_fd(&self, _bufs: &[IoBuf]) -> Option<RawFd> {
+        None
+    }
 }
 
 /// How to open a raw image.
@@ -368,5 +388,43 @@ impl Image for RawImage {
     fn allocated_bytes(&self) -> u64 {
         use std::os::unix::fs::MetadataExt;
         self.file.metadata().map(|m| m.blocks() * 512).unwrap_or(0)
+    }
+
+    fn async_fd(&self, bufs: &[IoBuf]) -> Option<RawFd> {
+        // O_DIRECT refuses misaligned buffers; those take the bounce path.
+        if self.direct && !is_aligned(bufs, 512) {
+            return None;
+        }
+        Some(self.fd())
+    }
+
+    fn allocation(&self, offset: u64) -> Result<(bool, u64), ImageError> {
+        let end = self.size;
+        if offset >= end {
+            return Ok((false, 0));
+        }
+        let seek = |whence| {
+            // SAFETY: lseek on an fd we own; no memory is touched. The file
+            // position is irrelevant to us (all I/O is positional).
+            let r = unsafe { libc::lseek(self.fd(), offset as libc::off_t, whence) };
+            if r < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(r as u64)
+            }
+        };
+        match seek(libc::SEEK_DATA) {
+            Ok(data) if data <= offset => {
+                // In data: it runs to the next hole (there is always one at EOF).
+                let hole = seek(libc::SEEK_HOLE).map_err(Self::io_err("seek-hole", offset, 0))?;
+                Ok((true, hole.min(end).saturating_sub(offset).max(1)))
+            }
+            Ok(data) => Ok((false, data.min(end) - offset)),
+            // No data after offset: a hole up to the end.
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => Ok((false, end - offset)),
+            // A file system (or block device) without SEEK_DATA: all data.
+            Err(e) if is_unsupported(&e) => Ok((true, end - offset)),
+            Err(e) => Err(Self::io_err("seek-data", offset, 0)(e)),
+        }
     }
 }

@@ -8,6 +8,8 @@ pub mod disk;
 pub mod gate;
 pub mod image;
 pub mod iobuf;
+pub mod jobs;
+pub mod mirror;
 pub mod qmp;
 
 pub use disk::{Disk, DiskError, WriteHook, WriteOp};

@@ -174,7 +174,10 @@ impl MetaStore for SimStore {
         if s.dead {
             return Err(io::Error::other("power is off"));
         }
-        let v = s.volatile.as_ref().ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
+        let v = s
+            .volatile
+            .as_ref()
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
         let start = (offset as usize).min(v.len());
         let n = buf.len().min(v.len() - start);
         buf[..n].copy_from_slice(&v[start..start + n]);
@@ -184,7 +187,10 @@ impl MetaStore for SimStore {
     fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
         let mut s = self.state.lock().unwrap();
         Self::gate(&mut s)?;
-        let v = s.volatile.as_mut().ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
+        let v = s
+            .volatile
+            .as_mut()
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
         apply(v, offset, buf);
         s.pending.push((offset, buf.to_vec()));
         Ok(())
@@ -257,7 +263,12 @@ fn open(store: Arc<SimStore>, rng: &mut Rng) -> DirtyTracker {
 }
 
 /// One life: mark from several threads, cut at a random instant.
-fn life(store: &Arc<SimStore>, tracker: &Arc<DirtyTracker>, rng: &mut Rng, record: &mut Record) -> Option<Vec<u8>> {
+fn life(
+    store: &Arc<SimStore>,
+    tracker: &Arc<DirtyTracker>,
+    rng: &mut Rng,
+    record: &mut Record,
+) -> Option<Vec<u8>> {
     let stop = Arc::new(AtomicBool::new(false));
     let ops = Arc::new(AtomicU64::new(0));
     let seq = Arc::new(AtomicU64::new(record.next_seq + 1));
@@ -329,7 +340,8 @@ fn life(store: &Arc<SimStore>, tracker: &Arc<DirtyTracker>, rng: &mut Rng, recor
             std::thread::sleep(Duration::from_micros(50 + rng.below(200)));
         }
     } else {
-        store.cut_at_sync(store.state.lock().unwrap().syncs + 1 + rng.below(100));
+        let syncs_so_far = store.state.lock().unwrap().syncs;
+        store.cut_at_sync(syncs_so_far + 1 + rng.below(100));
         while !store.is_dead() && start.elapsed() < Duration::from_millis(200) {
             std::thread::sleep(Duration::from_micros(100));
         }
@@ -382,14 +394,20 @@ fn trial(seed: u64, totals: &mut Totals) {
     for (name, g) in BITMAPS {
         tracker.add(name, Some(g), true, false).expect("add bitmap");
     }
-    tracker.add("off", Some(65536), true, true).expect("add disabled bitmap");
+    tracker
+        .add("off", Some(65536), true, true)
+        .expect("add disabled bitmap");
     let survivor = life(&store, &tracker, &mut rng, &mut record);
     drop(tracker);
     // Life 2: start from what survived, like vubd after the power returns.
     let store = Arc::new(SimStore::new(survivor, rng.next()));
     let tracker = Arc::new(open(store.clone(), &mut rng));
     let listed = tracker.list();
-    assert_eq!(listed.len(), 4, "seed {seed}: bitmaps lost after the first cut: {listed:?}");
+    assert_eq!(
+        listed.len(),
+        4,
+        "seed {seed}: bitmaps lost after the first cut: {listed:?}"
+    );
     assert!(
         listed.iter().all(|b| !b.inconsistent),
         "seed {seed}: a power cut made a bitmap inconsistent: {listed:?}"
@@ -405,15 +423,31 @@ fn trial(seed: u64, totals: &mut Totals) {
     totals.completed_marks += record.completed.len() as u64;
     totals.failed_marks += record.errors;
     for b in &rec.bitmaps {
-        assert!(!b.inconsistent, "seed {seed}: '{}' inconsistent after a power cut", b.name);
+        assert!(
+            !b.inconsistent,
+            "seed {seed}: '{}' inconsistent after a power cut",
+            b.name
+        );
         if b.name == "off" {
             assert!(!b.recording);
-            assert_eq!(b.bitmap.dirty_chunks(), 0, "seed {seed}: disabled bitmap got marks");
+            assert_eq!(
+                b.bitmap.dirty_chunks(),
+                0,
+                "seed {seed}: disabled bitmap got marks"
+            );
             continue;
         }
-        assert!(b.recording, "seed {seed}: '{}' lost its recording state", b.name);
+        assert!(
+            b.recording,
+            "seed {seed}: '{}' lost its recording state",
+            b.name
+        );
         let g = b.granularity;
-        let min_seq = if b.name == "mid" { record.last_clear } else { 0 };
+        let min_seq = if b.name == "mid" {
+            record.last_clear
+        } else {
+            0
+        };
         let required: Vec<(u64, u64)> = record
             .completed
             .iter()
@@ -438,9 +472,14 @@ fn trial(seed: u64, totals: &mut Totals) {
         let over = (0..b.bitmap.chunks())
             .filter(|&c| b.bitmap.get_chunk(c) && !attempted[c as usize])
             .count() as u64;
-        let name = BITMAPS.iter().find(|(n, _)| *n == b.name).map(|(n, _)| *n).unwrap_or("?");
+        let name = BITMAPS
+            .iter()
+            .find(|(n, _)| *n == b.name)
+            .map(|(n, _)| *n)
+            .unwrap_or("?");
         *totals.recovered_chunks.entry(name).or_default() += b.bitmap.dirty_chunks();
-        *totals.needed_chunks.entry(name).or_default() += need.iter().filter(|&&x| x).count() as u64;
+        *totals.needed_chunks.entry(name).or_default() +=
+            need.iter().filter(|&&x| x).count() as u64;
         *totals.over_chunks.entry(name).or_default() += over;
     }
     totals.max_over_extents = totals.max_over_extents.max(rec.log_extents);
@@ -485,7 +524,10 @@ fn power_loss_never_loses_a_completed_mark() {
         DISK.div_ceil(EXTENT),
         EXTENT / 1024
     );
-    assert!(totals.completed_marks > 0, "no mark ever completed: the test tested nothing");
+    assert!(
+        totals.completed_marks > 0,
+        "no mark ever completed: the test tested nothing"
+    );
 }
 
 /// A clear that returned must not come back after a power cut, while a mark
@@ -511,7 +553,10 @@ fn cleared_bitmap_stays_cleared_after_power_cut() {
         let b = &rec.bitmaps[0].bitmap;
         assert!(b.get(after), "seed {seed}: mark after clear lost");
         // Only the extent(s) of the post-clear write may be set.
-        let allowed = (after / EXTENT * EXTENT, (after + 4095) / EXTENT * EXTENT + EXTENT);
+        let allowed = (
+            after / EXTENT * EXTENT,
+            (after + 4095) / EXTENT * EXTENT + EXTENT,
+        );
         for (off, len) in b.dirty_ranges() {
             assert!(
                 off >= allowed.0 && off + len <= allowed.1,

@@ -7,3 +7,5 @@ pub mod client;
 pub mod guest;
 pub mod raw_frontend;
 pub mod bench;
+pub mod qmp_client;
+pub mod bench_mirror;

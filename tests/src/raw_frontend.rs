@@ -735,6 +735,41 @@ impl RawFrontend {
         }
     }
 
+    /// The device's avail_event (`used->ring[size]`, EVENT_IDX only): the
+    /// avail index at which it wants the next kick, i.e. how far it has
+    /// consumed the avail ring when it last re-armed notifications.
+    pub fn avail_event(&self, q: usize) -> Result<u16> {
+        let vq = self.vq(q)?;
+        self.mem.load_u16(vq.used + 4 + 8 * u64::from(vq.size))
+    }
+
+    /// Waits until `head` comes back (returns its length) or, with
+    /// EVENT_IDX, until the device has consumed every published entry of
+    /// the avail ring (returns None). Used before reusing the descriptor
+    /// slots of a chain the device may drop without returning it.
+    pub fn wait_head_or_consumed(
+        &mut self,
+        q: usize,
+        head: u16,
+        deadline: Instant,
+    ) -> Result<Option<u32>> {
+        let event_idx = self.has_feature(VIRTIO_RING_F_EVENT_IDX);
+        loop {
+            self.poll_used(q)?;
+            if let Some(len) = self.vq_mut(q)?.completed.remove(&u32::from(head)) {
+                return Ok(Some(len));
+            }
+            if event_idx && self.avail_event(q)? == self.vq(q)?.next_avail {
+                return Ok(None);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(None);
+            }
+            self.wait_call(q, deadline - now)?;
+        }
+    }
+
     /// Whether `head` came back (without waiting); consumes the entry.
     pub fn take_used(&mut self, q: usize, head: u16) -> Result<Option<u32>> {
         self.poll_used(q)?;

@@ -23,7 +23,6 @@ use std::path::PathBuf;
 use std::time::Duration;
 use tests::daemon::{Daemon, ScratchDir};
 use tests::raw_frontend::*;
-use vhost::vhost_user::message::VhostUserConfigFlags;
 use vhost::vhost_user::{VhostUserFrontend, VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::{VhostBackend, VringConfigData};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -38,6 +37,8 @@ const VICTIM: u64 = 100;
 /// How long to wait for a chain that may legitimately never come back,
 /// once a later well-formed request has completed.
 const GRACE: Duration = Duration::from_millis(300);
+/// How long to wait for the device to consume a chain it may drop.
+const CONSUME_TIMEOUT: Duration = Duration::from_secs(2);
 
 const IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
 const UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
@@ -262,8 +263,24 @@ impl Harness {
         req: Request,
         watch: &[(u64, Vec<u8>)],
     ) -> Result<Outcome> {
+        // The chain may be dropped without coming back; make sure the
+        // device is done with it before its descriptor slots are reused.
+        let early = self.fe.wait_head_or_consumed(
+            req.queue,
+            req.head,
+            std::time::Instant::now() + CONSUME_TIMEOUT,
+        )?;
         self.check(what)?;
-        let o = self.fe.outcome(&req, GRACE)?;
+        let o = match early {
+            Some(len) => Outcome::Used {
+                len,
+                status: match req.status_gpa {
+                    Some(gpa) => Some(self.fe.mem().read_u8(gpa)?),
+                    None => None,
+                },
+            },
+            None => self.fe.outcome(&req, GRACE)?,
+        };
         self.note(what, &o);
         if o.status() == Some(OK) {
             bail!("`{what}`: a malformed chain completed with OK: {o}");
@@ -1357,7 +1374,10 @@ fn avail_index_far_ahead() -> Result<()> {
 fn hostile_control_messages() -> Result<()> {
     let mut h = Harness::start(Setup::default())?;
     type Case = (&'static str, fn(&mut RawFrontend) -> vhost::Result<()>);
-    let cases: [Case; 6] = [
+    // (GET_CONFIG past the config space is not tried: the backend's
+    // zero-size error reply is legal, but the vhost crate's frontend then
+    // waits forever for the payload it asked for.)
+    let cases: [Case; 5] = [
         ("SET_VRING_NUM 0", |fe| fe.vhost().set_vring_num(0, 0)),
         ("SET_VRING_NUM 32768", |fe| fe.vhost().set_vring_num(0, 32768)),
         ("SET_VRING_ADDR outside guest memory", |fe| {
@@ -1385,11 +1405,6 @@ fn hostile_control_messages() -> Result<()> {
             info.userspace_addr += 0x1000;
             fe.vhost().add_mem_region(&info).map(|_| ())
         }),
-        ("GET_CONFIG past the config space", |fe| {
-            fe.vhost()
-                .get_config(0xF00, 0x100, VhostUserConfigFlags::empty(), &[0u8; 0x100])
-                .map(|_| ())
-        }),
     ];
     for (what, f) in cases {
         let res = f(&mut h.fe);
@@ -1403,4 +1418,121 @@ fn hostile_control_messages() -> Result<()> {
         h.check(&format!("new session after {what}"))?;
     }
     h.finish("control messages")
+}
+
+/// A memory region whose file range runs past the end of its file: the
+/// backend can map it, but touching the part past the end raises SIGBUS.
+/// vubd must refuse the region (ADD_MEM_REG) or fail the request, and
+/// stay alive.
+#[test]
+fn memory_region_past_end_of_file() -> Result<()> {
+    let mut h = Harness::start(Setup::default())?;
+    const GPA: u64 = 1 << 30;
+    let mut info = h.fe.mem().region_infos()[1];
+    // The memfd is 9 MiB: this region's second MiB lies past its end.
+    info.guest_phys_addr = GPA;
+    info.mmap_offset = 8 << 20;
+    info.memory_size = 2 << 20;
+    info.userspace_addr = 0x7e00_0000_0000;
+    let res = h.fe.vhost().add_mem_region(&info);
+    eprintln!("[{:?}] ADD_MEM_REG past the end of the file: {:?}", h.target, res.as_ref().map(|_| "accepted"));
+    std::thread::sleep(Duration::from_millis(100));
+    h.alive("ADD_MEM_REG past the end of the file")?;
+    if res.is_ok() {
+        for (what, t, flags) in [
+            ("write from guest memory past the end of the memfd", VIRTIO_BLK_T_OUT, 0),
+            ("read into guest memory past the end of the memfd", VIRTIO_BLK_T_IN, F_WRITE),
+        ] {
+            let hdr = h.fe.place_header(t, VICTIM)?;
+            let st = h.fe.place_status()?;
+            let data = Desc { addr: GPA + (1 << 20) + 4096, len: 512, flags };
+            let req = h.submit(&[Desc::r(hdr, 16), data, Desc::w(st, 1)], Some(st), None)?;
+            let o = h.fe.outcome(&req, DEFAULT_TIMEOUT)?;
+            h.note(what, &o);
+            if let Some(status) = h.daemon.try_wait()? {
+                bail!("{:?} died on `{what}`: {status}", h.target);
+            }
+            ensure!(o.status() == Some(IOERR), "`{what}`: expected IOERR, got {o}");
+            h.check(what)?;
+        }
+        // Pieces the device copies itself rather than handing to the
+        // kernel: header, GET_ID answer, status byte, indirect table.
+        let bad = GPA + (1 << 20) + 8192;
+        let st = h.fe.place_status()?;
+        let buf = h.fe.place_buffer(512, BUFFER_SENTINEL)?;
+        let req = h.submit(&[Desc::r(bad, 16), Desc::w(buf, 512), Desc::w(st, 1)], Some(st), None)?;
+        expect_alive_ioerr(&mut h, "header past the end of the memfd", req)?;
+        let hdr = h.fe.place_header(VIRTIO_BLK_T_GET_ID, 0)?;
+        let st = h.fe.place_status()?;
+        let req = h.submit(&[Desc::r(hdr, 16), Desc::w(bad, 20), Desc::w(st, 1)], Some(st), None)?;
+        expect_alive_ioerr(&mut h, "GET_ID answer past the end of the memfd", req)?;
+        let hdr = h.fe.place_header(VIRTIO_BLK_T_DISCARD, 0)?;
+        let st = h.fe.place_status()?;
+        let req = h.submit(&[Desc::r(hdr, 16), Desc::r(bad, 16), Desc::w(st, 1)], Some(st), None)?;
+        expect_alive_ioerr(&mut h, "discard segment past the end of the memfd", req)?;
+        let hdr = h.fe.place_header(VIRTIO_BLK_T_FLUSH, 0)?;
+        let req = h.submit(&[Desc::r(hdr, 16), Desc::w(bad, 1)], None, None)?;
+        let what = "status byte past the end of the memfd";
+        let o = h.fe.outcome(&req, Duration::from_secs(2))?;
+        h.note(what, &o);
+        if let Some(status) = h.daemon.try_wait()? {
+            bail!("{:?} died on `{what}`: {status}", h.target);
+        }
+        h.check(what)?;
+        if h.fe.has_feature(VIRTIO_RING_F_INDIRECT_DESC) {
+            let st = h.fe.place_status()?;
+            let head = h.fe.submit_raw(0, RawDesc { addr: bad, len: 48, flags: F_INDIRECT, next: 0 })?;
+            let req = Request { queue: 0, head, status_gpa: Some(st), data_gpa: None, data_len: 0 };
+            let what = "indirect table past the end of the memfd";
+            let o = h.fe.outcome(&req, Duration::from_secs(2))?;
+            h.note(what, &o);
+            if let Some(status) = h.daemon.try_wait()? {
+                bail!("{:?} died on `{what}`: {status}", h.target);
+            }
+            h.check(what)?;
+        }
+    } else {
+        h.reconnect()?;
+    }
+    h.finish("region past the end of its file")
+}
+
+fn expect_alive_ioerr(h: &mut Harness, what: &str, req: Request) -> Result<()> {
+    let o = h.fe.outcome(&req, DEFAULT_TIMEOUT)?;
+    h.note(what, &o);
+    if let Some(status) = h.daemon.try_wait()? {
+        bail!("{:?} died on `{what}`: {status}", h.target);
+    }
+    ensure!(o.status() == Some(IOERR), "`{what}`: expected IOERR, got {o}");
+    h.check(what)
+}
+
+/// The frontend shrinks its memfd after handing it over, cutting off
+/// region 1, then submits a request whose header lies there. Any access by
+/// the backend raises SIGBUS unless it guards against it (for instance by
+/// insisting on memfds sealed against shrinking, F_SEAL_SHRINK, as QEMU's
+/// memory-backend-memfd creates them by default).
+#[test]
+#[ignore = "known gap (reported): vubd gets SIGBUS when the frontend shrinks its memfd; needs a design decision"]
+fn memfd_shrunk_after_setup() -> Result<()> {
+    let mut h = Harness::start(Setup::default())?;
+    h.good_io("before shrinking")?;
+    let hdr = REGION1_GPA + 0x1000;
+    h.fe.mem().write(hdr, &OutHdr::new(VIRTIO_BLK_T_IN, VICTIM).bytes())?;
+    // Region 1 is file offset 6..8 MiB: cut the file at 6 MiB.
+    h.fe.mem().set_file_len(6 << 20)?;
+    let buf = h.fe.place_buffer(512, BUFFER_SENTINEL)?;
+    let st = h.fe.place_status()?;
+    let req = h.submit(&[Desc::r(hdr, 16), Desc::w(buf, 512), Desc::w(st, 1)], Some(st), None)?;
+    let what = "header in a region cut off by shrinking the memfd";
+    let o = h.fe.outcome(&req, Duration::from_secs(3))?;
+    h.note(what, &o);
+    if let Some(status) = h.daemon.try_wait()? {
+        bail!("{:?} died on `{what}`: {status}", h.target);
+    }
+    ensure!(o.status() == Some(IOERR), "`{what}`: expected IOERR, got {o}");
+    // Region 0 is intact: the device must still serve requests there.
+    h.good_io(what)?;
+    h.check_disk(what)?;
+    Ok(())
 }

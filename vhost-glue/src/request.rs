@@ -277,7 +277,9 @@ impl RequestParser {
             if num == 0 || num > MAX_DISCARD_SECTORS {
                 return (ioerr, 0);
             }
-            let Some(offset) = check_rw_range(sector, u64::from(num) * 512, cfg) else {
+            // The segment limit is max_discard_sectors (checked above), not
+            // the read/write transfer limit.
+            let Some(offset) = check_range(sector, u64::from(num) * 512, cfg) else {
                 return (ioerr, 0);
             };
             segments[i] = (offset, u64::from(num) * 512, unmap);
@@ -299,10 +301,19 @@ impl RequestParser {
 /// Checks a read/write range: aligned to the logical block size, inside the
 /// disk, not larger than a request may be. Returns the byte offset.
 fn check_rw_range(sector: u64, len: u64, cfg: &DeviceConfig) -> Option<u64> {
+    if len > cfg.max_request_bytes() {
+        return None;
+    }
+    check_range(sector, len, cfg)
+}
+
+/// Checks that a range is aligned to the logical block size and inside the
+/// disk. Returns the byte offset.
+fn check_range(sector: u64, len: u64, cfg: &DeviceConfig) -> Option<u64> {
     let lbs = u64::from(cfg.logical_block_size);
     let offset = sector.checked_mul(512)?;
     let end = offset.checked_add(len)?;
-    if offset % lbs != 0 || len % lbs != 0 || end > cfg.size || len > cfg.max_request_bytes() {
+    if offset % lbs != 0 || len % lbs != 0 || end > cfg.size {
         return None;
     }
     Some(offset)

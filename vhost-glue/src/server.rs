@@ -139,8 +139,11 @@ impl Server {
             info!("frontend connected");
             *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(device);
             match daemon.wait() {
-                Ok(()) => info!("frontend disconnected"),
-                Err(e) => info!("frontend session ended: {e}"),
+                Ok(())
+                | Err(vhost_user_backend::Error::HandleRequest(
+                    vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+                )) => info!("frontend disconnected"),
+                Err(e) => warn!("frontend session ended with an error: {e}"),
             }
             *self.current.lock().unwrap_or_else(|p| p.into_inner()) = None;
             // Dropping the daemon stops and joins this session's queue threads.

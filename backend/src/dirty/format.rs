@@ -99,7 +99,12 @@ pub(crate) struct Layout {
 
 impl Layout {
     /// Plans a file for `bitmaps` = (name, granularity, inconsistent).
-    pub fn plan(file_id: u64, disk_size: u64, extent_size: u64, bitmaps: &[(String, u64, bool)]) -> Layout {
+    pub fn plan(
+        file_id: u64,
+        disk_size: u64,
+        extent_size: u64,
+        bitmaps: &[(String, u64, bool)],
+    ) -> Layout {
         let dir_len: usize = bitmaps
             .iter()
             .map(|(name, _, _)| ENTRY_FIXED + (name.len().div_ceil(8) * 8))
@@ -172,7 +177,15 @@ impl Layout {
             put_u64(&mut fixed, 0, e.granularity);
             put_u64(&mut fixed, 8, e.data_off);
             put_u64(&mut fixed, 16, e.data_len);
-            put_u64(&mut fixed, 24, if e.inconsistent { ENTRY_INCONSISTENT } else { 0 });
+            put_u64(
+                &mut fixed,
+                24,
+                if e.inconsistent {
+                    ENTRY_INCONSISTENT
+                } else {
+                    0
+                },
+            );
             put_u64(&mut fixed, 32, e.name.len() as u64);
             b.extend_from_slice(&fixed);
             b.extend_from_slice(e.name.as_bytes());
@@ -263,7 +276,9 @@ fn decode_preamble(b: &[u8]) -> Result<Layout, PreambleError> {
         return if version > FORMAT_VERSION {
             Err(PreambleError::Unsupported(version))
         } else {
-            Err(PreambleError::Unusable(format!("bad format version {version}")))
+            Err(PreambleError::Unusable(format!(
+                "bad format version {version}"
+            )))
         };
     }
     let field = |off| u64_at(b, off).unwrap_or(0);
@@ -276,14 +291,20 @@ fn decode_preamble(b: &[u8]) -> Result<Layout, PreambleError> {
             .unwrap_or_default();
         PreambleError::Damaged(why, names)
     };
-    let Some(hash_end) = header_len.checked_add(HASH_LEN).filter(|&e| e <= b.len() && header_len >= HEADER_LEN)
+    let Some(hash_end) = header_len
+        .checked_add(HASH_LEN)
+        .filter(|&e| e <= b.len() && header_len >= HEADER_LEN)
     else {
-        return Err(salvage(format!("preamble truncated (header length {header_len}, file {} bytes)", b.len())));
+        return Err(salvage(format!(
+            "preamble truncated (header length {header_len}, file {} bytes)",
+            b.len()
+        )));
     };
     if sha(&b[..header_len])[..] != b[header_len..hash_end] {
         return Err(salvage("preamble checksum mismatch".to_string()));
     }
-    let entries = parse_directory(b, count, header_len).ok_or_else(|| salvage("directory malformed".to_string()))?;
+    let entries = parse_directory(b, count, header_len)
+        .ok_or_else(|| salvage("directory malformed".to_string()))?;
     let extent_size = field(40);
     if !extent_size.is_power_of_two() {
         return Err(salvage(format!("bad extent size {extent_size}")));
@@ -334,7 +355,9 @@ fn decode_state(layout: &Layout, b: &[u8]) -> Option<State> {
     Some(State {
         generation: u64_at(b, 16)?,
         flags: u64_at(b, 24)?,
-        bitmap_flags: (0..n as usize).filter_map(|i| u64_at(b, 40 + 8 * i)).collect(),
+        bitmap_flags: (0..n as usize)
+            .filter_map(|i| u64_at(b, 40 + 8 * i))
+            .collect(),
     })
 }
 
@@ -393,7 +416,11 @@ pub struct Recovery {
     pub(crate) layout: Option<Layout>,
 }
 
-fn inconsistent_bitmap(name: String, granularity: u64, disk_size: u64) -> Result<RecoveredBitmap, DirtyError> {
+fn inconsistent_bitmap(
+    name: String,
+    granularity: u64,
+    disk_size: u64,
+) -> Result<RecoveredBitmap, DirtyError> {
     let g = if super::check_granularity(granularity).is_ok() {
         granularity
     } else {
@@ -419,7 +446,8 @@ fn inconsistent_bitmap(name: String, granularity: u64, disk_size: u64) -> Result
 /// a newer format version.
 pub fn recover(store: &dyn MetaStore, disk_size: u64) -> Result<Recovery, DirtyError> {
     let what = store.describe();
-    let Some(bytes) = read_all(store).map_err(|e| DirtyError::io(format!("reading {what}"), e))? else {
+    let Some(bytes) = read_all(store).map_err(|e| DirtyError::io(format!("reading {what}"), e))?
+    else {
         return Ok(Recovery::default());
     };
     let mut rec = Recovery {
@@ -434,7 +462,9 @@ pub fn recover(store: &dyn MetaStore, disk_size: u64) -> Result<Recovery, DirtyE
             )))
         }
         Err(PreambleError::Unusable(why)) => {
-            log::error!("bitmap sidecar {what} is unusable: {why}; no persistent bitmap can be recovered");
+            log::error!(
+                "bitmap sidecar {what} is unusable: {why}; no persistent bitmap can be recovered"
+            );
             rec.damage = Some(why);
             return Ok(rec);
         }
@@ -443,26 +473,38 @@ pub fn recover(store: &dyn MetaStore, disk_size: u64) -> Result<Recovery, DirtyE
                 "bitmap sidecar {what} is damaged: {why}; bitmaps {names:?} load as inconsistent"
             );
             for name in names {
-                rec.bitmaps.push(inconsistent_bitmap(name, super::DEFAULT_GRANULARITY, disk_size)?);
+                rec.bitmaps.push(inconsistent_bitmap(
+                    name,
+                    super::DEFAULT_GRANULARITY,
+                    disk_size,
+                )?);
             }
             rec.damage = Some(why);
             return Ok(rec);
         }
     };
     rec.extent_size = layout.extent_size;
-    let all_inconsistent = |rec: &mut Recovery, why: String, layout: &Layout| -> Result<(), DirtyError> {
-        log::error!(
-            "bitmap sidecar {what}: {why}; bitmaps {:?} load as inconsistent",
-            layout.entries.iter().map(|e| &e.name).collect::<Vec<_>>()
-        );
-        for e in &layout.entries {
-            rec.bitmaps.push(inconsistent_bitmap(e.name.clone(), e.granularity, disk_size)?);
-        }
-        rec.damage = Some(why);
-        Ok(())
-    };
+    let all_inconsistent =
+        |rec: &mut Recovery, why: String, layout: &Layout| -> Result<(), DirtyError> {
+            log::error!(
+                "bitmap sidecar {what}: {why}; bitmaps {:?} load as inconsistent",
+                layout.entries.iter().map(|e| &e.name).collect::<Vec<_>>()
+            );
+            for e in &layout.entries {
+                rec.bitmaps.push(inconsistent_bitmap(
+                    e.name.clone(),
+                    e.granularity,
+                    disk_size,
+                )?);
+            }
+            rec.damage = Some(why);
+            Ok(())
+        };
     if layout.disk_size != disk_size {
-        let why = format!("disk size changed from {} to {disk_size} bytes", layout.disk_size);
+        let why = format!(
+            "disk size changed from {} to {disk_size} bytes",
+            layout.disk_size
+        );
         all_inconsistent(&mut rec, why, &layout)?;
         rec.layout = Some(layout);
         return Ok(rec);
@@ -477,7 +519,11 @@ pub fn recover(store: &dyn MetaStore, disk_size: u64) -> Result<Recovery, DirtyE
         .filter_map(|b| decode_state(&layout, b))
         .max_by_key(|s| s.generation);
     let Some(state) = state else {
-        all_inconsistent(&mut rec, "no valid state block (truncated or damaged)".to_string(), &layout)?;
+        all_inconsistent(
+            &mut rec,
+            "no valid state block (truncated or damaged)".to_string(),
+            &layout,
+        )?;
         rec.layout = Some(layout);
         return Ok(rec);
     };
@@ -512,27 +558,49 @@ pub fn recover(store: &dyn MetaStore, disk_size: u64) -> Result<Recovery, DirtyE
     for (i, e) in layout.entries.iter().enumerate() {
         let recording = state.bitmap_flags.get(i).copied().unwrap_or(0) & BITMAP_RECORDING != 0;
         let fail = |why: &str| {
-            log::error!("bitmap sidecar {what}: bitmap '{}' {why}; it loads as inconsistent", e.name);
+            log::error!(
+                "bitmap sidecar {what}: bitmap '{}' {why}; it loads as inconsistent",
+                e.name
+            );
         };
         if e.inconsistent {
-            log::warn!("bitmap sidecar {what}: bitmap '{}' was already inconsistent", e.name);
-            rec.bitmaps.push(inconsistent_bitmap(e.name.clone(), e.granularity, disk_size)?);
+            log::warn!(
+                "bitmap sidecar {what}: bitmap '{}' was already inconsistent",
+                e.name
+            );
+            rec.bitmaps.push(inconsistent_bitmap(
+                e.name.clone(),
+                e.granularity,
+                disk_size,
+            )?);
             continue;
         }
         if super::check_granularity(e.granularity).is_err() {
             fail(&format!("has an invalid granularity {}", e.granularity));
-            rec.bitmaps.push(inconsistent_bitmap(e.name.clone(), e.granularity, disk_size)?);
+            rec.bitmaps.push(inconsistent_bitmap(
+                e.name.clone(),
+                e.granularity,
+                disk_size,
+            )?);
             continue;
         }
         let need = qemu_words(disk_size.div_ceil(e.granularity)) * 8;
         let Some(data) = region(e.data_off, need).filter(|_| e.data_len >= need) else {
             fail("has its data missing (sidecar truncated)");
-            rec.bitmaps.push(inconsistent_bitmap(e.name.clone(), e.granularity, disk_size)?);
+            rec.bitmaps.push(inconsistent_bitmap(
+                e.name.clone(),
+                e.granularity,
+                disk_size,
+            )?);
             continue;
         };
         if recording && !log_ok {
             fail("was recording but the activity log is missing (sidecar truncated)");
-            rec.bitmaps.push(inconsistent_bitmap(e.name.clone(), e.granularity, disk_size)?);
+            rec.bitmaps.push(inconsistent_bitmap(
+                e.name.clone(),
+                e.granularity,
+                disk_size,
+            )?);
             continue;
         }
         // Page tracking on: the tracker keeps using this bitmap after open.
@@ -569,7 +637,11 @@ mod tests {
             42,
             10 << 20,
             1 << 20,
-            &[("a".into(), 65536, false), ("bee".into(), 512, false), ("bad".into(), 4096, true)],
+            &[
+                ("a".into(), 65536, false),
+                ("bee".into(), 512, false),
+                ("bad".into(), 4096, true),
+            ],
         );
         let mut file = vec![0u8; layout.total_len as usize];
         let pre = layout.encode_preamble();
@@ -593,7 +665,7 @@ mod tests {
         file[a.data_off as usize] = 1 << 3;
         let b = &layout.entries[1];
         file[b.data_off as usize + 12] = 1 << 4; // chunk 100
-        // Slot 1 (epoch 7 >= generation 7): extent 5 logged. Slot 0 (epoch 6): extent 9, stale.
+                                                 // Slot 1 (epoch 7 >= generation 7): extent 5 logged. Slot 0 (epoch 6): extent 9, stale.
         file[(layout.al_slot_off(1) + PAGE) as usize] = 1 << 5;
         file[(layout.al_slot_off(0) + PAGE) as usize + 1] = 1 << 1;
         let store = MemStore::new();
@@ -629,13 +701,24 @@ mod tests {
             store.set_contents(Some(file[..cut].to_vec()));
             let rec = recover(&store, 10 << 20).unwrap();
             for b in &rec.bitmaps {
-                let data_end = layout.entries.iter().find(|e| e.name == b.name).map(|e| e.data_off + e.data_len);
+                let data_end = layout
+                    .entries
+                    .iter()
+                    .find(|e| e.name == b.name)
+                    .map(|e| e.data_off + e.data_len);
                 if !b.inconsistent {
-                    assert!(data_end.is_some_and(|end| end as usize <= cut || b.name == "bee"), "cut {cut}: {}", b.name);
+                    assert!(
+                        data_end.is_some_and(|end| end as usize <= cut || b.name == "bee"),
+                        "cut {cut}: {}",
+                        b.name
+                    );
                 }
             }
             if cut < layout.al_off as usize + 2 * layout.al_len as usize {
-                assert!(rec.bitmaps.iter().all(|b| b.inconsistent || !b.recording), "cut {cut}");
+                assert!(
+                    rec.bitmaps.iter().all(|b| b.inconsistent || !b.recording),
+                    "cut {cut}"
+                );
             }
         }
         // A flipped byte in the directory: checksum fails, names salvaged.
@@ -664,7 +747,10 @@ mod tests {
         let mut newer = file;
         newer[8] = 2;
         store.set_contents(Some(newer));
-        assert!(matches!(recover(&store, 10 << 20), Err(DirtyError::UnsupportedFormat(_))));
+        assert!(matches!(
+            recover(&store, 10 << 20),
+            Err(DirtyError::UnsupportedFormat(_))
+        ));
         // Missing file: nothing to recover.
         store.set_contents(None);
         let rec = recover(&store, 10 << 20).unwrap();

@@ -67,7 +67,8 @@ impl InFlightBitmap {
 
     /// Whether `chunk` is marked in flight.
     pub fn is_set(&self, chunk: u64) -> bool {
-        chunk < self.chunks && self.words[(chunk / 64) as usize].load(Ordering::SeqCst) & (1 << (chunk % 64)) != 0
+        chunk < self.chunks
+            && self.words[(chunk / 64) as usize].load(Ordering::SeqCst) & (1 << (chunk % 64)) != 0
     }
 
     /// Clears the bit of `chunk` and returns whether it was still set (no

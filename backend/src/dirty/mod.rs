@@ -109,6 +109,9 @@ pub enum DirtyError {
 
 impl DirtyError {
     pub(crate) fn io(what: impl Into<String>, source: std::io::Error) -> Self {
-        DirtyError::Io { what: what.into(), source }
+        DirtyError::Io {
+            what: what.into(),
+            source,
+        }
     }
 }

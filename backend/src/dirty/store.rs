@@ -180,13 +180,22 @@ impl MemStore {
 
 impl MetaStore for MemStore {
     fn size(&self) -> io::Result<Option<u64>> {
-        Ok(self.data.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|d| d.len() as u64))
+        Ok(self
+            .data
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|d| d.len() as u64))
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
         let guard = self.data.lock().unwrap_or_else(|e| e.into_inner());
-        let data = guard.as_ref().ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
-        let start = usize::try_from(offset).unwrap_or(usize::MAX).min(data.len());
+        let data = guard
+            .as_ref()
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
+        let start = usize::try_from(offset)
+            .unwrap_or(usize::MAX)
+            .min(data.len());
         let n = buf.len().min(data.len() - start);
         buf[..n].copy_from_slice(&data[start..start + n]);
         Ok(n)
@@ -194,7 +203,9 @@ impl MetaStore for MemStore {
 
     fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
         let mut guard = self.data.lock().unwrap_or_else(|e| e.into_inner());
-        let data = guard.as_mut().ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
+        let data = guard
+            .as_mut()
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
         let start = usize::try_from(offset).map_err(|_| io::Error::other("offset"))?;
         if data.len() < start + buf.len() {
             data.resize(start + buf.len(), 0);

@@ -40,7 +40,8 @@ use super::format::{recover, Layout, BITMAP_RECORDING, PAGE, STATE_CLEAN};
 use super::inflight::InFlightBitmap;
 use super::store::{FileStore, MetaStore};
 use super::{
-    check_granularity, DirtyError, DEFAULT_EXTENT_SIZE, DEFAULT_FLUSH_INTERVAL, DEFAULT_GRANULARITY, MAX_NAME_LEN,
+    check_granularity, DirtyError, DEFAULT_EXTENT_SIZE, DEFAULT_FLUSH_INTERVAL,
+    DEFAULT_GRANULARITY, MAX_NAME_LEN,
 };
 use arc_swap::ArcSwap;
 use std::path::Path;
@@ -166,8 +167,19 @@ struct AlEpoch {
 }
 
 impl AlEpoch {
-    fn new(epoch: u64, slot_off: u64, nwords: usize, kind: u8, prepop: &[u64], prepop_durable: bool) -> Self {
-        let mk = |v: &dyn Fn(usize) -> u64| (0..nwords).map(|i| AtomicU64::new(v(i))).collect::<Box<[_]>>();
+    fn new(
+        epoch: u64,
+        slot_off: u64,
+        nwords: usize,
+        kind: u8,
+        prepop: &[u64],
+        prepop_durable: bool,
+    ) -> Self {
+        let mk = |v: &dyn Fn(usize) -> u64| {
+            (0..nwords)
+                .map(|i| AtomicU64::new(v(i)))
+                .collect::<Box<[_]>>()
+        };
         let pre = |i: usize| prepop.get(i).copied().unwrap_or(0);
         AlEpoch {
             epoch,
@@ -207,7 +219,9 @@ impl AlEpoch {
     }
 
     fn is_empty(&self) -> bool {
-        self.requested.iter().all(|w| w.load(Ordering::Relaxed) == 0)
+        self.requested
+            .iter()
+            .all(|w| w.load(Ordering::Relaxed) == 0)
     }
 
     /// No marker will write this log's slot again: its extents are covered by
@@ -294,7 +308,9 @@ pub struct DirtyTracker {
 
 impl std::fmt::Debug for DirtyTracker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DirtyTracker").field("bitmaps", &self.list()).finish()
+        f.debug_struct("DirtyTracker")
+            .field("bitmaps", &self.list())
+            .finish()
     }
 }
 
@@ -393,9 +409,9 @@ impl DirtyTracker {
             if !named.is_empty() {
                 p.relayout(&inner, &mut ctl, &named)?;
             } else if had_valid_empty_file {
-                p.store
-                    .remove()
-                    .map_err(|e| DirtyError::io(format!("removing empty {}", p.store.describe()), e))?;
+                p.store.remove().map_err(|e| {
+                    DirtyError::io(format!("removing empty {}", p.store.describe()), e)
+                })?;
             }
         }
         let thread = if inner.persist.is_some() && !config.read_only {
@@ -474,7 +490,11 @@ impl DirtyTracker {
 
     /// Attaches a mirror's in-flight bitmap and its dirty bitmap (same
     /// granularity): guest writes then clear the one and mark the other.
-    pub fn attach_inflight(&self, inflight: Arc<InFlightBitmap>, dirty: Arc<DirtyBitmap>) -> Result<(), DirtyError> {
+    pub fn attach_inflight(
+        &self,
+        inflight: Arc<InFlightBitmap>,
+        dirty: Arc<DirtyBitmap>,
+    ) -> Result<(), DirtyError> {
         if inflight.granularity() != dirty.granularity() {
             return Err(DirtyError::GranularityMismatch {
                 inflight: inflight.granularity(),
@@ -537,7 +557,13 @@ impl DirtyTracker {
     /// `block-dirty-bitmap-add`: a new bitmap, empty, recording unless
     /// `disabled`. `granularity` defaults to 64 KiB. A persistent bitmap is
     /// durable in the sidecar when this returns.
-    pub fn add(&self, name: &str, granularity: Option<u64>, persistent: bool, disabled: bool) -> Result<(), DirtyError> {
+    pub fn add(
+        &self,
+        name: &str,
+        granularity: Option<u64>,
+        persistent: bool,
+        disabled: bool,
+    ) -> Result<(), DirtyError> {
         if name.is_empty() {
             return Err(DirtyError::EmptyName);
         }
@@ -546,10 +572,14 @@ impl DirtyTracker {
         let inner = &*self.inner;
         if persistent {
             if inner.persist.is_none() {
-                return Err(DirtyError::PersistenceUnavailable("no sidecar file is configured".into()));
+                return Err(DirtyError::PersistenceUnavailable(
+                    "no sidecar file is configured".into(),
+                ));
             }
             if inner.read_only {
-                return Err(DirtyError::PersistenceUnavailable("the image is read-only".into()));
+                return Err(DirtyError::PersistenceUnavailable(
+                    "the image is read-only".into(),
+                ));
             }
         }
         let mut ctl = self.control()?;
@@ -570,7 +600,13 @@ impl DirtyTracker {
             busy: AtomicBool::new(false),
         });
         if let (true, Some(p)) = (persistent, &inner.persist) {
-            let mut files: Vec<Arc<Named>> = inner.bitmaps.load().iter().filter(|b| b.persistent).cloned().collect();
+            let mut files: Vec<Arc<Named>> = inner
+                .bitmaps
+                .load()
+                .iter()
+                .filter(|b| b.persistent)
+                .cloned()
+                .collect();
             files.push(entry.clone());
             p.relayout(inner, &mut ctl, &files)?;
         }
@@ -581,7 +617,11 @@ impl DirtyTracker {
         });
         log::info!(
             "bitmap '{name}' added (granularity {granularity}, {}{})",
-            if persistent { "persistent" } else { "in memory" },
+            if persistent {
+                "persistent"
+            } else {
+                "in memory"
+            },
             if disabled { ", disabled" } else { "" }
         );
         Ok(())
@@ -603,7 +643,12 @@ impl DirtyTracker {
                 .collect();
             p.relayout(inner, &mut ctl, &files)?;
         }
-        inner.bitmaps.rcu(|v| v.iter().filter(|x| !Arc::ptr_eq(x, &b)).cloned().collect::<Vec<_>>());
+        inner.bitmaps.rcu(|v| {
+            v.iter()
+                .filter(|x| !Arc::ptr_eq(x, &b))
+                .cloned()
+                .collect::<Vec<_>>()
+        });
         log::info!("bitmap '{name}' removed");
         Ok(())
     }
@@ -723,8 +768,10 @@ impl DirtyTracker {
     /// Sets the interval of the lazy fine-level write-out.
     pub fn set_flush_interval(&self, interval: Duration) {
         if let Some(p) = &self.inner.persist {
-            p.flush_interval_ms
-                .store(interval.as_millis().clamp(1, u128::from(u64::MAX)) as u64, Ordering::Relaxed);
+            p.flush_interval_ms.store(
+                interval.as_millis().clamp(1, u128::from(u64::MAX)) as u64,
+                Ordering::Relaxed,
+            );
             p.kick();
         }
     }
@@ -734,7 +781,9 @@ impl DirtyTracker {
         self.inner
             .persist
             .as_ref()
-            .map_or(DEFAULT_FLUSH_INTERVAL, |p| Duration::from_millis(p.flush_interval_ms.load(Ordering::Relaxed)))
+            .map_or(DEFAULT_FLUSH_INTERVAL, |p| {
+                Duration::from_millis(p.flush_interval_ms.load(Ordering::Relaxed))
+            })
     }
 
     /// Writes the fine level out now and starts a new log epoch (what the
@@ -807,13 +856,18 @@ fn background(inner: Arc<Inner>) {
     loop {
         {
             let mut w = lock(&p.wake);
-            let deadline = Instant::now() + Duration::from_millis(p.flush_interval_ms.load(Ordering::Relaxed));
+            let deadline =
+                Instant::now() + Duration::from_millis(p.flush_interval_ms.load(Ordering::Relaxed));
             while !w.stop && !w.kick {
                 let now = Instant::now();
                 if now >= deadline {
                     break;
                 }
-                w = p.wake_cv.wait_timeout(w, deadline - now).map(|(g, _)| g).unwrap_or_else(|e| e.into_inner().0);
+                w = p
+                    .wake_cv
+                    .wait_timeout(w, deadline - now)
+                    .map(|(g, _)| g)
+                    .unwrap_or_else(|e| e.into_inner().0);
             }
             if w.stop {
                 return;
@@ -826,7 +880,10 @@ fn background(inner: Arc<Inner>) {
         }
         if p.needs_checkpoint(&inner, &ctl) {
             if let Err(e) = p.checkpoint(&inner, &mut ctl, Mode::Periodic) {
-                log::warn!("bitmap write-out to {} failed (will retry): {e}", p.store.describe());
+                log::warn!(
+                    "bitmap write-out to {} failed (will retry): {e}",
+                    p.store.describe()
+                );
             }
         }
     }
@@ -839,7 +896,10 @@ impl Persist {
     }
 
     fn extent_range(&self, offset: u64, len: u64) -> (u64, u64) {
-        (offset >> self.extent_shift, (offset + len - 1) >> self.extent_shift)
+        (
+            offset >> self.extent_shift,
+            (offset + len - 1) >> self.extent_shift,
+        )
     }
 
     /// Makes the extents of `[offset, offset+len)` durable in the current log.
@@ -942,8 +1002,9 @@ impl Persist {
         self.store.sync().map_err(|e| DirtyError::io(what(), e))?;
         self.stats.log_commits.fetch_add(1, Ordering::Relaxed);
         for &p in &pages {
-            for w in p * words_per_page..((p + 1) * words_per_page).min(req.len()) {
-                al.durable[w].fetch_or(req[w], Ordering::AcqRel);
+            let range = p * words_per_page..((p + 1) * words_per_page).min(req.len());
+            for (d, r) in al.durable[range.clone()].iter().zip(&req[range]) {
+                d.fetch_or(*r, Ordering::AcqRel);
             }
         }
         Ok(())
@@ -970,7 +1031,11 @@ impl Persist {
         layout
             .entries
             .iter()
-            .map(|e| list.iter().find(|b| b.persistent && b.name == e.name).cloned())
+            .map(|e| {
+                list.iter()
+                    .find(|b| b.persistent && b.name == e.name)
+                    .cloned()
+            })
             .collect()
     }
 
@@ -979,12 +1044,20 @@ impl Persist {
         let res = self.checkpoint_inner(inner, ctl, mode);
         match &res {
             Ok(()) => self.stats.checkpoints.fetch_add(1, Ordering::Relaxed),
-            Err(_) => self.stats.checkpoint_failures.fetch_add(1, Ordering::Relaxed),
+            Err(_) => self
+                .stats
+                .checkpoint_failures
+                .fetch_add(1, Ordering::Relaxed),
         };
         res
     }
 
-    fn checkpoint_inner(&self, inner: &Inner, ctl: &mut Control, mode: Mode) -> Result<(), DirtyError> {
+    fn checkpoint_inner(
+        &self,
+        inner: &Inner,
+        ctl: &mut Control,
+        mode: Mode,
+    ) -> Result<(), DirtyError> {
         let Some(layout) = ctl.layout.clone() else {
             return Ok(());
         };
@@ -1018,8 +1091,15 @@ impl Persist {
             for (i, w) in prepop.iter().enumerate() {
                 buf[start + i * 8..start + i * 8 + 8].copy_from_slice(&w.to_le_bytes());
             }
-            let what = || format!("starting log epoch {next_epoch} in {}", self.store.describe());
-            self.store.write_at(slot_off, &buf).map_err(|e| DirtyError::io(what(), e))?;
+            let what = || {
+                format!(
+                    "starting log epoch {next_epoch} in {}",
+                    self.store.describe()
+                )
+            };
+            self.store
+                .write_at(slot_off, &buf)
+                .map_err(|e| DirtyError::io(what(), e))?;
             self.store.sync().map_err(|e| DirtyError::io(what(), e))?;
             AlEpoch::new(next_epoch, slot_off, self.nwords, AL_LIVE, &prepop, true)
         };
@@ -1067,7 +1147,9 @@ impl Persist {
                     .map_err(|err| DirtyError::io(what(), err))?;
             }
         }
-        self.store.sync().map_err(|err| DirtyError::io(what(), err))?;
+        self.store
+            .sync()
+            .map_err(|err| DirtyError::io(what(), err))?;
         let flags: Vec<u64> = members
             .iter()
             .map(|b| match b {
@@ -1079,7 +1161,9 @@ impl Persist {
         self.store
             .write_at(layout.state_off_for(gen), &state)
             .map_err(|err| DirtyError::io(what(), err))?;
-        self.store.sync().map_err(|err| DirtyError::io(what(), err))?;
+        self.store
+            .sync()
+            .map_err(|err| DirtyError::io(what(), err))?;
         ctl.durable_gen = gen;
         ctl.full_writeout = false;
         Ok(())
@@ -1087,7 +1171,12 @@ impl Persist {
 
     /// Writes a whole new sidecar for `members` (persistent bitmaps, in
     /// order) and switches to it atomically; with no members, deletes it.
-    fn relayout(&self, inner: &Inner, ctl: &mut Control, members: &[Arc<Named>]) -> Result<(), DirtyError> {
+    fn relayout(
+        &self,
+        inner: &Inner,
+        ctl: &mut Control,
+        members: &[Arc<Named>],
+    ) -> Result<(), DirtyError> {
         let _excl = self.layout_lock.write().unwrap_or_else(|e| e.into_inner());
         let cur = self.al.load_full();
         let next_epoch = cur.epoch.max(ctl.durable_gen) + 1;
@@ -1101,8 +1190,14 @@ impl Persist {
             self.store
                 .remove()
                 .map_err(|e| DirtyError::io(format!("removing {}", self.store.describe()), e))?;
-            self.al
-                .store(Arc::new(AlEpoch::new(next_epoch, 0, self.nwords, AL_NO_FILE, &[], false)));
+            self.al.store(Arc::new(AlEpoch::new(
+                next_epoch,
+                0,
+                self.nwords,
+                AL_NO_FILE,
+                &[],
+                false,
+            )));
             retire_old(ctl);
             ctl.layout = None;
             ctl.durable_gen = next_epoch;
@@ -1123,7 +1218,14 @@ impl Persist {
         let slot_off = layout.al_slot_off(next_epoch);
         // Not durable until the new file is in place: markers wait (their
         // commits need the layout lock we hold).
-        let next = Arc::new(AlEpoch::new(next_epoch, slot_off, self.nwords, AL_LIVE, &prepop, false));
+        let next = Arc::new(AlEpoch::new(
+            next_epoch,
+            slot_off,
+            self.nwords,
+            AL_LIVE,
+            &prepop,
+            false,
+        ));
         self.al.store(next.clone());
         fence(Ordering::SeqCst);
 
@@ -1135,9 +1237,19 @@ impl Persist {
         put(&mut file, 0, &layout.encode_preamble());
         let flags: Vec<u64> = members
             .iter()
-            .map(|b| if b.bitmap.is_recording() { BITMAP_RECORDING } else { 0 })
+            .map(|b| {
+                if b.bitmap.is_recording() {
+                    BITMAP_RECORDING
+                } else {
+                    0
+                }
+            })
             .collect();
-        put(&mut file, layout.state_off_for(next_epoch), &layout.encode_state(next_epoch, 0, &flags));
+        put(
+            &mut file,
+            layout.state_off_for(next_epoch),
+            &layout.encode_state(next_epoch, 0, &flags),
+        );
         put(&mut file, slot_off, &layout.encode_al_header(next_epoch));
         let mut bits = Vec::with_capacity(prepop.len() * 8);
         for w in &prepop {
@@ -1145,7 +1257,11 @@ impl Persist {
         }
         put(&mut file, slot_off + PAGE, &bits);
         // The other slot: a valid header of epoch 0, which no state applies.
-        put(&mut file, layout.al_slot_off(next_epoch + 1), &layout.encode_al_header(0));
+        put(
+            &mut file,
+            layout.al_slot_off(next_epoch + 1),
+            &layout.encode_al_header(0),
+        );
         for (e, b) in layout.entries.iter().zip(members) {
             if e.data_len == 0 {
                 continue;
@@ -1174,7 +1290,10 @@ impl Persist {
                     b.bitmap.mark_all_pages_changed();
                 }
                 ctl.full_writeout = true;
-                Err(DirtyError::io(format!("replacing {}", self.store.describe()), e))
+                Err(DirtyError::io(
+                    format!("replacing {}", self.store.describe()),
+                    e,
+                ))
             }
         }
     }
@@ -1207,14 +1326,23 @@ mod tests {
         let t = DirtyTracker::open(TrackerConfig::new(64 * MIB)).unwrap();
         t.add("b0", None, false, false).unwrap();
         let msg = |r: Result<(), DirtyError>| r.unwrap_err().to_string();
-        assert_eq!(msg(t.add("b0", None, false, false)), "Bitmap already exists: b0");
-        assert_eq!(msg(t.add("", None, false, false)), "Bitmap name cannot be empty");
+        assert_eq!(
+            msg(t.add("b0", None, false, false)),
+            "Bitmap already exists: b0"
+        );
+        assert_eq!(
+            msg(t.add("", None, false, false)),
+            "Bitmap name cannot be empty"
+        );
         assert_eq!(
             msg(t.add("g", Some(256), false, false)),
             "Granularity must be power of 2 and at least 512"
         );
         let long = "x".repeat(1024);
-        assert_eq!(msg(t.add(&long, None, false, false)), format!("Bitmap name too long: {long}"));
+        assert_eq!(
+            msg(t.add(&long, None, false, false)),
+            format!("Bitmap name too long: {long}")
+        );
         assert!(t.add(&"y".repeat(1023), None, false, false).is_ok());
         assert_eq!(msg(t.clear("nope")), "Dirty bitmap 'nope' not found");
         assert_eq!(msg(t.merge("b0", &["zz"])), "Dirty bitmap 'zz' not found");
@@ -1298,7 +1426,10 @@ mod tests {
             assert_eq!(t.list()[0].count, 0, "a durable clear stays cleared");
             t.remove("p").unwrap();
         }
-        assert!(store.contents().is_none(), "no persistent bitmap: no sidecar");
+        assert!(
+            store.contents().is_none(),
+            "no persistent bitmap: no sidecar"
+        );
     }
 
     #[test]
@@ -1313,7 +1444,11 @@ mod tests {
         assert_eq!(t.stats().log_commits, 1, "same extent: hot path");
         t.checkpoint_now().unwrap();
         t.mark(12288, 4096).unwrap();
-        assert_eq!(t.stats().log_commits, 1, "extent carried into the next epoch");
+        assert_eq!(
+            t.stats().log_commits,
+            1,
+            "extent carried into the next epoch"
+        );
         t.checkpoint_now().unwrap();
         t.checkpoint_now().unwrap();
         // Untouched for a whole epoch: dropped from the log, logged again.

@@ -253,6 +253,13 @@ impl GuestMemory {
         Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
     }
 
+    /// Truncates (or extends) the memfd behind the backend's back. After
+    /// shrinking, neither side may touch the cut-off part (SIGBUS): the
+    /// test must not read those addresses nor call `check_guards`.
+    pub fn set_file_len(&self, len: u64) -> Result<()> {
+        self.file.set_len(len).context("ftruncate memfd")
+    }
+
     /// Checks that no byte of the never-offered parts of the memfd changed:
     /// the backend must only ever touch the regions it was given.
     pub fn check_guards(&self) -> Result<()> {

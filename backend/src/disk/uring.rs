@@ -1,0 +1,587 @@
+//! An io_uring engine: reads, writes and flushes of one queue worker
+//! submitted asynchronously, so that one thread keeps many requests at the
+//! disk at once (a synchronous `preadv2` per request leaves a queue with a
+//! single request at the device: fast on tmpfs, slow on real disks with
+//! O_DIRECT).
+//!
+//! One engine belongs to one thread (the ring is set up single-issuer, with
+//! completion work deferred to the moments the thread waits for it), so it
+//! needs no lock. The caller submits requests identified by a token of its
+//! own and later reaps `(token, result)` pairs, each token exactly once.
+//! The engine does everything the synchronous `Disk` methods do around the
+//! transfer: range and read-only checks and `before_write` hooks at
+//! submission, `after_write`/`after_flush` hooks at completion; it retries
+//! short transfers and `EAGAIN`/`EINTR`. A request the image cannot take
+//! asynchronously (no fd, O_DIRECT with misaligned buffers, more iovecs than
+//! the kernel takes) runs synchronously at submission and is reaped like
+//! the others.
+//!
+//! Each request keeps the image it was issued on alive until it completes
+//! (a mirror pivot may switch images; see `Pins`), and its buffers must stay
+//! valid until it is reaped: submission is `unsafe` for that reason.
+
+use super::pins::{PinId, Pins};
+use super::{Disk, DiskError, WriteOp};
+use crate::image::{Image, ImageError};
+use crate::iobuf::{total_len, IoBuf};
+use io_uring::{opcode, squeue, types, IoUring};
+use log::{error, warn};
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::RawFd;
+use std::sync::Arc;
+
+/// Largest number of iovecs one READV/WRITEV takes (UIO_MAXIOV).
+const IOV_MAX: usize = 1024;
+/// Tag of the user_data of the kick poll (the low bits count generations).
+const KICK_TAG: u64 = 1 << 63;
+/// Resubmissions of one request that made no progress (`EAGAIN`, `EINTR`)
+/// before it fails; a transfer that moves bytes resets the count.
+const MAX_RETRIES: u32 = 100_000;
+
+/// What a slot is doing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Read,
+    Write { fua: bool },
+    Flush,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Read => "read",
+            Kind::Write { .. } => "write",
+            Kind::Flush => "flush",
+        }
+    }
+}
+
+/// One request in the ring.
+struct Slot {
+    token: u64,
+    kind: Kind,
+    fd: RawFd,
+    offset: u64,
+    len: u64,
+    /// The request's buffers as submitted (the `after_write` hooks see them).
+    bufs: Vec<IoBuf>,
+    /// What is left after a short transfer (only used then).
+    rest: Vec<IoBuf>,
+    /// Bytes transferred so far.
+    done: u64,
+    retries: u32,
+    image: Option<PinId>,
+}
+
+impl Slot {
+    fn empty() -> Slot {
+        Slot {
+            token: 0,
+            kind: Kind::Flush,
+            fd: -1,
+            offset: 0,
+            len: 0,
+            bufs: Vec::new(),
+            rest: Vec::new(),
+            done: 0,
+            retries: 0,
+            image: None,
+        }
+    }
+}
+
+/// A finished request: the caller's token and how it ended.
+pub type Reaped = (u64, Result<(), DiskError>);
+
+/// Per-thread io_uring submission and completion of disk requests.
+pub struct UringEngine {
+    ring: IoUring,
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    /// Requests finished at submission (synchronous fallback, refused
+    /// before issue), reported by the next `reap`.
+    ready: VecDeque<Reaped>,
+    images: Pins<Arc<Box<dyn Image>>>,
+    /// The kick fd a poll is armed on, and the generation of that poll.
+    kick_armed: Option<(RawFd, u64)>,
+    kick_gen: u64,
+    kicked: bool,
+    /// Completions copied out of the ring before they are processed (their
+    /// processing may push new entries).
+    cqes: Vec<(u64, i32)>,
+    stats: EngineStats,
+}
+
+/// Counters of the unusual paths, for logs and tests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    /// Transfers that came back short and were resubmitted for the rest.
+    pub short_transfers: u64,
+    /// Resubmissions after `EAGAIN`/`EINTR`.
+    pub retries: u64,
+    /// Requests run synchronously because the image could not take them.
+    pub synchronous: u64,
+}
+
+/// How an `io_uring_enter` failure is handled: these just mean "try later".
+fn transient(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::EBUSY)
+    )
+}
+
+impl UringEngine {
+    /// An engine for up to `depth` requests in flight. Fails where io_uring
+    /// is unavailable (old kernel, seccomp, `kernel.io_uring_disabled`).
+    pub fn new(depth: u32) -> io::Result<UringEngine> {
+        let depth = depth.clamp(1, 4096);
+        // One entry more for the kick poll.
+        let entries = (depth + 1).next_power_of_two().max(8);
+        // Single issuer + deferred task work: completions are gathered only
+        // when this thread waits for them, with no inter-processor
+        // interrupts to tell it; kernels before 6.1 lack them, so fall back.
+        let ring = IoUring::builder()
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .setup_taskrun_flag()
+            .setup_submit_all()
+            .setup_cqsize(entries * 2)
+            .build(entries)
+            .or_else(|_| IoUring::builder().setup_cqsize(entries * 2).build(entries))?;
+        Ok(UringEngine {
+            ring,
+            slots: (0..depth).map(|_| Slot::empty()).collect(),
+            free: (0..depth).rev().collect(),
+            ready: VecDeque::with_capacity(depth as usize),
+            images: Pins::default(),
+            kick_armed: None,
+            kick_gen: 0,
+            kicked: false,
+            cqes: Vec::with_capacity(entries as usize * 2),
+            stats: EngineStats::default(),
+        })
+    }
+
+    /// Counters of short transfers, retries and synchronous fallbacks.
+    pub fn stats(&self) -> EngineStats {
+        self.stats
+    }
+
+    /// Requests that may be in flight at once.
+    pub fn capacity(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Requests submitted and not yet reaped.
+    pub fn in_flight(&self) -> usize {
+        self.slots.len() - self.free.len() + self.ready.len()
+    }
+
+    /// True if another request can be submitted now.
+    pub fn has_room(&self) -> bool {
+        !self.free.is_empty() && self.in_flight() < self.slots.len()
+    }
+
+    /// Pins the active image for a request on `bufs` and returns the fd to
+    /// issue it on, or None if the image wants it synchronously.
+    fn pin_image(&mut self, disk: &Disk, bufs: &[IoBuf]) -> Option<(RawFd, PinId)> {
+        if bufs.len() > IOV_MAX {
+            return None;
+        }
+        let images = &mut self.images;
+        disk.with_image(|img| {
+            let fd = img.async_fd(bufs)?;
+            images.refresh(|cur| Arc::ptr_eq(cur, img), || img.clone());
+            images.pin().map(|id| (fd, id))
+        })
+    }
+
+    /// Takes a free slot for a request (None: the caller overfilled us).
+    fn take_slot(&mut self) -> Option<u32> {
+        if self.in_flight() >= self.slots.len() {
+            return None;
+        }
+        self.free.pop()
+    }
+
+    /// Starts a read of `bufs.len()` bytes at `offset` into `bufs`.
+    ///
+    /// # Safety
+    /// Every buffer must stay valid (mapped, writable) until this token is
+    /// reaped: the kernel writes into it asynchronously.
+    pub unsafe fn read(&mut self, disk: &Disk, offset: u64, bufs: &[IoBuf], token: u64) {
+        let len = total_len(bufs);
+        if let Err(e) = disk.check_read(offset, len) {
+            self.ready.push_back((token, Err(e)));
+            return;
+        }
+        let Some((fd, image)) = self.pin_image(disk, bufs) else {
+            self.stats.synchronous += 1;
+            self.ready.push_back((token, disk.read(offset, bufs)));
+            return;
+        };
+        self.start(Kind::Read, fd, image, offset, bufs, token);
+    }
+
+    /// Starts a write of `bufs` at `offset`, durable on completion unless
+    /// the disk is in write-back mode; `before_write` hooks run now,
+    /// `after_write` hooks when it has landed.
+    ///
+    /// # Safety
+    /// Every buffer must stay valid (mapped, readable, unchanged by us)
+    /// until this token is reaped: the kernel reads it asynchronously.
+    pub unsafe fn write(&mut self, disk: &Disk, offset: u64, bufs: &[IoBuf], token: u64) {
+        let len = total_len(bufs);
+        if let Err(e) = disk.start_write(offset, len) {
+            self.ready.push_back((token, Err(e)));
+            return;
+        }
+        let fua = !disk.writeback();
+        let Some((fd, image)) = self.pin_image(disk, bufs) else {
+            self.stats.synchronous += 1;
+            let result = disk
+                .with_image(|img| img.write_at(bufs, offset, fua))
+                .map_err(DiskError::from)
+                .and_then(|()| disk.finish_write(offset, len, WriteOp::Data(bufs)));
+            self.ready.push_back((token, result));
+            return;
+        };
+        self.start(Kind::Write { fua }, fd, image, offset, bufs, token);
+    }
+
+    /// Starts a flush: every write completed before it becomes durable,
+    /// then the `after_flush` hooks run. It does not wait for writes still
+    /// in flight (virtio-blk promises durability for completed writes only).
+    pub fn flush(&mut self, disk: &Disk, token: u64) {
+        let Some((fd, image)) = self.pin_image(disk, &[]) else {
+            self.stats.synchronous += 1;
+            self.ready.push_back((token, disk.flush()));
+            return;
+        };
+        self.start(Kind::Flush, fd, image, 0, &[], token);
+    }
+
+    fn start(&mut self, kind: Kind, fd: RawFd, image: PinId, offset: u64, bufs: &[IoBuf], token: u64) {
+        let Some(idx) = self.take_slot() else {
+            self.images.unpin(image);
+            let err = io::Error::new(io::ErrorKind::Other, "io_uring engine overfilled");
+            self.ready.push_back((token, Err(Self::image_err(kind, offset, total_len(bufs), err))));
+            return;
+        };
+        let slot = &mut self.slots[idx as usize];
+        slot.token = token;
+        slot.kind = kind;
+        slot.fd = fd;
+        slot.offset = offset;
+        slot.len = total_len(bufs);
+        slot.bufs.clear();
+        slot.bufs.extend_from_slice(bufs);
+        slot.rest.clear();
+        slot.done = 0;
+        slot.retries = 0;
+        slot.image = Some(image);
+        self.issue(idx);
+    }
+
+    /// Queues the (remaining) transfer of slot `idx` in the submission ring.
+    fn issue(&mut self, idx: u32) {
+        let slot = &self.slots[idx as usize];
+        let fd = types::Fd(slot.fd);
+        let iov: &[IoBuf] = if slot.done == 0 { &slot.bufs } else { &slot.rest };
+        let pos = slot.offset + slot.done;
+        let entry = match slot.kind {
+            Kind::Flush => opcode::Fsync::new(fd)
+                .flags(types::FsyncFlags::DATASYNC)
+                .build(),
+            Kind::Read | Kind::Write { .. } => {
+                let rw_flags = match slot.kind {
+                    Kind::Write { fua: true } => libc::RWF_DSYNC,
+                    _ => 0,
+                };
+                // One buffer (the common 4k request) needs no iovec import.
+                match iov {
+                    [one] if u32::try_from(one.len()).is_ok() => {
+                        let len = one.len() as u32;
+                        if slot.kind == Kind::Read {
+                            opcode::Read::new(fd, one.ptr(), len)
+                                .offset(pos)
+                                .rw_flags(rw_flags)
+                                .build()
+                        } else {
+                            opcode::Write::new(fd, one.ptr(), len)
+                                .offset(pos)
+                                .rw_flags(rw_flags)
+                                .build()
+                        }
+                    }
+                    _ => {
+                        let ptr = iov.as_ptr().cast::<libc::iovec>();
+                        let count = iov.len() as u32;
+                        if slot.kind == Kind::Read {
+                            opcode::Readv::new(fd, ptr, count)
+                                .offset(pos)
+                                .rw_flags(rw_flags)
+                                .build()
+                        } else {
+                            opcode::Writev::new(fd, ptr, count)
+                                .offset(pos)
+                                .rw_flags(rw_flags)
+                                .build()
+                        }
+                    }
+                }
+            }
+        };
+        self.push(entry.user_data(u64::from(idx)));
+    }
+
+    /// Puts an entry in the submission ring, making room if it is full.
+    fn push(&mut self, entry: squeue::Entry) {
+        loop {
+            // SAFETY: the buffers an entry points at (iovec arrays and data,
+            // in a slot, or nothing) stay valid until its completion is
+            // reaped: slots are reused only after that, and the caller of
+            // `read`/`write` promised the data buffers.
+            if unsafe { self.ring.submission().push(&entry) }.is_ok() {
+                return;
+            }
+            // Full: hand what is queued to the kernel. The ring has room for
+            // every slot plus the kick poll, so this is a formality.
+            if let Err(e) = self.ring.submit() {
+                if !transient(&e) {
+                    error!("io_uring submit failed: {e}");
+                }
+                std::thread::yield_now();
+            }
+        }
+    }
+
+    /// Hands every queued entry to the kernel without waiting. Requests
+    /// that complete at once (page-cache hits) are ready to reap afterwards.
+    pub fn submit(&mut self) {
+        if self.ring.submission().is_empty() {
+            return;
+        }
+        if let Err(e) = self.ring.submit() {
+            if !transient(&e) {
+                error!("io_uring submit failed: {e}");
+            }
+        }
+    }
+
+    /// True if `reap` has something to report, after a non-blocking look
+    /// (runs deferred completion work if the kernel says there is some):
+    /// for busy polling.
+    pub fn poll(&mut self) -> bool {
+        if !self.ready.is_empty() {
+            return true;
+        }
+        let pending_work = {
+            let sq = self.ring.submission();
+            !sq.is_empty() || sq.taskrun()
+        };
+        if pending_work {
+            if let Err(e) = self.ring.submit() {
+                if !transient(&e) {
+                    error!("io_uring submit failed: {e}");
+                }
+            }
+        }
+        !self.ring.completion().is_empty()
+    }
+
+    /// Submits what is queued and sleeps until at least one request
+    /// completes or, with `kick`, that fd becomes readable (a virtqueue's
+    /// kick eventfd: new requests while others are in flight). Returns at
+    /// once if something is already there to reap.
+    pub fn wait(&mut self, kick: Option<RawFd>) {
+        if !self.ready.is_empty() || !self.ring.completion().is_empty() {
+            self.submit();
+            return;
+        }
+        if let Some(fd) = kick {
+            self.arm_kick(fd);
+        }
+        if let Err(e) = self.ring.submit_and_wait(1) {
+            if !transient(&e) {
+                error!("io_uring wait failed: {e}");
+            }
+        }
+    }
+
+    /// Arms a one-shot poll on the kick fd (unless one is armed on it).
+    fn arm_kick(&mut self, fd: RawFd) {
+        match self.kick_armed {
+            Some((armed, _)) if armed == fd => return,
+            Some((_, gen)) => {
+                // The frontend replaced its kick fd: drop the stale poll
+                // (generation 0 tags the removal's own completion).
+                let remove = opcode::PollRemove::new(KICK_TAG | gen)
+                    .build()
+                    .user_data(KICK_TAG);
+                self.push(remove);
+            }
+            None => {}
+        }
+        self.kick_gen += 1;
+        let gen = self.kick_gen;
+        let poll = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
+            .build()
+            .user_data(KICK_TAG | gen);
+        self.push(poll);
+        self.kick_armed = Some((fd, gen));
+    }
+
+    /// True (once) if the kick fd became readable since the last call. The
+    /// caller must then drain the eventfd before the next `wait`, or the
+    /// poll fires again at once.
+    pub fn take_kick(&mut self) -> bool {
+        std::mem::take(&mut self.kicked)
+    }
+
+    /// Reports every finished request to `done`, running `after_write` /
+    /// `after_flush` hooks on the way; resubmits the rest of short
+    /// transfers. Returns the number of requests reported.
+    pub fn reap(&mut self, disk: &Disk, mut done: impl FnMut(u64, Result<(), DiskError>)) -> usize {
+        let mut reported = 0;
+        while let Some((token, result)) = self.ready.pop_front() {
+            done(token, result);
+            reported += 1;
+        }
+        let mut cqes = std::mem::take(&mut self.cqes);
+        loop {
+            cqes.clear();
+            cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+            if cqes.is_empty() {
+                break;
+            }
+            for &(user_data, res) in &cqes {
+                if user_data & KICK_TAG != 0 {
+                    if self.kick_armed.is_some_and(|(_, gen)| KICK_TAG | gen == user_data) {
+                        self.kick_armed = None;
+                        self.kicked = true;
+                    }
+                    continue;
+                }
+                let Ok(idx) = u32::try_from(user_data) else {
+                    continue;
+                };
+                if let Some((token, result)) = self.complete(disk, idx, res) {
+                    done(token, result);
+                    reported += 1;
+                }
+            }
+            // Resubmissions queued while processing go out now.
+            self.submit();
+        }
+        self.cqes = cqes;
+        reported
+    }
+
+    /// Handles the completion `res` of slot `idx`: either the request is
+    /// finished (returned) or the rest of it is queued again.
+    fn complete(&mut self, disk: &Disk, idx: u32, res: i32) -> Option<Reaped> {
+        let slot = self.slots.get_mut(idx as usize)?;
+        if slot.image.is_none() {
+            // Not in use: a completion we cannot match (never expected).
+            warn!("io_uring completion for idle slot {idx}");
+            return None;
+        }
+        let outcome: Result<(), io::Error> = if res < 0 {
+            let errno = -res;
+            if matches!(errno, libc::EAGAIN | libc::EINTR) && slot.retries < MAX_RETRIES {
+                slot.retries += 1;
+                self.stats.retries += 1;
+                self.issue(idx);
+                return None;
+            }
+            Err(io::Error::from_raw_os_error(errno))
+        } else if slot.kind == Kind::Flush {
+            Ok(())
+        } else {
+            let n = res as u64;
+            slot.done += n;
+            if slot.done >= slot.len {
+                Ok(())
+            } else if n == 0 {
+                Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "image ended early (truncated underneath us?)",
+                ))
+            } else {
+                // Short transfer: queue the remainder.
+                slot.retries = 0;
+                self.stats.short_transfers += 1;
+                let mut skip = slot.done as usize;
+                slot.rest.clear();
+                for b in &slot.bufs {
+                    if skip >= b.len() {
+                        skip -= b.len();
+                        continue;
+                    }
+                    slot.rest.push(b.advance(skip));
+                    skip = 0;
+                }
+                self.issue(idx);
+                return None;
+            }
+        };
+        let slot = &mut self.slots[idx as usize];
+        let (kind, offset, len, token) = (slot.kind, slot.offset, slot.len, slot.token);
+        let result = match outcome {
+            Err(e) => Err(Self::image_err(kind, offset, len, e)),
+            Ok(()) => match kind {
+                Kind::Read => Ok(()),
+                Kind::Write { .. } => disk.finish_write(offset, len, WriteOp::Data(&slot.bufs)),
+                Kind::Flush => disk.finish_flush(),
+            },
+        };
+        if let Some(image) = slot.image.take() {
+            self.images.unpin(image);
+        }
+        self.free.push(idx);
+        Some((token, result))
+    }
+
+    fn image_err(kind: Kind, offset: u64, len: u64, cause: io::Error) -> DiskError {
+        DiskError::Image(ImageError::Io {
+            op: kind.name(),
+            offset,
+            len,
+            cause,
+        })
+    }
+}
+
+impl Drop for UringEngine {
+    fn drop(&mut self) {
+        // The kernel may still write into the buffers of requests in flight;
+        // their owners are about to free them. Wait (normally nothing is in
+        // flight: workers drain before they let go of an engine).
+        let mut busy = self.slots.iter().filter(|s| s.image.is_some()).count();
+        while busy > 0 {
+            if let Err(e) = self.ring.submit_and_wait(1) {
+                if !transient(&e) {
+                    error!("io_uring engine dropped with {busy} request(s) in flight: {e}");
+                    return;
+                }
+            }
+            for cqe in self.ring.completion() {
+                let slot = (cqe.user_data() & KICK_TAG == 0)
+                    .then(|| self.slots.get_mut(cqe.user_data() as usize))
+                    .flatten();
+                // Whatever the result, the kernel is done with this entry.
+                if let Some(slot) = slot.filter(|s| s.image.is_some()) {
+                    slot.image = None;
+                    busy -= 1;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "uring_tests.rs"]
+mod tests;

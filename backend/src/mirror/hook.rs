@@ -1,0 +1,341 @@
+//! The mirror's view of guest writes: [`MirrorState`] (everything the copier
+//! and the guest's threads share) and [`MirrorHook`], the disk write hook.
+//!
+//! # The race the hook closes (background mode)
+//!
+//! The copier copies chunk c as: set I[c]; read the source; write the
+//! target; then "finish": clear D[c], test-and-clear I[c], and if I[c] was
+//! already clear set D[c] again. A guest write marks (D set, I clear) both
+//! *before* its data is issued and again *after* it landed.
+//!
+//! Marking only before the write (the design sketch) loses writes: the copier
+//! may set I[c] after the guest's mark, read the source before the guest's
+//! data lands, find I[c] still set and clear D[c]; the target then misses
+//! the write for good. With the second mark after the data landed, any guest
+//! write whose data the copier's read missed landed after that read, hence
+//! after I[c] was set, so its after-mark either clears I[c] before the
+//! copier's test-and-clear (the copier then re-dirties c) or sets D[c] after
+//! the copier cleared it. Either way c stays dirty. (Testing I before
+//! clearing D, as "if in-flight still set clear dirty" reads literally, has
+//! its own window between the test and the clear; finish clears D first.)
+//!
+//! # Write-blocking mode
+//!
+//! The hook writes every guest write (and write-zeroes) to the target before
+//! the request completes, holding the chunk range lock so it cannot interleave
+//! with a chunk copy. A chunk that was clean stays clean; a chunk the write
+//! covers completely becomes clean; one that is dirty, or that another guest
+//! write is touching at the same moment (their order on the target may
+//! differ from the source), is left for the copier. Discards are only marked:
+//! whether a discarded range reads as zeroes depends on the storage. A target
+//! error never fails the guest request (QEMU's behaviour too): the range is
+//! marked dirty and the job applies `on-target-error`.
+//!
+//! Guest writes also set the persistent bitmap P before the data is issued
+//! (see `state_file.rs`).
+
+use super::chunks::{ChunkBits, RangeLock, Stripes};
+use super::state_file::StateFile;
+use super::{image_errno, CopyMode};
+use crate::disk::{Disk, DiskError, WriteHook, WriteOp};
+use crate::image::Image;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// State shared by the mirror job, its copier threads and the write hook.
+pub struct MirrorState {
+    /// The mirrored disk.
+    pub disk: Arc<Disk>,
+    /// The target image.
+    pub target: Arc<dyn Image>,
+    /// Disk size in bytes.
+    pub size: u64,
+    /// log2 of the granularity.
+    pub shift: u32,
+    /// D: chunks the target may lack.
+    pub dirty: ChunkBits,
+    /// I: chunks whose copy is in flight and not yet raced by a guest write.
+    pub inflight: ChunkBits,
+    /// P: the persistent superset of D (absent on a read-only disk).
+    pub persist: Option<Arc<StateFile>>,
+    /// Guest writes between before_write and after_write, per chunk.
+    pub stripes: Stripes,
+    /// Range locks between chunk copies and write-blocking guest writes.
+    pub ranges: RangeLock,
+    write_blocking: AtomicBool,
+    /// Set on a write-blocking target error until the job has handled it;
+    /// meanwhile guest writes are only marked.
+    wb_suspended: AtomicBool,
+    /// errno of the first unhandled write-blocking target error (0: none).
+    wb_errno: AtomicI32,
+    /// Write-blocking and in sync since READY (QEMU 8.2's `actively-synced`).
+    pub actively_synced: AtomicBool,
+    /// Guest writes seen (for tests and statistics).
+    pub guest_writes: AtomicU64,
+    /// Guest bytes written to the target directly (write-blocking).
+    pub active_bytes: AtomicU64,
+    /// Fault injection for the negative-control test only: skip the
+    /// after-write re-mark, reopening the race it closes. Never set it
+    /// otherwise.
+    #[doc(hidden)]
+    pub skip_after_mark: AtomicBool,
+    /// Test only: delay each guest write by 100 us after its mark, as slow
+    /// storage would (widens the race window for the stress tests).
+    #[doc(hidden)]
+    pub slow_writes: AtomicBool,
+}
+
+impl std::fmt::Debug for MirrorState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MirrorState")
+            .field("target", &self.target.path())
+            .field("granularity", &self.granularity())
+            .field("dirty", &self.dirty.count())
+            .finish()
+    }
+}
+
+impl MirrorState {
+    /// New state for `disk` -> `target` at `granularity` (a power of two).
+    pub fn new(
+        disk: Arc<Disk>,
+        target: Arc<dyn Image>,
+        granularity: u64,
+        persist: Option<Arc<StateFile>>,
+        copy_mode: CopyMode,
+    ) -> MirrorState {
+        let size = disk.size();
+        let chunks = size.div_ceil(granularity);
+        MirrorState {
+            disk,
+            target,
+            size,
+            shift: granularity.trailing_zeros(),
+            dirty: ChunkBits::new(chunks),
+            inflight: ChunkBits::new(chunks),
+            persist,
+            stripes: Stripes::default(),
+            ranges: RangeLock::default(),
+            write_blocking: AtomicBool::new(copy_mode == CopyMode::WriteBlocking),
+            wb_suspended: AtomicBool::new(false),
+            wb_errno: AtomicI32::new(0),
+            actively_synced: AtomicBool::new(false),
+            guest_writes: AtomicU64::new(0),
+            active_bytes: AtomicU64::new(0),
+            skip_after_mark: AtomicBool::new(false),
+            slow_writes: AtomicBool::new(false),
+        }
+    }
+
+    /// Bytes per chunk.
+    pub fn granularity(&self) -> u64 {
+        1 << self.shift
+    }
+
+    /// Number of chunks.
+    pub fn chunks(&self) -> u64 {
+        self.dirty.chunks()
+    }
+
+    /// Byte range of chunks `first..=last`, clipped to the disk.
+    pub fn byte_range(&self, first: u64, last: u64) -> (u64, u64) {
+        let start = first << self.shift;
+        let end = ((last + 1) << self.shift).min(self.size);
+        (start, end - start)
+    }
+
+    /// Chunks touched by bytes `[offset, offset+len)`, clipped.
+    pub fn chunk_range(&self, offset: u64, len: u64) -> Option<(u64, u64)> {
+        if len == 0 || offset >= self.size {
+            return None;
+        }
+        let end = offset.saturating_add(len).min(self.size);
+        Some((offset >> self.shift, (end - 1) >> self.shift))
+    }
+
+    /// Dirty bytes (the last chunk counted by its real length).
+    pub fn dirty_bytes(&self) -> u64 {
+        let n = self.dirty.count();
+        let g = self.granularity();
+        let mut bytes = n * g;
+        let tail = self.size % g;
+        if tail != 0 && n > 0 && self.dirty.get(self.chunks() - 1) {
+            bytes -= g - tail;
+        }
+        bytes
+    }
+
+    /// The current copy mode.
+    pub fn copy_mode(&self) -> CopyMode {
+        if self.write_blocking.load(Ordering::SeqCst) {
+            CopyMode::WriteBlocking
+        } else {
+            CopyMode::Background
+        }
+    }
+
+    /// Switches background -> write-blocking (the only change QEMU offers).
+    pub fn set_write_blocking(&self) {
+        self.write_blocking.store(true, Ordering::SeqCst);
+    }
+
+    /// Takes the errno of an unhandled write-blocking target error.
+    pub fn take_wb_error(&self) -> Option<i32> {
+        match self.wb_errno.swap(0, Ordering::SeqCst) {
+            0 => None,
+            e => Some(e),
+        }
+    }
+
+    /// Lets write-blocking writes reach the target again after an error
+    /// was handled (resume or ignore).
+    pub fn clear_wb_suspension(&self) {
+        self.wb_suspended.store(false, Ordering::SeqCst);
+    }
+
+    /// Copier side after a successful chunk copy: clears D, then if a guest
+    /// write raced the copy (I already clear) sets D again. True if clean.
+    pub fn finish_copy(&self, c: u64) -> bool {
+        self.dirty.clear(c, c);
+        if self.inflight.test_and_clear(c) {
+            true
+        } else {
+            self.dirty.set(c, c);
+            false
+        }
+    }
+
+    /// The checkpoint of the persistent bitmap: P := D. Only correct while
+    /// guest I/O is paused at the gate and no chunk copy is in flight.
+    pub fn checkpoint(&self) {
+        if let Some(p) = &self.persist {
+            p.bits().copy_from(&self.dirty);
+            p.sync();
+        }
+    }
+
+    fn mark(&self, first: u64, last: u64) {
+        self.inflight.clear(first, last);
+        self.dirty.set(first, last);
+    }
+
+    /// Write-blocking part of `after_write`.
+    fn write_through(&self, offset: u64, len: u64, first: u64, last: u64, op: WriteOp<'_>) {
+        let _range = self.ranges.lock(first, last);
+        let result = match op {
+            WriteOp::Data(bufs) => self.target.write_at(bufs, offset, false),
+            WriteOp::Zeroes { unmap } => self.target.write_zeroes(offset, len, unmap),
+            // Not taken (see after_write); marking is always correct.
+            WriteOp::Discard => {
+                self.mark(first, last);
+                return;
+            }
+        };
+        match result {
+            Ok(()) => {
+                self.active_bytes.fetch_add(len, Ordering::Relaxed);
+                for c in first..=last {
+                    let (cs, cl) = self.byte_range(c, c);
+                    let covered = offset <= cs && cs + cl <= offset + len;
+                    if self.stripes.writers(c) > 1 {
+                        // Another guest write is between its marks on this
+                        // chunk: the two may land in different orders.
+                        self.dirty.set(c, c);
+                    } else if covered {
+                        self.dirty.clear(c, c);
+                    }
+                }
+            }
+            Err(e) => {
+                log::warn!("mirror: write-blocking target write failed: {e}");
+                self.mark(first, last);
+                self.actively_synced.store(false, Ordering::SeqCst);
+                self.wb_suspended.store(true, Ordering::SeqCst);
+                let _ = self
+                    .wb_errno
+                    .compare_exchange(0, image_errno(&e), Ordering::SeqCst, Ordering::SeqCst);
+            }
+        }
+    }
+}
+
+/// The write hook of one mirror job.
+pub struct MirrorHook {
+    state: Arc<MirrorState>,
+}
+
+impl MirrorHook {
+    /// A hook over `state`.
+    pub fn new(state: Arc<MirrorState>) -> MirrorHook {
+        MirrorHook { state }
+    }
+}
+
+impl WriteHook for MirrorHook {
+    fn before_write(&self, offset: u64, len: u64) -> Result<(), DiskError> {
+        let s = &*self.state;
+        let Some((first, last)) = s.chunk_range(offset, len) else {
+            return Ok(());
+        };
+        // Persistent first: recoverable before the data is issued.
+        if let Some(p) = &s.persist {
+            p.bits().set(first, last);
+        }
+        s.stripes.enter(first, last);
+        if !s.write_blocking.load(Ordering::SeqCst) {
+            s.mark(first, last);
+        }
+        if s.slow_writes.load(Ordering::Relaxed) {
+            // Test only: emulate slow storage (the data lands a while after
+            // the mark), which widens the window the re-mark closes.
+            std::thread::sleep(std::time::Duration::from_micros(100));
+        }
+        Ok(())
+    }
+
+    fn after_write(&self, offset: u64, len: u64, op: WriteOp<'_>) -> Result<(), DiskError> {
+        let s = &*self.state;
+        let Some((first, last)) = s.chunk_range(offset, len) else {
+            return Ok(());
+        };
+        s.guest_writes.fetch_add(1, Ordering::Relaxed);
+        let through = s.write_blocking.load(Ordering::SeqCst)
+            && !s.wb_suspended.load(Ordering::SeqCst)
+            && !matches!(op, WriteOp::Discard);
+        if through {
+            s.write_through(offset, len.min(s.size - offset), first, last, op);
+        } else if !s.skip_after_mark.load(Ordering::Relaxed) {
+            s.mark(first, last);
+        }
+        s.stripes.leave(first, last);
+        Ok(())
+    }
+}
+
+/// Before a mirror is resumed after a restart: keeps marking the persistent
+/// bitmap, so that guest writes between the restart and the resume command
+/// are not missed.
+pub struct ResumeTracker {
+    state: Arc<StateFile>,
+    size: u64,
+    shift: u32,
+}
+
+impl ResumeTracker {
+    /// Tracks into `state`'s persistent bitmap.
+    pub fn new(state: Arc<StateFile>) -> ResumeTracker {
+        let size = state.header().disk_size;
+        let shift = state.header().granularity.trailing_zeros();
+        ResumeTracker { state, size, shift }
+    }
+}
+
+impl WriteHook for ResumeTracker {
+    fn before_write(&self, offset: u64, len: u64) -> Result<(), DiskError> {
+        if len > 0 && offset < self.size {
+            let end = offset.saturating_add(len).min(self.size);
+            self.state.bits().set(offset >> self.shift, (end - 1) >> self.shift);
+        }
+        Ok(())
+    }
+}

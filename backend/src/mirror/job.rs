@@ -1,0 +1,458 @@
+//! The mirror job driver: what happens between `blockdev-mirror` and the
+//! end of the job.
+//!
+//! - `run`: builds the dirty bitmap for the sync mode (or takes it from the
+//!   persistent state when resuming), copies until nothing is dirty, flushes
+//!   the target and announces READY; then keeps copying what the guest
+//!   dirties. Once `complete` (or a soft cancel) arrives it copies until
+//!   little is dirty and returns.
+//! - `commit` (finalize): with guest I/O paused at the disk's gate, copies
+//!   what is still dirty, flushes the target and, for `complete`, swaps the
+//!   disk's image for the target (the pivot); a soft cancel stops there, so
+//!   the target is a point-in-time copy. The hook is removed under the same
+//!   pause, the sidecar deleted, the source closed.
+//! - `abort` (error or forced cancel): stops copying, removes the hook; the
+//!   source is untouched and the guest carries on with it.
+//! - errors follow `on-source-error` / `on-target-error` (report, ignore,
+//!   stop, enospc); a failing target never fails a guest request.
+
+use super::engine::Engine;
+use super::hook::MirrorState;
+use super::{strerror, CopyMode, MirrorConfig, SharedImage, SyncMode};
+use crate::disk::WriteHook;
+use crate::jobs::{ErrorAction, IoOperation, JobContext, JobDriver, JobError};
+use serde_json::{json, Map, Value};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Below this much dirty data, `complete` stops converging and pauses the
+/// guest for the last copy.
+pub const PIVOT_DIRTY_BYTES: u64 = 1 << 20;
+/// How long `complete` tries to get below [`PIVOT_DIRTY_BYTES`] while the
+/// guest keeps writing, before it pauses the guest anyway.
+pub const CONVERGE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Back-off before retrying after an error with `ignore`.
+const RETRY_DELAY: Duration = Duration::from_millis(100);
+
+/// Timings of one mirror, for logs, tests and the benchmark.
+#[derive(Debug, Clone, Default)]
+pub struct MirrorStats {
+    /// From the start of `run` to READY.
+    pub time_to_ready: Option<Duration>,
+    /// Data bytes copied (holes excluded).
+    pub data_bytes: u64,
+    /// How long guest I/O was paused for the final copy and the pivot.
+    pub pivot_pause: Option<Duration>,
+    /// Bytes copied while guest I/O was paused.
+    pub pivot_bytes: u64,
+}
+
+/// Called after a pivot with the old and the new image path (the daemon
+/// moves per-image state, e.g. persistent bitmap sidecars, along).
+pub type PivotHook = Arc<dyn Fn(&std::path::Path, &std::path::Path) + Send + Sync>;
+
+/// Keeps the target in sync while a manually finalized job waits in
+/// `pending`.
+struct KeepSync {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<Engine>,
+}
+
+/// The mirror's [`JobDriver`].
+pub struct MirrorJob {
+    state: Arc<MirrorState>,
+    hook: Arc<dyn WriteHook>,
+    config: MirrorConfig,
+    engine: Mutex<Option<Engine>>,
+    keep_sync: Mutex<Option<KeepSync>>,
+    on_end: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+    on_pivot: PivotHook,
+    stats: Mutex<MirrorStats>,
+    ready: AtomicBool,
+}
+
+impl std::fmt::Debug for MirrorJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MirrorJob")
+            .field("state", &self.state)
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl MirrorJob {
+    /// A driver over installed `state`/`hook`; `on_end` runs once when the
+    /// job is over (the manager frees the disk's mirror slot).
+    pub fn new(
+        state: Arc<MirrorState>,
+        hook: Arc<dyn WriteHook>,
+        config: MirrorConfig,
+        engine: Engine,
+        on_end: Box<dyn FnOnce() + Send>,
+        on_pivot: PivotHook,
+    ) -> MirrorJob {
+        MirrorJob {
+            state,
+            hook,
+            config,
+            engine: Mutex::new(Some(engine)),
+            keep_sync: Mutex::new(None),
+            on_end: Mutex::new(Some(on_end)),
+            on_pivot,
+            stats: Mutex::new(MirrorStats::default()),
+            ready: AtomicBool::new(false),
+        }
+    }
+
+    /// The shared state (tests inspect the bitmaps).
+    pub fn state(&self) -> &Arc<MirrorState> {
+        &self.state
+    }
+
+    /// Timings so far.
+    pub fn stats(&self) -> MirrorStats {
+        lock(&self.stats).clone()
+    }
+
+    fn take_engine(&self) -> Option<Engine> {
+        if let Some(k) = lock(&self.keep_sync).take() {
+            k.stop.store(true, Ordering::SeqCst);
+            match k.thread.join() {
+                Ok(engine) => return Some(engine),
+                Err(_) => log::error!("mirror keep-sync thread panicked"),
+            }
+        }
+        lock(&self.engine).take()
+    }
+
+    /// Sets D for every allocated chunk of the source (sync `top`).
+    fn scan_allocated(&self) -> Result<(), String> {
+        let s = &self.state;
+        let source = s.disk.image();
+        let mut pos = 0;
+        while pos < s.size {
+            let (data, run) = source.allocation(pos).map_err(|e| e.to_string())?;
+            let end = if run == 0 { s.size } else { (pos + run).min(s.size) };
+            if data {
+                if let Some((first, last)) = s.chunk_range(pos, end - pos) {
+                    s.dirty.set(first, last);
+                }
+            }
+            pos = end;
+        }
+        Ok(())
+    }
+
+    fn run_loop(&self, ctx: &JobContext, engine: &mut Engine) -> Result<(), String> {
+        let s = &*self.state;
+        let started = Instant::now();
+        if !self.config.resumed {
+            match self.config.sync {
+                SyncMode::Full => s.dirty.set_all(),
+                SyncMode::Top => self.scan_allocated()?,
+                SyncMode::None => {}
+            }
+        }
+        engine.checkpoint(0);
+        ctx.progress_set_remaining(s.dirty_bytes());
+        log::info!(
+            "mirror '{}': {} to {}: {} bytes to copy",
+            ctx.id(),
+            self.config.sync.as_str(),
+            s.target.path().display(),
+            s.dirty_bytes()
+        );
+        let mut retry_at: Option<Instant> = None;
+        let mut converge_since: Option<Instant> = None;
+        loop {
+            let speed = ctx.speed();
+            // Errors of write-blocking guest writes, then of copies.
+            if let Some(errno) = s.take_wb_error() {
+                match ctx.error_action(self.config.on_target_error, IoOperation::Write, errno) {
+                    ErrorAction::Report => {
+                        engine.drain(speed);
+                        return Err(strerror(errno));
+                    }
+                    ErrorAction::Ignore => retry_at = Some(Instant::now() + RETRY_DELAY),
+                    ErrorAction::Stop => {}
+                }
+            }
+            for e in engine.take_errors() {
+                let policy = match e.op {
+                    IoOperation::Read => self.config.on_source_error,
+                    IoOperation::Write => self.config.on_target_error,
+                };
+                match ctx.error_action(policy, e.op, e.errno) {
+                    ErrorAction::Report => {
+                        engine.drain(speed);
+                        return Err(e.message);
+                    }
+                    ErrorAction::Ignore => retry_at = Some(Instant::now() + RETRY_DELAY),
+                    ErrorAction::Stop => {}
+                }
+            }
+            if ctx.should_pause() {
+                if !engine.idle() {
+                    // Finish what is in flight first; its errors count too.
+                    engine.drain(speed);
+                    continue;
+                }
+                // Record the progress so far: a paused mirror is a likely
+                // moment for a daemon restart.
+                engine.checkpoint(speed);
+                ctx.pause_point();
+                s.clear_wb_suspension();
+                retry_at = None;
+                continue;
+            }
+            if ctx.is_cancelled() {
+                engine.drain(speed);
+                return Ok(());
+            }
+            ctx.progress_update(engine.take_done_bytes());
+            ctx.progress_set_remaining(s.dirty_bytes());
+            let ready = self.ready.load(Ordering::SeqCst);
+            if ready && (ctx.should_complete() || ctx.cancel_requested()) {
+                let since = *converge_since.get_or_insert_with(Instant::now);
+                if s.dirty_bytes() <= PIVOT_DIRTY_BYTES || since.elapsed() >= CONVERGE_TIMEOUT {
+                    engine.drain(speed);
+                    ctx.progress_update(engine.take_done_bytes());
+                    return Ok(());
+                }
+            }
+            if engine.idle() && s.dirty.count() == 0 && retry_at.is_none() {
+                if !ready {
+                    if let Err(e) = s.target.flush() {
+                        let errno = super::image_errno(&e);
+                        match ctx.error_action(self.config.on_target_error, IoOperation::Write, errno) {
+                            ErrorAction::Report => return Err(strerror(errno)),
+                            ErrorAction::Ignore => retry_at = Some(Instant::now() + RETRY_DELAY),
+                            ErrorAction::Stop => {}
+                        }
+                        continue;
+                    }
+                    engine.checkpoint(speed);
+                    if s.dirty.count() == 0 {
+                        self.ready.store(true, Ordering::SeqCst);
+                        let took = started.elapsed();
+                        lock(&self.stats).time_to_ready = Some(took);
+                        log::info!("mirror '{}': ready after {took:?}", ctx.id());
+                        ctx.transition_to_ready();
+                    }
+                }
+                if self.ready.load(Ordering::SeqCst) && s.copy_mode() == CopyMode::WriteBlocking {
+                    s.actively_synced.store(true, Ordering::SeqCst);
+                }
+            }
+            if engine.checkpoint_due() {
+                engine.checkpoint(speed);
+            }
+            let can_copy = retry_at.is_none_or(|t| Instant::now() >= t);
+            if can_copy {
+                if retry_at.take().is_some() {
+                    s.clear_wb_suspension();
+                }
+                engine.dispatch(speed);
+            }
+            if !engine.idle() {
+                engine.collect(Duration::from_millis(10), speed);
+            } else if let Some(d) = engine.rate_delay(speed) {
+                ctx.sleep(d.min(Duration::from_millis(100)));
+            } else if let Some(t) = retry_at {
+                ctx.sleep(t.saturating_duration_since(Instant::now()));
+            } else if s.dirty.count() == 0 {
+                ctx.sleep(Duration::from_millis(if ready { 10 } else { 1 }));
+            }
+        }
+    }
+
+    /// Copies (with guest I/O running) until little is dirty.
+    fn converge(&self, engine: &mut Engine) -> Result<(), String> {
+        let s = &*self.state;
+        let t0 = Instant::now();
+        while s.dirty_bytes() > PIVOT_DIRTY_BYTES && t0.elapsed() < CONVERGE_TIMEOUT {
+            engine.dispatch(0);
+            engine.collect(Duration::from_millis(10), 0);
+            if let Some(e) = engine.take_errors().into_iter().next() {
+                engine.drain(0);
+                return Err(e.message);
+            }
+        }
+        engine.drain(0);
+        match engine.take_errors().into_iter().next() {
+            Some(e) => Err(e.message),
+            None => Ok(()),
+        }
+    }
+
+    fn remove_state_file(&self) {
+        if let Some(p) = &self.state.persist {
+            if let Err(e) = std::fs::remove_file(p.path()) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    log::warn!("cannot remove {}: {e}", p.path().display());
+                }
+            }
+        }
+    }
+}
+
+fn keep_sync_loop(mut engine: Engine, stop: Arc<AtomicBool>) -> Engine {
+    while !stop.load(Ordering::SeqCst) {
+        engine.dispatch(0);
+        if engine.idle() {
+            std::thread::sleep(Duration::from_millis(10));
+        } else {
+            engine.collect(Duration::from_millis(10), 0);
+        }
+        for e in engine.take_errors() {
+            // Chunks stay dirty; finalize retries them (and fails on them).
+            log::warn!("mirror: copy while pending failed: {}", e.message);
+            std::thread::sleep(RETRY_DELAY);
+        }
+    }
+    engine.drain(0);
+    engine
+}
+
+impl JobDriver for MirrorJob {
+    fn job_type(&self) -> &'static str {
+        "mirror"
+    }
+
+    fn run(&self, ctx: &JobContext) -> Result<(), String> {
+        let Some(mut engine) = lock(&self.engine).take() else {
+            return Err("mirror engine missing".into());
+        };
+        let result = self.run_loop(ctx, &mut engine);
+        let completing = result.is_ok() && !ctx.is_cancelled();
+        if completing && !self.config.auto_finalize {
+            let stop = Arc::new(AtomicBool::new(false));
+            let stop2 = stop.clone();
+            match std::thread::Builder::new()
+                .name(format!("mirror-sync-{}", ctx.id()))
+                .spawn(move || keep_sync_loop(engine, stop2))
+            {
+                Ok(thread) => *lock(&self.keep_sync) = Some(KeepSync { stop, thread }),
+                Err(e) => return Err(format!("cannot start the keep-sync thread: {e}")),
+            }
+        } else {
+            *lock(&self.engine) = Some(engine);
+        }
+        result
+    }
+
+    fn complete(&self, _ctx: &JobContext) -> Result<(), JobError> {
+        Ok(())
+    }
+
+    fn cancel(&self, force: bool, ready: bool) -> bool {
+        // Before READY any cancel is a forced one (QEMU's mirror_cancel).
+        force || !ready
+    }
+
+    fn commit(&self, ctx: &JobContext) -> Result<(), String> {
+        let s = &*self.state;
+        let pivot = ctx.should_complete();
+        let Some(mut engine) = self.take_engine() else {
+            return Err("mirror engine missing".into());
+        };
+        self.converge(&mut engine)?;
+        // Flush what is there before pausing, so the flush under the pause
+        // has little left to do.
+        s.target.flush().map_err(|e| strerror(super::image_errno(&e)))?;
+        let paused_at = Instant::now();
+        let pause = s.disk.gate().pause();
+        let dirty_at_pause = s.dirty_bytes();
+        let result = engine
+            .sync_all()
+            .map_err(|e| e.message)
+            .and_then(|()| s.target.flush().map_err(|e| strerror(super::image_errno(&e))));
+        if let Err(e) = result {
+            drop(pause);
+            *lock(&self.engine) = Some(engine);
+            return Err(e);
+        }
+        s.disk.remove_hook(&self.hook);
+        let old = pivot.then(|| s.disk.replace_image(Box::new(SharedImage(s.target.clone()))));
+        drop(pause);
+        let stall = paused_at.elapsed();
+        {
+            let mut st = lock(&self.stats);
+            st.pivot_pause = Some(stall);
+            st.pivot_bytes = dirty_at_pause;
+            st.data_bytes = engine.data_bytes;
+        }
+        ctx.progress_update(engine.take_done_bytes());
+        log::info!(
+            "mirror '{}': {} after a {stall:?} pause ({dirty_at_pause} bytes copied while paused)",
+            ctx.id(),
+            if pivot {
+                format!("switched to {}", s.target.path().display())
+            } else {
+                "stopped; the target is a point-in-time copy".to_string()
+            }
+        );
+        drop(engine);
+        self.remove_state_file();
+        if let Some(old) = &old {
+            (self.on_pivot)(old.path(), s.target.path());
+        }
+        // The source image closes when the last reference goes (now, unless
+        // a request that began before the pause still holds it).
+        drop(old);
+        Ok(())
+    }
+
+    fn abort(&self, ctx: &JobContext) {
+        if let Some(mut engine) = self.take_engine() {
+            engine.shutdown();
+        }
+        self.state.disk.remove_hook(&self.hook);
+        self.remove_state_file();
+        log::info!("mirror '{}': stopped without switching", ctx.id());
+    }
+
+    fn clean(&self, _ctx: &JobContext) {
+        drop(self.take_engine());
+        if let Some(f) = lock(&self.on_end).take() {
+            f();
+        }
+    }
+
+    fn change(&self, _ctx: &JobContext, options: &Map<String, Value>) -> Result<(), JobError> {
+        let mode = match options.get("copy-mode") {
+            None => return Err(JobError::Generic("Parameter 'copy-mode' is missing".into())),
+            Some(v) => crate::qmp::args::value_enum("copy-mode", v.clone(), &["background", "write-blocking"])
+                .map_err(|e| JobError::Generic(e.desc))?,
+        };
+        let current = self.state.copy_mode();
+        if mode == current.as_str() {
+            return Ok(());
+        }
+        if mode != CopyMode::WriteBlocking.as_str() {
+            return Err(JobError::Generic(format!("Change to copy mode '{mode}' is not implemented")));
+        }
+        self.state.set_write_blocking();
+        log::info!("mirror: copy mode is now write-blocking");
+        Ok(())
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+
+    fn query_extra(&self, _ctx: &JobContext) -> Map<String, Value> {
+        let mut m = Map::new();
+        m.insert(
+            "actively-synced".into(),
+            json!(self.state.actively_synced.load(Ordering::SeqCst)),
+        );
+        m
+    }
+}

@@ -1,0 +1,520 @@
+//! [`MirrorManager`]: the mirror slot of one disk. It starts mirror jobs
+//! from (already parsed) QMP arguments with QEMU's checks and wording,
+//! allows one mirror per disk at a time, and at daemon start picks up the
+//! persistent state of a mirror that was interrupted (kill -9, crash), so
+//! that guest writes are tracked from the first request on and
+//! `blockdev-mirror ... x-resume: true` can continue where it stopped.
+
+use super::engine::Engine;
+use super::hook::{MirrorHook, MirrorState, ResumeTracker};
+use super::job::{MirrorJob, PivotHook};
+use super::state_file::{boot_id, sidecar_path, StateFile, StateHeader};
+use super::{CopyMode, MirrorConfig, MirrorError, SyncMode, DEFAULT_BUF_SIZE, DEFAULT_GRANULARITY};
+use crate::disk::{Disk, WriteHook};
+use crate::image::{Image, RawImage, RawImageOptions};
+use crate::jobs::{id_wellformed, Job, JobError, JobOptions, JobRegistry, OnError};
+use crate::qmp::QmpError;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+
+/// How the target is obtained (QAPI `NewImageMode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetMode {
+    /// Open an existing image.
+    Existing,
+    /// Create a new raw image of the disk's size (sparse), replacing any
+    /// file at the path (`absolute-paths`).
+    Create,
+}
+
+/// A `blockdev-mirror` / `drive-mirror` request after argument parsing.
+#[derive(Debug, Clone)]
+pub struct MirrorRequest {
+    /// `job-id` (default: the device name).
+    pub job_id: Option<String>,
+    /// `device`: the disk's node name.
+    pub device: String,
+    /// `target`: path of the target image.
+    pub target: PathBuf,
+    /// `format` (only `raw`).
+    pub format: Option<String>,
+    /// `mode`.
+    pub mode: TargetMode,
+    /// `replaces` (only the disk's own node name).
+    pub replaces: Option<String>,
+    /// `sync` as given (`full`, `top`, `none`; others are refused).
+    pub sync: String,
+    /// `speed` in bytes per second (negative is refused).
+    pub speed: i64,
+    /// `granularity` (0: default).
+    pub granularity: u64,
+    /// `buf-size` (0: default, negative refused).
+    pub buf_size: i64,
+    /// `on-source-error`.
+    pub on_source_error: OnError,
+    /// `on-target-error`.
+    pub on_target_error: OnError,
+    /// `unmap`.
+    pub unmap: bool,
+    /// `copy-mode`.
+    pub copy_mode: CopyMode,
+    /// `auto-finalize`.
+    pub auto_finalize: bool,
+    /// `auto-dismiss`.
+    pub auto_dismiss: bool,
+    /// `x-resume`: continue the interrupted mirror recorded beside the image.
+    pub resume: bool,
+}
+
+impl MirrorRequest {
+    /// A request with QEMU's defaults for everything optional.
+    pub fn new(device: &str, target: impl Into<PathBuf>, sync: &str) -> MirrorRequest {
+        MirrorRequest {
+            job_id: None,
+            device: device.to_string(),
+            target: target.into(),
+            format: None,
+            mode: TargetMode::Existing,
+            replaces: None,
+            sync: sync.to_string(),
+            speed: 0,
+            granularity: 0,
+            buf_size: 0,
+            on_source_error: OnError::Report,
+            on_target_error: OnError::Report,
+            unmap: true,
+            copy_mode: CopyMode::Background,
+            auto_finalize: true,
+            auto_dismiss: true,
+            resume: false,
+        }
+    }
+}
+
+struct Pending {
+    state: Arc<StateFile>,
+    hook: Arc<dyn WriteHook>,
+}
+
+#[derive(Default)]
+struct Slot {
+    active: Option<String>,
+    pending: Option<Pending>,
+}
+
+/// The mirror slot of one disk.
+pub struct MirrorManager {
+    disk: Arc<Disk>,
+    node_name: String,
+    image_path: PathBuf,
+    direct: bool,
+    registry: Arc<JobRegistry>,
+    slot: Mutex<Slot>,
+    pivot_hooks: Mutex<Vec<PivotHook>>,
+    me: Weak<MirrorManager>,
+}
+
+impl std::fmt::Debug for MirrorManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MirrorManager")
+            .field("node", &self.node_name)
+            .field("image", &self.image_path)
+            .finish()
+    }
+}
+
+fn generic(msg: impl Into<String>) -> QmpError {
+    QmpError::generic(msg)
+}
+
+/// Formats QEMU knows but vubd cannot write.
+const OTHER_FORMATS: &[&str] = &[
+    "qcow2", "qcow", "qed", "vmdk", "vdi", "vhdx", "vpc", "luks", "parallels", "bochs", "cloop", "dmg",
+];
+
+fn canonical(path: &Path) -> PathBuf {
+    if let Ok(p) = path.canonicalize() {
+        return p;
+    }
+    // Not there yet: canonicalize the directory.
+    match (path.parent(), path.file_name()) {
+        (Some(dir), Some(name)) if !dir.as_os_str().is_empty() => dir
+            .canonicalize()
+            .map(|d| d.join(name))
+            .unwrap_or_else(|_| path.to_path_buf()),
+        _ => std::env::current_dir()
+            .map(|d| d.join(path))
+            .unwrap_or_else(|_| path.to_path_buf()),
+    }
+}
+
+impl MirrorManager {
+    /// The mirror slot for `disk` (whose image file is `image_path`, and
+    /// whose node name QMP commands use). Call before guest I/O starts: an
+    /// interrupted mirror's state found beside the image starts tracking
+    /// guest writes at once. `direct`: open targets with O_DIRECT, like the
+    /// disk's image. Fails if that state belongs to a disk of another size.
+    pub fn new(
+        disk: Arc<Disk>,
+        node_name: &str,
+        image_path: &Path,
+        direct: bool,
+        registry: Arc<JobRegistry>,
+    ) -> Result<Arc<MirrorManager>, MirrorError> {
+        let mut slot = Slot::default();
+        let sidecar = sidecar_path(image_path);
+        if !disk.read_only() {
+            if let Some(state) = StateFile::open(&sidecar)? {
+                let h = state.header().clone();
+                if h.disk_size != disk.size() {
+                    return Err(MirrorError::State(format!(
+                        "{} belongs to a disk of {} bytes, this one has {}; remove it to start over",
+                        sidecar.display(),
+                        h.disk_size,
+                        disk.size()
+                    )));
+                }
+                if h.boot_id != boot_id() {
+                    log::warn!(
+                        "{}: written before the host restarted; the whole disk will be copied again on resume",
+                        sidecar.display()
+                    );
+                    state.bits().set_all();
+                }
+                let state = Arc::new(state);
+                let hook: Arc<dyn WriteHook> = Arc::new(ResumeTracker::new(state.clone()));
+                disk.add_hook(hook.clone());
+                log::warn!(
+                    "interrupted mirror of {} to {} found ({} chunks dirty); resume it with blockdev-mirror x-resume=true",
+                    image_path.display(),
+                    h.target.display(),
+                    state.bits().count()
+                );
+                slot.pending = Some(Pending { state, hook });
+            }
+        }
+        Ok(Arc::new_cyclic(|me| MirrorManager {
+            disk,
+            node_name: node_name.to_string(),
+            image_path: image_path.to_path_buf(),
+            direct,
+            registry,
+            slot: Mutex::new(slot),
+            pivot_hooks: Mutex::new(Vec::new()),
+            me: me.clone(),
+        }))
+    }
+
+    /// Registers `f(old_image, new_image)`, called after every pivot, once
+    /// the disk uses the new image (e.g. to move a persistent-bitmap
+    /// sidecar along with the disk).
+    pub fn on_pivot(&self, f: impl Fn(&Path, &Path) + Send + Sync + 'static) {
+        self.pivot_hooks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Arc::new(f));
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Slot> {
+        self.slot.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The job registry mirrors are created in.
+    pub fn registry(&self) -> &Arc<JobRegistry> {
+        &self.registry
+    }
+
+    /// The node name.
+    pub fn node_name(&self) -> &str {
+        &self.node_name
+    }
+
+    /// Target of an interrupted mirror waiting for `x-resume`, if any.
+    pub fn pending_resume(&self) -> Option<PathBuf> {
+        self.lock().pending.as_ref().map(|p| p.state.header().target.clone())
+    }
+
+    /// The mirror job running on the disk, if any.
+    pub fn active_job(&self) -> Option<Arc<Job>> {
+        let id = self.lock().active.clone()?;
+        self.registry.get(&id)
+    }
+
+    fn drop_pending(&self, slot: &mut Slot) {
+        if let Some(p) = slot.pending.take() {
+            self.disk.remove_hook(&p.hook);
+            let _ = std::fs::remove_file(p.state.path());
+            log::info!("discarded the interrupted mirror state {}", p.state.path().display());
+        }
+    }
+
+    fn open_target(&self, req: &MirrorRequest) -> Result<Arc<dyn Image>, QmpError> {
+        let size = self.disk.size();
+        let path = &req.target;
+        let opts = RawImageOptions {
+            read_only: false,
+            direct: self.direct,
+        };
+        if req.mode == TargetMode::Create {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(path)
+                .and_then(|f| f.set_len(size).map(|()| f))
+                .map_err(|e| {
+                    generic(format!(
+                        "Could not create '{}': {}",
+                        path.display(),
+                        super::strerror(e.raw_os_error().unwrap_or(libc::EIO))
+                    ))
+                })?;
+            drop(f);
+        }
+        let image = RawImage::open(path, opts).map_err(|e| {
+            generic(format!(
+                "Could not open '{}': {}",
+                path.display(),
+                super::strerror(super::image_errno(&e))
+            ))
+        })?;
+        if image.size() < size {
+            // A shorter existing target grows to the disk's size (QEMU
+            // resizes the target too); a block device cannot.
+            let grown = std::fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .and_then(|f| f.set_len(size));
+            if grown.is_err() {
+                return Err(generic("Source and target image have different sizes"));
+            }
+            return RawImage::open(path, opts)
+                .map(|i| Arc::new(i) as Arc<dyn Image>)
+                .map_err(|e| generic(format!("Could not open '{}': {e}", path.display())));
+        }
+        Ok(Arc::new(image))
+    }
+
+    /// Starts a mirror (QEMU's checks in QEMU's order, QEMU's messages).
+    pub fn start(&self, req: MirrorRequest) -> Result<Arc<Job>, QmpError> {
+        self.start_with(req, None)
+    }
+
+    /// Starts a mirror to an already open target image (an image kind the
+    /// QMP commands cannot name, or a test's fault-injecting image);
+    /// `req.target` must still name it (it is recorded for resuming).
+    pub fn start_to(&self, req: MirrorRequest, target: Arc<dyn Image>) -> Result<Arc<Job>, QmpError> {
+        self.start_with(req, Some(target))
+    }
+
+    fn start_with(&self, req: MirrorRequest, target: Option<Arc<dyn Image>>) -> Result<Arc<Job>, QmpError> {
+        if req.device != self.node_name {
+            return Err(generic(format!(
+                "Cannot find device='{0}' nor node-name='{0}'",
+                req.device
+            )));
+        }
+        let id = req.job_id.clone().unwrap_or_else(|| req.device.clone());
+        if !id_wellformed(&id) {
+            return Err(JobError::InvalidId(id).into());
+        }
+        if self.registry.get(&id).is_some() {
+            return Err(JobError::IdInUse(id).into());
+        }
+        let sync = match req.sync.as_str() {
+            "full" => SyncMode::Full,
+            "top" => SyncMode::Top,
+            "none" => SyncMode::None,
+            other => return Err(generic(format!("Sync mode '{other}' not supported"))),
+        };
+        if req.granularity != 0 && !(512..=64 << 20).contains(&req.granularity) {
+            return Err(generic(
+                "Parameter 'granularity' expects a value in range [512B, 64MB]",
+            ));
+        }
+        if !req.granularity.is_power_of_two() && req.granularity != 0 {
+            return Err(generic("Parameter 'granularity' expects a power of 2"));
+        }
+        if req.buf_size < 0 {
+            return Err(generic("Invalid parameter 'buf-size'"));
+        }
+        if let Some(r) = &req.replaces {
+            if *r != self.node_name {
+                return Err(generic(format!("Cannot find device='{r}' nor node-name='{r}'")));
+            }
+        }
+        match req.format.as_deref() {
+            None | Some("raw") => {}
+            Some(f) if OTHER_FORMATS.contains(&f) => {
+                return Err(generic(format!("vubd mirrors to raw images only, not '{f}'")))
+            }
+            Some(f) => return Err(generic(format!("Unknown file format '{f}'"))),
+        }
+        if req.resume && req.mode == TargetMode::Create {
+            return Err(generic("x-resume needs mode 'existing' (the target already holds the copy)"));
+        }
+        if canonical(&req.target) == canonical(&self.image_path) {
+            return Err(generic("Can't mirror node into itself"));
+        }
+        let mut slot = self.lock();
+        if let Some(active) = &slot.active {
+            return Err(generic(format!(
+                "Node '{}' is busy: block device is in use by block job: mirror ({active})",
+                self.node_name
+            )));
+        }
+        let mut granularity = if req.granularity == 0 {
+            DEFAULT_GRANULARITY
+        } else {
+            req.granularity
+        };
+        let pending_state = if req.resume {
+            let Some(p) = &slot.pending else {
+                return Err(generic(format!(
+                    "No interrupted mirror of '{}' to resume",
+                    self.node_name
+                )));
+            };
+            let h = p.state.header();
+            if canonical(&h.target) != canonical(&req.target) {
+                return Err(generic(format!(
+                    "The interrupted mirror of '{}' was to '{}', not '{}'",
+                    self.node_name,
+                    h.target.display(),
+                    req.target.display()
+                )));
+            }
+            if req.granularity != 0 && req.granularity != h.granularity {
+                return Err(generic(format!(
+                    "Parameter 'granularity' must match the interrupted mirror ({})",
+                    h.granularity
+                )));
+            }
+            granularity = h.granularity;
+            Some(p.state.clone())
+        } else {
+            None
+        };
+        let target = match target {
+            Some(t) => t,
+            None => self.open_target(&req)?,
+        };
+        let persist = match (&pending_state, self.disk.read_only()) {
+            (_, true) => None,
+            (Some(p), false) => Some(p.clone()),
+            (None, false) => {
+                self.drop_pending(&mut slot);
+                let header = StateHeader {
+                    disk_size: self.disk.size(),
+                    granularity,
+                    target: canonical(&req.target),
+                    boot_id: boot_id(),
+                };
+                let st = StateFile::create(&sidecar_path(&self.image_path), header)
+                    .map_err(|e| generic(e.to_string()))?;
+                if sync != SyncMode::None {
+                    // Conservative until the first checkpoint brings P to D.
+                    st.bits().set_all();
+                }
+                Some(Arc::new(st))
+            }
+        };
+        let state = Arc::new(MirrorState::new(
+            self.disk.clone(),
+            target,
+            granularity,
+            persist.clone(),
+            req.copy_mode,
+        ));
+        if let Some(p) = &pending_state {
+            state.dirty.copy_from(p.bits());
+        }
+        let buf_size = if req.buf_size == 0 {
+            DEFAULT_BUF_SIZE
+        } else {
+            req.buf_size as u64
+        };
+        let cleanup_new_state = |persist: &Option<Arc<StateFile>>| {
+            if pending_state.is_none() {
+                if let Some(p) = persist {
+                    let _ = std::fs::remove_file(p.path());
+                }
+            }
+        };
+        let engine = match Engine::new(state.clone(), buf_size, req.unmap) {
+            Ok(e) => e,
+            Err(e) => {
+                cleanup_new_state(&persist);
+                return Err(generic(e));
+            }
+        };
+        let hook: Arc<dyn WriteHook> = Arc::new(MirrorHook::new(state.clone()));
+        let config = MirrorConfig {
+            sync,
+            granularity,
+            buf_size,
+            copy_mode: req.copy_mode,
+            on_source_error: req.on_source_error,
+            on_target_error: req.on_target_error,
+            unmap: req.unmap,
+            auto_finalize: req.auto_finalize,
+            resumed: req.resume,
+        };
+        let me = self.me.clone();
+        let job_id = id.clone();
+        let on_end = Box::new(move || {
+            if let Some(m) = me.upgrade() {
+                let mut slot = m.lock();
+                if slot.active.as_deref() == Some(job_id.as_str()) {
+                    slot.active = None;
+                }
+            }
+        });
+        let hooks = self.pivot_hooks.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let on_pivot: PivotHook = Arc::new(move |old: &Path, new: &Path| {
+            for h in &hooks {
+                h(old, new);
+            }
+        });
+        let driver = Arc::new(MirrorJob::new(state, hook.clone(), config, engine, on_end, on_pivot));
+        let job = match self.registry.create(
+            JobOptions {
+                id: id.clone(),
+                auto_finalize: req.auto_finalize,
+                auto_dismiss: req.auto_dismiss,
+                speed: req.speed.max(0) as u64,
+            },
+            driver,
+        ) {
+            Ok(j) => j,
+            Err(e) => {
+                cleanup_new_state(&persist);
+                return Err(e.into());
+            }
+        };
+        if req.speed < 0 {
+            // QEMU creates the job, then fails it on the speed.
+            job.early_fail();
+            cleanup_new_state(&persist);
+            return Err(JobError::NegativeSpeed.into());
+        }
+        self.disk.add_hook(hook);
+        if req.resume {
+            if let Some(p) = slot.pending.take() {
+                self.disk.remove_hook(&p.hook);
+            }
+        }
+        slot.active = Some(id);
+        drop(slot);
+        if let Err(e) = job.start() {
+            return Err(e.into());
+        }
+        Ok(job)
+    }
+
+    /// The driver of a mirror job (for tests and statistics).
+    pub fn mirror_driver(job: &Job) -> Option<&MirrorJob> {
+        let any: &dyn std::any::Any = job.driver().as_any();
+        any.downcast_ref::<MirrorJob>()
+    }
+}

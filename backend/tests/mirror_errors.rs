@@ -1,0 +1,221 @@
+//! Error policies with a target (or source) that fails on demand: `report`
+//! ends the job with the error, `stop` pauses it with BLOCK_JOB_ERROR until
+//! `job-resume`, `ignore` retries; `enospc` stops on ENOSPC. Guest writes
+//! never fail because of the target, in background or write-blocking mode,
+//! and the source always keeps exactly what the guest wrote.
+
+#[path = "mirror_util.rs"]
+mod util;
+
+use anyhow::{ensure, Context, Result};
+use serde_json::json;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use util::*;
+use vubd_backend::jobs::{Job, JobStatus, OnError};
+use vubd_backend::mirror::manager::TargetMode;
+use vubd_backend::mirror::{CopyMode, MirrorRequest, SharedImage};
+use vubd_backend::{Disk, Image};
+
+const T: Duration = Duration::from_secs(30);
+
+struct Case {
+    _dir: Scratch,
+    rig: Rig,
+    src: std::path::PathBuf,
+    tgt: std::path::PathBuf,
+    target: Arc<Flaky>,
+    source: Arc<Flaky>,
+    model: Vec<u8>,
+}
+
+fn setup(tag: &str) -> Result<Case> {
+    let dir = Scratch::new(tag);
+    let (src, tgt) = (dir.join("src.img"), dir.join("tgt.img"));
+    let model = make_image(&src, 16 * MIB, 2)?;
+    std::fs::File::create(&tgt)?.set_len(16 * MIB)?;
+    let source = Arc::new(Flaky::open(&src)?);
+    let disk = Arc::new(Disk::new(Box::new(SharedImage(source.clone())), false));
+    let rig = Rig::with_disk(disk, &src)?;
+    let target = Arc::new(Flaky::open(&tgt)?);
+    Ok(Case {
+        _dir: dir,
+        rig,
+        src,
+        tgt,
+        target,
+        source,
+        model,
+    })
+}
+
+fn start(c: &Case, id: &str, f: impl FnOnce(&mut MirrorRequest)) -> Result<Arc<Job>> {
+    let mut req = MirrorRequest::new("disk0", &c.tgt, "full");
+    req.job_id = Some(id.into());
+    req.mode = TargetMode::Existing;
+    f(&mut req);
+    let target: Arc<dyn Image> = c.target.clone();
+    c.rig.manager.start_to(req, target).map_err(|e| anyhow::anyhow!(e.desc))
+}
+
+/// Waits for event `name` after position `pos` of `seen` (which collects
+/// every event), and moves `pos` past it.
+fn wait_event(c: &Case, name: &str, seen: &mut Vec<String>, pos: &mut usize) -> Result<()> {
+    let t0 = Instant::now();
+    loop {
+        if let Some(i) = seen[*pos..].iter().position(|n| n == name) {
+            *pos += i + 1;
+            return Ok(());
+        }
+        ensure!(t0.elapsed() < T, "no {name} event after #{pos}; saw {seen:?}");
+        seen.extend(c.rig.event_names());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn report_ends_the_job_and_spares_the_guest() -> Result<()> {
+    let c = setup("report")?;
+    c.target.fail_writes.store(true, Ordering::SeqCst);
+    let load = Writers::start(&c.rig.disk, c.model.clone(), 2, 4096, 16 * MIB, true, Some(Duration::from_micros(100)));
+    let job = start(&c, "r", |r| r.auto_dismiss = false)?;
+    wait_status(&job, JobStatus::Concluded, T)?;
+    let (writes, model) = load.stop()?;
+    ensure!(writes > 0);
+    let info = c.rig.block_job()?;
+    assert_eq!(info["error"], json!("No space left on device"));
+    assert_eq!(info["io-status"], json!("ok"));
+    let names = c.rig.event_names();
+    ensure!(names.contains(&"ERROR:write:report".to_string()), "{names:?}");
+    let tail: Vec<&str> = names.iter().rev().take(3).map(String::as_str).collect();
+    assert_eq!(tail, ["concluded", "BLOCK_JOB_COMPLETED", "aborting"]);
+    let completed = c.rig.drain_events();
+    ensure!(completed.is_empty());
+    compare_file(&c.src, &model)?;
+    ensure!(c.rig.disk.image().path() == c.src);
+    Ok(())
+}
+
+#[test]
+fn stop_pauses_until_resumed_then_completes() -> Result<()> {
+    let c = setup("stop")?;
+    c.target.fail_writes.store(true, Ordering::SeqCst);
+    let load = Writers::start(&c.rig.disk, c.model.clone(), 2, 4096, 16 * MIB, true, Some(Duration::from_micros(100)));
+    let job = start(&c, "s", |r| r.on_target_error = OnError::Stop)?;
+    wait_status(&job, JobStatus::Paused, T)?;
+    let info = c.rig.block_job()?;
+    assert_eq!((info["io-status"].clone(), info["paused"].clone()), (json!("nospace"), json!(true)));
+    let (mut seen, mut pos) = (Vec::new(), 0);
+    wait_event(&c, "ERROR:write:stop", &mut seen, &mut pos)?;
+    wait_event(&c, "paused", &mut seen, &mut pos)?;
+    // Stopped means stopped: nothing is retried until resume.
+    let failures = c.target.failures.load(Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(c.target.failures.load(Ordering::SeqCst), failures);
+    // Resuming into the same error stops again.
+    c.rig.qmp("job-resume", json!({"id": "s"})).map_err(anyhow::Error::msg)?;
+    wait_event(&c, "running", &mut seen, &mut pos)?;
+    wait_event(&c, "ERROR:write:stop", &mut seen, &mut pos)?;
+    wait_event(&c, "paused", &mut seen, &mut pos)?;
+    c.target.fail_writes.store(false, Ordering::SeqCst);
+    c.rig.qmp("block-job-resume", json!({"device": "s"})).map_err(anyhow::Error::msg)?;
+    wait_status(&job, JobStatus::Ready, T)?;
+    assert_eq!(c.rig.block_job()?["io-status"], json!("ok"));
+    c.rig.qmp("job-complete", json!({"id": "s"})).map_err(anyhow::Error::msg)?;
+    wait_status(&job, JobStatus::Null, T)?;
+    let (_, model) = load.stop()?;
+    compare_file(&c.tgt, &model)?;
+    Ok(())
+}
+
+#[test]
+fn ignore_retries_until_the_target_heals() -> Result<()> {
+    let c = setup("ignore")?;
+    c.target.fail_writes.store(true, Ordering::SeqCst);
+    let job = start(&c, "i", |r| r.on_target_error = OnError::Ignore)?;
+    let (mut seen, mut pos) = (Vec::new(), 0);
+    wait_event(&c, "ERROR:write:ignore", &mut seen, &mut pos)?;
+    std::thread::sleep(Duration::from_millis(400));
+    seen.extend(c.rig.event_names());
+    let errors = seen.iter().filter(|n| *n == "ERROR:write:ignore").count();
+    ensure!(errors >= 2, "ignore did not retry: {seen:?}");
+    ensure!(job.status() == JobStatus::Running, "job is {}", job.status());
+    c.target.fail_writes.store(false, Ordering::SeqCst);
+    wait_status(&job, JobStatus::Ready, T)?;
+    c.rig.qmp("job-complete", json!({"id": "i"})).map_err(anyhow::Error::msg)?;
+    wait_status(&job, JobStatus::Null, T)?;
+    compare_file(&c.tgt, &c.model)?;
+    Ok(())
+}
+
+#[test]
+fn enospc_stops_on_enospc() -> Result<()> {
+    let c = setup("enospc")?;
+    c.target.fail_writes.store(true, Ordering::SeqCst);
+    let job = start(&c, "e", |r| r.on_target_error = OnError::Enospc)?;
+    wait_status(&job, JobStatus::Paused, T)?;
+    c.target.fail_writes.store(false, Ordering::SeqCst);
+    c.rig.qmp("job-resume", json!({"id": "e"})).map_err(anyhow::Error::msg)?;
+    wait_status(&job, JobStatus::Ready, T)?;
+    c.rig.qmp("job-cancel", json!({"id": "e"})).map_err(anyhow::Error::msg)?;
+    wait_status(&job, JobStatus::Null, T)?;
+    Ok(())
+}
+
+#[test]
+fn write_blocking_target_errors_never_reach_the_guest() -> Result<()> {
+    let c = setup("wberr")?;
+    let job = start(&c, "w", |r| {
+        r.on_target_error = OnError::Stop;
+        r.copy_mode = CopyMode::WriteBlocking;
+    })?;
+    wait_status(&job, JobStatus::Ready, T)?;
+    let load = Writers::start(&c.rig.disk, c.model.clone(), 2, 4096, 16 * MIB, true, Some(Duration::from_micros(100)));
+    let t0 = Instant::now();
+    while c.rig.block_job()?["actively-synced"] != json!(true) {
+        ensure!(t0.elapsed() < T, "never actively synced");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // The target fails under the guest's writes: the guest does not notice
+    // (its writers would stop with an error), the job stops.
+    c.target.fail_writes.store(true, Ordering::SeqCst);
+    wait_status(&job, JobStatus::Standby, T)?;
+    let info = c.rig.block_job()?;
+    assert_eq!((info["io-status"].clone(), info["actively-synced"].clone()), (json!("nospace"), json!(false)));
+    std::thread::sleep(Duration::from_millis(200));
+    c.target.fail_writes.store(false, Ordering::SeqCst);
+    c.rig.qmp("job-resume", json!({"id": "w"})).map_err(anyhow::Error::msg)?;
+    let t0 = Instant::now();
+    while c.rig.block_job()?["actively-synced"] != json!(true) {
+        ensure!(t0.elapsed() < T, "never in sync again after resume: {}", c.rig.block_job()?);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    c.rig.qmp("job-complete", json!({"id": "w"})).map_err(anyhow::Error::msg)?;
+    wait_status(&job, JobStatus::Null, T)?;
+    let (writes, model) = load.stop().context("a guest write failed")?;
+    ensure!(writes > 100, "{writes} writes");
+    compare_file(&c.tgt, &model)?;
+    Ok(())
+}
+
+#[test]
+fn source_read_errors_follow_on_source_error() -> Result<()> {
+    let c = setup("srcerr")?;
+    c.source.fail_reads.store(true, Ordering::SeqCst);
+    let job = start(&c, "r", |r| {
+        r.on_source_error = OnError::Stop;
+        r.on_target_error = OnError::Report;
+    })?;
+    wait_status(&job, JobStatus::Paused, T)?;
+    let names = c.rig.event_names();
+    ensure!(names.contains(&"ERROR:read:stop".to_string()), "{names:?}");
+    assert_eq!(c.rig.block_job()?["io-status"], json!("failed"));
+    c.source.fail_reads.store(false, Ordering::SeqCst);
+    c.rig.qmp("job-resume", json!({"id": "r"})).map_err(anyhow::Error::msg)?;
+    wait_status(&job, JobStatus::Ready, T)?;
+    c.rig.qmp("job-complete", json!({"id": "r"})).map_err(anyhow::Error::msg)?;
+    wait_status(&job, JobStatus::Null, T)?;
+    compare_file(&c.tgt, &c.model)?;
+    Ok(())
+}
