@@ -56,7 +56,10 @@ fn start(c: &Case, id: &str, f: impl FnOnce(&mut MirrorRequest)) -> Result<Arc<J
     req.mode = TargetMode::Existing;
     f(&mut req);
     let target: Arc<dyn Image> = c.target.clone();
-    c.rig.manager.start_to(req, target).map_err(|e| anyhow::anyhow!(e.desc))
+    c.rig
+        .manager
+        .start_to(req, target)
+        .map_err(|e| anyhow::anyhow!(e.desc))
 }
 
 /// Waits for event `name` after position `pos` of `seen` (which collects
@@ -68,7 +71,10 @@ fn wait_event(c: &Case, name: &str, seen: &mut Vec<String>, pos: &mut usize) -> 
             *pos += i + 1;
             return Ok(());
         }
-        ensure!(t0.elapsed() < T, "no {name} event after #{pos}; saw {seen:?}");
+        ensure!(
+            t0.elapsed() < T,
+            "no {name} event after #{pos}; saw {seen:?}"
+        );
         seen.extend(c.rig.event_names());
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -78,7 +84,15 @@ fn wait_event(c: &Case, name: &str, seen: &mut Vec<String>, pos: &mut usize) -> 
 fn report_ends_the_job_and_spares_the_guest() -> Result<()> {
     let c = setup("report")?;
     c.target.fail_writes.store(true, Ordering::SeqCst);
-    let load = Writers::start(&c.rig.disk, c.model.clone(), 2, 4096, 16 * MIB, true, Some(Duration::from_micros(100)));
+    let load = Writers::start(
+        &c.rig.disk,
+        c.model.clone(),
+        2,
+        4096,
+        16 * MIB,
+        true,
+        Some(Duration::from_micros(100)),
+    );
     let job = start(&c, "r", |r| r.auto_dismiss = false)?;
     wait_status(&job, JobStatus::Concluded, T)?;
     let (writes, model) = load.stop()?;
@@ -87,7 +101,10 @@ fn report_ends_the_job_and_spares_the_guest() -> Result<()> {
     assert_eq!(info["error"], json!("No space left on device"));
     assert_eq!(info["io-status"], json!("ok"));
     let names = c.rig.event_names();
-    ensure!(names.contains(&"ERROR:write:report".to_string()), "{names:?}");
+    ensure!(
+        names.contains(&"ERROR:write:report".to_string()),
+        "{names:?}"
+    );
     let tail: Vec<&str> = names.iter().rev().take(3).map(String::as_str).collect();
     assert_eq!(tail, ["concluded", "BLOCK_JOB_COMPLETED", "aborting"]);
     let completed = c.rig.drain_events();
@@ -101,11 +118,22 @@ fn report_ends_the_job_and_spares_the_guest() -> Result<()> {
 fn stop_pauses_until_resumed_then_completes() -> Result<()> {
     let c = setup("stop")?;
     c.target.fail_writes.store(true, Ordering::SeqCst);
-    let load = Writers::start(&c.rig.disk, c.model.clone(), 2, 4096, 16 * MIB, true, Some(Duration::from_micros(100)));
+    let load = Writers::start(
+        &c.rig.disk,
+        c.model.clone(),
+        2,
+        4096,
+        16 * MIB,
+        true,
+        Some(Duration::from_micros(100)),
+    );
     let job = start(&c, "s", |r| r.on_target_error = OnError::Stop)?;
     wait_status(&job, JobStatus::Paused, T)?;
     let info = c.rig.block_job()?;
-    assert_eq!((info["io-status"].clone(), info["paused"].clone()), (json!("nospace"), json!(true)));
+    assert_eq!(
+        (info["io-status"].clone(), info["paused"].clone()),
+        (json!("nospace"), json!(true))
+    );
     let (mut seen, mut pos) = (Vec::new(), 0);
     wait_event(&c, "ERROR:write:stop", &mut seen, &mut pos)?;
     wait_event(&c, "paused", &mut seen, &mut pos)?;
@@ -114,15 +142,21 @@ fn stop_pauses_until_resumed_then_completes() -> Result<()> {
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(c.target.failures.load(Ordering::SeqCst), failures);
     // Resuming into the same error stops again.
-    c.rig.qmp("job-resume", json!({"id": "s"})).map_err(anyhow::Error::msg)?;
+    c.rig
+        .qmp("job-resume", json!({"id": "s"}))
+        .map_err(anyhow::Error::msg)?;
     wait_event(&c, "running", &mut seen, &mut pos)?;
     wait_event(&c, "ERROR:write:stop", &mut seen, &mut pos)?;
     wait_event(&c, "paused", &mut seen, &mut pos)?;
     c.target.fail_writes.store(false, Ordering::SeqCst);
-    c.rig.qmp("block-job-resume", json!({"device": "s"})).map_err(anyhow::Error::msg)?;
+    c.rig
+        .qmp("block-job-resume", json!({"device": "s"}))
+        .map_err(anyhow::Error::msg)?;
     wait_status(&job, JobStatus::Ready, T)?;
     assert_eq!(c.rig.block_job()?["io-status"], json!("ok"));
-    c.rig.qmp("job-complete", json!({"id": "s"})).map_err(anyhow::Error::msg)?;
+    c.rig
+        .qmp("job-complete", json!({"id": "s"}))
+        .map_err(anyhow::Error::msg)?;
     wait_status(&job, JobStatus::Null, T)?;
     let (_, model) = load.stop()?;
     compare_file(&c.tgt, &model)?;
@@ -140,10 +174,16 @@ fn ignore_retries_until_the_target_heals() -> Result<()> {
     seen.extend(c.rig.event_names());
     let errors = seen.iter().filter(|n| *n == "ERROR:write:ignore").count();
     ensure!(errors >= 2, "ignore did not retry: {seen:?}");
-    ensure!(job.status() == JobStatus::Running, "job is {}", job.status());
+    ensure!(
+        job.status() == JobStatus::Running,
+        "job is {}",
+        job.status()
+    );
     c.target.fail_writes.store(false, Ordering::SeqCst);
     wait_status(&job, JobStatus::Ready, T)?;
-    c.rig.qmp("job-complete", json!({"id": "i"})).map_err(anyhow::Error::msg)?;
+    c.rig
+        .qmp("job-complete", json!({"id": "i"}))
+        .map_err(anyhow::Error::msg)?;
     wait_status(&job, JobStatus::Null, T)?;
     compare_file(&c.tgt, &c.model)?;
     Ok(())
@@ -156,9 +196,13 @@ fn enospc_stops_on_enospc() -> Result<()> {
     let job = start(&c, "e", |r| r.on_target_error = OnError::Enospc)?;
     wait_status(&job, JobStatus::Paused, T)?;
     c.target.fail_writes.store(false, Ordering::SeqCst);
-    c.rig.qmp("job-resume", json!({"id": "e"})).map_err(anyhow::Error::msg)?;
+    c.rig
+        .qmp("job-resume", json!({"id": "e"}))
+        .map_err(anyhow::Error::msg)?;
     wait_status(&job, JobStatus::Ready, T)?;
-    c.rig.qmp("job-cancel", json!({"id": "e"})).map_err(anyhow::Error::msg)?;
+    c.rig
+        .qmp("job-cancel", json!({"id": "e"}))
+        .map_err(anyhow::Error::msg)?;
     wait_status(&job, JobStatus::Null, T)?;
     Ok(())
 }
@@ -171,7 +215,15 @@ fn write_blocking_target_errors_never_reach_the_guest() -> Result<()> {
         r.copy_mode = CopyMode::WriteBlocking;
     })?;
     wait_status(&job, JobStatus::Ready, T)?;
-    let load = Writers::start(&c.rig.disk, c.model.clone(), 2, 4096, 16 * MIB, true, Some(Duration::from_micros(100)));
+    let load = Writers::start(
+        &c.rig.disk,
+        c.model.clone(),
+        2,
+        4096,
+        16 * MIB,
+        true,
+        Some(Duration::from_micros(100)),
+    );
     let t0 = Instant::now();
     while c.rig.block_job()?["actively-synced"] != json!(true) {
         ensure!(t0.elapsed() < T, "never actively synced");
@@ -182,16 +234,27 @@ fn write_blocking_target_errors_never_reach_the_guest() -> Result<()> {
     c.target.fail_writes.store(true, Ordering::SeqCst);
     wait_status(&job, JobStatus::Standby, T)?;
     let info = c.rig.block_job()?;
-    assert_eq!((info["io-status"].clone(), info["actively-synced"].clone()), (json!("nospace"), json!(false)));
+    assert_eq!(
+        (info["io-status"].clone(), info["actively-synced"].clone()),
+        (json!("nospace"), json!(false))
+    );
     std::thread::sleep(Duration::from_millis(200));
     c.target.fail_writes.store(false, Ordering::SeqCst);
-    c.rig.qmp("job-resume", json!({"id": "w"})).map_err(anyhow::Error::msg)?;
+    c.rig
+        .qmp("job-resume", json!({"id": "w"}))
+        .map_err(anyhow::Error::msg)?;
     let t0 = Instant::now();
     while c.rig.block_job()?["actively-synced"] != json!(true) {
-        ensure!(t0.elapsed() < T, "never in sync again after resume: {}", c.rig.block_job()?);
+        ensure!(
+            t0.elapsed() < T,
+            "never in sync again after resume: {}",
+            c.rig.block_job()?
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
-    c.rig.qmp("job-complete", json!({"id": "w"})).map_err(anyhow::Error::msg)?;
+    c.rig
+        .qmp("job-complete", json!({"id": "w"}))
+        .map_err(anyhow::Error::msg)?;
     wait_status(&job, JobStatus::Null, T)?;
     let (writes, model) = load.stop().context("a guest write failed")?;
     ensure!(writes > 100, "{writes} writes");
@@ -212,9 +275,13 @@ fn source_read_errors_follow_on_source_error() -> Result<()> {
     ensure!(names.contains(&"ERROR:read:stop".to_string()), "{names:?}");
     assert_eq!(c.rig.block_job()?["io-status"], json!("failed"));
     c.source.fail_reads.store(false, Ordering::SeqCst);
-    c.rig.qmp("job-resume", json!({"id": "r"})).map_err(anyhow::Error::msg)?;
+    c.rig
+        .qmp("job-resume", json!({"id": "r"}))
+        .map_err(anyhow::Error::msg)?;
     wait_status(&job, JobStatus::Ready, T)?;
-    c.rig.qmp("job-complete", json!({"id": "r"})).map_err(anyhow::Error::msg)?;
+    c.rig
+        .qmp("job-complete", json!({"id": "r"}))
+        .map_err(anyhow::Error::msg)?;
     wait_status(&job, JobStatus::Null, T)?;
     compare_file(&c.tgt, &c.model)?;
     Ok(())

@@ -30,10 +30,15 @@ fn resume_copies_only_what_is_dirty_including_writes_before_the_resume() -> Resu
         .map_err(anyhow::Error::msg)?;
     let job = first.job("m")?;
     std::thread::sleep(Duration::from_millis(1300));
-    first.qmp("job-pause", json!({"id": "m"})).map_err(anyhow::Error::msg)?;
+    first
+        .qmp("job-pause", json!({"id": "m"}))
+        .map_err(anyhow::Error::msg)?;
     wait_status(&job, JobStatus::Paused, T)?;
     let copied = first.block_job()?["offset"].as_u64().context("offset")?;
-    ensure!(copied >= 4 * MIB && copied < 24 * MIB, "copied {copied} bytes before the crash");
+    ensure!(
+        (4 * MIB..24 * MIB).contains(&copied),
+        "copied {copied} bytes before the crash"
+    );
     ensure!(dir.join("src.img.vubd-mirror").exists());
     std::mem::forget(first);
 
@@ -86,10 +91,15 @@ fn resume_copies_only_what_is_dirty_including_writes_before_the_resume() -> Resu
         "resume copied {len} bytes; {copied} of {size} were done before the crash"
     );
     ensure!(len >= 64 * KIB, "resume copied nothing");
-    second.qmp("job-complete", json!({"id": "m"})).map_err(anyhow::Error::msg)?;
+    second
+        .qmp("job-complete", json!({"id": "m"}))
+        .map_err(anyhow::Error::msg)?;
     wait_status(&job, JobStatus::Null, T)?;
     compare_file(&tgt, &model)?;
-    ensure!(!dir.join("src.img.vubd-mirror").exists(), "state left after completion");
+    ensure!(
+        !dir.join("src.img.vubd-mirror").exists(),
+        "state left after completion"
+    );
     eprintln!("copied {copied} bytes before the crash, {len} after the resume");
     Ok(())
 }
@@ -109,12 +119,17 @@ fn a_new_mirror_discards_an_interrupted_one() -> Result<()> {
     ensure!(second.manager.pending_resume().is_some());
     let tgt2 = dir.join("tgt2.img");
     second
-        .qmp("drive-mirror", json!({"device": "disk0", "target": tgt2.to_str(), "sync": "full", "job-id": "b"}))
+        .qmp(
+            "drive-mirror",
+            json!({"device": "disk0", "target": tgt2.to_str(), "sync": "full", "job-id": "b"}),
+        )
         .map_err(anyhow::Error::msg)?;
     ensure!(second.manager.pending_resume().is_none());
     let job = second.job("b")?;
     wait_status(&job, JobStatus::Ready, T)?;
-    second.qmp("job-complete", json!({"id": "b"})).map_err(anyhow::Error::msg)?;
+    second
+        .qmp("job-complete", json!({"id": "b"}))
+        .map_err(anyhow::Error::msg)?;
     wait_status(&job, JobStatus::Null, T)?;
     compare_file(&tgt2, &model)?;
     Ok(())

@@ -13,9 +13,9 @@ mod util;
 
 use anyhow::{ensure, Result};
 use serde_json::json;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use util::*;
-use std::sync::atomic::Ordering;
 use vubd_backend::jobs::JobStatus;
 use vubd_backend::mirror::MirrorManager;
 
@@ -23,8 +23,21 @@ const T: Duration = Duration::from_secs(60);
 
 /// Runs one mirror under load; `change_midway` switches to write-blocking
 /// after READY with `block-job-change`.
-fn stress(tag: &str, granularity: u64, copy_mode: &str, change_midway: bool, writers: u64) -> Result<()> {
-    stress_with(tag, granularity, copy_mode, change_midway, writers, Fault::None)
+fn stress(
+    tag: &str,
+    granularity: u64,
+    copy_mode: &str,
+    change_midway: bool,
+    writers: u64,
+) -> Result<()> {
+    stress_with(
+        tag,
+        granularity,
+        copy_mode,
+        change_midway,
+        writers,
+        Fault::None,
+    )
 }
 
 /// What the test does to the mirror.
@@ -60,7 +73,8 @@ fn stress_with(
     .map_err(anyhow::Error::msg)?;
     let job = rig.job("s")?;
     if fault != Fault::None {
-        let driver = MirrorManager::mirror_driver(&job).ok_or_else(|| anyhow::anyhow!("not a mirror"))?;
+        let driver =
+            MirrorManager::mirror_driver(&job).ok_or_else(|| anyhow::anyhow!("not a mirror"))?;
         driver.state().slow_writes.store(true, Ordering::Relaxed);
         driver
             .state()
@@ -69,22 +83,32 @@ fn stress_with(
     }
     wait_status(&job, JobStatus::Ready, T)?;
     if change_midway {
-        rig.qmp("block-job-change", json!({"id": "s", "type": "mirror", "copy-mode": "write-blocking"}))
-            .map_err(anyhow::Error::msg)?;
+        rig.qmp(
+            "block-job-change",
+            json!({"id": "s", "type": "mirror", "copy-mode": "write-blocking"}),
+        )
+        .map_err(anyhow::Error::msg)?;
     }
     // Keep the guest busy in READY for a while: the copier chases it.
     std::thread::sleep(Duration::from_millis(400));
     let t0 = Instant::now();
-    rig.qmp("job-complete", json!({"id": "s"})).map_err(anyhow::Error::msg)?;
+    rig.qmp("job-complete", json!({"id": "s"}))
+        .map_err(anyhow::Error::msg)?;
     wait_status(&job, JobStatus::Null, T)?;
     let pivot_ms = elapsed_ms(t0);
     ensure!(rig.disk.image().path() == tgt, "no pivot");
     let src_after_pivot = std::fs::read(&src)?;
     std::thread::sleep(Duration::from_millis(100));
     let (writes, model) = load.stop()?;
-    ensure!(writes > 500, "only {writes} guest writes: the test did not test much");
+    ensure!(
+        writes > 500,
+        "only {writes} guest writes: the test did not test much"
+    );
     compare_file(&tgt, &model)?;
-    ensure!(std::fs::read(&src)? == src_after_pivot, "the source changed after the pivot");
+    ensure!(
+        std::fs::read(&src)? == src_after_pivot,
+        "the source changed after the pivot"
+    );
     eprintln!("{tag}: {writes} guest writes, complete took {pivot_ms} ms");
     Ok(())
 }
@@ -126,22 +150,37 @@ fn write_blocking_converges_where_background_cannot() -> Result<()> {
     .map_err(anyhow::Error::msg)?;
     let job = rig.job("c")?;
     wait_status(&job, JobStatus::Ready, T)?;
-    rig.qmp("block-job-set-speed", json!({"device": "c", "speed": 256 * KIB})).map_err(anyhow::Error::msg)?;
+    rig.qmp(
+        "block-job-set-speed",
+        json!({"device": "c", "speed": 256 * KIB}),
+    )
+    .map_err(anyhow::Error::msg)?;
     let load = Writers::start(&rig.disk, model, 2, 4096, size, false, None);
     std::thread::sleep(Duration::from_millis(500));
     let dirty_bg = rig.block_job()?;
-    let behind_bg = dirty_bg["len"].as_u64().unwrap_or(0) - dirty_bg["offset"].as_u64().unwrap_or(0);
-    ensure!(behind_bg > MIB, "background kept up at 256 KiB/s? {dirty_bg}");
-    rig.qmp("block-job-change", json!({"id": "c", "type": "mirror", "copy-mode": "write-blocking"}))
+    let behind_bg =
+        dirty_bg["len"].as_u64().unwrap_or(0) - dirty_bg["offset"].as_u64().unwrap_or(0);
+    ensure!(
+        behind_bg > MIB,
+        "background kept up at 256 KiB/s? {dirty_bg}"
+    );
+    rig.qmp(
+        "block-job-change",
+        json!({"id": "c", "type": "mirror", "copy-mode": "write-blocking"}),
+    )
+    .map_err(anyhow::Error::msg)?;
+    rig.qmp("block-job-set-speed", json!({"device": "c", "speed": 0}))
         .map_err(anyhow::Error::msg)?;
-    rig.qmp("block-job-set-speed", json!({"device": "c", "speed": 0})).map_err(anyhow::Error::msg)?;
     let t0 = Instant::now();
     loop {
         let info = rig.block_job()?;
         if info["actively-synced"] == json!(true) {
             break;
         }
-        ensure!(t0.elapsed() < T, "write-blocking never became actively synced: {info}");
+        ensure!(
+            t0.elapsed() < T,
+            "write-blocking never became actively synced: {info}"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     let converge_ms = elapsed_ms(t0);
@@ -149,12 +188,18 @@ fn write_blocking_converges_where_background_cannot() -> Result<()> {
     std::thread::sleep(Duration::from_millis(200));
     let info = rig.block_job()?;
     let behind = info["len"].as_u64().unwrap_or(0) - info["offset"].as_u64().unwrap_or(0);
-    ensure!(behind <= MIB, "write-blocking fell behind by {behind} bytes: {info}");
-    rig.qmp("job-complete", json!({"id": "c"})).map_err(anyhow::Error::msg)?;
+    ensure!(
+        behind <= MIB,
+        "write-blocking fell behind by {behind} bytes: {info}"
+    );
+    rig.qmp("job-complete", json!({"id": "c"}))
+        .map_err(anyhow::Error::msg)?;
     wait_status(&job, JobStatus::Null, T)?;
     let (_, model) = load.stop()?;
     compare_file(&tgt, &model)?;
-    eprintln!("background was {behind_bg} bytes behind; write-blocking synced after {converge_ms} ms");
+    eprintln!(
+        "background was {behind_bg} bytes behind; write-blocking synced after {converge_ms} ms"
+    );
     Ok(())
 }
 
@@ -172,7 +217,14 @@ fn background_mirror_loses_no_write_on_slow_storage() -> Result<()> {
 #[test]
 fn without_the_after_write_mark_racing_writes_are_lost() -> Result<()> {
     for round in 0..6 {
-        if let Err(e) = stress_with(&format!("broken{round}"), 4096, "background", false, 3, Fault::NoAfterMark) {
+        if let Err(e) = stress_with(
+            &format!("broken{round}"),
+            4096,
+            "background",
+            false,
+            3,
+            Fault::NoAfterMark,
+        ) {
             eprintln!("round {round}: lost writes as expected: {e}");
             return Ok(());
         }

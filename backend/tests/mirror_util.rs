@@ -54,7 +54,9 @@ impl Drop for Scratch {
 
 /// Deterministic bytes for (block, generation).
 pub fn pattern(block: u64, generation: u64, len: usize) -> Vec<u8> {
-    let mut x = block.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ generation.wrapping_mul(0xc2b2_ae3d_27d4_eb4f) ^ 1;
+    let mut x = block.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        ^ generation.wrapping_mul(0xc2b2_ae3d_27d4_eb4f)
+        ^ 1;
     let mut v = Vec::with_capacity(len);
     while v.len() < len {
         x ^= x << 13;
@@ -75,7 +77,7 @@ pub fn make_image(path: &Path, size: u64, data_every: u64) -> Result<Vec<u8>> {
     let mut off = 0;
     while off < size {
         let n = MIB.min(size - off);
-        if (off / MIB) % data_every == 0 {
+        if (off / MIB).is_multiple_of(data_every) {
             let data = pattern(off / MIB, 0, n as usize);
             f.write_all_at(&data, off)?;
             model[off as usize..(off + n) as usize].copy_from_slice(&data);
@@ -143,7 +145,11 @@ impl Rig {
             let d = e.data.clone().unwrap_or(Value::Null);
             out.push(match e.name.as_str() {
                 "JOB_STATUS_CHANGE" => d["status"].as_str().unwrap_or("?").to_string(),
-                "BLOCK_JOB_ERROR" => format!("ERROR:{}:{}", d["operation"].as_str().unwrap_or("?"), d["action"].as_str().unwrap_or("?")),
+                "BLOCK_JOB_ERROR" => format!(
+                    "ERROR:{}:{}",
+                    d["operation"].as_str().unwrap_or("?"),
+                    d["action"].as_str().unwrap_or("?")
+                ),
                 n => n.to_string(),
             });
         }
@@ -160,7 +166,9 @@ impl Rig {
     }
 
     pub fn block_job(&self) -> Result<Value> {
-        let v = self.qmp("query-block-jobs", json!({})).map_err(anyhow::Error::msg)?;
+        let v = self
+            .qmp("query-block-jobs", json!({}))
+            .map_err(anyhow::Error::msg)?;
         Ok(v.get(0).cloned().unwrap_or(Value::Null))
     }
 }
@@ -169,7 +177,10 @@ impl Rig {
 pub fn wait_status(job: &Job, status: JobStatus, timeout: Duration) -> Result<()> {
     let got = job.wait_for(&[status], timeout);
     if got != status {
-        bail!("job '{}' is {got}, expected {status} within {timeout:?}", job.id());
+        bail!(
+            "job '{}' is {got}, expected {status} within {timeout:?}",
+            job.id()
+        );
     }
     Ok(())
 }
@@ -186,7 +197,15 @@ pub struct Writers {
 impl Writers {
     /// Starts `n` writers of `block`-byte writes over the first `span` bytes;
     /// one request in 16 is a write-zeroes, one in 32 a discard when `mixed`.
-    pub fn start(disk: &Arc<Disk>, model: Vec<u8>, n: u64, block: u64, span: u64, mixed: bool, pace: Option<Duration>) -> Writers {
+    pub fn start(
+        disk: &Arc<Disk>,
+        model: Vec<u8>,
+        n: u64,
+        block: u64,
+        span: u64,
+        mixed: bool,
+        pace: Option<Duration>,
+    ) -> Writers {
         let stop = Arc::new(AtomicBool::new(false));
         let model = Arc::new(Mutex::new(model));
         let blocks = span / block;
@@ -266,7 +285,12 @@ impl Writers {
 pub fn compare_file(path: &Path, expect: &[u8]) -> Result<()> {
     let got = std::fs::read(path).with_context(|| format!("read {}", path.display()))?;
     if got.len() < expect.len() {
-        bail!("{} is {} bytes, expected {}", path.display(), got.len(), expect.len());
+        bail!(
+            "{} is {} bytes, expected {}",
+            path.display(),
+            got.len(),
+            expect.len()
+        );
     }
     let bad: Vec<usize> = (0..expect.len().div_ceil(4096))
         .filter(|&b| {
@@ -289,7 +313,9 @@ pub fn compare_file(path: &Path, expect: &[u8]) -> Result<()> {
 /// Bytes allocated to a file.
 pub fn allocated(path: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(path).map(|m| m.blocks() * 512).unwrap_or(0)
+    std::fs::metadata(path)
+        .map(|m| m.blocks() * 512)
+        .unwrap_or(0)
 }
 
 pub fn elapsed_ms(t: Instant) -> u128 {
@@ -316,7 +342,13 @@ impl Flaky {
         })
     }
 
-    fn fail(&self, op: &'static str, offset: u64, len: u64, errno: i32) -> vubd_backend::ImageError {
+    fn fail(
+        &self,
+        op: &'static str,
+        offset: u64,
+        len: u64,
+        errno: i32,
+    ) -> vubd_backend::ImageError {
         self.failures.fetch_add(1, Ordering::Relaxed);
         vubd_backend::ImageError::Io {
             op,
@@ -334,13 +366,22 @@ impl vubd_backend::Image for Flaky {
     fn path(&self) -> &Path {
         self.inner.path()
     }
-    fn read_at(&self, bufs: &[IoBuf], offset: u64) -> std::result::Result<(), vubd_backend::ImageError> {
+    fn read_at(
+        &self,
+        bufs: &[IoBuf],
+        offset: u64,
+    ) -> std::result::Result<(), vubd_backend::ImageError> {
         if self.fail_reads.load(Ordering::SeqCst) {
             return Err(self.fail("read", offset, 0, libc_eio()));
         }
         self.inner.read_at(bufs, offset)
     }
-    fn write_at(&self, bufs: &[IoBuf], offset: u64, fua: bool) -> std::result::Result<(), vubd_backend::ImageError> {
+    fn write_at(
+        &self,
+        bufs: &[IoBuf],
+        offset: u64,
+        fua: bool,
+    ) -> std::result::Result<(), vubd_backend::ImageError> {
         if self.fail_writes.load(Ordering::SeqCst) {
             return Err(self.fail("write", offset, 0, ENOSPC));
         }
@@ -355,7 +396,12 @@ impl vubd_backend::Image for Flaky {
     fn discard(&self, offset: u64, len: u64) -> std::result::Result<(), vubd_backend::ImageError> {
         self.inner.discard(offset, len)
     }
-    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> std::result::Result<(), vubd_backend::ImageError> {
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        unmap: bool,
+    ) -> std::result::Result<(), vubd_backend::ImageError> {
         if self.fail_writes.load(Ordering::SeqCst) {
             return Err(self.fail("write-zeroes", offset, len, ENOSPC));
         }
@@ -364,7 +410,10 @@ impl vubd_backend::Image for Flaky {
     fn allocated_bytes(&self) -> u64 {
         self.inner.allocated_bytes()
     }
-    fn allocation(&self, offset: u64) -> std::result::Result<(bool, u64), vubd_backend::ImageError> {
+    fn allocation(
+        &self,
+        offset: u64,
+    ) -> std::result::Result<(bool, u64), vubd_backend::ImageError> {
         if self.fail_reads.load(Ordering::SeqCst) {
             return Err(self.fail("seek", offset, 0, libc_eio()));
         }

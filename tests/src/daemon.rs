@@ -19,7 +19,9 @@ pub fn vubd_binary() -> PathBuf {
         .iter()
         .filter_map(|p| Some((p.metadata().ok()?.modified().ok()?, p.clone())))
         .max_by_key(|(mtime, _)| *mtime);
-    newest.map(|(_, p)| p).unwrap_or_else(|| candidates[0].clone())
+    newest
+        .map(|(_, p)| p)
+        .unwrap_or_else(|| candidates[0].clone())
 }
 
 /// The repository root (parent of the `tests` crate).
@@ -138,7 +140,11 @@ impl Daemon {
                 return Ok(());
             }
             if start.elapsed() > timeout {
-                bail!("{} did not listen on {} in time", self.name, self.socket.display());
+                bail!(
+                    "{} did not listen on {} in time",
+                    self.name,
+                    self.socket.display()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -167,7 +173,11 @@ impl Daemon {
         // SAFETY: kill(2) with a pid we spawned and still own (not yet reaped).
         let rc = unsafe { libc::kill(self.pid() as libc::pid_t, signal) };
         if rc != 0 {
-            bail!("kill({}, {signal}): {}", self.pid(), std::io::Error::last_os_error());
+            bail!(
+                "kill({}, {signal}): {}",
+                self.pid(),
+                std::io::Error::last_os_error()
+            );
         }
         Ok(())
     }
@@ -221,5 +231,7 @@ pub fn process_cpu_time(pid: u32) -> Result<Duration> {
     let stime: u64 = fields.get(12).context("no stime")?.parse()?;
     // SAFETY: sysconf has no memory-safety preconditions.
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    Ok(Duration::from_nanos((utime + stime) * 1_000_000_000 / ticks))
+    Ok(Duration::from_nanos(
+        (utime + stime) * 1_000_000_000 / ticks,
+    ))
 }

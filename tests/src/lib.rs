@@ -2,10 +2,10 @@
 //! qemu-storage-daemon), drives them with real frontends (libblkio, QEMU
 //! guests, a deliberately hostile vhost-user frontend) and measures them.
 
-pub mod daemon;
-pub mod client;
-pub mod guest;
-pub mod raw_frontend;
 pub mod bench;
-pub mod qmp_client;
 pub mod bench_mirror;
+pub mod client;
+pub mod daemon;
+pub mod guest;
+pub mod qmp_client;
+pub mod raw_frontend;

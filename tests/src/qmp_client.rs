@@ -45,7 +45,11 @@ pub struct QmpClient {
 pub fn wait_for_socket(path: &Path, timeout: Duration) -> Result<()> {
     let t0 = Instant::now();
     while !path.exists() {
-        ensure!(t0.elapsed() < timeout, "{} did not appear within {timeout:?}", path.display());
+        ensure!(
+            t0.elapsed() < timeout,
+            "{} did not appear within {timeout:?}",
+            path.display()
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     Ok(())
@@ -56,7 +60,8 @@ impl QmpClient {
     /// negotiates capabilities; `timeout` also bounds every later wait.
     pub fn connect(path: &Path, timeout: Duration) -> Result<QmpClient> {
         wait_for_socket(path, timeout)?;
-        let stream = UnixStream::connect(path).with_context(|| format!("connect {}", path.display()))?;
+        let stream =
+            UnixStream::connect(path).with_context(|| format!("connect {}", path.display()))?;
         let reader = BufReader::new(stream.try_clone()?);
         let (tx, rx) = channel();
         std::thread::Builder::new()
@@ -64,7 +69,8 @@ impl QmpClient {
             .spawn(move || {
                 for line in reader.lines() {
                     let msg = match line {
-                        Ok(l) => serde_json::from_str::<Value>(&l).map_err(|e| format!("bad JSON {l:?}: {e}")),
+                        Ok(l) => serde_json::from_str::<Value>(&l)
+                            .map_err(|e| format!("bad JSON {l:?}: {e}")),
                         Err(e) => Err(format!("read: {e}")),
                     };
                     let stop = msg.is_err();
@@ -84,7 +90,11 @@ impl QmpClient {
             greeting: Value::Null,
         };
         c.greeting = c.next(timeout)?;
-        ensure!(c.greeting.get("QMP").is_some(), "not a QMP greeting: {}", c.greeting);
+        ensure!(
+            c.greeting.get("QMP").is_some(),
+            "not a QMP greeting: {}",
+            c.greeting
+        );
         c.ok("qmp_capabilities", json!({}))?;
         Ok(c)
     }
@@ -122,14 +132,20 @@ impl QmpClient {
 
     /// Runs a command: `Ok(Ok(return))`, `Ok(Err(error reply))`, or `Err`
     /// if the connection failed.
-    pub fn execute(&mut self, name: &str, args: Value) -> Result<std::result::Result<Value, QmpErrorReply>> {
+    pub fn execute(
+        &mut self,
+        name: &str,
+        args: Value,
+    ) -> Result<std::result::Result<Value, QmpErrorReply>> {
         let mut msg = json!({"execute": name});
         if args.as_object().is_some_and(|m| !m.is_empty()) {
             msg["arguments"] = args;
         }
         let mut line = msg.to_string();
         line.push('\n');
-        self.stream.write_all(line.as_bytes()).context("write to QMP")?;
+        self.stream
+            .write_all(line.as_bytes())
+            .context("write to QMP")?;
         loop {
             let v = self.next(self.timeout)?;
             if v.get("event").is_some() {
@@ -181,7 +197,12 @@ impl QmpClient {
 
     /// Waits for the next event called `name` whose `data` satisfies `pred`;
     /// earlier events stay queued (see [`QmpClient::take_events`]).
-    pub fn wait_event(&mut self, name: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Result<Value> {
+    pub fn wait_event(
+        &mut self,
+        name: &str,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Result<Value> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(i) = self
@@ -198,7 +219,10 @@ impl QmpClient {
             if left.is_zero() {
                 bail!(
                     "no {name} event within {timeout:?}; queued: {:?}",
-                    self.events.iter().map(|e| e["event"].clone()).collect::<Vec<_>>()
+                    self.events
+                        .iter()
+                        .map(|e| e["event"].clone())
+                        .collect::<Vec<_>>()
                 );
             }
             self.pump(left.min(Duration::from_millis(50)))?;

@@ -31,8 +31,8 @@ use vhost::vhost_user::{
 use vhost::{VhostBackend, VringConfigData};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{
-    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VRING_DESC_F_INDIRECT,
-    VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT,
+    VRING_DESC_F_WRITE,
 };
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -452,7 +452,9 @@ impl RawFrontend {
     }
 
     fn vq_mut(&mut self, q: usize) -> Result<&mut Vq> {
-        self.queues.get_mut(q).with_context(|| format!("no queue {q}"))
+        self.queues
+            .get_mut(q)
+            .with_context(|| format!("no queue {q}"))
     }
 
     /// Reads the device config space (GET_CONFIG).

@@ -20,9 +20,10 @@
 use anyhow::{ensure, Context, Result};
 use serde_json::json;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tests::client::{Client, ConnectOptions, Queue};
+use tests::client::{Buffer, Client, ConnectOptions, Queue};
 use tests::daemon::{create_image, Daemon, ScratchDir};
 use tests::qmp_client::QmpClient;
 use vubd_backend::dirty::{recover, sidecar_path, DirtyBitmap, FileStore, Recovery};
@@ -32,6 +33,7 @@ const DISK: u64 = 1024 * MIB;
 const QD: usize = 16;
 const P_GRAN: u64 = 64 * 1024;
 const FINE_GRAN: u64 = 4096;
+const BUF_LEN: usize = 64 * 1024;
 
 /// SplitMix64, seedable for reproducible runs.
 struct Rng(u64);
@@ -58,15 +60,22 @@ struct Log {
 }
 
 /// Random writes (with some discards and write-zeroes) at queue depth QD,
-/// concentrated on a few hot areas so that the activity log does not simply
-/// cover the whole disk; polls completions so it can stop when vubd is gone.
-fn load(mut q: Queue, seed: u64, stop: Arc<AtomicBool>) -> Result<Log> {
+/// concentrated on three hot 8 MiB areas with rare writes anywhere, so that
+/// the activity log does not simply cover the whole disk (which would make
+/// the check vacuous); polls completions so it can stop when vubd is gone.
+fn load(
+    mut q: Queue,
+    mut buf: Buffer,
+    seed: u64,
+    stop: Arc<AtomicBool>,
+    first: mpsc::Sender<()>,
+) -> Result<Log> {
     let mut rng = Rng(seed);
-    let buf_len = 64 * 1024;
-    let mut buf = q.alloc_buffer(buf_len * QD)?;
+    let buf_len = BUF_LEN;
     for (i, b) in buf.as_mut_slice().iter_mut().enumerate() {
         *b = (i as u64 ^ seed) as u8;
     }
+    let mut first = Some(first);
     let hot: Vec<u64> = (0..3).map(|_| rng.below(DISK / MIB - 8) * MIB).collect();
     let mut log = Log::default();
     let mut ranges: Vec<Option<(u64, u64)>> = vec![None; QD];
@@ -78,7 +87,8 @@ fn load(mut q: Queue, seed: u64, stop: Arc<AtomicBool>) -> Result<Log> {
                 if range.is_some() {
                     continue;
                 }
-                let off = if rng.below(10) < 9 {
+                // 1 request in 500 lands anywhere on the disk.
+                let off = if rng.below(500) != 0 {
                     hot[rng.below(3) as usize] + rng.below(8 * MIB / 4096) * 4096
                 } else {
                     rng.below(DISK / 4096) * 4096
@@ -110,6 +120,9 @@ fn load(mut q: Queue, seed: u64, stop: Arc<AtomicBool>) -> Result<Log> {
             };
             if d.ret == 0 {
                 log.completed.push(range);
+                if let Some(tx) = first.take() {
+                    let _ = tx.send(());
+                }
             }
         }
     }
@@ -127,8 +140,28 @@ fn chunks(ranges: &[(u64, u64)], g: u64) -> Vec<bool> {
 
 /// Chunks of `need` missing from `b`, as a short description, or None.
 fn missing(b: &DirtyBitmap, need: &[bool]) -> Option<String> {
-    let miss: Vec<usize> = (0..need.len()).filter(|&c| need[c] && !b.get_chunk(c as u64)).collect();
-    (!miss.is_empty()).then(|| format!("{} chunk(s), e.g. {:?}", miss.len(), &miss[..miss.len().min(8)]))
+    let miss: Vec<usize> = (0..need.len())
+        .filter(|&c| need[c] && !b.get_chunk(c as u64))
+        .collect();
+    (!miss.is_empty()).then(|| {
+        format!(
+            "{} chunk(s), e.g. {:?}",
+            miss.len(),
+            &miss[..miss.len().min(8)]
+        )
+    })
+}
+
+/// Connects to vubd's QMP socket once it listens.
+fn connect_qmp(path: &std::path::Path) -> Result<QmpClient> {
+    let start = Instant::now();
+    loop {
+        match QmpClient::connect(path, Duration::from_secs(10)) {
+            Ok(q) => return Ok(q),
+            Err(e) if start.elapsed() > Duration::from_secs(10) => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
 }
 
 fn recover_sidecar(image: &std::path::Path) -> Result<Recovery> {
@@ -138,8 +171,14 @@ fn recover_sidecar(image: &std::path::Path) -> Result<Recovery> {
 
 #[test]
 fn kill9_never_loses_a_completed_write() -> Result<()> {
-    let trials: u64 = std::env::var("CRASH_TRIALS").ok().and_then(|s| s.parse().ok()).unwrap_or(50);
-    let seed: u64 = std::env::var("CRASH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0xc0ffee);
+    let trials: u64 = std::env::var("CRASH_TRIALS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(50);
+    let seed: u64 = std::env::var("CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0xc0ffee);
     let dir = ScratchDir::new_in("/dev/shm", "crash")?;
     let image = dir.join("disk.raw");
     create_image(&image, DISK)?;
@@ -149,10 +188,14 @@ fn kill9_never_loses_a_completed_write() -> Result<()> {
     let started = Instant::now();
     let mut all_completed: Vec<(u64, u64)> = Vec::new();
     let mut all_attempted: Vec<(u64, u64)> = Vec::new();
-    let (mut over_total, mut over_max, mut completed_total, mut in_flight_total) = (0u64, 0u64, 0u64, 0u64);
+    let (mut over_total, mut over_max, mut completed_total, mut in_flight_total) =
+        (0u64, 0u64, 0u64, 0u64);
     let mut log_extents_total = 0u64;
+    let mut recovered_total = 0u64;
 
     for trial in 0..trials {
+        // A killed vubd leaves its QMP socket file behind.
+        let _ = std::fs::remove_file(&qmp_path);
         let interval = format!("{:.3}", [0.01, 0.05, 0.2, 1.0, 5.0][rng.below(5) as usize]);
         let mut vubd = Daemon::vubd(
             &sock,
@@ -166,8 +209,7 @@ fn kill9_never_loses_a_completed_write() -> Result<()> {
                 &interval,
             ],
         )?;
-        tests::qmp_client::wait_for_socket(&qmp_path, Duration::from_secs(10))?;
-        let mut qmp = QmpClient::connect(&qmp_path, Duration::from_secs(10))?;
+        let mut qmp = connect_qmp(&qmp_path)?;
         if trial == 0 {
             for (name, g) in [("p", P_GRAN), ("fine", FINE_GRAN)] {
                 qmp.ok(
@@ -179,7 +221,10 @@ fn kill9_never_loses_a_completed_write() -> Result<()> {
             // What vubd loaded at start is what the loader recovered.
             let rec = recover_sidecar(&image)?;
             for b in &rec.bitmaps {
-                let sha = qmp.ok("x-debug-block-dirty-bitmap-sha256", json!({"node": "disk0", "name": b.name}))?;
+                let sha = qmp.ok(
+                    "x-debug-block-dirty-bitmap-sha256",
+                    json!({"node": "disk0", "name": b.name}),
+                )?;
                 ensure!(
                     sha["sha256"] == json!(b.bitmap.sha256_hex()),
                     "trial {trial}: vubd loaded bitmap {} differently from the loader",
@@ -187,7 +232,10 @@ fn kill9_never_loses_a_completed_write() -> Result<()> {
                 );
             }
         }
-        qmp.ok("block-dirty-bitmap-clear", json!({"node": "disk0", "name": "p"}))?;
+        qmp.ok(
+            "block-dirty-bitmap-clear",
+            json!({"node": "disk0", "name": "p"}),
+        )?;
 
         let mut client = Client::connect_with(
             &sock,
@@ -198,29 +246,35 @@ fn kill9_never_loses_a_completed_write() -> Result<()> {
             },
         )?;
         let stop = Arc::new(AtomicBool::new(false));
-        let loaders: Vec<_> = client
-            .take_queues()
-            .into_iter()
-            .map(|q| {
-                let stop = stop.clone();
-                let s = rng.next();
-                std::thread::spawn(move || load(q, s, stop))
-            })
-            .collect();
-        std::thread::sleep(Duration::from_millis(10 + rng.below(600)));
-        // SIGKILL at a random instant of the load.
+        let (first_tx, first_rx) = mpsc::channel();
+        let mut loaders = Vec::new();
+        for q in client.take_queues() {
+            let buf = q.alloc_buffer(BUF_LEN * QD)?;
+            let (stop, s, first) = (stop.clone(), rng.next(), first_tx.clone());
+            loaders.push(std::thread::spawn(move || load(q, buf, s, stop, first)));
+        }
+        // Once writes are completing, SIGKILL at a random instant of the load.
+        first_rx
+            .recv_timeout(Duration::from_secs(10))
+            .with_context(|| format!("trial {trial}: no write completed"))?;
+        std::thread::sleep(Duration::from_micros(rng.below(600_000)));
         vubd.kill();
         stop.store(true, Ordering::Relaxed);
         let mut completed = Vec::new();
         let mut attempted = Vec::new();
         for h in loaders {
-            let log = h.join().map_err(|_| anyhow::anyhow!("load thread panicked"))??;
+            let log = h
+                .join()
+                .map_err(|_| anyhow::anyhow!("load thread panicked"))??;
             completed.extend(log.completed);
             attempted.extend(log.attempted);
         }
         drop(client);
         drop(qmp);
-        ensure!(!completed.is_empty(), "trial {trial}: no write completed before the kill");
+        ensure!(
+            !completed.is_empty(),
+            "trial {trial}: no write completed before the kill"
+        );
         completed_total += completed.len() as u64;
         in_flight_total += (attempted.len() - completed.len()) as u64;
         all_completed.extend(&completed);
@@ -230,8 +284,16 @@ fn kill9_never_loses_a_completed_write() -> Result<()> {
         log_extents_total += rec.log_extents;
         ensure!(!rec.clean, "trial {trial}: a kill -9 left a clean sidecar");
         for b in &rec.bitmaps {
-            ensure!(!b.inconsistent, "trial {trial}: bitmap {} inconsistent after kill -9", b.name);
-            ensure!(b.recording, "trial {trial}: bitmap {} stopped recording", b.name);
+            ensure!(
+                !b.inconsistent,
+                "trial {trial}: bitmap {} inconsistent after kill -9",
+                b.name
+            );
+            ensure!(
+                b.recording,
+                "trial {trial}: bitmap {} stopped recording",
+                b.name
+            );
             let (need, what) = if b.name == "p" {
                 (chunks(&completed, P_GRAN), "this trial's")
             } else {
@@ -249,6 +311,7 @@ fn kill9_never_loses_a_completed_write() -> Result<()> {
                     .filter(|&c| b.bitmap.get_chunk(c) && !touched[c as usize])
                     .count() as u64;
                 over_total += over;
+                recovered_total += b.bitmap.dirty_chunks();
                 over_max = over_max.max(over);
             }
         }
@@ -256,10 +319,13 @@ fn kill9_never_loses_a_completed_write() -> Result<()> {
     println!(
         "kill -9: {trials} trials in {:.1}s, {completed_total} requests completed before a kill (all recovered), \
          {in_flight_total} in flight at a kill; over-marking of bitmap p (64 KiB chunks, 4 MiB log extents): \
-         {:.1} chunks ({:.2} MiB) per trial on average, {over_max} at most; {:.1} log extents applied per recovery",
+         {:.1} chunks ({:.2} MiB, {:.1}% of the {:.1} recovered) per trial on average, {over_max} at most; \
+         {:.1} log extents applied per recovery",
         started.elapsed().as_secs_f64(),
         over_total as f64 / trials.max(1) as f64,
         over_total as f64 * P_GRAN as f64 / MIB as f64 / trials.max(1) as f64,
+        over_total as f64 * 100.0 / recovered_total.max(1) as f64,
+        recovered_total as f64 / trials.max(1) as f64,
         log_extents_total as f64 / trials.max(1) as f64,
     );
     Ok(())

@@ -5,7 +5,9 @@
 //! punching and SEEK_HOLE behave as on a real host). With
 //! `VUBD_TEST_BACKEND=qsd` the tests that do not depend on vubd-only options
 //! run against qemu-storage-daemon instead: the reference backend passing the
-//! same checks shows that the checks themselves are sound.
+//! same checks shows that the checks themselves are sound. With
+//! `VUBD_TEST_AIO=sync|io_uring|auto` vubd runs with that `--aio` engine
+//! (run the suite once per engine).
 
 use anyhow::{bail, ensure, Context, Result};
 use std::fs::File;
@@ -91,6 +93,10 @@ fn start_daemon(socket: &Path, image: &Path, opts: Opts, vubd_extra: &[&str]) ->
             let mut args = vec!["--queues", queues.as_str()];
             if opts.readonly {
                 args.push("--readonly");
+            }
+            let aio = std::env::var("VUBD_TEST_AIO").ok();
+            if let Some(aio) = aio.as_deref() {
+                args.extend_from_slice(&["--aio", aio]);
             }
             args.extend_from_slice(vubd_extra);
             Daemon::vubd(socket, image, &args)

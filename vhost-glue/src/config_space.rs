@@ -13,6 +13,16 @@ pub const MAX_DISCARD_SECTORS: u32 = (1 << 30) / 512;
 /// Segments per DISCARD / WRITE_ZEROES request.
 pub const MAX_DISCARD_SEGMENTS: u32 = 32;
 
+/// How queue workers issue reads, writes and flushes to the image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AioEngine {
+    /// One blocking `preadv2`/`pwritev2` at a time per queue.
+    Sync,
+    /// io_uring: many requests of a queue at the disk at once (falls back
+    /// to `Sync` where io_uring is unavailable).
+    IoUring,
+}
+
 /// Everything about the device that is fixed for the daemon's lifetime.
 #[derive(Clone, Debug)]
 pub struct DeviceConfig {
@@ -32,6 +42,8 @@ pub struct DeviceConfig {
     pub serial: String,
     /// Keep polling a queue this long after it last had work (0 = off).
     pub poll_us: u64,
+    /// The I/O engine of the queue workers.
+    pub aio: AioEngine,
 }
 
 impl DeviceConfig {
@@ -130,6 +142,7 @@ mod tests {
             read_only: false,
             serial: "s".into(),
             poll_us: 0,
+            aio: AioEngine::Sync,
         }
     }
 

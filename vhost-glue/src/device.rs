@@ -5,32 +5,111 @@
 //! Each queue has its own worker thread and its own state behind its own
 //! lock, so queues never wait for each other (vhost-user-backend's
 //! `RwLock<VhostUserBackendMut>` adaptor would serialize them).
+//!
+//! A worker runs one of two engines:
+//! - sync: each request is executed with blocking calls as it is popped.
+//!   Cheap on the page cache, but a queue never has more than one request
+//!   at the disk.
+//! - io_uring: every available request is popped, validated and submitted
+//!   to the worker's own ring; completions are reaped in batches and the
+//!   guest is signalled once per batch. The worker stays in its handler
+//!   while requests are in flight, sleeping in the ring on "a completion or
+//!   a kick" (a poll on the queue's kick eventfd sits in the same ring), so
+//!   new requests are taken while others run; it goes back to the epoll loop
+//!   only with nothing in flight. Keeping that wait inside the handler (not
+//!   registering the ring's eventfd with vhost-user-backend's epoll) keeps
+//!   the ring and every request's state on one thread, lets one
+//!   `io_uring_enter` both submit and wait, and means a worker that has
+//!   returned to epoll has nothing in flight, which is what the IoGate,
+//!   GET_VRING_BASE and the SIGTERM drain rely on.
 
-use crate::config_space::DeviceConfig;
-use crate::request::{GuestMemoryMmap, RequestParser};
+use crate::config_space::{AioEngine, DeviceConfig};
+use crate::request::{Completion, GuestMemoryMmap, Prepared, RequestParser};
 use log::{debug, warn};
 use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringMutex, VringStateMutGuard, VringT};
-use virtio_queue::{QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
-use vubd_backend::Disk;
+use vubd_backend::disk::pins::{PinId, Pins};
+use vubd_backend::disk::uring::UringEngine;
+use vubd_backend::gate::BatchGuard;
+use vubd_backend::{Disk, IoBuf};
 
 /// Guest memory shared with the frontend, swappable as regions come and go.
 pub type GuestMemory = GuestMemoryAtomic<GuestMemoryMmap>;
 /// A virtqueue with its kick/call eventfds.
 pub type Vring = VringMutex<GuestMemory>;
+/// The locked state of a vring.
+type VringState<'a> = <Vring as VringStateMutGuard<'a, GuestMemory>>::G;
+
+/// With the sync engine, signal the guest at least this often during a
+/// long drain (each request blocks; completions must not pile up unseen).
+const SYNC_SIGNAL_INTERVAL: Duration = Duration::from_micros(50);
+
+/// A request submitted to the io_uring engine, until it completes.
+struct Pending {
+    head: u16,
+    status: IoBuf,
+    /// Bytes a successful request wrote to the driver (a read's length).
+    data_len: u32,
+    /// The guest memory snapshot its buffers point into.
+    mem: PinId,
+}
+
+/// A fixed-capacity slab: the token of a pending request is its index.
+#[derive(Default)]
+struct Slab {
+    entries: Vec<Option<Pending>>,
+    free: Vec<usize>,
+}
+
+impl Slab {
+    fn insert(&mut self, p: Pending) -> usize {
+        match self.free.pop() {
+            Some(i) => {
+                self.entries[i] = Some(p);
+                i
+            }
+            None => {
+                self.entries.push(Some(p));
+                self.entries.len() - 1
+            }
+        }
+    }
+
+    fn remove(&mut self, i: usize) -> Option<Pending> {
+        let p = self.entries.get_mut(i)?.take()?;
+        self.free.push(i);
+        Some(p)
+    }
+}
+
+/// The engine a worker runs.
+enum Engine {
+    /// io_uring wanted, ring not created yet (it must be created on the
+    /// worker thread: it is single-issuer).
+    Untried,
+    /// io_uring.
+    Uring(Box<UringEngine>),
+    /// Blocking calls.
+    Sync,
+}
 
 /// Per-queue state, owned by that queue's worker thread.
-#[derive(Default)]
 struct QueueWorker {
     parser: RequestParser,
     mem: Option<GuestMemory>,
+    engine: Engine,
+    pending: Slab,
+    /// Guest memory snapshots that requests in flight point into.
+    snapshots: Pins<Arc<GuestMemoryMmap>>,
 }
 
 /// One frontend session's vhost-user-blk device. A new one is made for each
@@ -39,6 +118,8 @@ pub struct BlockDevice {
     disk: Arc<Disk>,
     cfg: DeviceConfig,
     workers: Vec<Mutex<QueueWorker>>,
+    /// The frontend's memory (shared, swappable); workers copy it once.
+    mem: Mutex<Option<GuestMemory>>,
     event_idx: AtomicBool,
     stopping: Arc<AtomicBool>,
 }
@@ -48,12 +129,24 @@ impl BlockDevice {
     /// after which no new request is taken from any queue.
     pub fn new(disk: Arc<Disk>, cfg: DeviceConfig, stopping: Arc<AtomicBool>) -> BlockDevice {
         let workers = (0..cfg.num_queues)
-            .map(|_| Mutex::new(QueueWorker::default()))
+            .map(|_| {
+                Mutex::new(QueueWorker {
+                    parser: RequestParser::default(),
+                    mem: None,
+                    engine: match cfg.aio {
+                        AioEngine::Sync => Engine::Sync,
+                        AioEngine::IoUring => Engine::Untried,
+                    },
+                    pending: Slab::default(),
+                    snapshots: Pins::default(),
+                })
+            })
             .collect();
         BlockDevice {
             disk,
             cfg,
             workers,
+            mem: Mutex::new(None),
             event_idx: AtomicBool::new(false),
             stopping,
         }
@@ -75,12 +168,36 @@ impl BlockDevice {
         }
     }
 
-    /// Serves queue `index` until it is empty (and, when polling, until it
-    /// has stayed empty for the poll window), then re-arms notifications.
+    /// Serves queue `index` until it is empty and nothing is in flight (and,
+    /// when polling, until it has stayed so for the poll window), then
+    /// re-arms notifications.
     fn serve_queue(&self, index: usize, vring: &Vring) {
-        let Some(mut worker) = self.worker(index) else {
+        let Some(mut guard) = self.worker(index) else {
             return;
         };
+        let worker = &mut *guard;
+        if worker.mem.is_none() {
+            worker.mem = self.mem.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        }
+        if matches!(worker.engine, Engine::Untried) {
+            let depth = u32::from(self.cfg.queue_size);
+            worker.engine = match UringEngine::new(depth) {
+                Ok(engine) => Engine::Uring(Box::new(engine)),
+                Err(e) => {
+                    warn!("queue {index}: io_uring unavailable ({e}); using synchronous I/O");
+                    Engine::Sync
+                }
+            };
+        }
+        if matches!(worker.engine, Engine::Uring(_)) {
+            self.serve_uring(index, vring, worker);
+        } else {
+            self.serve_sync(index, vring, worker);
+        }
+    }
+
+    /// The sync engine: executes requests one by one as they are popped.
+    fn serve_sync(&self, index: usize, vring: &Vring, worker: &mut QueueWorker) {
         let Some(mem) = worker.mem.as_ref().map(|m| m.memory()) else {
             return;
         };
@@ -98,7 +215,7 @@ impl BlockDevice {
                 // A block job may pause guest I/O (mirror pivot): wait here,
                 // between batches, never in the middle of a request.
                 let _batch = self.disk.gate().enter();
-                self.drain(index, &mut state, &mem, &mut worker.parser);
+                self.drain_sync(index, &mut state, &mem, &mut worker.parser);
             }
             if self.stopping.load(Ordering::Acquire) {
                 return;
@@ -121,17 +238,20 @@ impl BlockDevice {
         }
     }
 
-    /// Runs every request currently available on the ring.
-    fn drain(
+    /// Runs every request currently available on the ring. The guest is
+    /// signalled once at the end, or along the way when requests are slow.
+    fn drain_sync(
         &self,
         index: usize,
-        state: &mut <Vring as VringStateMutGuard<'_, GuestMemory>>::G,
+        state: &mut VringState<'_>,
         mem: &GuestMemoryMmap,
         parser: &mut RequestParser,
     ) {
+        let mut unsignalled = false;
+        let mut last_signal = Instant::now();
         loop {
             if self.stopping.load(Ordering::Acquire) {
-                return;
+                break;
             }
             let chain = match state.get_queue_mut().iter(mem) {
                 Ok(mut avail) => avail.next(),
@@ -143,7 +263,7 @@ impl BlockDevice {
                 }
             };
             let Some(chain) = chain else {
-                return;
+                break;
             };
             let head = chain.head_index();
             let done = parser.process(chain, mem, &self.disk, &self.cfg);
@@ -151,13 +271,263 @@ impl BlockDevice {
                 warn!("queue {index}: cannot complete request {head}: {e}");
                 continue;
             }
-            match state.get_queue_mut().needs_notification(mem) {
-                Ok(false) => {}
-                Ok(true) | Err(_) => {
-                    if let Err(e) = state.signal_used_queue() {
-                        debug!("queue {index}: cannot signal the frontend: {e}");
-                    }
+            unsignalled = true;
+            if last_signal.elapsed() >= SYNC_SIGNAL_INTERVAL {
+                signal_if_needed(index, state, mem);
+                unsignalled = false;
+                last_signal = Instant::now();
+            }
+        }
+        if unsignalled {
+            signal_if_needed(index, state, mem);
+        }
+    }
+
+    /// The io_uring engine: see the module documentation.
+    fn serve_uring(&self, index: usize, vring: &Vring, worker: &mut QueueWorker) {
+        let QueueWorker {
+            parser,
+            mem: atomic,
+            engine,
+            pending,
+            snapshots,
+        } = worker;
+        let (Some(atomic), Engine::Uring(engine)) = (atomic.as_ref(), engine) else {
+            return;
+        };
+        let engine = &mut **engine;
+        let gate = self.disk.gate();
+        let poll = Duration::from_micros(self.cfg.poll_us);
+        let mut state = vring.get_mut();
+        let kick: Option<RawFd> = state.get_kick().as_ref().map(|k| k.as_raw_fd());
+        // Held while requests are in flight: a pause waits for them.
+        let mut batch: Option<BatchGuard<'_>> = None;
+        let mut last_work = Instant::now();
+        let mut notifications_on = true;
+        loop {
+            if notifications_on {
+                if let Err(e) = state.disable_notification() {
+                    debug!("queue {index}: cannot disable notifications: {e}");
                 }
+                notifications_on = false;
+            }
+            // The newest guest memory map; older ones stay pinned while
+            // requests issued on them are in flight.
+            let current = atomic.memory();
+            snapshots.refresh(|m| std::ptr::eq(&**m, &*current), || current.clone().into_inner());
+            drop(current);
+            let Some(mem) = snapshots.current().cloned() else {
+                return;
+            };
+
+            let stopping = self.stopping.load(Ordering::Acquire);
+            let mut finished = 0;
+            let mut taken = 0;
+            if !stopping {
+                if batch.is_none() {
+                    // Nothing in flight: waits here while I/O is paused.
+                    batch = Some(gate.enter());
+                }
+                if !gate.is_paused() {
+                    (taken, finished) = self.take_requests(
+                        index,
+                        state.get_queue_mut(),
+                        &mem,
+                        parser,
+                        engine,
+                        pending,
+                        snapshots,
+                    );
+                }
+            }
+            engine.submit();
+            finished += self.reap(index, state.get_queue_mut(), &mem, engine, pending, snapshots);
+            if engine.take_kick() {
+                drain_eventfd(kick);
+            }
+            if finished > 0 {
+                signal_if_needed(index, &mut state, &mem);
+            }
+            if engine.in_flight() == 0 {
+                // A pause may go ahead now.
+                batch = None;
+            }
+            if taken > 0 || finished > 0 {
+                last_work = Instant::now();
+                continue;
+            }
+
+            let in_flight = engine.in_flight() > 0;
+            if !in_flight && stopping {
+                return;
+            }
+            let paused = gate.is_paused();
+            if !poll.is_zero() && last_work.elapsed() < poll && !stopping && !paused {
+                // Spin on both rings: new requests or completions.
+                if !engine.poll() && !avail_nonempty(state.get_queue(), &mem) {
+                    std::hint::spin_loop();
+                }
+                continue;
+            }
+            // Re-enable kicks; if work slipped in meanwhile, go round again.
+            notifications_on = true;
+            let more = state.enable_notification().unwrap_or_else(|e| {
+                debug!("queue {index}: cannot enable notifications: {e}");
+                false
+            });
+            if more && !paused {
+                continue;
+            }
+            if in_flight {
+                // Sleep until a request completes or the driver kicks.
+                engine.wait(if paused || stopping { None } else { kick });
+                continue;
+            }
+            if paused && more {
+                // Requests wait for the pause to end: block in the gate.
+                continue;
+            }
+            return;
+        }
+    }
+
+    /// Pops and starts every available request the engine has room for.
+    /// Returns (requests taken, requests finished on the spot).
+    #[allow(clippy::too_many_arguments)]
+    fn take_requests(
+        &self,
+        index: usize,
+        queue: &mut Queue,
+        mem: &Arc<GuestMemoryMmap>,
+        parser: &mut RequestParser,
+        engine: &mut UringEngine,
+        pending: &mut Slab,
+        snapshots: &mut Pins<Arc<GuestMemoryMmap>>,
+    ) -> (usize, usize) {
+        let mem: &GuestMemoryMmap = mem;
+        let disk = &*self.disk;
+        let (mut taken, mut finished) = (0, 0);
+        while engine.has_room() {
+            let chain = match queue.iter(mem) {
+                Ok(mut avail) => avail.next(),
+                Err(e) => {
+                    debug!("queue {index}: {e}");
+                    None
+                }
+            };
+            let Some(chain) = chain else {
+                break;
+            };
+            taken += 1;
+            let head = chain.head_index();
+            let prepared = parser.prepare(chain, mem, disk, &self.cfg);
+            let (status, data_len) = match prepared {
+                Prepared::Done(done) => {
+                    finished += 1;
+                    complete(index, queue, mem, head, done);
+                    continue;
+                }
+                Prepared::Read { status, len, .. } => (status, len),
+                Prepared::Write { status, .. } | Prepared::Flush { status } => (status, 0),
+            };
+            let Some(pin) = snapshots.pin() else {
+                break;
+            };
+            let token = pending.insert(Pending {
+                head,
+                status,
+                data_len,
+                mem: pin,
+            }) as u64;
+            match prepared {
+                // SAFETY: the buffers point into the guest memory snapshot
+                // pinned for this request until its completion is reaped, and
+                // this worker does not leave serve_uring (nor drop the engine)
+                // while requests are in flight.
+                Prepared::Read { offset, .. } => unsafe {
+                    engine.read(disk, offset, parser.data(), token)
+                },
+                // SAFETY: as above.
+                Prepared::Write { offset, .. } => unsafe {
+                    engine.write(disk, offset, parser.data(), token)
+                },
+                Prepared::Flush { .. } | Prepared::Done(_) => engine.flush(disk, token),
+            }
+        }
+        (taken, finished)
+    }
+
+    /// Completes every request the engine has finished. Returns how many.
+    fn reap(
+        &self,
+        index: usize,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+        engine: &mut UringEngine,
+        pending: &mut Slab,
+        snapshots: &mut Pins<Arc<GuestMemoryMmap>>,
+    ) -> usize {
+        engine.reap(&self.disk, |token, result| {
+            let Some(p) = pending.remove(token as usize) else {
+                warn!("queue {index}: completion of unknown request {token}");
+                return;
+            };
+            // Status first, while the request's snapshot is still pinned.
+            let done = RequestParser::finish(p.status, result, p.data_len);
+            snapshots.unpin(p.mem);
+            complete(index, queue, mem, p.head, done);
+        })
+    }
+}
+
+/// Puts a finished request in the used ring.
+fn complete(index: usize, queue: &mut Queue, mem: &GuestMemoryMmap, head: u16, done: Completion) {
+    if let Err(e) = queue.add_used(mem, head, done.used_len) {
+        warn!("queue {index}: cannot complete request {head}: {e}");
+    }
+}
+
+/// Signals the guest if it asked to be (EVENT_IDX) or always (without).
+fn signal_if_needed(index: usize, state: &mut VringState<'_>, mem: &GuestMemoryMmap) {
+    match state.get_queue_mut().needs_notification(mem) {
+        Ok(false) => {}
+        Ok(true) | Err(_) => {
+            if let Err(e) = state.signal_used_queue() {
+                debug!("queue {index}: cannot signal the frontend: {e}");
+            }
+        }
+    }
+}
+
+/// True if the driver has made requests available that we have not taken.
+fn avail_nonempty(queue: &Queue, mem: &GuestMemoryMmap) -> bool {
+    matches!(queue.avail_idx(mem, Ordering::Acquire), Ok(idx) if idx.0 != queue.next_avail())
+}
+
+/// Empties a kick eventfd without ever blocking (it may be a blocking fd
+/// whose count the epoll loop already consumed).
+fn drain_eventfd(fd: Option<RawFd>) {
+    let Some(fd) = fd else {
+        return;
+    };
+    let mut count = [0u8; 8];
+    let iov = libc::iovec {
+        iov_base: count.as_mut_ptr().cast(),
+        iov_len: count.len(),
+    };
+    // SAFETY: reads at most 8 bytes into `count`; RWF_NOWAIT never blocks.
+    let n = unsafe { libc::preadv2(fd, &iov, 1, -1, libc::RWF_NOWAIT) };
+    if n < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EOPNOTSUPP) {
+        // Old kernels: look before reading.
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, zero timeout; then a read of 8 bytes.
+        unsafe {
+            if libc::poll(&mut pfd, 1, 0) == 1 && pfd.revents & libc::POLLIN != 0 {
+                libc::read(fd, count.as_mut_ptr().cast(), count.len());
             }
         }
     }
@@ -165,7 +535,7 @@ impl BlockDevice {
 
 /// Spins for up to `window` waiting for new requests; true if some arrived.
 fn wait_for_work(
-    state: &<Vring as VringStateMutGuard<'_, GuestMemory>>::G,
+    state: &VringState<'_>,
     mem: &GuestMemoryMmap,
     window: Duration,
     stopping: &AtomicBool,
@@ -213,8 +583,7 @@ impl VhostUserBackend for BlockDevice {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        self.cfg
-            .config_bytes(self.disk.writeback(), offset, size)
+        self.cfg.config_bytes(self.disk.writeback(), offset, size)
     }
 
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
@@ -233,13 +602,10 @@ impl VhostUserBackend for BlockDevice {
     }
 
     fn update_memory(&self, mem: GuestMemory) -> io::Result<()> {
-        // The atomic is shared: storing it once per worker is enough for
-        // every later update to be seen.
-        for index in 0..self.workers.len() {
-            if let Some(mut w) = self.worker(index) {
-                w.mem = Some(mem.clone());
-            }
-        }
+        // The atomic is shared and updated in place by vhost-user-backend:
+        // keeping it once is enough for every later update to be seen. Not
+        // stored in the workers: they may be busy, and this must not wait.
+        *self.mem.lock().unwrap_or_else(|p| p.into_inner()) = Some(mem);
         Ok(())
     }
 
@@ -249,6 +615,13 @@ impl VhostUserBackend for BlockDevice {
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
         new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        // GET_VRING_BASE: the worker leaves its handler only with nothing in
+        // flight, so taking its lock waits for every accepted request.
+        drop(self.worker(queue_index as usize));
+        Ok(())
     }
 
     fn handle_event(

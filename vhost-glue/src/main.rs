@@ -11,6 +11,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use vhost_glue::management::{DaemonContext, ShutdownReason};
 use vubd_backend::qmp::{standard_dispatcher, EventBus, QmpServer, ServerConfig};
 use vhost_glue::server::{bind_socket, Server};
+use vhost_glue::config_space::AioEngine;
 use vhost_glue::DeviceConfig;
 use std::time::Duration;
 use vubd_backend::dirty::{DirtyTracker, TrackerConfig};
@@ -57,9 +58,23 @@ struct Options {
     /// crash guarantee does not depend on it; it bounds re-copying after a crash).
     #[arg(long, value_name = "SECS", default_value_t = 5.0, value_parser = parse_interval)]
     bitmap_flush_interval: f64,
+    /// I/O engine of the queue workers: io_uring (many requests of a queue
+    /// at the disk at once), sync (one blocking call per request), or auto
+    /// (io_uring with --direct, sync on the page cache).
+    #[arg(long, value_enum, value_name = "ENGINE", default_value_t = AioOpt::Auto)]
+    aio: AioOpt,
     /// The disk's node name in management commands.
     #[arg(long, value_name = "NAME", default_value = "disk0", value_parser = parse_node_name)]
     node_name: String,
+}
+
+/// Values of --aio.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum AioOpt {
+    Auto,
+    Sync,
+    #[value(name = "io_uring")]
+    IoUring,
 }
 
 fn parse_interval(s: &str) -> Result<f64, String> {
@@ -140,6 +155,12 @@ fn run(mut opts: Options) -> Result<()> {
         read_only: opts.readonly,
         serial: opts.serial.clone(),
         poll_us: opts.poll_us,
+        aio: match opts.aio {
+            AioOpt::Sync => AioEngine::Sync,
+            AioOpt::IoUring => AioEngine::IoUring,
+            AioOpt::Auto if opts.direct => AioEngine::IoUring,
+            AioOpt::Auto => AioEngine::Sync,
+        },
     };
     let listener = bind_socket(&opts.socket)?;
     let mut server = Server::new(listener, disk.clone(), cfg);

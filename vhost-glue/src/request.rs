@@ -8,6 +8,12 @@
 //!
 //! Every malformed request ends with IOERR or UNSUPP, or, when the chain has
 //! no usable status byte, is returned to the driver untouched.
+//!
+//! `RequestParser::prepare` does the parsing and validation and finishes
+//! the cheap or rare request types on the spot; reads, writes and flushes
+//! come back as `Prepared` for the caller to run, synchronously
+//! (`RequestParser::process`) or on an asynchronous engine, and to finish
+//! with `RequestParser::finish`.
 
 use crate::config_space::{DeviceConfig, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS};
 use log::{debug, warn};
@@ -33,11 +39,54 @@ pub struct Completion {
     pub used_len: u32,
 }
 
+/// A parsed, validated request, and what it still needs.
+#[derive(Clone, Copy)]
+pub enum Prepared {
+    /// Finished (malformed, refused, GET_ID, DISCARD, WRITE_ZEROES): the
+    /// status byte is written; put this in the used ring.
+    Done(Completion),
+    /// Read `len` bytes at `offset` into `RequestParser::data()`.
+    Read {
+        /// Byte offset on the disk.
+        offset: u64,
+        /// Data bytes (the used length on success, without the status byte).
+        len: u32,
+        /// Where the status byte goes.
+        status: IoBuf,
+    },
+    /// Write `RequestParser::data()` at `offset`.
+    Write {
+        /// Byte offset on the disk.
+        offset: u64,
+        /// Where the status byte goes.
+        status: IoBuf,
+    },
+    /// Make completed writes durable.
+    Flush {
+        /// Where the status byte goes.
+        status: IoBuf,
+    },
+}
+
 /// Reusable scratch space for parsing, so the steady state allocates nothing.
 #[derive(Default)]
 pub struct RequestParser {
     readable: Vec<IoBuf>,
     writable: Vec<IoBuf>,
+    /// The last prepared request reads into `writable` (else writes `readable`).
+    data_is_writable: bool,
+}
+
+/// What `execute` decided.
+enum Exec {
+    /// Finished: (status, bytes written to the driver).
+    Status(u8, u32),
+    /// A validated read at this offset.
+    Read(u64),
+    /// A validated write at this offset.
+    Write(u64),
+    /// A validated flush.
+    Flush,
 }
 
 /// Why a chain could not be parsed.
@@ -151,13 +200,40 @@ impl RequestParser {
     where
         M: Deref<Target = GuestMemoryMmap>,
     {
+        match self.prepare(chain, mem, disk, cfg) {
+            Prepared::Done(done) => done,
+            Prepared::Read { offset, len, status } => {
+                Self::finish(status, disk.read(offset, &self.writable), len)
+            }
+            Prepared::Write { offset, status } => {
+                Self::finish(status, disk.write(offset, &self.readable), 0)
+            }
+            Prepared::Flush { status } => Self::finish(status, disk.flush(), 0),
+        }
+    }
+
+    /// Parses and validates the request in `chain`. Reads, writes and
+    /// flushes are returned for the caller to run (their data buffers are
+    /// `data()` until the next call); every other request is executed here
+    /// and comes back `Done`. `mem` is the guest memory the chain lives in;
+    /// the caller keeps it mapped until the request is finished.
+    pub fn prepare<M>(
+        &mut self,
+        chain: DescriptorChain<M>,
+        mem: &GuestMemoryMmap,
+        disk: &Disk,
+        cfg: &DeviceConfig,
+    ) -> Prepared
+    where
+        M: Deref<Target = GuestMemoryMmap>,
+    {
         let (status_buf, parsed) = self.flatten(chain, mem);
         let Some(status_buf) = status_buf else {
             debug!("dropping descriptor chain without a usable status byte: {parsed:?}");
-            return Completion {
+            return Prepared::Done(Completion {
                 status: None,
                 used_len: 0,
-            };
+            });
         };
         let (status, data_written) = match parsed {
             Err(e) => {
@@ -170,64 +246,102 @@ impl RequestParser {
                 consume_front(&mut self.readable, HEADER_LEN);
                 let req_type = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
                 let sector = u64::from_le_bytes(header[8..16].try_into().unwrap_or([0; 8]));
-                self.execute(req_type, sector, disk, cfg)
+                match self.execute(req_type, sector, disk, cfg) {
+                    Exec::Status(status, written) => (status, written),
+                    Exec::Read(offset) => {
+                        self.data_is_writable = true;
+                        return Prepared::Read {
+                            offset,
+                            // Bounded by max_request_bytes (< 4 GiB).
+                            len: total_len(&self.writable) as u32,
+                            status: status_buf,
+                        };
+                    }
+                    Exec::Write(offset) => {
+                        self.data_is_writable = false;
+                        return Prepared::Write {
+                            offset,
+                            status: status_buf,
+                        };
+                    }
+                    Exec::Flush => return Prepared::Flush { status: status_buf },
+                }
             }
         };
         // SAFETY: status_buf is one byte of mapped guest memory (see flatten).
         unsafe { std::ptr::write_volatile(status_buf.ptr(), status) };
-        Completion {
+        Prepared::Done(Completion {
             status: Some(status),
             used_len: data_written.saturating_add(1),
+        })
+    }
+
+    /// The data buffers of the last `Prepared::Read` (to fill) or
+    /// `Prepared::Write` (to write out).
+    pub fn data(&self) -> &[IoBuf] {
+        if self.data_is_writable {
+            &self.writable
+        } else {
+            &self.readable
         }
     }
 
-    /// Runs one parsed request; returns (status, bytes written to the driver).
-    fn execute(&mut self, req_type: u32, sector: u64, disk: &Disk, cfg: &DeviceConfig) -> (u8, u32) {
+    /// Ends a prepared request: writes its status byte for `result` and
+    /// returns the used-ring entry. `data_len` is what a successful request
+    /// wrote into the driver's buffers (a read's length, else 0).
+    ///
+    /// `status` must still point into mapped guest memory (the caller keeps
+    /// the request's memory snapshot until here).
+    pub fn finish(status: IoBuf, result: Result<(), DiskError>, data_len: u32) -> Completion {
+        let (byte, written) = match result {
+            Ok(()) => (VIRTIO_BLK_S_OK as u8, data_len),
+            Err(e) => (io_status(&e), 0),
+        };
+        // SAFETY: status is one byte of mapped guest memory (see flatten),
+        // kept mapped by the caller.
+        unsafe { std::ptr::write_volatile(status.ptr(), byte) };
+        Completion {
+            status: Some(byte),
+            used_len: written.saturating_add(1),
+        }
+    }
+
+    /// Validates one parsed request; runs the types that are not reads,
+    /// writes or flushes.
+    fn execute(&mut self, req_type: u32, sector: u64, disk: &Disk, cfg: &DeviceConfig) -> Exec {
         let ok = VIRTIO_BLK_S_OK as u8;
-        let ioerr = VIRTIO_BLK_S_IOERR as u8;
+        let ioerr = Exec::Status(VIRTIO_BLK_S_IOERR as u8, 0);
         let unsupp = VIRTIO_BLK_S_UNSUPP as u8;
         let readable_len = total_len(&self.readable);
         let writable_len = total_len(&self.writable);
         match req_type {
             VIRTIO_BLK_T_IN => {
                 if readable_len != 0 {
-                    return (ioerr, 0);
+                    return ioerr;
                 }
-                let Some(offset) = check_rw_range(sector, writable_len, cfg) else {
-                    return (ioerr, 0);
-                };
-                match disk.read(offset, &self.writable) {
-                    Ok(()) => (ok, writable_len as u32),
-                    Err(e) => (io_status(&e), 0),
+                match check_rw_range(sector, writable_len, cfg) {
+                    Some(offset) => Exec::Read(offset),
+                    None => ioerr,
                 }
             }
             VIRTIO_BLK_T_OUT => {
-                if writable_len != 0 {
-                    return (ioerr, 0);
+                if writable_len != 0 || cfg.read_only {
+                    return ioerr;
                 }
-                if cfg.read_only {
-                    return (ioerr, 0);
-                }
-                let Some(offset) = check_rw_range(sector, readable_len, cfg) else {
-                    return (ioerr, 0);
-                };
-                match disk.write(offset, &self.readable) {
-                    Ok(()) => (ok, 0),
-                    Err(e) => (io_status(&e), 0),
+                match check_rw_range(sector, readable_len, cfg) {
+                    Some(offset) => Exec::Write(offset),
+                    None => ioerr,
                 }
             }
             VIRTIO_BLK_T_FLUSH => {
                 if readable_len != 0 || writable_len != 0 {
-                    return (ioerr, 0);
+                    return ioerr;
                 }
-                match disk.flush() {
-                    Ok(()) => (ok, 0),
-                    Err(e) => (io_status(&e), 0),
-                }
+                Exec::Flush
             }
             VIRTIO_BLK_T_GET_ID => {
                 if readable_len != 0 {
-                    return (ioerr, 0);
+                    return ioerr;
                 }
                 let mut id = [0u8; VIRTIO_BLK_ID_BYTES as usize];
                 let serial = cfg.serial.as_bytes();
@@ -235,21 +349,19 @@ impl RequestParser {
                 id[..n].copy_from_slice(&serial[..n]);
                 let len = (writable_len as usize).min(id.len());
                 copy_in(&self.writable, &id[..len]);
-                (ok, len as u32)
+                Exec::Status(ok, len as u32)
             }
             VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
                 let discard = req_type == VIRTIO_BLK_T_DISCARD;
-                if writable_len != 0 {
-                    return (ioerr, 0);
+                if writable_len != 0 || cfg.read_only {
+                    return ioerr;
                 }
-                if cfg.read_only {
-                    return (ioerr, 0);
-                }
-                self.discard_or_zero(discard, disk, cfg)
+                let (status, written) = self.discard_or_zero(discard, disk, cfg);
+                Exec::Status(status, written)
             }
             other => {
                 debug!("unsupported request type {other}");
-                (unsupp, 0)
+                Exec::Status(unsupp, 0)
             }
         }
     }

@@ -1,6 +1,7 @@
 //! Unit tests of request parsing and validation on in-memory virtqueues.
 
 use super::*;
+use crate::config_space::AioEngine;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
@@ -40,6 +41,7 @@ impl Fixture {
                 read_only,
                 serial: "serial-123".into(),
                 poll_us: 0,
+                aio: AioEngine::Sync,
             },
             path,
         }

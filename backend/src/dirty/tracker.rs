@@ -1475,6 +1475,34 @@ mod tests {
     }
 
     #[test]
+    fn guest_writes_clear_inflight_and_redirty_the_mirror_bitmap() {
+        let t = DirtyTracker::open(TrackerConfig::new(16 * MIB)).unwrap();
+        let dirty = Arc::new(DirtyBitmap::new(16 * MIB, 65536, false).unwrap());
+        let inflight = Arc::new(InFlightBitmap::new(16 * MIB, 65536).unwrap());
+        let other = Arc::new(InFlightBitmap::new(16 * MIB, 4096).unwrap());
+        assert!(t.attach_inflight(other, dirty.clone()).is_err());
+        t.attach_inflight(inflight.clone(), dirty.clone()).unwrap();
+        dirty.set_chunks(0, 3);
+        // The mirror copies chunk 2; a guest write lands meanwhile.
+        inflight.begin_copy(2);
+        t.mark(2 * 65536 + 512, 512).unwrap();
+        assert!(!inflight.is_set(2));
+        t.write_completed(2 * 65536 + 512, 512);
+        assert!(
+            !inflight.finish_copy(2, &dirty),
+            "raced copy must stay dirty"
+        );
+        assert!(dirty.get_chunk(2));
+        // Chunk 3 copied undisturbed: clean.
+        inflight.begin_copy(3);
+        assert!(inflight.finish_copy(3, &dirty));
+        assert!(!dirty.get_chunk(3));
+        t.detach_inflight(&inflight);
+        t.mark(3 * 65536, 1).unwrap();
+        assert!(!dirty.get_chunk(3), "detached: no longer marked");
+    }
+
+    #[test]
     fn damaged_sidecar_loads_inconsistent() {
         let store = Arc::new(MemStore::new());
         {

@@ -1,5 +1,10 @@
 //! Tests of the io_uring engine on real files, pipes (whose reads and
-//! non-blocking writes really come back short or with EAGAIN) and eventfds.
+//! non-blocking writes really come back short) and eventfds.
+//!
+//! Not covered: the `EAGAIN` retry. Current kernels never hand it back for
+//! the I/O vubd issues (io_uring polls or punts to its workers instead); the
+//! retry is kept for older kernels and exotic files, and no real fd found
+//! makes it reachable.
 
 use super::*;
 use crate::disk::WriteHook;
@@ -211,43 +216,6 @@ fn end_of_file_mid_read_is_an_error() {
     let done = reap_n(&mut e, &disk, 1);
     let err = done[0].1.as_ref().expect_err("a read cut short by EOF must fail");
     assert!(err.to_string().contains("ended early"), "{err}");
-}
-
-#[test]
-fn eagain_is_retried() {
-    // A non-blocking pty master cannot be read without blocking by io_uring
-    // (ttys do not support non-blocking async reads): the kernel hands
-    // EAGAIN back until the other side writes.
-    // SAFETY: plain pty creation; the fds are owned below.
-    let master = unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_NONBLOCK) };
-    assert!(master >= 0);
-    // SAFETY: master is a valid pty master fd.
-    unsafe {
-        assert_eq!(libc::grantpt(master), 0);
-        assert_eq!(libc::unlockpt(master), 0);
-    }
-    // SAFETY: ptsname returns a NUL-terminated path for a valid master.
-    let name = unsafe { std::ffi::CStr::from_ptr(libc::ptsname(master)) }.to_owned();
-    // SAFETY: opens the pty slave by its path.
-    let slave = unsafe { libc::open(name.as_ptr(), libc::O_RDWR | libc::O_NOCTTY) };
-    assert!(slave >= 0);
-    // SAFETY: both fds were just created and are owned only here.
-    let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
-    let disk = Disk::new(Box::new(PipeImage { fd: master }), false);
-    let mut e = engine();
-    let mut got = [0u8; 8];
-    let writer = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(10));
-        write_fd(&slave, b"abcdefgh");
-        std::thread::sleep(Duration::from_millis(200));
-    });
-    // SAFETY: got outlives the reaping below.
-    unsafe { e.read(&disk, 0, &[IoBuf::from_slice(&mut got)], 1) };
-    let done = reap_n(&mut e, &disk, 1);
-    writer.join().unwrap();
-    assert!(done[0].1.is_ok(), "{:?}", done[0].1);
-    assert_eq!(&got, b"abcdefgh");
-    assert!(e.stats().retries > 0, "no EAGAIN seen: {:?}", e.stats());
 }
 
 #[test]

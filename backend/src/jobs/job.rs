@@ -248,6 +248,9 @@ pub struct JobInfo {
     pub error: Option<String>,
 }
 
+/// What runs once a job reaches `null` (the registry drops it).
+type OnNull = Box<dyn FnOnce(&str) + Send>;
+
 /// A job: its identity, its state machine and its driver.
 pub struct Job {
     id: String,
@@ -258,7 +261,7 @@ pub struct Job {
     state: Mutex<State>,
     cond: Condvar,
     /// Called once the job reaches `null`, to drop it from its registry.
-    on_null: Mutex<Option<Box<dyn FnOnce(&str) + Send>>>,
+    on_null: Mutex<Option<OnNull>>,
     me: Weak<Job>,
 }
 
@@ -372,7 +375,10 @@ impl Job {
         self.cond.notify_all();
         if from != to {
             log::debug!("job '{}': {from} -> {to}", self.id);
-            self.events.emit("JOB_STATUS_CHANGE", json!({"id": self.id, "status": to.as_str()}));
+            self.events.emit(
+                "JOB_STATUS_CHANGE",
+                json!({"id": self.id, "status": to.as_str()}),
+            );
         }
     }
 
@@ -412,7 +418,8 @@ impl Job {
             .map_err(|e| {
                 // Could not start: behave as a job that failed at once.
                 let ctx = JobContext { job };
-                ctx.job.finish_run(Err(format!("cannot start the job thread: {e}")), &ctx);
+                ctx.job
+                    .finish_run(Err(format!("cannot start the job thread: {e}")), &ctx);
                 JobError::Generic(format!("cannot start the job thread: {e}"))
             })
     }
@@ -495,7 +502,8 @@ impl Job {
         self.driver.clean(ctx);
         let st = self.lock();
         if st.cancelled && st.force_cancel {
-            self.events.emit("BLOCK_JOB_CANCELLED", self.block_event_data(&st));
+            self.events
+                .emit("BLOCK_JOB_CANCELLED", self.block_event_data(&st));
         } else {
             let err = st.error.clone();
             self.emit_completed(&st, err.as_deref());
@@ -535,7 +543,11 @@ impl Job {
     }
 
     fn run_on_null(&self) {
-        let f = self.on_null.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let f = self
+            .on_null
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         if let Some(f) = f {
             f(&self.id);
         }
@@ -594,7 +606,9 @@ impl Job {
                 return Err(JobError::CannotComplete(self.id.clone()));
             }
         }
-        let ctx = self.context().ok_or(JobError::CannotComplete(self.id.clone()))?;
+        let ctx = self
+            .context()
+            .ok_or(JobError::CannotComplete(self.id.clone()))?;
         self.driver.complete(&ctx)?;
         let mut st = self.lock();
         st.should_complete = true;
@@ -815,6 +829,12 @@ impl JobContext {
         st.busy = true;
     }
 
+    /// Reports whether the job's thread is working (`busy` in queries), for
+    /// drivers that wait on something of their own.
+    pub fn set_busy(&self, busy: bool) {
+        self.job.lock().busy = busy;
+    }
+
     /// Wakes the job's thread out of [`JobContext::sleep`] (e.g. when work
     /// arrives).
     pub fn kick(&self) {
@@ -830,7 +850,8 @@ impl JobContext {
             return;
         }
         job.transition(&mut st, JobStatus::Ready);
-        job.events.emit("BLOCK_JOB_READY", job.block_event_data(&st));
+        job.events
+            .emit("BLOCK_JOB_READY", job.block_event_data(&st));
         job.wake(&mut st);
     }
 

@@ -112,7 +112,11 @@ impl JobRegistry {
     /// Creates a job (state `created`) after QEMU's id checks; the caller
     /// starts it with [`Job::start`]. The job leaves the registry when it
     /// reaches `null`.
-    pub fn create(&self, opts: JobOptions, driver: Arc<dyn JobDriver>) -> Result<Arc<Job>, JobError> {
+    pub fn create(
+        &self,
+        opts: JobOptions,
+        driver: Arc<dyn JobDriver>,
+    ) -> Result<Arc<Job>, JobError> {
         if !id_wellformed(&opts.id) {
             return Err(JobError::InvalidId(opts.id));
         }
@@ -125,7 +129,8 @@ impl JobRegistry {
         let ptr = Arc::downgrade(&job);
         job.set_on_null(Box::new(move |_id| {
             if let Some(reg) = me.upgrade() {
-                reg.lock().retain(|j| !std::ptr::eq(Arc::as_ptr(j), ptr.as_ptr()));
+                reg.lock()
+                    .retain(|j| !std::ptr::eq(Arc::as_ptr(j), ptr.as_ptr()));
             }
         }));
         jobs.insert(0, job.clone());

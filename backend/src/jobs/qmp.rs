@@ -70,7 +70,9 @@ pub fn register_job_commands(d: &Dispatcher, registry: Arc<JobRegistry>) {
     let r = registry.clone();
     d.register("query-jobs", move |call: &mut Call<'_>| {
         take(call).finish()?;
-        Ok(Value::Array(r.list().iter().map(|j| job_info_json(j)).collect()))
+        Ok(Value::Array(
+            r.list().iter().map(|j| job_info_json(j)).collect(),
+        ))
     });
     let r = registry.clone();
     d.register("query-block-jobs", move |call: &mut Call<'_>| {

@@ -170,7 +170,8 @@ const STT: [[u8; 11]; 11] = [
 /// `change` has the row QEMU 8.2 gave it (the same as `set-speed`).
 const VERBS: [[u8; 11]; 8] = [
     /*                 U, C, R, P, Y, S, W, D, X, E, N */
-    /* cancel    */ [0, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+    /* cancel    */
+    [0, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
     /* pause     */ [0, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0],
     /* resume    */ [0, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0],
     /* set-speed */ [0, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0],
@@ -228,7 +229,10 @@ mod tests {
     #[test]
     fn verb_table_is_qemus() {
         let live = [Created, Running, Paused, Ready, Standby];
-        assert_eq!(allowed_states(JobVerb::Cancel), [Created, Running, Paused, Ready, Standby, Waiting, Pending]);
+        assert_eq!(
+            allowed_states(JobVerb::Cancel),
+            [Created, Running, Paused, Ready, Standby, Waiting, Pending]
+        );
         assert_eq!(allowed_states(JobVerb::Pause), live);
         assert_eq!(allowed_states(JobVerb::Resume), live);
         assert_eq!(allowed_states(JobVerb::SetSpeed), live);
@@ -243,10 +247,34 @@ mod tests {
         let names: Vec<&str> = ALL_STATUSES.iter().map(|s| s.as_str()).collect();
         assert_eq!(
             names,
-            ["undefined", "created", "running", "paused", "ready", "standby", "waiting", "pending", "aborting", "concluded", "null"]
+            [
+                "undefined",
+                "created",
+                "running",
+                "paused",
+                "ready",
+                "standby",
+                "waiting",
+                "pending",
+                "aborting",
+                "concluded",
+                "null"
+            ]
         );
         let verbs: Vec<String> = ALL_VERBS.iter().map(|v| v.to_string()).collect();
-        assert_eq!(verbs, ["cancel", "pause", "resume", "set-speed", "complete", "finalize", "dismiss", "change"]);
+        assert_eq!(
+            verbs,
+            [
+                "cancel",
+                "pause",
+                "resume",
+                "set-speed",
+                "complete",
+                "finalize",
+                "dismiss",
+                "change"
+            ]
+        );
         assert!(Ready.is_ready() && Standby.is_ready() && !Running.is_ready());
         assert!(!Standby.is_completed() && Waiting.is_completed() && Null.is_completed());
     }

@@ -51,7 +51,8 @@ impl JobDriver for Counter {
                 return Ok(());
             }
             if self.fail_write_once.swap(false, Ordering::SeqCst)
-                && ctx.error_action(self.policy, IoOperation::Write, libc::ENOSPC) == ErrorAction::Report
+                && ctx.error_action(self.policy, IoOperation::Write, libc::ENOSPC)
+                    == ErrorAction::Report
             {
                 return Err("No space left on device".into());
             }
@@ -108,7 +109,13 @@ impl Fixture {
         Fixture { d, reg, rx }
     }
 
-    fn start(&self, id: &str, driver: Counter, auto_finalize: bool, auto_dismiss: bool) -> std::sync::Arc<Job> {
+    fn start(
+        &self,
+        id: &str,
+        driver: Counter,
+        auto_finalize: bool,
+        auto_dismiss: bool,
+    ) -> std::sync::Arc<Job> {
         let job = self
             .reg
             .create(
@@ -126,7 +133,9 @@ impl Fixture {
     }
 
     fn exec(&self, name: &str, args: Value) -> Result<Value, crate::qmp::QmpError> {
-        let Value::Object(m) = args else { panic!("args") };
+        let Value::Object(m) = args else {
+            panic!("args")
+        };
         self.d.execute(name, m)
     }
 
@@ -136,7 +145,7 @@ impl Fixture {
         while let Ok(e) = self.rx.recv_timeout(Duration::from_millis(50)) {
             let data = e.data.clone().unwrap_or(Value::Null);
             out.push(match e.name.as_str() {
-                "JOB_STATUS_CHANGE" => format!("{}", data["status"].as_str().unwrap()),
+                "JOB_STATUS_CHANGE" => data["status"].as_str().unwrap().to_string(),
                 "BLOCK_JOB_ERROR" => format!("ERROR:{}", data["action"].as_str().unwrap()),
                 n => n.to_string(),
             });
@@ -154,9 +163,15 @@ fn complete_with_auto_finalize_and_dismiss() {
     let f = Fixture::new();
     let job = f.start("j1", Counter::new(), true, true);
     let err = f.exec("job-complete", json!({"id": "j1"})).unwrap_err();
-    assert_eq!(err.desc, "Job 'j1' in state 'running' cannot accept command verb 'complete'");
+    assert_eq!(
+        err.desc,
+        "Job 'j1' in state 'running' cannot accept command verb 'complete'"
+    );
     let err = f.exec("job-finalize", json!({"id": "j1"})).unwrap_err();
-    assert_eq!(err.desc, "Job 'j1' in state 'running' cannot accept command verb 'finalize'");
+    assert_eq!(
+        err.desc,
+        "Job 'j1' in state 'running' cannot accept command verb 'finalize'"
+    );
     wait(&job, JobStatus::Ready);
     let q = f.exec("query-block-jobs", json!({})).unwrap();
     assert_eq!(q[0]["ready"], true);
@@ -167,13 +182,28 @@ fn complete_with_auto_finalize_and_dismiss() {
     wait(&job, JobStatus::Null);
     assert_eq!(
         f.events(),
-        ["created", "running", "ready", "BLOCK_JOB_READY", "waiting", "pending", "BLOCK_JOB_COMPLETED", "concluded", "null"]
+        [
+            "created",
+            "running",
+            "ready",
+            "BLOCK_JOB_READY",
+            "waiting",
+            "pending",
+            "BLOCK_JOB_COMPLETED",
+            "concluded",
+            "null"
+        ]
     );
     assert_eq!(f.exec("query-jobs", json!({})).unwrap(), json!([]));
-    let err = f.exec("block-job-pause", json!({"device": "j1"})).unwrap_err();
+    let err = f
+        .exec("block-job-pause", json!({"device": "j1"}))
+        .unwrap_err();
     assert_eq!(err.desc, "Block job 'j1' not found");
     assert_eq!(err.class, crate::qmp::ErrorClass::DeviceNotActive);
-    assert_eq!(f.exec("job-pause", json!({"id": "j1"})).unwrap_err().desc, "Job not found");
+    assert_eq!(
+        f.exec("job-pause", json!({"id": "j1"})).unwrap_err().desc,
+        "Job not found"
+    );
 }
 
 #[test]
@@ -181,20 +211,45 @@ fn manual_finalize_and_dismiss() {
     let f = Fixture::new();
     let job = f.start("j2", Counter::new(), false, false);
     wait(&job, JobStatus::Ready);
-    f.exec("block-job-complete", json!({"device": "j2"})).unwrap();
+    f.exec("block-job-complete", json!({"device": "j2"}))
+        .unwrap();
     wait(&job, JobStatus::Pending);
     let q = f.exec("query-block-jobs", json!({})).unwrap();
-    assert_eq!((q[0]["status"].clone(), q[0]["paused"].clone(), q[0]["ready"].clone()), (json!("pending"), json!(true), json!(false)));
+    assert_eq!(
+        (
+            q[0]["status"].clone(),
+            q[0]["paused"].clone(),
+            q[0]["ready"].clone()
+        ),
+        (json!("pending"), json!(true), json!(false))
+    );
     let err = f.exec("job-dismiss", json!({"id": "j2"})).unwrap_err();
-    assert_eq!(err.desc, "Job 'j2' in state 'pending' cannot accept command verb 'dismiss'");
+    assert_eq!(
+        err.desc,
+        "Job 'j2' in state 'pending' cannot accept command verb 'dismiss'"
+    );
     f.exec("job-finalize", json!({"id": "j2"})).unwrap();
     assert_eq!(job.status(), JobStatus::Concluded);
     let q = f.exec("query-jobs", json!({})).unwrap();
-    assert_eq!(q, json!([{"id": "j2", "type": "mirror", "status": "concluded", "current-progress": 10, "total-progress": 10}]));
+    assert_eq!(
+        q,
+        json!([{"id": "j2", "type": "mirror", "status": "concluded", "current-progress": 10, "total-progress": 10}])
+    );
     f.exec("job-dismiss", json!({"id": "j2"})).unwrap();
     assert_eq!(
         f.events(),
-        ["created", "running", "ready", "BLOCK_JOB_READY", "waiting", "pending", "BLOCK_JOB_PENDING", "BLOCK_JOB_COMPLETED", "concluded", "null"]
+        [
+            "created",
+            "running",
+            "ready",
+            "BLOCK_JOB_READY",
+            "waiting",
+            "pending",
+            "BLOCK_JOB_PENDING",
+            "BLOCK_JOB_COMPLETED",
+            "concluded",
+            "null"
+        ]
     );
     assert!(f.reg.list().is_empty());
 }
@@ -206,17 +261,34 @@ fn cancel_before_ready_is_forced() {
     c.ready_after = u32::MAX;
     let job = f.start("j3", c, true, false);
     f.exec("job-pause", json!({"id": "j3"})).unwrap();
-    assert_eq!(f.exec("job-pause", json!({"id": "j3"})).unwrap_err().desc, "Job is already paused");
+    assert_eq!(
+        f.exec("job-pause", json!({"id": "j3"})).unwrap_err().desc,
+        "Job is already paused"
+    );
     wait(&job, JobStatus::Paused);
-    let err = f.exec("block-job-cancel", json!({"device": "j3"})).unwrap_err();
-    assert_eq!(err.desc, "The block job for device 'j3' is currently paused");
-    f.exec("block-job-cancel", json!({"device": "j3", "force": true})).unwrap();
+    let err = f
+        .exec("block-job-cancel", json!({"device": "j3"}))
+        .unwrap_err();
+    assert_eq!(
+        err.desc,
+        "The block job for device 'j3' is currently paused"
+    );
+    f.exec("block-job-cancel", json!({"device": "j3", "force": true}))
+        .unwrap();
     wait(&job, JobStatus::Concluded);
     let q = f.exec("query-jobs", json!({})).unwrap();
     assert_eq!(q[0]["error"], "Operation canceled");
     assert_eq!(
         f.events(),
-        ["created", "running", "paused", "running", "aborting", "BLOCK_JOB_CANCELLED", "concluded"]
+        [
+            "created",
+            "running",
+            "paused",
+            "running",
+            "aborting",
+            "BLOCK_JOB_CANCELLED",
+            "concluded"
+        ]
     );
 }
 
@@ -225,11 +297,22 @@ fn soft_cancel_after_ready_completes_and_forced_cancels() {
     let f = Fixture::new();
     let job = f.start("soft", Counter::new(), true, true);
     wait(&job, JobStatus::Ready);
-    f.exec("block-job-cancel", json!({"device": "soft"})).unwrap();
+    f.exec("block-job-cancel", json!({"device": "soft"}))
+        .unwrap();
     wait(&job, JobStatus::Null);
     assert_eq!(
         f.events(),
-        ["created", "running", "ready", "BLOCK_JOB_READY", "waiting", "pending", "BLOCK_JOB_COMPLETED", "concluded", "null"]
+        [
+            "created",
+            "running",
+            "ready",
+            "BLOCK_JOB_READY",
+            "waiting",
+            "pending",
+            "BLOCK_JOB_COMPLETED",
+            "concluded",
+            "null"
+        ]
     );
     let job = f.start("hard", Counter::new(), true, true);
     wait(&job, JobStatus::Ready);
@@ -237,7 +320,16 @@ fn soft_cancel_after_ready_completes_and_forced_cancels() {
     wait(&job, JobStatus::Null);
     assert_eq!(
         f.events(),
-        ["created", "running", "ready", "BLOCK_JOB_READY", "aborting", "BLOCK_JOB_CANCELLED", "concluded", "null"]
+        [
+            "created",
+            "running",
+            "ready",
+            "BLOCK_JOB_READY",
+            "aborting",
+            "BLOCK_JOB_CANCELLED",
+            "concluded",
+            "null"
+        ]
     );
 }
 
@@ -251,18 +343,41 @@ fn pause_resume_standby_and_resume_errors() {
     f.exec("block-job-pause", json!({"device": "p"})).unwrap();
     wait(&job, JobStatus::Standby);
     let q = f.exec("query-block-jobs", json!({})).unwrap();
-    assert_eq!((q[0]["paused"].clone(), q[0]["ready"].clone(), q[0]["busy"].clone()), (json!(true), json!(true), json!(false)));
+    assert_eq!(
+        (
+            q[0]["paused"].clone(),
+            q[0]["ready"].clone(),
+            q[0]["busy"].clone()
+        ),
+        (json!(true), json!(true), json!(false))
+    );
     let err = f.exec("job-complete", json!({"id": "p"})).unwrap_err();
-    assert_eq!(err.desc, "Job 'p' in state 'standby' cannot accept command verb 'complete'");
-    f.exec("block-job-set-speed", json!({"device": "p", "speed": 1000})).unwrap();
-    let err = f.exec("block-job-set-speed", json!({"device": "p", "speed": -1})).unwrap_err();
+    assert_eq!(
+        err.desc,
+        "Job 'p' in state 'standby' cannot accept command verb 'complete'"
+    );
+    f.exec("block-job-set-speed", json!({"device": "p", "speed": 1000}))
+        .unwrap();
+    let err = f
+        .exec("block-job-set-speed", json!({"device": "p", "speed": -1}))
+        .unwrap_err();
     assert_eq!(err.desc, "Parameter 'speed' expects a non-negative value");
     f.exec("block-job-resume", json!({"device": "p"})).unwrap();
     wait(&job, JobStatus::Ready);
     f.exec("job-complete", json!({"id": "p"})).unwrap();
     wait(&job, JobStatus::Null);
     let ev = f.events();
-    assert_eq!(&ev[..6], ["created", "running", "ready", "BLOCK_JOB_READY", "standby", "ready"]);
+    assert_eq!(
+        &ev[..6],
+        [
+            "created",
+            "running",
+            "ready",
+            "BLOCK_JOB_READY",
+            "standby",
+            "ready"
+        ]
+    );
 }
 
 #[test]
@@ -276,7 +391,13 @@ fn failure_and_error_policies() {
     assert_eq!(q[0]["error"], "Input/output error");
     assert_eq!(
         f.events(),
-        ["created", "running", "aborting", "BLOCK_JOB_COMPLETED", "concluded"]
+        [
+            "created",
+            "running",
+            "aborting",
+            "BLOCK_JOB_COMPLETED",
+            "concluded"
+        ]
     );
     f.exec("job-dismiss", json!({"id": "bad"})).unwrap();
     f.events();
@@ -288,25 +409,42 @@ fn failure_and_error_policies() {
     let job = f.start("stop", c, true, true);
     wait(&job, JobStatus::Paused);
     let q = f.exec("query-block-jobs", json!({})).unwrap();
-    assert_eq!((q[0]["io-status"].clone(), q[0]["paused"].clone()), (json!("nospace"), json!(true)));
+    assert_eq!(
+        (q[0]["io-status"].clone(), q[0]["paused"].clone()),
+        (json!("nospace"), json!(true))
+    );
     f.exec("job-resume", json!({"id": "stop"})).unwrap();
     wait(&job, JobStatus::Ready);
-    assert_eq!(f.exec("query-block-jobs", json!({})).unwrap()[0]["io-status"], "ok");
+    assert_eq!(
+        f.exec("query-block-jobs", json!({})).unwrap()[0]["io-status"],
+        "ok"
+    );
     f.exec("job-complete", json!({"id": "stop"})).unwrap();
     wait(&job, JobStatus::Null);
     let ev = f.events();
-    assert_eq!(&ev[..5], ["created", "running", "ERROR:stop", "paused", "running"]);
+    assert_eq!(
+        &ev[..5],
+        ["created", "running", "ERROR:stop", "paused", "running"]
+    );
 
     // enospc on ENOSPC stops too; report ends the job.
     assert_eq!(OnError::Enospc.action(libc::ENOSPC), ErrorAction::Stop);
     assert_eq!(OnError::Auto.action(libc::EIO), ErrorAction::Report);
-    let mut c = Counter::new();
+    let c = Counter::new();
     c.fail_write_once.store(true, Ordering::SeqCst);
     let job = f.start("rep", c, true, true);
     wait(&job, JobStatus::Null);
     assert_eq!(
         f.events(),
-        ["created", "running", "ERROR:report", "aborting", "BLOCK_JOB_COMPLETED", "concluded", "null"]
+        [
+            "created",
+            "running",
+            "ERROR:report",
+            "aborting",
+            "BLOCK_JOB_COMPLETED",
+            "concluded",
+            "null"
+        ]
     );
 }
 
@@ -321,11 +459,17 @@ fn ids_are_checked() {
         speed: 0,
     };
     for bad in ["", "1a", "a b", "a/b"] {
-        let e = reg.create(opts(bad), std::sync::Arc::new(Counter::new())).unwrap_err();
+        let e = reg
+            .create(opts(bad), std::sync::Arc::new(Counter::new()))
+            .unwrap_err();
         assert_eq!(e.to_string(), format!("Invalid job ID '{bad}'"));
     }
-    let job = reg.create(opts("ok-1.x_y"), std::sync::Arc::new(Counter::new())).unwrap();
-    let e = reg.create(opts("ok-1.x_y"), std::sync::Arc::new(Counter::new())).unwrap_err();
+    let job = reg
+        .create(opts("ok-1.x_y"), std::sync::Arc::new(Counter::new()))
+        .unwrap();
+    let e = reg
+        .create(opts("ok-1.x_y"), std::sync::Arc::new(Counter::new()))
+        .unwrap_err();
     assert_eq!(e.to_string(), "Job ID 'ok-1.x_y' already in use");
     job.early_fail();
     assert!(reg.list().is_empty());

@@ -134,7 +134,8 @@ impl ChunkBits {
             let old = w.fetch_or(m, Ordering::SeqCst);
             let new = m & !old;
             if new != 0 {
-                self.count.fetch_add(u64::from(new.count_ones()), Ordering::Relaxed);
+                self.count
+                    .fetch_add(u64::from(new.count_ones()), Ordering::Relaxed);
             }
         });
     }
@@ -148,7 +149,8 @@ impl ChunkBits {
             let old = w.fetch_and(!m, Ordering::SeqCst);
             let gone = old & m;
             if gone != 0 {
-                self.count.fetch_sub(u64::from(gone.count_ones()), Ordering::Relaxed);
+                self.count
+                    .fetch_sub(u64::from(gone.count_ones()), Ordering::Relaxed);
             }
         });
     }
@@ -170,13 +172,16 @@ impl ChunkBits {
 
     /// Whether chunk `c` is set.
     pub fn get(&self, c: u64) -> bool {
-        c < self.chunks && self.words()[(c / 64) as usize].load(Ordering::SeqCst) & (1 << (c % 64)) != 0
+        c < self.chunks
+            && self.words()[(c / 64) as usize].load(Ordering::SeqCst) & (1 << (c % 64)) != 0
     }
 
     /// Whether any of chunks `first..=last` is set.
     pub fn any(&self, first: u64, last: u64) -> bool {
         let mut found = false;
-        self.for_words(first, last, |w, m| found |= w.load(Ordering::SeqCst) & m != 0);
+        self.for_words(first, last, |w, m| {
+            found |= w.load(Ordering::SeqCst) & m != 0
+        });
         found
     }
 

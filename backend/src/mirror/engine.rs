@@ -94,8 +94,37 @@ fn copy_error(op: IoOperation, e: &crate::image::ImageError) -> CopyError {
     }
 }
 
+/// A worker's memory of where the source holds data, so that a long data
+/// run costs one SEEK_HOLE (which walks to the end of the run) rather than
+/// one per extent. Only data runs are remembered: data that became a hole
+/// since just reads as zeroes, which is still a correct copy, whereas a
+/// remembered hole that became data would skip the guest's data. It is
+/// forgotten after a second, so discards still end up as holes later.
+#[derive(Default)]
+struct DataRun {
+    start: u64,
+    end: u64,
+    at: Option<Instant>,
+}
+
+impl DataRun {
+    fn covers(&self, pos: u64) -> Option<u64> {
+        let fresh = self
+            .at
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(1));
+        (fresh && self.start <= pos && pos < self.end).then_some(self.end - pos)
+    }
+}
+
 /// Copies chunks `first..=last` (the caller guarantees no overlapping copy).
-fn copy_extent(s: &MirrorState, buf: &Buffer, first: u64, last: u64, unmap: bool) -> Result<Copied, CopyError> {
+fn copy_extent(
+    s: &MirrorState,
+    buf: &Buffer,
+    first: u64,
+    last: u64,
+    unmap: bool,
+    known: &mut DataRun,
+) -> Result<Copied, CopyError> {
     let _range = s.ranges.lock(first, last);
     for c in first..=last {
         s.inflight.set(c, c);
@@ -110,9 +139,22 @@ fn copy_extent(s: &MirrorState, buf: &Buffer, first: u64, last: u64, unmap: bool
     let result = (|| {
         let mut pos = start;
         while pos < end {
-            let (data, run) = source
-                .allocation(pos)
-                .map_err(|e| copy_error(IoOperation::Read, &e))?;
+            let (data, run) = match known.covers(pos) {
+                Some(run) => (true, run),
+                None => {
+                    let (data, run) = source
+                        .allocation(pos)
+                        .map_err(|e| copy_error(IoOperation::Read, &e))?;
+                    if data {
+                        *known = DataRun {
+                            start: pos,
+                            end: pos.saturating_add(run),
+                            at: Some(Instant::now()),
+                        };
+                    }
+                    (data, run)
+                }
+            };
             let seg_end = if run == 0 { end } else { (pos + run).min(end) };
             let seg = seg_end - pos;
             if data {
@@ -155,7 +197,14 @@ fn copy_extent(s: &MirrorState, buf: &Buffer, first: u64, last: u64, unmap: bool
     }
 }
 
-fn worker(s: Arc<MirrorState>, tasks: Arc<Mutex<Receiver<Task>>>, done: Sender<Done>, buf: Buffer, unmap: bool) {
+fn worker(
+    s: Arc<MirrorState>,
+    tasks: Arc<Mutex<Receiver<Task>>>,
+    done: Sender<Done>,
+    buf: Buffer,
+    unmap: bool,
+) {
+    let mut known = DataRun::default();
     loop {
         let task = {
             let rx = tasks.lock().unwrap_or_else(|p| p.into_inner());
@@ -164,7 +213,7 @@ fn worker(s: Arc<MirrorState>, tasks: Arc<Mutex<Receiver<Task>>>, done: Sender<D
         let Ok(task) = task else {
             return;
         };
-        let result = copy_extent(&s, &buf, task.first, task.last, unmap);
+        let result = copy_extent(&s, &buf, task.first, task.last, unmap, &mut known);
         if done
             .send(Done {
                 first: task.first,
@@ -200,6 +249,11 @@ pub struct Engine {
     errors: Vec<CopyError>,
     cleaned_since_checkpoint: u64,
     last_checkpoint: Instant,
+    /// Wall time with copies in flight, and bytes finished meanwhile: the
+    /// copy throughput, which sizes the last copy before a pivot.
+    busy_time: Duration,
+    busy_bytes: u64,
+    busy_since: Option<Instant>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -212,7 +266,7 @@ impl std::fmt::Debug for Engine {
 }
 
 /// How often the persistent bitmap is brought down to D while copying.
-pub const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(1000);
+pub const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(500);
 
 impl Engine {
     /// Starts the workers for `state` with `buf_size` bytes in flight.
@@ -221,8 +275,11 @@ impl Engine {
         let extent = (buf_size / 16).clamp(1 << 20, MAX_EXTENT).max(g);
         let extent_chunks = (extent / g).max(1);
         let extent_bytes = extent_chunks * g;
-        let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
-        let max_in_flight = ((buf_size / extent_bytes).max(1) as usize).min(super::MAX_WORKERS.min(cpus.max(2)));
+        let cpus = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2);
+        let max_in_flight =
+            ((buf_size / extent_bytes).max(1) as usize).min(super::MAX_WORKERS.min(cpus.max(2)));
         let (task_tx, task_rx) = channel::<Task>();
         let task_rx = Arc::new(Mutex::new(task_rx));
         let (done_tx, done_rx) = channel::<Done>();
@@ -253,6 +310,9 @@ impl Engine {
             errors: Vec::new(),
             cleaned_since_checkpoint: 0,
             last_checkpoint: Instant::now(),
+            busy_time: Duration::ZERO,
+            busy_bytes: 0,
+            busy_since: None,
         })
     }
 
@@ -264,6 +324,22 @@ impl Engine {
     /// Nothing in flight.
     pub fn idle(&self) -> bool {
         self.in_flight.is_empty()
+    }
+
+    /// Copy throughput so far in bytes per second (None before any copy).
+    pub fn throughput(&self) -> Option<f64> {
+        let t = self.busy_time.as_secs_f64();
+        (t > 0.001 && self.busy_bytes > 0).then(|| self.busy_bytes as f64 / t)
+    }
+
+    fn account_busy(&mut self) {
+        let now = Instant::now();
+        if let Some(since) = self.busy_since.take() {
+            self.busy_time += now - since;
+        }
+        if !self.in_flight.is_empty() {
+            self.busy_since = Some(now);
+        }
     }
 
     /// Takes the bytes finished since the last call.
@@ -364,6 +440,9 @@ impl Engine {
                 break;
             }
             self.in_flight.insert(first, last);
+            if self.busy_since.is_none() {
+                self.busy_since = Some(Instant::now());
+            }
             n += 1;
             if speed > 0 {
                 // Charge up front what this extent may copy at most; the
@@ -384,6 +463,7 @@ impl Engine {
         match d.result {
             Ok(c) => {
                 self.done_bytes += c.bytes;
+                self.busy_bytes += c.bytes;
                 self.data_bytes += c.data_bytes;
                 if speed > 0 {
                     self.debt += c.data_bytes as f64;
@@ -404,12 +484,14 @@ impl Engine {
             Err(RecvTimeoutError::Timeout) => return,
             Err(RecvTimeoutError::Disconnected) => {
                 self.in_flight.clear();
+                self.account_busy();
                 return;
             }
         }
         while let Ok(d) = self.results.try_recv() {
             self.handle(d, speed);
         }
+        self.account_busy();
     }
 
     /// Waits for every copy in flight.
@@ -420,6 +502,7 @@ impl Engine {
                 Err(_) => self.in_flight.clear(),
             }
         }
+        self.account_busy();
     }
 
     /// Whether a checkpoint of the persistent bitmap is due.

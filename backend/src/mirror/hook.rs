@@ -40,7 +40,8 @@ use super::{image_errno, CopyMode};
 use crate::disk::{Disk, DiskError, WriteHook, WriteOp};
 use crate::image::Image;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 /// State shared by the mirror job, its copier threads and the write hook.
 pub struct MirrorState {
@@ -83,6 +84,10 @@ pub struct MirrorState {
     /// storage would (widens the race window for the stress tests).
     #[doc(hidden)]
     pub slow_writes: AtomicBool,
+    /// The copier is idle waiting for dirty chunks (see [`MirrorState::wait_for_work`]).
+    sleeping: AtomicBool,
+    work_lock: Mutex<()>,
+    work_cv: Condvar,
 }
 
 impl std::fmt::Debug for MirrorState {
@@ -124,6 +129,9 @@ impl MirrorState {
             active_bytes: AtomicU64::new(0),
             skip_after_mark: AtomicBool::new(false),
             slow_writes: AtomicBool::new(false),
+            sleeping: AtomicBool::new(false),
+            work_lock: Mutex::new(()),
+            work_cv: Condvar::new(),
         }
     }
 
@@ -217,6 +225,28 @@ impl MirrorState {
     fn mark(&self, first: u64, last: u64) {
         self.inflight.clear(first, last);
         self.dirty.set(first, last);
+        self.wake_copier();
+    }
+
+    /// Wakes an idle copier (cheap unless it is actually waiting).
+    fn wake_copier(&self) {
+        if self.sleeping.load(Ordering::SeqCst) {
+            let _g = self.work_lock.lock().unwrap_or_else(|p| p.into_inner());
+            self.sleeping.store(false, Ordering::SeqCst);
+            self.work_cv.notify_all();
+        }
+    }
+
+    /// Copier side: waits up to `timeout` for a chunk to become dirty
+    /// (returns at once if one is). A guest write that dirties a chunk wakes
+    /// it: the target falls behind by one write, not by a polling interval.
+    pub fn wait_for_work(&self, timeout: Duration) {
+        let g = self.work_lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.sleeping.store(true, Ordering::SeqCst);
+        if self.dirty.count() == 0 {
+            let _ = self.work_cv.wait_timeout(g, timeout);
+        }
+        self.sleeping.store(false, Ordering::SeqCst);
     }
 
     /// Write-blocking part of `after_write`.
@@ -251,9 +281,12 @@ impl MirrorState {
                 self.mark(first, last);
                 self.actively_synced.store(false, Ordering::SeqCst);
                 self.wb_suspended.store(true, Ordering::SeqCst);
-                let _ = self
-                    .wb_errno
-                    .compare_exchange(0, image_errno(&e), Ordering::SeqCst, Ordering::SeqCst);
+                let _ = self.wb_errno.compare_exchange(
+                    0,
+                    image_errno(&e),
+                    Ordering::SeqCst,
+                    Ordering::SeqCst,
+                );
             }
         }
     }
@@ -334,7 +367,9 @@ impl WriteHook for ResumeTracker {
     fn before_write(&self, offset: u64, len: u64) -> Result<(), DiskError> {
         if len > 0 && offset < self.size {
             let end = offset.saturating_add(len).min(self.size);
-            self.state.bits().set(offset >> self.shift, (end - 1) >> self.shift);
+            self.state
+                .bits()
+                .set(offset >> self.shift, (end - 1) >> self.shift);
         }
         Ok(())
     }

@@ -27,12 +27,23 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// Below this much dirty data, `complete` stops converging and pauses the
-/// guest for the last copy.
-pub const PIVOT_DIRTY_BYTES: u64 = 1 << 20;
-/// How long `complete` tries to get below [`PIVOT_DIRTY_BYTES`] while the
-/// guest keeps writing, before it pauses the guest anyway.
+/// `complete` pauses the guest for the last copy once what is dirty can be
+/// copied in about this long (at the copy throughput measured so far).
+pub const PIVOT_PAUSE_BUDGET: Duration = Duration::from_millis(5);
+/// ... but never waits for less dirty data than this.
+pub const PIVOT_DIRTY_MIN: u64 = 1 << 20;
+/// How long `complete` tries to get there while the guest keeps writing,
+/// before it pauses the guest anyway.
 pub const CONVERGE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Dirty bytes small enough to copy with guest I/O paused.
+fn pivot_dirty_target(engine: &Engine) -> u64 {
+    let by_rate = engine
+        .throughput()
+        .map(|bps| (bps * PIVOT_PAUSE_BUDGET.as_secs_f64()) as u64)
+        .unwrap_or(0);
+    by_rate.clamp(PIVOT_DIRTY_MIN, 64 << 20)
+}
 /// Back-off before retrying after an error with `ignore`.
 const RETRY_DELAY: Duration = Duration::from_millis(100);
 
@@ -138,7 +149,11 @@ impl MirrorJob {
         let mut pos = 0;
         while pos < s.size {
             let (data, run) = source.allocation(pos).map_err(|e| e.to_string())?;
-            let end = if run == 0 { s.size } else { (pos + run).min(s.size) };
+            let end = if run == 0 {
+                s.size
+            } else {
+                (pos + run).min(s.size)
+            };
             if data {
                 if let Some((first, last)) = s.chunk_range(pos, end - pos) {
                     s.dirty.set(first, last);
@@ -220,7 +235,16 @@ impl MirrorJob {
             let ready = self.ready.load(Ordering::SeqCst);
             if ready && (ctx.should_complete() || ctx.cancel_requested()) {
                 let since = *converge_since.get_or_insert_with(Instant::now);
-                if s.dirty_bytes() <= PIVOT_DIRTY_BYTES || since.elapsed() >= CONVERGE_TIMEOUT {
+                log::debug!(
+                    "mirror '{}': converging: {} bytes dirty, target {}, {:?} in",
+                    ctx.id(),
+                    s.dirty_bytes(),
+                    pivot_dirty_target(engine),
+                    since.elapsed()
+                );
+                if s.dirty_bytes() <= pivot_dirty_target(engine)
+                    || since.elapsed() >= CONVERGE_TIMEOUT
+                {
                     engine.drain(speed);
                     ctx.progress_update(engine.take_done_bytes());
                     return Ok(());
@@ -230,7 +254,11 @@ impl MirrorJob {
                 if !ready {
                     if let Err(e) = s.target.flush() {
                         let errno = super::image_errno(&e);
-                        match ctx.error_action(self.config.on_target_error, IoOperation::Write, errno) {
+                        match ctx.error_action(
+                            self.config.on_target_error,
+                            IoOperation::Write,
+                            errno,
+                        ) {
                             ErrorAction::Report => return Err(strerror(errno)),
                             ErrorAction::Ignore => retry_at = Some(Instant::now() + RETRY_DELAY),
                             ErrorAction::Stop => {}
@@ -267,17 +295,25 @@ impl MirrorJob {
             } else if let Some(t) = retry_at {
                 ctx.sleep(t.saturating_duration_since(Instant::now()));
             } else if s.dirty.count() == 0 {
-                ctx.sleep(Duration::from_millis(if ready { 10 } else { 1 }));
+                // Idle: a guest write wakes us at once; management actions
+                // are noticed within the time-out.
+                ctx.set_busy(false);
+                s.wait_for_work(Duration::from_millis(10));
+                ctx.set_busy(true);
             }
         }
     }
 
-    /// Copies (with guest I/O running) until little is dirty.
+    /// Copies (with guest I/O running) until little is dirty. `run` has
+    /// converged already unless finalization was manual, so this is short.
     fn converge(&self, engine: &mut Engine) -> Result<(), String> {
         let s = &*self.state;
         let t0 = Instant::now();
-        while s.dirty_bytes() > PIVOT_DIRTY_BYTES && t0.elapsed() < CONVERGE_TIMEOUT {
+        while s.dirty_bytes() > pivot_dirty_target(engine) && t0.elapsed() < Duration::from_secs(1) {
             engine.dispatch(0);
+            if engine.idle() {
+                s.wait_for_work(Duration::from_millis(1));
+            }
             engine.collect(Duration::from_millis(10), 0);
             if let Some(e) = engine.take_errors().into_iter().next() {
                 engine.drain(0);
@@ -365,21 +401,27 @@ impl JobDriver for MirrorJob {
         self.converge(&mut engine)?;
         // Flush what is there before pausing, so the flush under the pause
         // has little left to do.
-        s.target.flush().map_err(|e| strerror(super::image_errno(&e)))?;
+        s.target
+            .flush()
+            .map_err(|e| strerror(super::image_errno(&e)))?;
         let paused_at = Instant::now();
         let pause = s.disk.gate().pause();
         let dirty_at_pause = s.dirty_bytes();
-        let result = engine
-            .sync_all()
-            .map_err(|e| e.message)
-            .and_then(|()| s.target.flush().map_err(|e| strerror(super::image_errno(&e))));
+        let result = engine.sync_all().map_err(|e| e.message).and_then(|()| {
+            s.target
+                .flush()
+                .map_err(|e| strerror(super::image_errno(&e)))
+        });
         if let Err(e) = result {
             drop(pause);
             *lock(&self.engine) = Some(engine);
             return Err(e);
         }
         s.disk.remove_hook(&self.hook);
-        let old = pivot.then(|| s.disk.replace_image(Box::new(SharedImage(s.target.clone()))));
+        let old = pivot.then(|| {
+            s.disk
+                .replace_image(Box::new(SharedImage(s.target.clone())))
+        });
         drop(pause);
         let stall = paused_at.elapsed();
         {
@@ -428,15 +470,21 @@ impl JobDriver for MirrorJob {
     fn change(&self, _ctx: &JobContext, options: &Map<String, Value>) -> Result<(), JobError> {
         let mode = match options.get("copy-mode") {
             None => return Err(JobError::Generic("Parameter 'copy-mode' is missing".into())),
-            Some(v) => crate::qmp::args::value_enum("copy-mode", v.clone(), &["background", "write-blocking"])
-                .map_err(|e| JobError::Generic(e.desc))?,
+            Some(v) => crate::qmp::args::value_enum(
+                "copy-mode",
+                v.clone(),
+                &["background", "write-blocking"],
+            )
+            .map_err(|e| JobError::Generic(e.desc))?,
         };
         let current = self.state.copy_mode();
         if mode == current.as_str() {
             return Ok(());
         }
         if mode != CopyMode::WriteBlocking.as_str() {
-            return Err(JobError::Generic(format!("Change to copy mode '{mode}' is not implemented")));
+            return Err(JobError::Generic(format!(
+                "Change to copy mode '{mode}' is not implemented"
+            )));
         }
         self.state.set_write_blocking();
         log::info!("mirror: copy mode is now write-blocking");

@@ -129,7 +129,18 @@ fn generic(msg: impl Into<String>) -> QmpError {
 
 /// Formats QEMU knows but vubd cannot write.
 const OTHER_FORMATS: &[&str] = &[
-    "qcow2", "qcow", "qed", "vmdk", "vdi", "vhdx", "vpc", "luks", "parallels", "bochs", "cloop", "dmg",
+    "qcow2",
+    "qcow",
+    "qed",
+    "vmdk",
+    "vdi",
+    "vhdx",
+    "vpc",
+    "luks",
+    "parallels",
+    "bochs",
+    "cloop",
+    "dmg",
 ];
 
 fn canonical(path: &Path) -> PathBuf {
@@ -231,7 +242,10 @@ impl MirrorManager {
 
     /// Target of an interrupted mirror waiting for `x-resume`, if any.
     pub fn pending_resume(&self) -> Option<PathBuf> {
-        self.lock().pending.as_ref().map(|p| p.state.header().target.clone())
+        self.lock()
+            .pending
+            .as_ref()
+            .map(|p| p.state.header().target.clone())
     }
 
     /// The mirror job running on the disk, if any.
@@ -244,7 +258,10 @@ impl MirrorManager {
         if let Some(p) = slot.pending.take() {
             self.disk.remove_hook(&p.hook);
             let _ = std::fs::remove_file(p.state.path());
-            log::info!("discarded the interrupted mirror state {}", p.state.path().display());
+            log::info!(
+                "discarded the interrupted mirror state {}",
+                p.state.path().display()
+            );
         }
     }
 
@@ -303,11 +320,19 @@ impl MirrorManager {
     /// Starts a mirror to an already open target image (an image kind the
     /// QMP commands cannot name, or a test's fault-injecting image);
     /// `req.target` must still name it (it is recorded for resuming).
-    pub fn start_to(&self, req: MirrorRequest, target: Arc<dyn Image>) -> Result<Arc<Job>, QmpError> {
+    pub fn start_to(
+        &self,
+        req: MirrorRequest,
+        target: Arc<dyn Image>,
+    ) -> Result<Arc<Job>, QmpError> {
         self.start_with(req, Some(target))
     }
 
-    fn start_with(&self, req: MirrorRequest, target: Option<Arc<dyn Image>>) -> Result<Arc<Job>, QmpError> {
+    fn start_with(
+        &self,
+        req: MirrorRequest,
+        target: Option<Arc<dyn Image>>,
+    ) -> Result<Arc<Job>, QmpError> {
         if req.device != self.node_name {
             return Err(generic(format!(
                 "Cannot find device='{0}' nor node-name='{0}'",
@@ -340,18 +365,24 @@ impl MirrorManager {
         }
         if let Some(r) = &req.replaces {
             if *r != self.node_name {
-                return Err(generic(format!("Cannot find device='{r}' nor node-name='{r}'")));
+                return Err(generic(format!(
+                    "Cannot find device='{r}' nor node-name='{r}'"
+                )));
             }
         }
         match req.format.as_deref() {
             None | Some("raw") => {}
             Some(f) if OTHER_FORMATS.contains(&f) => {
-                return Err(generic(format!("vubd mirrors to raw images only, not '{f}'")))
+                return Err(generic(format!(
+                    "vubd mirrors to raw images only, not '{f}'"
+                )))
             }
             Some(f) => return Err(generic(format!("Unknown file format '{f}'"))),
         }
         if req.resume && req.mode == TargetMode::Create {
-            return Err(generic("x-resume needs mode 'existing' (the target already holds the copy)"));
+            return Err(generic(
+                "x-resume needs mode 'existing' (the target already holds the copy)",
+            ));
         }
         if canonical(&req.target) == canonical(&self.image_path) {
             return Err(generic("Can't mirror node into itself"));
@@ -470,13 +501,24 @@ impl MirrorManager {
                 }
             }
         });
-        let hooks = self.pivot_hooks.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let hooks = self
+            .pivot_hooks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let on_pivot: PivotHook = Arc::new(move |old: &Path, new: &Path| {
             for h in &hooks {
                 h(old, new);
             }
         });
-        let driver = Arc::new(MirrorJob::new(state, hook.clone(), config, engine, on_end, on_pivot));
+        let driver = Arc::new(MirrorJob::new(
+            state,
+            hook.clone(),
+            config,
+            engine,
+            on_end,
+            on_pivot,
+        ));
         let job = match self.registry.create(
             JobOptions {
                 id: id.clone(),

@@ -224,17 +224,22 @@ impl StateFile {
             .truncate(true)
             .open(path)
             .map_err(io_err(path, "cannot create"))?;
-        file.set_len(len as u64).map_err(io_err(path, "cannot size"))?;
+        file.set_len(len as u64)
+            .map_err(io_err(path, "cannot size"))?;
         // SAFETY: fallocate on our fd; no memory involved.
         let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len as libc::off_t) };
         if rc != 0 {
             let e = io::Error::last_os_error();
-            if !matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS)) {
+            if !matches!(
+                e.raw_os_error(),
+                Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS)
+            ) {
                 let _ = std::fs::remove_file(path);
                 return Err(io_err(path, "cannot allocate")(e));
             }
         }
-        file.write_all_at(&encoded, 0).map_err(io_err(path, "cannot write"))?;
+        file.write_all_at(&encoded, 0)
+            .map_err(io_err(path, "cannot write"))?;
         file.sync_all().map_err(io_err(path, "cannot sync"))?;
         Self::map(file, path.to_path_buf(), header)
     }
@@ -247,7 +252,8 @@ impl StateFile {
             Err(e) => return Err(io_err(path, "cannot open")(e)),
         };
         let mut h = vec![0u8; HEADER];
-        file.read_exact_at(&mut h, 0).map_err(io_err(path, "cannot read"))?;
+        file.read_exact_at(&mut h, 0)
+            .map_err(io_err(path, "cannot read"))?;
         let header = StateHeader::decode(&h)
             .map_err(|e| MirrorError::State(format!("{}: {e}", path.display())))?;
         let (_, len) = Self::file_len(&header);
@@ -282,7 +288,11 @@ impl StateFile {
         // SAFETY: msync over our own mapping.
         let rc = unsafe { libc::msync(self.map.ptr.cast(), self.map.len, libc::MS_ASYNC) };
         if rc != 0 {
-            log::debug!("msync {}: {}", self.path.display(), io::Error::last_os_error());
+            log::debug!(
+                "msync {}: {}",
+                self.path.display(),
+                io::Error::last_os_error()
+            );
         }
         let _ = &self.file;
     }

@@ -1,0 +1,640 @@
+//! The live mirror against the real daemon: vubd with `--qmp`, a libblkio
+//! client writing random blocks with recorded patterns the whole time, a
+//! raw QMP client driving the job. After each run the target file must hold
+//! exactly what the client last wrote, block for block, and the client must
+//! have seen no error. qemu-storage-daemon is the reference for event
+//! sequences and error texts.
+//!
+//! Images live on /dev/shm; the target-error test mounts a small tmpfs
+//! (needs root, like CI).
+
+use anyhow::{bail, ensure, Context, Result};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+use tests::bench_mirror::{make_image, pattern, LoadConfig, LoadReport, MirrorDaemon, WriteLoad};
+use tests::daemon::{Daemon, ScratchDir};
+use tests::qmp_client::{QmpClient, QmpErrorReply};
+
+const MIB: u64 = 1 << 20;
+const T: Duration = Duration::from_secs(60);
+
+fn shm(tag: &str) -> Result<ScratchDir> {
+    ScratchDir::new_in("/dev/shm", tag)
+}
+
+fn load_cfg(span: u64) -> LoadConfig {
+    LoadConfig {
+        span,
+        queue_depth: 4,
+        pace: Some(Duration::from_micros(50)),
+        ..LoadConfig::default()
+    }
+}
+
+fn status_is(s: &'static str) -> impl Fn(&Value) -> bool {
+    move |d| d["status"] == s
+}
+
+fn block_job(q: &mut QmpClient) -> Result<Value> {
+    let v = q.ok("query-block-jobs", json!({}))?;
+    v.get(0).cloned().context("no block job")
+}
+
+fn image_file(q: &mut QmpClient) -> Result<PathBuf> {
+    let v = q.ok("query-block", json!({}))?;
+    Ok(PathBuf::from(
+        v[0]["inserted"]["file"].as_str().context("no file")?,
+    ))
+}
+
+/// Compares `path` with `expect` in 4 KiB blocks (every block is checked).
+fn compare(path: &Path, expect: &[u8]) -> Result<()> {
+    let got = std::fs::read(path).with_context(|| format!("read {}", path.display()))?;
+    ensure!(got.len() >= expect.len(), "{} is too short", path.display());
+    let bad: Vec<usize> = (0..expect.len() / 4096)
+        .filter(|&b| got[b * 4096..(b + 1) * 4096] != expect[b * 4096..(b + 1) * 4096])
+        .collect();
+    ensure!(
+        bad.is_empty(),
+        "{}: {} blocks differ from what the client wrote, first {:?}",
+        path.display(),
+        bad.len(),
+        &bad[..bad.len().min(8)]
+    );
+    Ok(())
+}
+
+/// Writes `data` into a file directly (behind the daemon's back).
+fn poke(path: &Path, off: u64, data: &[u8]) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(path)?;
+    f.write_all_at(data, off)?;
+    Ok(())
+}
+
+/// Proves the daemon reads from `active` and not from `other`: changes a
+/// block of `other` behind its back (the client must not see it), then a
+/// block of `active` (the client must see it).
+fn reads_come_from(report: &mut LoadReport, active: &Path, other: &Path) -> Result<()> {
+    let off = 12 * MIB;
+    let before = report.model[off as usize..off as usize + 4096].to_vec();
+    poke(other, off, &[0xee; 4096])?;
+    let got = report.client.read(off, 4096)?;
+    ensure!(
+        got == before,
+        "a change to {} showed through to the client",
+        other.display()
+    );
+    poke(active, off, &[0x77; 4096])?;
+    let got = report.client.read(off, 4096)?;
+    ensure!(
+        got == vec![0x77; 4096],
+        "the client does not read from {}",
+        active.display()
+    );
+    poke(active, off, &before)?;
+    Ok(())
+}
+
+#[test]
+fn complete_under_load_switches_the_guest_to_the_target() -> Result<()> {
+    let dir = shm("mirror-complete")?;
+    let (src, tgt) = (dir.join("src.img"), dir.join("tgt.img"));
+    let size = 64 * MIB;
+    let model = make_image(&src, size, 2)?;
+    let d = MirrorDaemon::start(dir.path(), &src, &[])?;
+    let mut q = d.qmp()?;
+    let load = WriteLoad::start(d.client()?, model, load_cfg(size))?;
+    std::thread::sleep(Duration::from_millis(200));
+    q.ok(
+        "drive-mirror",
+        json!({"device": "disk0", "target": tgt, "sync": "full", "format": "raw", "job-id": "m"}),
+    )?;
+    let ready = q.wait_event("BLOCK_JOB_READY", T, |_| true)?;
+    ensure!(
+        ready["data"]["len"] == ready["data"]["offset"],
+        "READY with work left: {ready}"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let info = block_job(&mut q)?;
+    ensure!(info["ready"] == true && info["status"] == "ready", "{info}");
+    let t0 = Instant::now();
+    q.ok("job-complete", json!({"id": "m"}))?;
+    q.wait_event("BLOCK_JOB_COMPLETED", T, |d| d.get("error").is_none())?;
+    let t1 = Instant::now();
+    q.wait_event("JOB_STATUS_CHANGE", T, status_is("null"))?;
+    ensure!(
+        image_file(&mut q)? == tgt.canonicalize()?,
+        "query-block still shows the source"
+    );
+    let src_at_pivot = std::fs::read(&src)?;
+    std::thread::sleep(Duration::from_millis(300));
+    let mut report = load.stop().context("the client saw an error")?;
+    ensure!(report.requests > 1000, "only {} requests", report.requests);
+    compare(&tgt, &report.model)?;
+    ensure!(
+        std::fs::read(&src)? == src_at_pivot,
+        "the source changed after the pivot"
+    );
+    reads_come_from(&mut report, &tgt, &src)?;
+    assert_eq!(
+        q.history_names(),
+        [
+            "created",
+            "running",
+            "ready",
+            "BLOCK_JOB_READY",
+            "waiting",
+            "pending",
+            "BLOCK_JOB_COMPLETED",
+            "concluded",
+            "null"
+        ]
+    );
+    eprintln!(
+        "{} requests; largest latency around complete {:?} (complete took {:?})",
+        report.requests,
+        report.max_latency_between(t0, t1),
+        t1 - t0
+    );
+    Ok(())
+}
+
+#[test]
+fn write_blocking_keeps_the_target_in_sync_under_load() -> Result<()> {
+    let dir = shm("mirror-wb")?;
+    let (src, tgt) = (dir.join("src.img"), dir.join("tgt.img"));
+    let size = 64 * MIB;
+    let model = make_image(&src, size, 1)?;
+    let d = MirrorDaemon::start(dir.path(), &src, &[])?;
+    let mut q = d.qmp()?;
+    let load = WriteLoad::start(d.client()?, model, load_cfg(size))?;
+    q.ok(
+        "blockdev-mirror",
+        json!({"device": "disk0", "target": tgt, "sync": "full", "mode": "absolute-paths", "job-id": "w", "copy-mode": "write-blocking"}),
+    )?;
+    q.wait_event("BLOCK_JOB_READY", T, |_| true)?;
+    let t0 = Instant::now();
+    loop {
+        let info = block_job(&mut q)?;
+        if info["actively-synced"] == true {
+            break;
+        }
+        ensure!(t0.elapsed() < T, "never actively synced: {info}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Actively synced: the guest's writes reach the target before they
+    // complete, so the work left stays at zero under the load.
+    let mut max_behind = 0;
+    for _ in 0..20 {
+        let info = block_job(&mut q)?;
+        let behind = info["len"].as_u64().unwrap_or(0) - info["offset"].as_u64().unwrap_or(0);
+        max_behind = max_behind.max(behind);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    ensure!(
+        max_behind <= 4 * MIB,
+        "write-blocking fell {max_behind} bytes behind"
+    );
+    q.ok("block-job-complete", json!({"device": "w"}))?;
+    q.wait_event("JOB_STATUS_CHANGE", T, status_is("null"))?;
+    let report = load.stop().context("the client saw an error")?;
+    compare(&tgt, &report.model)?;
+    Ok(())
+}
+
+#[test]
+fn speed_limit_pause_resume_and_cancel() -> Result<()> {
+    let dir = shm("mirror-speed")?;
+    let (src, tgt) = (dir.join("src.img"), dir.join("tgt.img"));
+    let size = 64 * MIB;
+    let model = make_image(&src, size, 1)?;
+    let d = MirrorDaemon::start(dir.path(), &src, &[])?;
+    let mut q = d.qmp()?;
+    let speed = 8 * MIB;
+    q.ok(
+        "drive-mirror",
+        json!({"device": "disk0", "target": tgt, "sync": "full", "job-id": "s", "speed": speed}),
+    )?;
+    std::thread::sleep(Duration::from_millis(400));
+    let (o1, t1) = (
+        block_job(&mut q)?["offset"].as_u64().unwrap_or(0),
+        Instant::now(),
+    );
+    std::thread::sleep(Duration::from_millis(2500));
+    let (o2, t2) = (
+        block_job(&mut q)?["offset"].as_u64().unwrap_or(0),
+        Instant::now(),
+    );
+    let rate = (o2 - o1) as f64 / (t2 - t1).as_secs_f64();
+    ensure!(
+        (rate - speed as f64).abs() <= 0.1 * speed as f64,
+        "observed {:.2} MiB/s with speed {} MiB/s",
+        rate / MIB as f64,
+        speed / MIB
+    );
+
+    q.ok("job-pause", json!({"id": "s"}))?;
+    q.wait_event("JOB_STATUS_CHANGE", T, status_is("paused"))?;
+    let a = block_job(&mut q)?;
+    ensure!(a["paused"] == true && a["busy"] == false, "{a}");
+    std::thread::sleep(Duration::from_millis(500));
+    ensure!(
+        block_job(&mut q)?["offset"] == a["offset"],
+        "copying went on while paused"
+    );
+    let e = q.err("block-job-cancel", json!({"device": "s"}))?;
+    assert_eq!(e.desc, "The block job for device 's' is currently paused");
+    q.ok("block-job-resume", json!({"device": "s"}))?;
+    q.wait_event("JOB_STATUS_CHANGE", T, status_is("running"))?;
+    std::thread::sleep(Duration::from_millis(300));
+    ensure!(
+        block_job(&mut q)?["offset"].as_u64() > a["offset"].as_u64(),
+        "no progress after resume"
+    );
+
+    // Cancel before READY: BLOCK_JOB_CANCELLED, the guest stays on the source.
+    q.ok("block-job-cancel", json!({"device": "s"}))?;
+    let c = q.wait_event("BLOCK_JOB_CANCELLED", T, |_| true)?;
+    ensure!(
+        c["data"]["offset"].as_u64() < Some(size),
+        "cancelled after copying all: {c}"
+    );
+    q.wait_event("JOB_STATUS_CHANGE", T, status_is("null"))?;
+    ensure!(image_file(&mut q)? == src.canonicalize()?);
+
+    // Cancel after READY (block-job-cancel, not forced): BLOCK_JOB_COMPLETED,
+    // no pivot, and the target is a copy of the disk at that moment.
+    let load = WriteLoad::start(d.client()?, model, load_cfg(size))?;
+    q.ok(
+        "drive-mirror",
+        json!({"device": "disk0", "target": tgt, "sync": "full", "job-id": "s2"}),
+    )?;
+    q.wait_event("BLOCK_JOB_READY", T, |_| true)?;
+    std::thread::sleep(Duration::from_millis(300));
+    let mut report = load.stop().context("the client saw an error")?;
+    q.ok("block-job-cancel", json!({"device": "s2"}))?;
+    q.wait_event("BLOCK_JOB_COMPLETED", T, |_| true)?;
+    q.wait_event("JOB_STATUS_CHANGE", T, status_is("null"))?;
+    ensure!(
+        image_file(&mut q)? == src.canonicalize()?,
+        "soft cancel switched images"
+    );
+    compare(&tgt, &report.model)?;
+    // Writes after the cancel stay on the source.
+    report.client.write(0, &pattern(0, 999, 4096))?;
+    let t = std::fs::read(&tgt)?;
+    ensure!(
+        t[..4096] == report.model[..4096],
+        "a write after the cancel reached the target"
+    );
+    reads_come_from(&mut report, &src, &tgt)?;
+    Ok(())
+}
+
+/// Mounts a tmpfs of `size` at `dir`; unmounted on drop.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Result<Tmpfs> {
+        std::fs::create_dir_all(dir)?;
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .context("cannot run mount")?;
+        ensure!(
+            st.success(),
+            "mount -t tmpfs failed ({st}): this test needs root"
+        );
+        Ok(Tmpfs(dir.to_path_buf()))
+    }
+
+    fn resize(&self, size: &str) -> Result<()> {
+        let st = Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0)
+            .status()?;
+        ensure!(st.success(), "remount failed: {st}");
+        Ok(())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn full_target_under_each_error_policy() -> Result<()> {
+    let dir = shm("mirror-enospc")?;
+    let src = dir.join("src.img");
+    let size = 32 * MIB;
+    let model = make_image(&src, size, 1)?;
+    let small = Tmpfs::mount(&dir.join("small"), "8M")?;
+    let tgt = small.0.join("tgt.img");
+    let d = MirrorDaemon::start(dir.path(), &src, &[])?;
+    let mut q = d.qmp()?;
+    let load = WriteLoad::start(d.client()?, model, load_cfg(size))?;
+
+    // report: the job ends with the error; the guest carries on.
+    q.ok("drive-mirror", json!({"device": "disk0", "target": tgt, "sync": "full", "job-id": "r", "on-target-error": "report", "auto-dismiss": false}))?;
+    q.wait_event("BLOCK_JOB_ERROR", T, |d| {
+        d["action"] == "report" && d["operation"] == "write"
+    })?;
+    let done = q.wait_event("BLOCK_JOB_COMPLETED", T, |_| true)?;
+    assert_eq!(done["data"]["error"], "No space left on device");
+    q.wait_event("JOB_STATUS_CHANGE", T, status_is("concluded"))?;
+    assert_eq!(block_job(&mut q)?["error"], "No space left on device");
+    q.ok("job-dismiss", json!({"id": "r"}))?;
+
+    // ignore: retried until there is room.
+    q.ok("drive-mirror", json!({"device": "disk0", "target": tgt, "sync": "full", "job-id": "i", "on-target-error": "ignore"}))?;
+    q.wait_event("BLOCK_JOB_ERROR", T, |d| d["action"] == "ignore")?;
+    q.wait_event("BLOCK_JOB_ERROR", T, |d| d["action"] == "ignore")?;
+    ensure!(block_job(&mut q)?["status"] == "running");
+    small.resize("64M")?;
+    q.wait_event("BLOCK_JOB_READY", T, |_| true)?;
+    q.ok("job-cancel", json!({"id": "i"}))?;
+    q.wait_event("JOB_STATUS_CHANGE", T, status_is("null"))?;
+
+    // stop: paused with io-status nospace; resume after making room.
+    std::fs::remove_file(&tgt)?;
+    small.resize("8M")?;
+    q.ok("drive-mirror", json!({"device": "disk0", "target": tgt, "sync": "full", "job-id": "st", "on-target-error": "stop"}))?;
+    q.wait_event("BLOCK_JOB_ERROR", T, |d| d["action"] == "stop")?;
+    q.wait_event("JOB_STATUS_CHANGE", T, status_is("paused"))?;
+    let info = block_job(&mut q)?;
+    ensure!(
+        info["io-status"] == "nospace" && info["paused"] == true,
+        "{info}"
+    );
+    small.resize("64M")?;
+    q.ok("job-resume", json!({"id": "st"}))?;
+    q.wait_event("BLOCK_JOB_READY", T, |_| true)?;
+    ensure!(block_job(&mut q)?["io-status"] == "ok");
+    q.ok("job-complete", json!({"id": "st"}))?;
+    q.wait_event("JOB_STATUS_CHANGE", T, status_is("null"))?;
+    std::thread::sleep(Duration::from_millis(200));
+    let report = load.stop().context("the client saw an error")?;
+    compare(&tgt, &report.model)?;
+    drop(d);
+    Ok(())
+}
+
+#[test]
+fn kill_and_resume_copies_only_the_dirty_part() -> Result<()> {
+    let dir = shm("mirror-resume")?;
+    let (src, tgt) = (dir.join("src.img"), dir.join("tgt.img"));
+    let size = 64 * MIB;
+    let span = 4 * MIB;
+    let speed = 8 * MIB;
+    let model = make_image(&src, size, 1)?;
+    let mut d = MirrorDaemon::start(dir.path(), &src, &[])?;
+    let mut q = d.qmp()?;
+    // The guest keeps rewriting the first 4 MiB while the mirror copies.
+    let load = WriteLoad::start(d.client()?, model, load_cfg(span))?;
+    q.ok(
+        "drive-mirror",
+        json!({"device": "disk0", "target": tgt, "sync": "full", "job-id": "k", "speed": speed}),
+    )?;
+    std::thread::sleep(Duration::from_millis(2500));
+    let mut report = load.stop().context("the client saw an error")?;
+    // A last burst of completed writes all over the disk, then kill -9.
+    let mut extra = 0;
+    for i in 0..32u64 {
+        let off = (i * 2 + 1) * MIB + 4096;
+        let data = pattern(off, 7777, 4096);
+        report.client.write(off, &data)?;
+        report.model[off as usize..off as usize + 4096].copy_from_slice(&data);
+        extra += 64 * 1024;
+    }
+    let copied = block_job(&mut q)?["offset"].as_u64().unwrap_or(0);
+    d.daemon.kill();
+    drop(q);
+    ensure!(
+        copied > 12 * MIB && copied < size - 12 * MIB,
+        "copied {copied} of {size} before the kill"
+    );
+    let mut model = report.model;
+    drop(report.client);
+
+    // Same arguments again. Writes before the resume command are tracked.
+    let d = MirrorDaemon::start(dir.path(), &src, &[])?;
+    let mut q = d.qmp()?;
+    let mut client = d.client()?;
+    for i in 0..16u64 {
+        let off = i * 3 * MIB + 8192;
+        let data = pattern(off, 8888, 4096);
+        client.write(off, &data)?;
+        model[off as usize..off as usize + 4096].copy_from_slice(&data);
+        extra += 64 * 1024;
+    }
+    q.ok(
+        "blockdev-mirror",
+        json!({"device": "disk0", "target": tgt, "sync": "full", "job-id": "k", "x-resume": true}),
+    )?;
+    let ready = q.wait_event("BLOCK_JOB_READY", T, |_| true)?;
+    let resumed = ready["data"]["len"].as_u64().unwrap_or(0);
+    // Not copied again: what was done before the last checkpoint (every
+    // 0.5 s, so up to speed/2 of progress is redone), minus the chunks the
+    // guest wrote since.
+    let bound = (size - copied) + span + extra + speed / 2 + 2 * MIB;
+    ensure!(
+        resumed <= bound && resumed < size - 8 * MIB,
+        "the resumed mirror copied {resumed} bytes; {copied} of {size} were done before the kill (bound {bound})"
+    );
+    let load = WriteLoad::start(client, model, load_cfg(size))?;
+    std::thread::sleep(Duration::from_millis(300));
+    q.ok("job-complete", json!({"id": "k"}))?;
+    q.wait_event("JOB_STATUS_CHANGE", T, status_is("null"))?;
+    let report = load.stop().context("the client saw an error")?;
+    compare(&tgt, &report.model)?;
+    eprintln!("copied {copied} before the kill; the resumed job copied {resumed}");
+    Ok(())
+}
+
+/// Runs the same scenarios against qemu-storage-daemon and vubd and
+/// compares the event sequences and error texts.
+#[test]
+fn events_and_errors_match_qemu_storage_daemon() -> Result<()> {
+    let dir = shm("mirror-qsd")?;
+    let src = dir.join("src.img");
+    let size = 32 * MIB;
+    make_image(&src, size, 1)?;
+    let (t1, t2) = (dir.join("t1.img"), dir.join("t2.img"));
+    for t in [&t1, &t2] {
+        std::fs::File::create(t)?.set_len(size)?;
+    }
+
+    // qemu-storage-daemon with the source and two target nodes.
+    let qsd_qmp = dir.join("qsd-qmp.sock");
+    let mut cmd = Command::new("qemu-storage-daemon");
+    cmd.arg("--blockdev")
+        .arg(format!(
+            "driver=file,node-name=disk0,filename={}",
+            src.display()
+        ))
+        .arg("--blockdev")
+        .arg(format!(
+            "driver=file,node-name=t1,filename={}",
+            t1.display()
+        ))
+        .arg("--blockdev")
+        .arg(format!(
+            "driver=file,node-name=t2,filename={}",
+            t2.display()
+        ))
+        .arg("--chardev")
+        .arg(format!(
+            "socket,id=m0,path={},server=on,wait=off",
+            qsd_qmp.display()
+        ))
+        .arg("--monitor")
+        .arg("chardev=m0");
+    let _qsd = Daemon::spawn(cmd, &qsd_qmp, "qemu-storage-daemon")?;
+    let mut qsd = QmpClient::connect(&qsd_qmp, T)?;
+
+    let vdir = dir.join("v");
+    std::fs::create_dir_all(&vdir)?;
+    let v = MirrorDaemon::start(&vdir, &src, &[])?;
+    let mut vubd = v.qmp()?;
+
+    type Scenario = fn(&mut QmpClient, &str, &str) -> Result<Vec<String>>;
+    fn events(q: &mut QmpClient) -> Vec<String> {
+        let names = q.history_names();
+        q.clear_history();
+        names
+    }
+    let complete: Scenario = |q, target, _| {
+        q.ok(
+            "blockdev-mirror",
+            json!({"device": "disk0", "target": target, "sync": "full", "job-id": "a"}),
+        )?;
+        q.wait_event("BLOCK_JOB_READY", T, |_| true)?;
+        q.ok("job-complete", json!({"id": "a"}))?;
+        q.wait_event("JOB_STATUS_CHANGE", T, status_is("null"))?;
+        Ok(events(q))
+    };
+    let soft_cancel: Scenario = |q, _, target| {
+        q.ok(
+            "blockdev-mirror",
+            json!({"device": "disk0", "target": target, "sync": "full", "job-id": "b"}),
+        )?;
+        q.wait_event("BLOCK_JOB_READY", T, |_| true)?;
+        q.ok("block-job-cancel", json!({"device": "b"}))?;
+        q.wait_event("JOB_STATUS_CHANGE", T, status_is("null"))?;
+        Ok(events(q))
+    };
+    let manual: Scenario = |q, _, target| {
+        q.ok("blockdev-mirror", json!({"device": "disk0", "target": target, "sync": "full", "job-id": "c", "auto-finalize": false, "auto-dismiss": false}))?;
+        q.wait_event("BLOCK_JOB_READY", T, |_| true)?;
+        let mut errs = Vec::new();
+        for (cmd, args) in [
+            ("job-finalize", json!({"id": "c"})),
+            ("job-dismiss", json!({"id": "c"})),
+            ("job-resume", json!({"id": "c"})),
+            ("job-pause", json!({"id": "nope"})),
+            ("block-job-pause", json!({"device": "nope"})),
+        ] {
+            let e: QmpErrorReply = q.err(cmd, args)?;
+            errs.push(format!("{cmd}: {}", e));
+        }
+        q.ok("job-complete", json!({"id": "c"}))?;
+        q.wait_event("BLOCK_JOB_PENDING", T, |_| true)?;
+        let info = q.ok("query-jobs", json!({}))?;
+        errs.push(format!("query-jobs status {}", info[0]["status"]));
+        q.ok("job-finalize", json!({"id": "c"}))?;
+        q.wait_event("JOB_STATUS_CHANGE", T, status_is("concluded"))?;
+        q.ok("job-dismiss", json!({"id": "c"}))?;
+        q.wait_event("JOB_STATUS_CHANGE", T, status_is("null"))?;
+        let mut out = events(q);
+        out.extend(errs);
+        Ok(out)
+    };
+    let cancel_running: Scenario = |q, _, target| {
+        q.ok("blockdev-mirror", json!({"device": "disk0", "target": target, "sync": "full", "job-id": "d", "speed": 1 << 20, "auto-dismiss": false}))?;
+        q.wait_event("JOB_STATUS_CHANGE", T, status_is("running"))?;
+        let e = q.err("job-complete", json!({"id": "d"}))?;
+        let mut out = vec![e.desc];
+        q.ok("job-pause", json!({"id": "d"}))?;
+        out.push(q.err("job-pause", json!({"id": "d"}))?.desc);
+        q.ok("job-resume", json!({"id": "d"}))?;
+        q.ok("job-cancel", json!({"id": "d"}))?;
+        q.wait_event("JOB_STATUS_CHANGE", T, status_is("concluded"))?;
+        out.push(format!(
+            "error: {}",
+            q.ok("query-jobs", json!({}))?[0]["error"]
+        ));
+        q.ok("job-dismiss", json!({"id": "d"}))?;
+        q.wait_event("JOB_STATUS_CHANGE", T, status_is("null"))?;
+        let mut ev = events(q);
+        // A pause may be requested and lifted before the job reaches a
+        // pause point: only compare the rest.
+        ev.retain(|e| e != "paused" && e != "running");
+        ev.extend(out);
+        Ok(ev)
+    };
+    let bad_args: Scenario = |q, target, _| {
+        let mut out = Vec::new();
+        for extra in [
+            json!({"granularity": 1000}),
+            json!({"granularity": 256}),
+            json!({"buf-size": -1}),
+            json!({"speed": -1}),
+            json!({"sync": "incremental"}),
+            json!({"job-id": "a b"}),
+            json!({"device": "nope"}),
+        ] {
+            let mut args =
+                json!({"device": "disk0", "target": target, "sync": "full", "job-id": "x"});
+            for (k, val) in extra.as_object().into_iter().flatten() {
+                args[k] = val.clone();
+            }
+            out.push(q.err("blockdev-mirror", args)?.desc);
+        }
+        out.extend(events(q));
+        Ok(out)
+    };
+    // `complete` last: on qemu-storage-daemon the pivot replaces node disk0.
+    for (name, scenario) in [
+        ("soft cancel", soft_cancel),
+        ("manual finalize", manual),
+        ("cancel while running", cancel_running),
+        ("bad arguments", bad_args),
+        ("complete", complete),
+    ] {
+        let want = scenario(&mut qsd, "t1", "t2")
+            .with_context(|| format!("{name} on qemu-storage-daemon"))?;
+        let t1s = t1.to_string_lossy().into_owned();
+        let t2s = t2.to_string_lossy().into_owned();
+        let got = scenario(&mut vubd, &t1s, &t2s).with_context(|| format!("{name} on vubd"))?;
+        if got != want {
+            bail!(
+                "{name}: vubd differs from qemu-storage-daemon\n  qsd:  {want:?}\n  vubd: {got:?}"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The benchmark figures (tests::bench_mirror), on demand:
+/// `cargo test --release -p tests --test mirror -- --ignored --nocapture mirror_benchmark`
+/// (`VUBD_BENCH_MIB` sets the bulk image size, default 1024; `VUBD_BENCH_RUNS`
+/// the repetitions, default 3).
+#[test]
+#[ignore]
+fn mirror_benchmark() -> Result<()> {
+    let env = |k: &str, d: u64| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
+    let cfg = tests::bench_mirror::BenchConfig {
+        size: env("VUBD_BENCH_MIB", 1024) * MIB,
+        runs: env("VUBD_BENCH_RUNS", 3) as usize,
+        ..Default::default()
+    };
+    let rows = tests::bench_mirror::run(&cfg)?;
+    println!("{}", tests::bench_mirror::markdown(&rows));
+    Ok(())
+}
