@@ -231,3 +231,42 @@ fn without_the_after_write_mark_racing_writes_are_lost() -> Result<()> {
     }
     anyhow::bail!("no write was lost in 6 rounds without the after-write mark: the stress test does not exercise the race")
 }
+
+/// `complete` under writes the background copier cannot outrun (several
+/// unpaced writers, 4 KiB writes into 64 KiB chunks): after a second
+/// without converging the job finishes in write-blocking mode, so the
+/// pivot comes quickly and with little to copy while the guest is paused.
+#[test]
+fn complete_converges_under_a_write_load_the_copier_cannot_outrun() -> Result<()> {
+    let dir = Scratch::new("outrun");
+    let (src, tgt) = (dir.join("src.img"), dir.join("tgt.img"));
+    let size = 64 * MIB;
+    let model = make_image(&src, size, 1)?;
+    let rig = Rig::new(&src)?;
+    rig.qmp(
+        "drive-mirror",
+        json!({"device": "disk0", "target": tgt.to_str(), "sync": "full", "job-id": "o"}),
+    )
+    .map_err(anyhow::Error::msg)?;
+    let job = rig.job("o")?;
+    wait_status(&job, JobStatus::Ready, T)?;
+    let load = Writers::start(&rig.disk, model, 4, 4096, size, false, None);
+    std::thread::sleep(Duration::from_millis(300));
+    let t0 = Instant::now();
+    rig.qmp("job-complete", json!({"id": "o"}))
+        .map_err(anyhow::Error::msg)?;
+    wait_status(&job, JobStatus::Null, T)?;
+    let took = t0.elapsed();
+    let (writes, model) = load.stop()?;
+    compare_file(&tgt, &model)?;
+    let stats = MirrorManager::mirror_driver(&job)
+        .ok_or_else(|| anyhow::anyhow!("not a mirror"))?
+        .stats();
+    let pause = stats.pivot_pause.unwrap_or_default();
+    ensure!(took < Duration::from_secs(8), "complete took {took:?}");
+    eprintln!(
+        "{writes} writes; complete took {took:?}, guest paused {pause:?} for {} bytes",
+        stats.pivot_bytes
+    );
+    Ok(())
+}

@@ -312,13 +312,25 @@ impl Tmpfs {
         Ok(Tmpfs(dir.to_path_buf()))
     }
 
+    /// Resizes the mount; shrinking waits (up to 10 s) for the daemon to
+    /// close a removed file, whose space is only freed then.
     fn resize(&self, size: &str) -> Result<()> {
-        let st = Command::new("mount")
-            .args(["-o", &format!("remount,size={size}")])
-            .arg(&self.0)
-            .status()?;
-        ensure!(st.success(), "remount failed: {st}");
-        Ok(())
+        let t0 = Instant::now();
+        loop {
+            let st = Command::new("mount")
+                .args(["-o", &format!("remount,size={size}")])
+                .arg(&self.0)
+                .stderr(std::process::Stdio::null())
+                .status()?;
+            if st.success() {
+                return Ok(());
+            }
+            ensure!(
+                t0.elapsed() < Duration::from_secs(10),
+                "remount to {size} failed: {st}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 }
 
@@ -628,7 +640,12 @@ fn events_and_errors_match_qemu_storage_daemon() -> Result<()> {
 #[test]
 #[ignore]
 fn mirror_benchmark() -> Result<()> {
-    let env = |k: &str, d: u64| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
+    let env = |k: &str, d: u64| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
     let cfg = tests::bench_mirror::BenchConfig {
         size: env("VUBD_BENCH_MIB", 1024) * MIB,
         runs: env("VUBD_BENCH_RUNS", 3) as usize,

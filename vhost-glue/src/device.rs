@@ -49,9 +49,9 @@ pub type Vring = VringMutex<GuestMemory>;
 /// The locked state of a vring.
 type VringState<'a> = <Vring as VringStateMutGuard<'a, GuestMemory>>::G;
 
-/// With the sync engine, signal the guest at least this often during a
-/// long drain (each request blocks; completions must not pile up unseen).
-const SYNC_SIGNAL_INTERVAL: Duration = Duration::from_micros(50);
+/// With a kick we may not drain pending (see `serve_uring`), how often a
+/// worker waiting for completions looks at the avail ring anyway.
+const KICK_PENDING_RECHECK: Duration = Duration::from_micros(200);
 
 /// A request submitted to the io_uring engine, until it completes.
 struct Pending {
@@ -211,13 +211,19 @@ impl BlockDevice {
                     debug!("queue {index}: cannot disable notifications: {e}");
                 }
             }
-            {
+            let usable = {
                 // A block job may pause guest I/O (mirror pivot): wait here,
                 // between batches, never in the middle of a request.
                 let _batch = self.disk.gate().enter();
-                self.drain_sync(index, &mut state, &mem, &mut worker.parser);
-            }
+                self.drain_sync(index, &mut state, &mem, &mut worker.parser)
+            };
             if self.stopping.load(Ordering::Acquire) {
+                return;
+            }
+            if !usable {
+                // Looking again would spin on the same error; the next kick
+                // (the driver fixed or reset the ring) brings us back.
+                let _ = state.enable_notification();
                 return;
             }
             if !poll.is_zero() && wait_for_work(&state, &mem, poll, &self.stopping) {
@@ -238,32 +244,35 @@ impl BlockDevice {
         }
     }
 
-    /// Runs every request currently available on the ring. The guest is
-    /// signalled once at the end, or along the way when requests are slow.
+    /// Runs every request currently available on the ring, asking after
+    /// each one whether the driver wants to be told (EVENT_IDX): the driver
+    /// asks once per wake-up, so this signals early in a batch and lets it
+    /// refill the ring while the rest runs (measured: batching the signal to
+    /// the end of the drain cost 8-10% IOPS at QD32).
+    /// Returns false if the ring is unusable (not ready, or a corrupted
+    /// avail index).
     fn drain_sync(
         &self,
         index: usize,
         state: &mut VringState<'_>,
         mem: &GuestMemoryMmap,
         parser: &mut RequestParser,
-    ) {
-        let mut unsignalled = false;
-        let mut last_signal = Instant::now();
+    ) -> bool {
         loop {
             if self.stopping.load(Ordering::Acquire) {
-                break;
+                return true;
             }
             let chain = match state.get_queue_mut().iter(mem) {
                 Ok(mut avail) => avail.next(),
                 Err(e) => {
-                    // Not ready, or a corrupted avail index: nothing we can
-                    // take from this ring until the driver resets it.
+                    // Nothing we can take from this ring until the driver
+                    // fixes or resets it.
                     debug!("queue {index}: {e}");
-                    None
+                    return false;
                 }
             };
             let Some(chain) = chain else {
-                break;
+                return true;
             };
             let head = chain.head_index();
             let done = parser.process(chain, mem, &self.disk, &self.cfg);
@@ -271,14 +280,6 @@ impl BlockDevice {
                 warn!("queue {index}: cannot complete request {head}: {e}");
                 continue;
             }
-            unsignalled = true;
-            if last_signal.elapsed() >= SYNC_SIGNAL_INTERVAL {
-                signal_if_needed(index, state, mem);
-                unsignalled = false;
-                last_signal = Instant::now();
-            }
-        }
-        if unsignalled {
             signal_if_needed(index, state, mem);
         }
     }
@@ -300,6 +301,16 @@ impl BlockDevice {
         let poll = Duration::from_micros(self.cfg.poll_us);
         let mut state = vring.get_mut();
         let kick: Option<RawFd> = state.get_kick().as_ref().map(|k| k.as_raw_fd());
+        // The kick poll in the ring does not consume the eventfd; after it
+        // fires we must drain the eventfd ourselves. That is only safe if
+        // the epoll batch that called us holds no event for it: the epoll
+        // loop would then read a drained blocking eventfd and hang. An
+        // eventfd that is not readable now has no such event pending (the
+        // loop's own read_kick emptied it, or it was not readable when the
+        // batch was collected). Otherwise we leave it to the epoll loop and
+        // look at the ring on completions and on a short timer instead.
+        let may_drain = kick.is_some_and(|fd| !fd_readable(fd));
+        let mut kick_pending = false;
         // Held while requests are in flight: a pause waits for them.
         let mut batch: Option<BatchGuard<'_>> = None;
         let mut last_work = Instant::now();
@@ -323,13 +334,14 @@ impl BlockDevice {
             let stopping = self.stopping.load(Ordering::Acquire);
             let mut finished = 0;
             let mut taken = 0;
+            let mut usable = true;
             if !stopping {
                 if batch.is_none() {
                     // Nothing in flight: waits here while I/O is paused.
                     batch = Some(gate.enter());
                 }
                 if !gate.is_paused() {
-                    (taken, finished) = self.take_requests(
+                    (taken, finished, usable) = self.take_requests(
                         index,
                         state.get_queue_mut(),
                         &mem,
@@ -343,7 +355,11 @@ impl BlockDevice {
             engine.submit();
             finished += self.reap(index, state.get_queue_mut(), &mem, engine, pending, snapshots);
             if engine.take_kick() {
-                drain_eventfd(kick);
+                if may_drain {
+                    drain_eventfd(kick);
+                } else {
+                    kick_pending = true;
+                }
             }
             if finished > 0 {
                 signal_if_needed(index, &mut state, &mem);
@@ -375,12 +391,21 @@ impl BlockDevice {
                 debug!("queue {index}: cannot enable notifications: {e}");
                 false
             });
+            // An unusable ring (corrupted avail index) would look busy
+            // forever: wait for a kick instead of spinning on it.
+            let more = more && usable;
             if more && !paused {
                 continue;
             }
             if in_flight {
                 // Sleep until a request completes or the driver kicks.
-                engine.wait(if paused || stopping { None } else { kick });
+                if paused || stopping {
+                    engine.wait(None, None);
+                } else if kick_pending {
+                    engine.wait(None, Some(KICK_PENDING_RECHECK));
+                } else {
+                    engine.wait(kick, None);
+                }
                 continue;
             }
             if paused && more {
@@ -392,7 +417,8 @@ impl BlockDevice {
     }
 
     /// Pops and starts every available request the engine has room for.
-    /// Returns (requests taken, requests finished on the spot).
+    /// Returns (requests taken, requests finished on the spot, false if the
+    /// ring is unusable: not ready, or a corrupted avail index).
     #[allow(clippy::too_many_arguments)]
     fn take_requests(
         &self,
@@ -403,7 +429,7 @@ impl BlockDevice {
         engine: &mut UringEngine,
         pending: &mut Slab,
         snapshots: &mut Pins<Arc<GuestMemoryMmap>>,
-    ) -> (usize, usize) {
+    ) -> (usize, usize, bool) {
         let mem: &GuestMemoryMmap = mem;
         let disk = &*self.disk;
         let (mut taken, mut finished) = (0, 0);
@@ -412,7 +438,7 @@ impl BlockDevice {
                 Ok(mut avail) => avail.next(),
                 Err(e) => {
                     debug!("queue {index}: {e}");
-                    None
+                    return (taken, finished, false);
                 }
             };
             let Some(chain) = chain else {
@@ -454,7 +480,7 @@ impl BlockDevice {
                 Prepared::Flush { .. } | Prepared::Done(_) => engine.flush(disk, token),
             }
         }
-        (taken, finished)
+        (taken, finished, true)
     }
 
     /// Completes every request the engine has finished. Returns how many.
@@ -502,6 +528,17 @@ fn signal_if_needed(index: usize, state: &mut VringState<'_>, mem: &GuestMemoryM
 /// True if the driver has made requests available that we have not taken.
 fn avail_nonempty(queue: &Queue, mem: &GuestMemoryMmap) -> bool {
     matches!(queue.avail_idx(mem, Ordering::Acquire), Ok(idx) if idx.0 != queue.next_avail())
+}
+
+/// True if `fd` is readable now.
+fn fd_readable(fd: RawFd) -> bool {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, zero timeout.
+    unsafe { libc::poll(&mut pfd, 1, 0) == 1 && pfd.revents & libc::POLLIN != 0 }
 }
 
 /// Empties a kick eventfd without ever blocking (it may be a blocking fd

@@ -179,6 +179,17 @@ fn run(mut opts: Options) -> Result<()> {
         .context("cannot start the signal thread")?;
 
     let events = EventBus::new();
+    // Block jobs: an interrupted mirror's state beside the image starts
+    // tracking guest writes before the first request is served.
+    let jobs = vubd_backend::jobs::JobRegistry::new(events.clone());
+    let mirrors = vubd_backend::mirror::MirrorManager::new(
+        disk.clone(),
+        &opts.node_name,
+        &opts.image,
+        opts.direct,
+        jobs,
+    )
+    .context("cannot load the state of an interrupted mirror")?;
     let qmp = match &opts.qmp {
         Some(path) => {
             let ctx = Arc::new(DaemonContext {
@@ -189,6 +200,7 @@ fn run(mut opts: Options) -> Result<()> {
                 shutdown: Mutex::new(shutdown_tx.clone()),
             });
             let dispatcher = standard_dispatcher(ctx, events.clone());
+            vubd_backend::mirror::qmp::register_block_job_commands(&dispatcher, mirrors.clone());
             let server = QmpServer::start(path, dispatcher, ServerConfig::default())
                 .with_context(|| format!("cannot start the QMP monitor on {}", path.display()))?;
             Some(server)

@@ -30,6 +30,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::os::fd::RawFd;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Largest number of iovecs one READV/WRITEV takes (UIO_MAXIOV).
 const IOV_MAX: usize = 1024;
@@ -128,7 +129,7 @@ pub struct EngineStats {
 fn transient(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
-        Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::EBUSY)
+        Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::EBUSY) | Some(libc::ETIME)
     )
 }
 
@@ -393,10 +394,10 @@ impl UringEngine {
     }
 
     /// Submits what is queued and sleeps until at least one request
-    /// completes or, with `kick`, that fd becomes readable (a virtqueue's
-    /// kick eventfd: new requests while others are in flight). Returns at
-    /// once if something is already there to reap.
-    pub fn wait(&mut self, kick: Option<RawFd>) {
+    /// completes, or, with `kick`, that fd becomes readable (a virtqueue's
+    /// kick eventfd: new requests while others are in flight), or `timeout`
+    /// passes. Returns at once if something is already there to reap.
+    pub fn wait(&mut self, kick: Option<RawFd>, timeout: Option<Duration>) {
         if !self.ready.is_empty() || !self.ring.completion().is_empty() {
             self.submit();
             return;
@@ -404,7 +405,15 @@ impl UringEngine {
         if let Some(fd) = kick {
             self.arm_kick(fd);
         }
-        if let Err(e) = self.ring.submit_and_wait(1) {
+        let result = match timeout {
+            None => self.ring.submit_and_wait(1),
+            Some(t) => {
+                let ts = types::Timespec::from(t);
+                let args = types::SubmitArgs::new().timespec(&ts);
+                self.ring.submitter().submit_with_args(1, &args)
+            }
+        };
+        if let Err(e) = result {
             if !transient(&e) {
                 error!("io_uring wait failed: {e}");
             }
@@ -435,8 +444,8 @@ impl UringEngine {
     }
 
     /// True (once) if the kick fd became readable since the last call. The
-    /// caller must then drain the eventfd before the next `wait`, or the
-    /// poll fires again at once.
+    /// poll is one-shot and does not consume the eventfd: the caller drains
+    /// it before passing it to `wait` again, or the poll fires at once.
     pub fn take_kick(&mut self) -> bool {
         std::mem::take(&mut self.kicked)
     }

@@ -56,7 +56,7 @@ fn reap_n(e: &mut UringEngine, disk: &Disk, n: usize) -> Vec<Reaped> {
         e.submit();
         e.reap(disk, |t, r| out.push((t, r)));
         if out.len() < n {
-            e.wait(None);
+            e.wait(None, None);
         }
     }
     out
@@ -432,11 +432,17 @@ fn a_kick_wakes_the_waiter() {
         unsafe { libc::write(raw, one.as_ptr().cast(), 8) };
     });
     let t0 = Instant::now();
-    e.wait(Some(raw));
+    e.wait(Some(raw), None);
     e.reap(&disk, |_, _| panic!("nothing was submitted"));
     kicker.join().unwrap();
     assert!(t0.elapsed() >= Duration::from_millis(40), "woke before the kick");
     assert!(e.take_kick(), "the kick was not reported");
     assert!(!e.take_kick(), "reported twice");
     drop(efd);
+    // Nothing to wait for: the timeout ends the wait.
+    let t0 = Instant::now();
+    e.wait(None, Some(Duration::from_millis(30)));
+    let waited = t0.elapsed();
+    assert!(waited >= Duration::from_millis(25), "returned after {waited:?}");
+    assert!(waited < Duration::from_secs(5), "timeout ignored: {waited:?}");
 }

@@ -112,7 +112,7 @@ impl DataRun {
         let fresh = self
             .at
             .is_some_and(|t| t.elapsed() < Duration::from_secs(1));
-        (fresh && self.start <= pos && pos < self.end).then_some(self.end - pos)
+        (fresh && self.start <= pos && pos < self.end).then(|| self.end - pos)
     }
 }
 
@@ -213,7 +213,20 @@ fn worker(
         let Ok(task) = task else {
             return;
         };
-        let result = copy_extent(&s, &buf, task.first, task.last, unmap, &mut known);
+        // A panic in a copy must not leave the dispatcher waiting for ever:
+        // it becomes an I/O error of that extent (which stays dirty).
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            copy_extent(&s, &buf, task.first, task.last, unmap, &mut known)
+        }))
+        .unwrap_or_else(|_| {
+            s.inflight.clear(task.first, task.last);
+            known = DataRun::default();
+            Err(CopyError {
+                op: IoOperation::Read,
+                errno: libc::EIO,
+                message: "internal error in the mirror copier".into(),
+            })
+        });
         if done
             .send(Done {
                 first: task.first,

@@ -225,7 +225,6 @@ impl MirrorState {
     fn mark(&self, first: u64, last: u64) {
         self.inflight.clear(first, last);
         self.dirty.set(first, last);
-        self.wake_copier();
     }
 
     /// Wakes an idle copier (cheap unless it is actually waiting).
@@ -341,6 +340,8 @@ impl WriteHook for MirrorHook {
             s.mark(first, last);
         }
         s.stripes.leave(first, last);
+        // Only now (the data has landed) is a copy of these chunks useful.
+        s.wake_copier();
         Ok(())
     }
 }

@@ -29,12 +29,15 @@ use std::time::{Duration, Instant};
 
 /// `complete` pauses the guest for the last copy once what is dirty can be
 /// copied in about this long (at the copy throughput measured so far).
-pub const PIVOT_PAUSE_BUDGET: Duration = Duration::from_millis(5);
+pub const PIVOT_PAUSE_BUDGET: Duration = Duration::from_millis(1);
 /// ... but never waits for less dirty data than this.
-pub const PIVOT_DIRTY_MIN: u64 = 1 << 20;
+pub const PIVOT_DIRTY_MIN: u64 = 256 << 10;
 /// How long `complete` tries to get there while the guest keeps writing,
 /// before it pauses the guest anyway.
 pub const CONVERGE_TIMEOUT: Duration = Duration::from_secs(5);
+/// After this long without converging, a background mirror that is
+/// completing switches to write-blocking (see `run_loop`).
+pub const SWITCH_TO_ACTIVE_AFTER: Duration = Duration::from_secs(1);
 
 /// Dirty bytes small enough to copy with guest I/O paused.
 fn pivot_dirty_target(engine: &Engine) -> u64 {
@@ -235,13 +238,21 @@ impl MirrorJob {
             let ready = self.ready.load(Ordering::SeqCst);
             if ready && (ctx.should_complete() || ctx.cancel_requested()) {
                 let since = *converge_since.get_or_insert_with(Instant::now);
-                log::debug!(
-                    "mirror '{}': converging: {} bytes dirty, target {}, {:?} in",
-                    ctx.id(),
-                    s.dirty_bytes(),
-                    pivot_dirty_target(engine),
-                    since.elapsed()
-                );
+                if since.elapsed() >= SWITCH_TO_ACTIVE_AFTER
+                    && s.copy_mode() == CopyMode::Background
+                {
+                    // The guest dirties chunks as fast as they are copied:
+                    // let its writes reach the target directly from now on,
+                    // so what is dirty can only shrink, and the pause at the
+                    // pivot stays short.
+                    log::info!(
+                        "mirror '{}': {} bytes still dirty after {:?} under guest writes; finishing in write-blocking mode",
+                        ctx.id(),
+                        s.dirty_bytes(),
+                        since.elapsed()
+                    );
+                    s.set_write_blocking();
+                }
                 if s.dirty_bytes() <= pivot_dirty_target(engine)
                     || since.elapsed() >= CONVERGE_TIMEOUT
                 {
@@ -309,7 +320,8 @@ impl MirrorJob {
     fn converge(&self, engine: &mut Engine) -> Result<(), String> {
         let s = &*self.state;
         let t0 = Instant::now();
-        while s.dirty_bytes() > pivot_dirty_target(engine) && t0.elapsed() < Duration::from_secs(1) {
+        while s.dirty_bytes() > pivot_dirty_target(engine) && t0.elapsed() < Duration::from_secs(1)
+        {
             engine.dispatch(0);
             if engine.idle() {
                 s.wait_for_work(Duration::from_millis(1));

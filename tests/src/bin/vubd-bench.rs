@@ -8,19 +8,23 @@
 //! median of the paired vubd/qsd ratios: the ratio is the figure, not the
 //! absolute numbers.
 //!
+//! `--workloads bitmaps` runs the changed-block-tracking section instead
+//! (tests::bench::bitmaps): vubd alone, with and without dirty bitmaps, on
+//! a /dev/shm image and an O_DIRECT image, plus the over-marking after
+//! kill -9. Standard workloads and the bitmap parts can be mixed in one
+//! `--workloads` list.
+//!
 //! Run: `cargo run --release -p tests --bin vubd-bench -- [options]`.
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use serde_json::json;
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
-use tests::bench::{self, median, Measurement, Window, Workload};
+use tests::bench::{self, bitmaps, median, Measurement, Window, Workload};
 use tests::daemon::{vubd_binary, workspace_root, Daemon, ScratchDir};
 
 /// Benchmark vubd against qemu-storage-daemon with the same libblkio client.
@@ -37,7 +41,9 @@ struct Args {
     #[arg(long, default_value_t = 3)]
     reps: usize,
     /// Workloads to run (comma separated): randread-4k-qd1, randread-4k-qd32,
-    /// randwrite-4k-qd32, seqwrite-64k-qd8. Default: all.
+    /// randwrite-4k-qd32, seqwrite-64k-qd8 (vubd vs qsd); bitmaps (the dirty
+    /// bitmap section: bitmap-iops, bitmap-flush and bitmap-overmark, also
+    /// selectable one by one). Default: the four vubd-vs-qsd workloads.
     #[arg(long, value_delimiter = ',')]
     workloads: Vec<String>,
     /// Queue counts to run each workload with (comma separated).
@@ -67,6 +73,31 @@ struct Args {
     /// Per-request time-out in seconds (a daemon that hangs fails the run).
     #[arg(long, default_value_t = 10.0)]
     timeout: f64,
+    /// Bitmap section (`--workloads bitmaps`): storages to run on: shm (an
+    /// image in /dev/shm) and direct (an O_DIRECT image in --direct-dir).
+    #[arg(long, value_delimiter = ',', default_value = "shm,direct")]
+    bitmap_storage: Vec<String>,
+    /// Bitmap section: directory of the O_DIRECT image (a real disk).
+    #[arg(long, default_value = "/var/tmp")]
+    direct_dir: PathBuf,
+    /// Bitmap section: vubd --bitmap-flush-interval (default: vubd's).
+    #[arg(long)]
+    bitmap_flush_interval: Option<f64>,
+    /// Bitmap section: queue depth of the writer beside the flushing queue.
+    #[arg(long, default_value_t = 16)]
+    flush_writer_qd: usize,
+    /// Bitmap section: kill -9 trials per load shape (uniform, hot region).
+    #[arg(long, default_value_t = 5)]
+    overmark_trials: usize,
+    /// Bitmap section: earliest kill, seconds after the first completed write.
+    #[arg(long, default_value_t = 0.2)]
+    overmark_min_secs: f64,
+    /// Bitmap section: latest kill, seconds after the first completed write.
+    #[arg(long, default_value_t = 6.0)]
+    overmark_max_secs: f64,
+    /// Bitmap section: seed of the kill -9 trials.
+    #[arg(long, default_value_t = 0x0b17_3a95)]
+    seed: u64,
 }
 
 /// Set by SIGINT/SIGTERM: stop the load, kill the daemons, report.
@@ -110,17 +141,6 @@ struct Env {
     qsd_aio: String,
 }
 
-/// Makes the child die with us, even if we are killed with SIGKILL.
-fn die_with_parent(cmd: &mut Command) {
-    // SAFETY: prctl is async-signal-safe; no memory is touched.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        });
-    }
-}
-
 fn start_daemon(env: &Env, kind: &Kind, queues: usize) -> Result<Daemon> {
     let (mut cmd, name) = match kind {
         Kind::Vubd | Kind::VubdPoll(_) => {
@@ -155,7 +175,7 @@ fn start_daemon(env: &Env, kind: &Kind, queues: usize) -> Result<Daemon> {
         }
     };
     cmd.env_remove("RUST_LOG");
-    die_with_parent(&mut cmd);
+    bench::die_with_parent(&mut cmd);
     Daemon::spawn(cmd, &env.socket, name).with_context(|| format!("start {}", kind.label()))
 }
 
@@ -190,29 +210,6 @@ fn parse_size(s: &str) -> Result<u64> {
     };
     let n: u64 = num.parse().with_context(|| format!("bad size {s:?}"))?;
     n.checked_mul(mult).context("size overflows")
-}
-
-/// Writes pseudo-random data over the whole image so that reads hit real,
-/// allocated data on both daemons.
-fn fill_image(path: &Path, size: u64) -> Result<()> {
-    let chunk = 4 << 20;
-    let mut buf = vec![0u8; chunk];
-    bench::fill_random(&mut buf, 0xf111);
-    let mut f =
-        std::fs::File::create(path).with_context(|| format!("create {}", path.display()))?;
-    let mut off = 0u64;
-    while off < size {
-        if STOP.load(Ordering::Relaxed) {
-            bail!("interrupted");
-        }
-        let n = chunk.min((size - off) as usize);
-        // Stamp the chunk index so no two chunks are identical.
-        buf[..8].copy_from_slice(&off.to_le_bytes());
-        f.write_all(&buf[..n])?;
-        off += n as u64;
-    }
-    f.sync_all()?;
-    Ok(())
 }
 
 fn resolve_vubd(arg: &Option<PathBuf>) -> Result<PathBuf> {
@@ -262,19 +259,28 @@ fn run() -> Result<bool> {
         bail!("--queues takes positive numbers");
     }
     let all = bench::standard_workloads();
+    // Names of the bitmap section select it; the rest are standard workloads.
+    let mut sections = bitmaps::Sections::default();
+    let standard_names: Vec<&String> = args
+        .workloads
+        .iter()
+        .filter(|name| !sections.select(name))
+        .collect();
     let workloads: Vec<Workload> = if args.workloads.is_empty() {
         all.clone()
     } else {
-        args.workloads
+        standard_names
             .iter()
             .map(|name| {
                 all.iter()
                     .find(|w| {
-                        w.name == name || w.name.replace("-4k", "").replace("-64k", "") == *name
+                        w.name == name.as_str()
+                            || w.name.replace("-4k", "").replace("-64k", "") == **name
                     })
                     .cloned()
                     .with_context(|| {
-                        let names: Vec<_> = all.iter().map(|w| w.name).collect();
+                        let mut names: Vec<_> = all.iter().map(|w| w.name).collect();
+                        names.extend(bitmaps::Sections::NAMES);
                         format!("unknown workload {name:?} (known: {})", names.join(", "))
                     })
             })
@@ -282,26 +288,123 @@ fn run() -> Result<bool> {
     };
     let size = parse_size(&args.size)?;
     let vubd = resolve_vubd(&args.vubd)?;
-    let image_dir = args
-        .image_dir
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(if args.direct { "/var/tmp" } else { "/dev/shm" }));
     let window = Window {
         warmup: Duration::from_secs_f64(args.warmup),
         duration: Duration::from_secs_f64(args.duration),
         request_timeout: Duration::from_secs_f64(args.timeout),
     };
+    let bitmap_cfg = if sections.any() {
+        let (lo, hi) = (args.overmark_min_secs, args.overmark_max_secs);
+        if !(lo >= 0.0 && hi >= lo) {
+            bail!("--overmark-min-secs must be >= 0 and <= --overmark-max-secs");
+        }
+        if args.flush_writer_qd == 0 {
+            bail!("--flush-writer-qd must be >= 1");
+        }
+        let storages = args
+            .bitmap_storage
+            .iter()
+            .map(|s| bitmaps::Storage::parse(s, &args.direct_dir))
+            .collect::<Result<Vec<_>>>()?;
+        if storages.is_empty() {
+            bail!("--bitmap-storage is empty");
+        }
+        Some((
+            bitmaps::Config {
+                vubd: vubd.clone(),
+                image_size: size,
+                reps: args.reps,
+                window,
+                queues: args.queues.clone(),
+                flush_interval: args.bitmap_flush_interval,
+                flush_writer_qd: args.flush_writer_qd,
+                overmark_trials: args.overmark_trials,
+                overmark_kill_after: (lo, hi),
+                seed: args.seed,
+            },
+            storages,
+        ))
+    } else {
+        None
+    };
+    let to_stdout = args.json.as_deref() == Some(Path::new("-"));
+    let load_before = loadavg();
+    let mut all_ok = true;
+    let mut doc = json!({});
+    if !workloads.is_empty() {
+        let (ok, part) = run_standard(&args, &workloads, &vubd, size, window, to_stdout)?;
+        all_ok &= ok;
+        doc = part;
+    }
+    if let Some((cfg, storages)) = &bitmap_cfg {
+        if !STOP.load(Ordering::Relaxed) {
+            eprintln!(
+                "vubd-bench bitmaps: {}, {} x {:.1}s (+{:.1}s warm-up), load {}",
+                vubd.display(),
+                args.reps,
+                args.duration,
+                args.warmup,
+                loadavg()
+            );
+            let report = bitmaps::run(cfg, sections, storages, &STOP)?;
+            all_ok &= report.all_ok();
+            if !to_stdout {
+                report.print(cfg);
+            }
+            doc["bitmaps"] = report.to_json(cfg);
+        }
+    }
+    let load_after = loadavg();
+    if STOP.load(Ordering::Relaxed) {
+        eprintln!("interrupted: reported what was measured");
+    }
+    if !to_stdout {
+        eprintln!("load average: before {load_before}, after {load_after}");
+    }
+    if let Some(path) = &args.json {
+        doc["host"] = json!({
+            "vubd": vubd.display().to_string(),
+            "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
+            "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+            "loadavg_before": load_before,
+            "loadavg_after": load_after,
+        });
+        let text = serde_json::to_string_pretty(&doc)?;
+        if to_stdout {
+            println!("{text}");
+        } else {
+            std::fs::write(path, text + "\n")
+                .with_context(|| format!("write {}", path.display()))?;
+            eprintln!("JSON written to {}", path.display());
+        }
+    }
+    Ok(all_ok)
+}
+
+/// The vubd-vs-qsd comparison: prints its table (unless JSON goes to
+/// stdout) and returns (every run succeeded, its JSON).
+fn run_standard(
+    args: &Args,
+    workloads: &[Workload],
+    vubd: &Path,
+    size: u64,
+    window: Window,
+    to_stdout: bool,
+) -> Result<(bool, serde_json::Value)> {
+    let image_dir = args
+        .image_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(if args.direct { "/var/tmp" } else { "/dev/shm" }));
     let image_scratch = ScratchDir::new_in(&image_dir, "bench-img")?;
     // Sockets live in /tmp: a long image directory could overflow sun_path.
     let sock_scratch = ScratchDir::new("bench-sock")?;
     let env = Env {
-        vubd,
+        vubd: vubd.to_path_buf(),
         image: image_scratch.join("bench.img"),
         socket: sock_scratch.join("vhost.sock"),
         direct: args.direct,
         qsd_aio: args.qsd_aio.clone(),
     };
-    let to_stdout = args.json.as_deref() == Some(Path::new("-"));
     let load_before = loadavg();
     eprintln!(
         "vubd-bench: {} on {} ({} MiB{}), {} x {:.1}s (+{:.1}s warm-up), load {load_before}",
@@ -314,7 +417,7 @@ fn run() -> Result<bool> {
         args.warmup
     );
     eprintln!("filling the image...");
-    fill_image(&env.image, size)?;
+    bench::fill_image(&env.image, size, &STOP)?;
 
     let kinds_for = |w: &Workload| {
         let mut k = vec![Kind::Vubd, Kind::Qsd];
@@ -368,42 +471,31 @@ fn run() -> Result<bool> {
     }
     let load_after = loadavg();
 
-    let report = Report::new(&workloads, &args.queues, &results);
+    let report = Report::new(workloads, &args.queues, &results);
     let all_ok = results.values().flatten().all(|r| r.is_ok());
     if !to_stdout {
-        report.print(&workloads, &args.queues, args.poll_us, &results);
-        eprintln!("load average: before {load_before}, after {load_after}");
+        report.print(workloads, &args.queues, args.poll_us, &results);
     }
-    if let Some(path) = &args.json {
-        let doc = json!({
-            "config": {
-                "vubd": env.vubd.display().to_string(),
-                "image_dir": image_dir.display().to_string(),
-                "image_size": size,
-                "direct": args.direct,
-                "duration_s": args.duration,
-                "warmup_s": args.warmup,
-                "reps": args.reps,
-                "qsd_aio": args.qsd_aio,
-                "poll_us": args.poll_us,
-                "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
-                "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-                "loadavg_before": load_before,
-                "loadavg_after": load_after,
-            },
-            "results": report.json_results(&workloads, &results),
-            "ratios": report.json_ratios(),
-        });
-        let text = serde_json::to_string_pretty(&doc)?;
-        if to_stdout {
-            println!("{text}");
-        } else {
-            std::fs::write(path, text + "\n")
-                .with_context(|| format!("write {}", path.display()))?;
-            eprintln!("JSON written to {}", path.display());
-        }
-    }
-    Ok(all_ok)
+    let doc = json!({
+        "config": {
+            "vubd": env.vubd.display().to_string(),
+            "image_dir": image_dir.display().to_string(),
+            "image_size": size,
+            "direct": args.direct,
+            "duration_s": args.duration,
+            "warmup_s": args.warmup,
+            "reps": args.reps,
+            "qsd_aio": args.qsd_aio,
+            "poll_us": args.poll_us,
+            "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
+            "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+            "loadavg_before": load_before,
+            "loadavg_after": load_after,
+        },
+        "results": report.json_results(workloads, &results),
+        "ratios": report.json_ratios(),
+    });
+    Ok((all_ok, doc))
 }
 
 /// Medians per row and paired ratios per (workload, queues).
