@@ -284,8 +284,8 @@ mod tests {
             pub fn new() -> Guard {
                 static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
                 let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let p = std::env::temp_dir()
-                    .join(format!("vubd-disk-test-{}-{n}", std::process::id()));
+                let p =
+                    std::env::temp_dir().join(format!("vubd-disk-test-{}-{n}", std::process::id()));
                 std::fs::create_dir_all(&p).unwrap();
                 Guard(p)
             }
@@ -315,8 +315,11 @@ mod tests {
         let disk = open(&path, false);
         let mut a = vec![0xaau8; 512];
         let mut b = vec![0xbbu8; 1536];
-        disk.write(4096, &[IoBuf::from_slice(&mut a), IoBuf::from_slice(&mut b)])
-            .unwrap();
+        disk.write(
+            4096,
+            &[IoBuf::from_slice(&mut a), IoBuf::from_slice(&mut b)],
+        )
+        .unwrap();
         let mut out = vec![0u8; 2048];
         disk.read(4096, &[IoBuf::from_slice(&mut out)]).unwrap();
         assert!(out[..512].iter().all(|&x| x == 0xaa));
@@ -371,7 +374,11 @@ mod tests {
         let as_dyn: Arc<dyn WriteHook> = hook.clone();
         disk.remove_hook(&as_dyn);
         disk.write(0, &[IoBuf::from_slice(&mut buf)]).unwrap();
-        assert_eq!(hook.0.load(Ordering::Relaxed), total | (total << 32), "removed hook still called");
+        assert_eq!(
+            hook.0.load(Ordering::Relaxed),
+            total | (total << 32),
+            "removed hook still called"
+        );
     }
 
     #[test]
@@ -396,7 +403,13 @@ mod tests {
     #[test]
     fn direct_io_with_unaligned_buffers_goes_through_the_bounce_buffer() {
         let (_d, path) = temp_image(8 << 20);
-        let img = RawImage::open(&path, RawImageOptions { read_only: false, direct: true });
+        let img = RawImage::open(
+            &path,
+            RawImageOptions {
+                read_only: false,
+                direct: true,
+            },
+        );
         let Ok(img) = img else {
             // The temp directory's file system has no O_DIRECT (old tmpfs).
             return;
@@ -410,9 +423,11 @@ mod tests {
         }
         let data = &mut backing[1..];
         let (a, b) = data.split_at_mut(1000 * 512 + 3);
-        disk.write(4096, &[IoBuf::from_slice(a), IoBuf::from_slice(b)]).unwrap();
+        disk.write(4096, &[IoBuf::from_slice(a), IoBuf::from_slice(b)])
+            .unwrap();
         let mut out = vec![0u8; len + 7];
-        disk.read(4096, &[IoBuf::from_slice(&mut out[7..])]).unwrap();
+        disk.read(4096, &[IoBuf::from_slice(&mut out[7..])])
+            .unwrap();
         assert!(out[7..] == backing[1..], "bounced round trip differs");
     }
 }

@@ -38,16 +38,14 @@ impl IoGate {
             self.leave();
             let mut guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
             while self.paused.load(Ordering::SeqCst) {
-                guard = self
-                    .changed
-                    .wait(guard)
-                    .unwrap_or_else(|p| p.into_inner());
+                guard = self.changed.wait(guard).unwrap_or_else(|p| p.into_inner());
             }
         }
     }
 
     fn leave(&self) {
-        if self.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 && self.paused.load(Ordering::SeqCst) {
+        if self.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 && self.paused.load(Ordering::SeqCst)
+        {
             let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
             self.changed.notify_all();
         }
@@ -59,10 +57,7 @@ impl IoGate {
         self.paused.store(true, Ordering::SeqCst);
         let mut guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         while self.in_flight.load(Ordering::SeqCst) != 0 {
-            guard = self
-                .changed
-                .wait(guard)
-                .unwrap_or_else(|p| p.into_inner());
+            guard = self.changed.wait(guard).unwrap_or_else(|p| p.into_inner());
         }
         PauseGuard { gate: self }
     }
@@ -118,7 +113,11 @@ mod tests {
             let seen = counter.load(Ordering::SeqCst);
             assert_eq!(seen % 2, 0, "a batch was still running while paused");
             std::thread::sleep(Duration::from_millis(2));
-            assert_eq!(counter.load(Ordering::SeqCst), seen, "a batch ran while paused");
+            assert_eq!(
+                counter.load(Ordering::SeqCst),
+                seen,
+                "a batch ran while paused"
+            );
             drop(pause);
         }
         stop.store(true, Ordering::Relaxed);

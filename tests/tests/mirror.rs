@@ -469,6 +469,100 @@ fn kill_and_resume_copies_only_the_dirty_part() -> Result<()> {
     Ok(())
 }
 
+/// Persistent dirty bitmaps belong to the disk: after a pivot they keep
+/// recording, their sidecar sits beside the new image, and vubd restarted on
+/// the new image (even after kill -9) finds them with every change.
+#[test]
+fn persistent_bitmaps_follow_the_disk_across_a_pivot() -> Result<()> {
+    let dir = shm("mirror-bitmaps")?;
+    let (src, tgt) = (dir.join("src.img"), dir.join("tgt.img"));
+    let size = 32 * MIB;
+    make_image(&src, size, 4)?;
+    let mut d = MirrorDaemon::start(dir.path(), &src, &[])?;
+    let mut q = d.qmp()?;
+    q.ok(
+        "block-dirty-bitmap-add",
+        json!({"node": "disk0", "name": "backup", "persistent": true, "granularity": 65536}),
+    )?;
+    let mut client = d.client()?;
+    client.write(MIB, &pattern(MIB, 1, 4096))?;
+    q.ok(
+        "drive-mirror",
+        json!({"device": "disk0", "target": tgt, "sync": "full", "format": "raw", "job-id": "m"}),
+    )?;
+    q.wait_event("BLOCK_JOB_READY", T, |_| true)?;
+    q.ok("job-complete", json!({"id": "m"}))?;
+    q.wait_event("JOB_STATUS_CHANGE", T, status_is("null"))?;
+    ensure!(image_file(&mut q)? == tgt.canonicalize()?, "no pivot");
+    let sidecar = |img: &Path| PathBuf::from(format!("{}.vubd-bitmaps", img.display()));
+    ensure!(sidecar(&tgt).exists(), "no sidecar beside the new image");
+    let old_sidecar = std::fs::read(sidecar(&src))?;
+
+    // Written after the pivot: lands on the target and in the bitmap.
+    client.write(9 * MIB, &pattern(9 * MIB, 2, 4096))?;
+    client.write(17 * MIB + 65536, &pattern(17 * MIB, 3, 4096))?;
+    let bitmap = |q: &mut QmpClient| -> Result<Value> {
+        let v = q.ok("query-block", json!({}))?;
+        v[0]["inserted"]["dirty-bitmaps"][0]
+            .clone()
+            .as_object()
+            .cloned()
+            .map(Value::Object)
+            .context("no bitmap")
+    };
+    let before = bitmap(&mut q)?;
+    ensure!(
+        before["count"] == 3 * 65536,
+        "three chunks written: {before}"
+    );
+    let hash = q.ok(
+        "x-debug-block-dirty-bitmap-sha256",
+        json!({"node": "disk0", "name": "backup"}),
+    )?;
+    ensure!(
+        std::fs::read(sidecar(&src))? == old_sidecar,
+        "the old sidecar changed after the pivot"
+    );
+
+    // kill -9, then restart on the new image: the bitmap is all there.
+    drop(client);
+    drop(q);
+    d.daemon.kill();
+    let d = MirrorDaemon::start(dir.path(), &tgt, &[])?;
+    let mut q = d.qmp()?;
+    let after = bitmap(&mut q)?;
+    ensure!(
+        after["name"] == "backup" && after["persistent"] == true,
+        "{after}"
+    );
+    ensure!(after["inconsistent"] == false, "{after}");
+    let hash_after = q.ok(
+        "x-debug-block-dirty-bitmap-sha256",
+        json!({"node": "disk0", "name": "backup"}),
+    )?;
+    // Recovery after kill -9 may over-mark (whole logged extents), never miss:
+    // the exact bits come back after a clean stop, so compare the counts.
+    ensure!(
+        after["count"].as_u64() >= before["count"].as_u64(),
+        "bitmap lost changes across the pivot and kill: {before} -> {after}"
+    );
+    q.ok("quit", json!({}))?;
+    let mut d2 = d;
+    d2.daemon.wait_exit(Duration::from_secs(10))?;
+    let d = MirrorDaemon::start(dir.path(), &tgt, &[])?;
+    let mut q = d.qmp()?;
+    let clean = q.ok(
+        "x-debug-block-dirty-bitmap-sha256",
+        json!({"node": "disk0", "name": "backup"}),
+    )?;
+    ensure!(clean == hash_after, "a clean restart changed the bits");
+    ensure!(
+        hash_after == hash || after["count"].as_u64() > before["count"].as_u64(),
+        "same count, different bits"
+    );
+    Ok(())
+}
+
 /// Runs the same scenarios against qemu-storage-daemon and vubd and
 /// compares the event sequences and error texts.
 #[test]

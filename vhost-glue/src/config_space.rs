@@ -1,10 +1,10 @@
 //! The virtio-blk configuration: the device's limits, the virtio feature
 //! bits that follow from them, and the config space bytes the frontend reads.
 
+use vhost::vhost_user::message::VhostUserVirtioFeatures;
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use vhost::vhost_user::message::VhostUserVirtioFeatures;
 
 /// Largest single data segment (with `seg_max`, it bounds a request).
 pub const SIZE_MAX: u32 = 1 << 20;
@@ -151,8 +151,14 @@ mod tests {
         let c = cfg();
         let bytes = c.config_bytes(true, 0, 60);
         assert_eq!(bytes.len(), 60);
-        assert_eq!(u64::from_le_bytes(bytes[0..8].try_into().unwrap()), (1 << 30) / 512);
-        assert_eq!(u32::from_le_bytes(bytes[8..12].try_into().unwrap()), SIZE_MAX);
+        assert_eq!(
+            u64::from_le_bytes(bytes[0..8].try_into().unwrap()),
+            (1 << 30) / 512
+        );
+        assert_eq!(
+            u32::from_le_bytes(bytes[8..12].try_into().unwrap()),
+            SIZE_MAX
+        );
         assert_eq!(u32::from_le_bytes(bytes[12..16].try_into().unwrap()), 254);
         assert_eq!(u32::from_le_bytes(bytes[20..24].try_into().unwrap()), 4096);
         assert_eq!(DeviceConfig::wce_offset(), 32);

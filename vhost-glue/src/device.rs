@@ -36,7 +36,9 @@ use vhost_user_backend::{VhostUserBackend, VringMutex, VringStateMutGuard, Vring
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
 use vubd_backend::disk::pins::{PinId, Pins};
 use vubd_backend::disk::uring::UringEngine;
 use vubd_backend::gate::BatchGuard;
@@ -325,7 +327,10 @@ impl BlockDevice {
             // The newest guest memory map; older ones stay pinned while
             // requests issued on them are in flight.
             let current = atomic.memory();
-            snapshots.refresh(|m| std::ptr::eq(&**m, &*current), || current.clone().into_inner());
+            snapshots.refresh(
+                |m| std::ptr::eq(&**m, &*current),
+                || current.clone().into_inner(),
+            );
             drop(current);
             let Some(mem) = snapshots.current().cloned() else {
                 return;
@@ -353,7 +358,14 @@ impl BlockDevice {
                 }
             }
             engine.submit();
-            finished += self.reap(index, state.get_queue_mut(), &mem, engine, pending, snapshots);
+            finished += self.reap(
+                index,
+                state.get_queue_mut(),
+                &mem,
+                engine,
+                pending,
+                snapshots,
+            );
             if engine.take_kick() {
                 if may_drain {
                     drain_eventfd(kick);
@@ -391,10 +403,12 @@ impl BlockDevice {
                 debug!("queue {index}: cannot enable notifications: {e}");
                 false
             });
-            // An unusable ring (corrupted avail index) would look busy
-            // forever: wait for a kick instead of spinning on it.
+            // Go round again for requests we can take now. Not for an
+            // unusable ring (a corrupted avail index looks busy forever), nor
+            // while stopping or paused, nor with the engine full: then wait
+            // for completions (or a kick) instead of spinning.
             let more = more && usable;
-            if more && !paused {
+            if more && !paused && !stopping && engine.has_room() {
                 continue;
             }
             if in_flight {

@@ -8,13 +8,13 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use std::path::PathBuf;
 use std::sync::{mpsc, Arc, Mutex};
-use vhost_glue::management::{DaemonContext, ShutdownReason};
-use vubd_backend::qmp::{standard_dispatcher, EventBus, QmpServer, ServerConfig};
-use vhost_glue::server::{bind_socket, Server};
-use vhost_glue::config_space::AioEngine;
-use vhost_glue::DeviceConfig;
 use std::time::Duration;
-use vubd_backend::dirty::{DirtyTracker, TrackerConfig};
+use vhost_glue::config_space::AioEngine;
+use vhost_glue::management::{DaemonContext, ShutdownReason};
+use vhost_glue::server::{bind_socket, Server};
+use vhost_glue::DeviceConfig;
+use vubd_backend::dirty::{sidecar_path, DirtyTracker, FileStore, MetaStore, TrackerConfig};
+use vubd_backend::qmp::{standard_dispatcher, EventBus, QmpServer, ServerConfig};
 use vubd_backend::{Disk, RawImage, RawImageOptions};
 
 /// vhost-user-blk daemon: serves a disk image to a VM over a vhost-user socket.
@@ -80,7 +80,9 @@ enum AioOpt {
 fn parse_interval(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(v) if (0.01..=3600.0).contains(&v) => Ok(v),
-        _ => Err(format!("'{s}' must be a number of seconds from 0.01 to 3600")),
+        _ => Err(format!(
+            "'{s}' must be a number of seconds from 0.01 to 3600"
+        )),
     }
 }
 
@@ -190,6 +192,18 @@ fn run(mut opts: Options) -> Result<()> {
         jobs,
     )
     .context("cannot load the state of an interrupted mirror")?;
+    // The bitmaps belong to the disk: at a pivot their sidecar moves beside
+    // the new image, so a restart with `--image NEW` finds them complete.
+    let pivot_tracker = tracker.clone();
+    mirrors.on_pivot(move |_old, new| {
+        let store: Arc<dyn MetaStore> = Arc::new(FileStore::new(sidecar_path(new)));
+        pivot_tracker.relocate(store).map_err(|e| {
+            format!(
+                "cannot move the dirty bitmaps beside {}: {e}",
+                new.display()
+            )
+        })
+    });
     let qmp = match &opts.qmp {
         Some(path) => {
             let ctx = Arc::new(DaemonContext {

@@ -100,6 +100,10 @@ enum Malformed {
     NoStatus,
     /// Fewer than 16 readable bytes.
     ShortHeader,
+    /// More descriptors than a request may have (`seg_max` data segments
+    /// plus header and status; the spec also bounds a chain by the queue
+    /// size, which an indirect table could otherwise exceed).
+    TooLong,
 }
 
 impl RequestParser {
@@ -109,6 +113,7 @@ impl RequestParser {
         &mut self,
         chain: DescriptorChain<M>,
         mem: &GuestMemoryMmap,
+        max_descs: usize,
     ) -> (Option<IoBuf>, Result<(), Malformed>)
     where
         M: Deref<Target = GuestMemoryMmap>,
@@ -119,7 +124,12 @@ impl RequestParser {
         let mut seen_writable = false;
         let mut last_has_next = false;
         let mut last_writable_ok = false;
+        let mut count = 0usize;
         for desc in chain {
+            count += 1;
+            if count > max_descs && result.is_ok() {
+                result = Err(Malformed::TooLong);
+            }
             last_has_next = desc.has_next();
             last_writable_ok = false;
             if desc.len() == 0 {
@@ -202,9 +212,11 @@ impl RequestParser {
     {
         match self.prepare(chain, mem, disk, cfg) {
             Prepared::Done(done) => done,
-            Prepared::Read { offset, len, status } => {
-                Self::finish(status, disk.read(offset, &self.writable), len)
-            }
+            Prepared::Read {
+                offset,
+                len,
+                status,
+            } => Self::finish(status, disk.read(offset, &self.writable), len),
             Prepared::Write { offset, status } => {
                 Self::finish(status, disk.write(offset, &self.readable), 0)
             }
@@ -227,7 +239,8 @@ impl RequestParser {
     where
         M: Deref<Target = GuestMemoryMmap>,
     {
-        let (status_buf, parsed) = self.flatten(chain, mem);
+        let max_descs = cfg.seg_max() as usize + 2;
+        let (status_buf, parsed) = self.flatten(chain, mem, max_descs);
         let Some(status_buf) = status_buf else {
             debug!("dropping descriptor chain without a usable status byte: {parsed:?}");
             return Prepared::Done(Completion {

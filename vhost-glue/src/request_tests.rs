@@ -28,7 +28,14 @@ impl Fixture {
         let path = std::env::temp_dir().join(format!("vubd-req-{}-{n}.img", std::process::id()));
         let file = std::fs::File::create(&path).unwrap();
         file.set_len(DISK_SIZE).unwrap();
-        let image = RawImage::open(&path, RawImageOptions { read_only, direct: false }).unwrap();
+        let image = RawImage::open(
+            &path,
+            RawImageOptions {
+                read_only,
+                direct: false,
+            },
+        )
+        .unwrap();
         Fixture {
             mem: GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap(),
             disk: Disk::new(Box::new(image), read_only),
@@ -107,7 +114,12 @@ fn write_then_read_round_trips_through_guest_memory() {
     f.mem.write_slice(&[0u8; 8192], GuestAddress(DATA)).unwrap();
     f.header(VIRTIO_BLK_T_IN, 8);
     // Data split over two descriptors, one of them straddling nothing special.
-    let done = f.run(&[(HDR, 16, false), (DATA, 4096, true), (DATA + 4096, 4096, true), (STATUS, 1, true)]);
+    let done = f.run(&[
+        (HDR, 16, false),
+        (DATA, 4096, true),
+        (DATA + 4096, 4096, true),
+        (STATUS, 1, true),
+    ]);
     assert_eq!(done.status, OK);
     assert_eq!(done.used_len, 8193);
     let mut back = vec![0u8; 8192];
@@ -124,7 +136,11 @@ fn any_layout_header_and_status_sharing_descriptors() {
     buf[8..16].copy_from_slice(&3u64.to_le_bytes());
     buf[16..].fill(0x5a);
     f.mem.write_slice(&buf, GuestAddress(HDR)).unwrap();
-    let done = f.run(&[(HDR, 8, false), (HDR + 8, 16 + 512 - 8, false), (STATUS, 1, true)]);
+    let done = f.run(&[
+        (HDR, 8, false),
+        (HDR + 8, 16 + 512 - 8, false),
+        (STATUS, 1, true),
+    ]);
     assert_eq!(done.status, OK);
     assert!(f.file()[3 * 512..4 * 512].iter().all(|&b| b == 0x5a));
 
@@ -145,19 +161,43 @@ fn any_layout_header_and_status_sharing_descriptors() {
 #[test]
 fn range_and_alignment_violations_are_ioerr_and_touch_nothing() {
     let f = Fixture::new(false, 512);
-    f.mem.write_slice(&[0xeeu8; 8192], GuestAddress(DATA)).unwrap();
+    f.mem
+        .write_slice(&[0xeeu8; 8192], GuestAddress(DATA))
+        .unwrap();
     let last_sector = DISK_SIZE / 512;
-    assert_eq!(std_write(&f, last_sector, 512).status, IOERR, "starts past the end");
-    assert_eq!(std_write(&f, last_sector - 1, 1024).status, IOERR, "runs past the end");
-    assert_eq!(std_write(&f, u64::MAX / 256, 512).status, IOERR, "offset overflows");
+    assert_eq!(
+        std_write(&f, last_sector, 512).status,
+        IOERR,
+        "starts past the end"
+    );
+    assert_eq!(
+        std_write(&f, last_sector - 1, 1024).status,
+        IOERR,
+        "runs past the end"
+    );
+    assert_eq!(
+        std_write(&f, u64::MAX / 256, 512).status,
+        IOERR,
+        "offset overflows"
+    );
     assert_eq!(std_write(&f, 0, 100).status, IOERR, "not a sector multiple");
     assert_eq!(f.file().len() as u64, DISK_SIZE);
     assert!(f.file().iter().all(|&b| b == 0), "nothing was written");
 
     let f4k = Fixture::new(false, 4096);
-    f4k.mem.write_slice(&[0xeeu8; 8192], GuestAddress(DATA)).unwrap();
-    assert_eq!(std_write(&f4k, 1, 4096).status, IOERR, "sector not 4k-aligned");
-    assert_eq!(std_write(&f4k, 8, 512).status, IOERR, "length not 4k multiple");
+    f4k.mem
+        .write_slice(&[0xeeu8; 8192], GuestAddress(DATA))
+        .unwrap();
+    assert_eq!(
+        std_write(&f4k, 1, 4096).status,
+        IOERR,
+        "sector not 4k-aligned"
+    );
+    assert_eq!(
+        std_write(&f4k, 8, 512).status,
+        IOERR,
+        "length not 4k multiple"
+    );
     assert_eq!(std_write(&f4k, 8, 4096).status, OK);
 }
 
@@ -172,7 +212,12 @@ fn oversized_requests_are_refused() {
     assert_eq!(max, 2 * u64::from(crate::config_space::SIZE_MAX));
     let big = 0x40_0000u64;
     f.header(VIRTIO_BLK_T_IN, 0);
-    let done = f.run(&[(HDR, 16, false), (big, max as u32, true), (big + max, 512, true), (STATUS, 1, true)]);
+    let done = f.run(&[
+        (HDR, 16, false),
+        (big, max as u32, true),
+        (big + max, 512, true),
+        (STATUS, 1, true),
+    ]);
     assert_eq!(done.status, IOERR);
     // Exactly the limit is fine as far as validation goes (the real disk is
     // smaller, so the backend's own range check then refuses it).
@@ -181,7 +226,11 @@ fn oversized_requests_are_refused() {
     assert_eq!(done.status, IOERR);
     f.cfg.size = DISK_SIZE;
     f.header(VIRTIO_BLK_T_IN, 0);
-    let done = f.run(&[(HDR, 16, false), (big, DISK_SIZE as u32, true), (STATUS, 1, true)]);
+    let done = f.run(&[
+        (HDR, 16, false),
+        (big, DISK_SIZE as u32, true),
+        (STATUS, 1, true),
+    ]);
     assert_eq!(done.status, OK, "the whole disk in one request");
 }
 
@@ -193,7 +242,13 @@ fn wrong_shapes() {
     f.header(VIRTIO_BLK_T_OUT, 0);
     // No writable descriptor at all: nowhere to put a status.
     let done = f.run(&[(HDR, 16, false), (DATA, 512, false)]);
-    assert_eq!(done, Completion { status: None, used_len: 0 });
+    assert_eq!(
+        done,
+        Completion {
+            status: None,
+            used_len: 0
+        }
+    );
 
     // Status descriptor of length zero.
     f.header(VIRTIO_BLK_T_OUT, 0);
@@ -211,25 +266,46 @@ fn wrong_shapes() {
     // Readable descriptor after a writable one.
     f.header(VIRTIO_BLK_T_IN, 0);
     assert_eq!(
-        f.run(&[(HDR, 16, false), (DATA, 512, true), (DATA + 4096, 512, false), (STATUS, 1, true)]).status,
+        f.run(&[
+            (HDR, 16, false),
+            (DATA, 512, true),
+            (DATA + 4096, 512, false),
+            (STATUS, 1, true)
+        ])
+        .status,
         IOERR
     );
 
     // Write data in a device-writable descriptor.
     f.header(VIRTIO_BLK_T_OUT, 0);
-    assert_eq!(f.run(&[(HDR, 16, false), (DATA, 512, true), (STATUS, 1, true)]).status, IOERR);
+    assert_eq!(
+        f.run(&[(HDR, 16, false), (DATA, 512, true), (STATUS, 1, true)])
+            .status,
+        IOERR
+    );
 
     // Read data in a driver-readable descriptor.
     f.header(VIRTIO_BLK_T_IN, 0);
-    assert_eq!(f.run(&[(HDR, 16, false), (DATA, 512, false), (STATUS, 1, true)]).status, IOERR);
+    assert_eq!(
+        f.run(&[(HDR, 16, false), (DATA, 512, false), (STATUS, 1, true)])
+            .status,
+        IOERR
+    );
 
     // Flush carrying data.
     f.header(VIRTIO_BLK_T_FLUSH, 0);
-    assert_eq!(f.run(&[(HDR, 16, false), (DATA, 512, false), (STATUS, 1, true)]).status, IOERR);
+    assert_eq!(
+        f.run(&[(HDR, 16, false), (DATA, 512, false), (STATUS, 1, true)])
+            .status,
+        IOERR
+    );
     f.header(VIRTIO_BLK_T_FLUSH, 0);
     assert_eq!(f.run(&[(HDR, 16, false), (STATUS, 1, true)]).status, OK);
 
-    assert!(f.file().iter().all(|&b| b == 0), "no malformed write landed");
+    assert!(
+        f.file().iter().all(|&b| b == 0),
+        "no malformed write landed"
+    );
 }
 
 #[test]
@@ -238,20 +314,44 @@ fn descriptors_outside_guest_memory() {
     let outside = MEM_SIZE as u64 + 0x1000;
     f.header(VIRTIO_BLK_T_IN, 0);
     // Data outside memory, status fine: IOERR.
-    assert_eq!(f.run(&[(HDR, 16, false), (outside, 512, true), (STATUS, 1, true)]).status, IOERR);
+    assert_eq!(
+        f.run(&[(HDR, 16, false), (outside, 512, true), (STATUS, 1, true)])
+            .status,
+        IOERR
+    );
     // Data straddling the end of memory.
     f.header(VIRTIO_BLK_T_IN, 0);
     assert_eq!(
-        f.run(&[(HDR, 16, false), (MEM_SIZE as u64 - 256, 512, true), (STATUS, 1, true)]).status,
+        f.run(&[
+            (HDR, 16, false),
+            (MEM_SIZE as u64 - 256, 512, true),
+            (STATUS, 1, true)
+        ])
+        .status,
         IOERR
     );
     // Status outside memory: dropped, nothing written anywhere.
     f.header(VIRTIO_BLK_T_IN, 0);
-    assert_eq!(f.run(&[(HDR, 16, false), (DATA, 512, true), (outside, 1, true)]).status, None);
+    assert_eq!(
+        f.run(&[(HDR, 16, false), (DATA, 512, true), (outside, 1, true)])
+            .status,
+        None
+    );
     // Header outside memory.
-    assert_eq!(f.run(&[(outside, 16, false), (STATUS, 1, true)]).status, IOERR);
+    assert_eq!(
+        f.run(&[(outside, 16, false), (STATUS, 1, true)]).status,
+        IOERR
+    );
     // Address overflow.
-    assert_eq!(f.run(&[(HDR, 16, false), (u64::MAX - 10, 512, true), (STATUS, 1, true)]).status, IOERR);
+    assert_eq!(
+        f.run(&[
+            (HDR, 16, false),
+            (u64::MAX - 10, 512, true),
+            (STATUS, 1, true)
+        ])
+        .status,
+        IOERR
+    );
 }
 
 #[test]
@@ -262,17 +362,38 @@ fn looping_chain_is_dropped() {
     let next = VRING_DESC_F_NEXT as u16;
     let descs = [
         RawDescriptor::from(SplitDescriptor::new(HDR, 16, next, 1)),
-        RawDescriptor::from(SplitDescriptor::new(DATA, 512, next | VRING_DESC_F_WRITE as u16, 2)),
-        RawDescriptor::from(SplitDescriptor::new(STATUS, 1, next | VRING_DESC_F_WRITE as u16, 1)),
+        RawDescriptor::from(SplitDescriptor::new(
+            DATA,
+            512,
+            next | VRING_DESC_F_WRITE as u16,
+            2,
+        )),
+        RawDescriptor::from(SplitDescriptor::new(
+            STATUS,
+            1,
+            next | VRING_DESC_F_WRITE as u16,
+            1,
+        )),
     ];
     let chain = queue.build_multiple_desc_chains(&descs).unwrap();
     let done = RequestParser::default().process(chain, &f.mem, &f.disk, &f.cfg);
-    assert_eq!(done, Completion { status: None, used_len: 0 });
+    assert_eq!(
+        done,
+        Completion {
+            status: None,
+            used_len: 0
+        }
+    );
 
     // next index past the table.
     let descs = [
         RawDescriptor::from(SplitDescriptor::new(HDR, 16, next, 1)),
-        RawDescriptor::from(SplitDescriptor::new(STATUS, 1, next | VRING_DESC_F_WRITE as u16, 999)),
+        RawDescriptor::from(SplitDescriptor::new(
+            STATUS,
+            1,
+            next | VRING_DESC_F_WRITE as u16,
+            999,
+        )),
     ];
     let queue = MockSplitQueue::new(&f.mem, 16);
     let chain = queue.build_multiple_desc_chains(&descs).unwrap();
@@ -287,9 +408,17 @@ fn read_only_disk_refuses_writes() {
     let seg = segment(0, 8, 0);
     f.mem.write_slice(&seg, GuestAddress(DATA)).unwrap();
     f.header(VIRTIO_BLK_T_DISCARD, 0);
-    assert_eq!(f.run(&[(HDR, 16, false), (DATA, 16, false), (STATUS, 1, true)]).status, IOERR);
+    assert_eq!(
+        f.run(&[(HDR, 16, false), (DATA, 16, false), (STATUS, 1, true)])
+            .status,
+        IOERR
+    );
     f.header(VIRTIO_BLK_T_IN, 0);
-    assert_eq!(f.run(&[(HDR, 16, false), (DATA, 512, true), (STATUS, 1, true)]).status, OK);
+    assert_eq!(
+        f.run(&[(HDR, 16, false), (DATA, 512, true), (STATUS, 1, true)])
+            .status,
+        OK
+    );
 }
 
 #[test]
@@ -297,7 +426,11 @@ fn unknown_and_unsupported_types() {
     let f = Fixture::new(false, 512);
     for t in [2u32, 3, 14, 15, 16, 99, u32::MAX] {
         f.header(t, 0);
-        assert_eq!(f.run(&[(HDR, 16, false), (STATUS, 1, true)]).status, UNSUPP, "type {t}");
+        assert_eq!(
+            f.run(&[(HDR, 16, false), (STATUS, 1, true)]).status,
+            UNSUPP,
+            "type {t}"
+        );
     }
 }
 
@@ -305,7 +438,9 @@ fn unknown_and_unsupported_types() {
 fn get_id_returns_serial_and_truncates_to_buffer() {
     let f = Fixture::new(false, 512);
     f.header(VIRTIO_BLK_T_GET_ID, 0);
-    f.mem.write_slice(&[0xffu8; 20], GuestAddress(DATA)).unwrap();
+    f.mem
+        .write_slice(&[0xffu8; 20], GuestAddress(DATA))
+        .unwrap();
     let done = f.run(&[(HDR, 16, false), (DATA, 20, true), (STATUS, 1, true)]);
     assert_eq!(done.status, OK);
     assert_eq!(done.used_len, 21);
@@ -314,7 +449,9 @@ fn get_id_returns_serial_and_truncates_to_buffer() {
     assert_eq!(&id[..10], b"serial-123");
     assert!(id[10..].iter().all(|&b| b == 0));
 
-    f.mem.write_slice(&[0xffu8; 20], GuestAddress(DATA)).unwrap();
+    f.mem
+        .write_slice(&[0xffu8; 20], GuestAddress(DATA))
+        .unwrap();
     f.header(VIRTIO_BLK_T_GET_ID, 0);
     let done = f.run(&[(HDR, 16, false), (DATA, 6, true), (STATUS, 1, true)]);
     assert_eq!(done.status, OK);
@@ -334,18 +471,39 @@ fn segment(sector: u64, num: u32, flags: u32) -> [u8; 16] {
 #[test]
 fn discard_and_write_zeroes_segments() {
     let f = Fixture::new(false, 512);
-    f.mem.write_slice(&[9u8; 8192], GuestAddress(DATA + 0x1000)).unwrap();
+    f.mem
+        .write_slice(&[9u8; 8192], GuestAddress(DATA + 0x1000))
+        .unwrap();
     f.header(VIRTIO_BLK_T_OUT, 0);
-    assert_eq!(f.run(&[(HDR, 16, false), (DATA + 0x1000, 8192, false), (STATUS, 1, true)]).status, OK);
+    assert_eq!(
+        f.run(&[
+            (HDR, 16, false),
+            (DATA + 0x1000, 8192, false),
+            (STATUS, 1, true)
+        ])
+        .status,
+        OK
+    );
 
     let run_segs = |t: u32, segs: &[[u8; 16]]| {
         let bytes: Vec<u8> = segs.iter().flatten().copied().collect();
         f.mem.write_slice(&bytes, GuestAddress(DATA)).unwrap();
         f.header(t, 0);
-        f.run(&[(HDR, 16, false), (DATA, bytes.len() as u32, false), (STATUS, 1, true)]).status
+        f.run(&[
+            (HDR, 16, false),
+            (DATA, bytes.len() as u32, false),
+            (STATUS, 1, true),
+        ])
+        .status
     };
     // Two good segments: zero the first 1 KiB and sectors 4..6.
-    assert_eq!(run_segs(VIRTIO_BLK_T_WRITE_ZEROES, &[segment(0, 2, 0), segment(4, 2, 1)]), OK);
+    assert_eq!(
+        run_segs(
+            VIRTIO_BLK_T_WRITE_ZEROES,
+            &[segment(0, 2, 0), segment(4, 2, 1)]
+        ),
+        OK
+    );
     let file = f.file();
     assert!(file[..1024].iter().all(|&b| b == 0));
     assert!(file[1024..2048].iter().all(|&b| b == 9));
@@ -355,19 +513,45 @@ fn discard_and_write_zeroes_segments() {
 
     // Bad segments: nothing changes.
     let before = f.file();
-    assert_eq!(run_segs(VIRTIO_BLK_T_DISCARD, &[segment(0, 8, 1)]), UNSUPP, "discard with unmap");
-    assert_eq!(run_segs(VIRTIO_BLK_T_WRITE_ZEROES, &[segment(0, 8, 2)]), UNSUPP, "reserved flag");
-    assert_eq!(run_segs(VIRTIO_BLK_T_DISCARD, &[segment(0, 0, 0)]), IOERR, "zero sectors");
     assert_eq!(
-        run_segs(VIRTIO_BLK_T_WRITE_ZEROES, &[segment(0, 2, 0), segment(DISK_SIZE / 512, 1, 0)]),
+        run_segs(VIRTIO_BLK_T_DISCARD, &[segment(0, 8, 1)]),
+        UNSUPP,
+        "discard with unmap"
+    );
+    assert_eq!(
+        run_segs(VIRTIO_BLK_T_WRITE_ZEROES, &[segment(0, 8, 2)]),
+        UNSUPP,
+        "reserved flag"
+    );
+    assert_eq!(
+        run_segs(VIRTIO_BLK_T_DISCARD, &[segment(0, 0, 0)]),
+        IOERR,
+        "zero sectors"
+    );
+    assert_eq!(
+        run_segs(
+            VIRTIO_BLK_T_WRITE_ZEROES,
+            &[segment(0, 2, 0), segment(DISK_SIZE / 512, 1, 0)]
+        ),
         IOERR,
         "second segment out of range"
     );
     let many = vec![segment(0, 1, 0); MAX_DISCARD_SEGMENTS as usize + 1];
-    assert_eq!(run_segs(VIRTIO_BLK_T_DISCARD, &many), IOERR, "too many segments");
-    f.mem.write_slice(&segment(0, 1, 0), GuestAddress(DATA)).unwrap();
+    assert_eq!(
+        run_segs(VIRTIO_BLK_T_DISCARD, &many),
+        IOERR,
+        "too many segments"
+    );
+    f.mem
+        .write_slice(&segment(0, 1, 0), GuestAddress(DATA))
+        .unwrap();
     f.header(VIRTIO_BLK_T_DISCARD, 0);
-    assert_eq!(f.run(&[(HDR, 16, false), (DATA, 15, false), (STATUS, 1, true)]).status, IOERR, "partial segment");
+    assert_eq!(
+        f.run(&[(HDR, 16, false), (DATA, 15, false), (STATUS, 1, true)])
+            .status,
+        IOERR,
+        "partial segment"
+    );
     assert_eq!(f.file(), before);
 }
 
@@ -385,7 +569,9 @@ fn indirect_chain_is_served() {
         SplitDescriptor::new(STATUS, 1, w, 0),
     ];
     for (i, d) in entries.iter().enumerate() {
-        f.mem.write_obj(RawDescriptor::from(*d), GuestAddress(table + 16 * i as u64)).unwrap();
+        f.mem
+            .write_obj(RawDescriptor::from(*d), GuestAddress(table + 16 * i as u64))
+            .unwrap();
     }
     let head = RawDescriptor::from(SplitDescriptor::new(
         table,
@@ -410,4 +596,37 @@ fn indirect_chain_is_served() {
     let chain = queue.build_multiple_desc_chains(&[bad]).unwrap();
     let done = RequestParser::default().process(chain, &f.mem, &f.disk, &f.cfg);
     assert_eq!(done.status, None);
+}
+
+#[test]
+fn more_segments_than_seg_max_are_refused() {
+    let mut f = Fixture::new(false, 512);
+    // seg_max = queue size - 2 = 2 data segments besides header and status.
+    f.cfg.queue_size = 4;
+    assert_eq!(f.cfg.seg_max(), 2);
+    f.mem
+        .write_slice(&[0x77u8; 1536], GuestAddress(DATA))
+        .unwrap();
+    f.header(VIRTIO_BLK_T_OUT, 2);
+    let three = [
+        (HDR, 16, false),
+        (DATA, 512, false),
+        (DATA + 512, 512, false),
+        (DATA + 1024, 512, false),
+        (STATUS, 1, true),
+    ];
+    assert_eq!(f.run(&three).status, IOERR);
+    assert!(
+        f.file().iter().all(|&b| b == 0),
+        "a refused write touched the disk"
+    );
+    f.header(VIRTIO_BLK_T_OUT, 2);
+    let done = f.run(&[
+        (HDR, 16, false),
+        (DATA, 512, false),
+        (DATA + 512, 1024, false),
+        (STATUS, 1, true),
+    ]);
+    assert_eq!(done.status, OK);
+    assert!(f.file()[1024..2560].iter().all(|&b| b == 0x77));
 }

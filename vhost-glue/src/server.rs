@@ -141,7 +141,8 @@ impl Server {
             match daemon.wait() {
                 Ok(())
                 | Err(vhost_user_backend::Error::HandleRequest(
-                    vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+                    vhost::vhost_user::Error::Disconnected
+                    | vhost::vhost_user::Error::PartialMessage,
                 )) => info!("frontend disconnected"),
                 Err(e) => warn!("frontend session ended with an error: {e}"),
             }

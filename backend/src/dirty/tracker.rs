@@ -24,6 +24,15 @@
 //! valid state block G and ORs into each recording bitmap's fine level every
 //! extent of every log slot whose epoch is >= G.
 //!
+//! # Relocation (the mirror's pivot)
+//!
+//! [`DirtyTracker::relocate`] moves the bitmaps to another sidecar: it is
+//! the "file replacement" that adding a bitmap does, written into the new
+//! store instead of the current one. The new log epoch is bound to the new
+//! store (`AlEpoch::store`), so a commit always writes the file its slot
+//! offset belongs to; the old file is left as it was, complete for every
+//! mark made before (those went to the old image).
+//!
 //! # Why a mark is never lost
 //!
 //! A marker sets its fine bit, fences, then loads the log; a checkpoint
@@ -155,6 +164,10 @@ const AL_FAILED: u8 = 3;
 /// The activity log of one epoch.
 struct AlEpoch {
     epoch: u64,
+    /// The sidecar holding this log's slot. Bound to the epoch rather than
+    /// read from the tracker, so that a commit always writes the file whose
+    /// layout `slot_off` refers to, even across a relocation.
+    store: Option<Arc<dyn MetaStore>>,
     /// Absolute offset of the slot's header page (bits follow at +4 KiB).
     slot_off: u64,
     kind: AtomicU8,
@@ -169,6 +182,7 @@ struct AlEpoch {
 impl AlEpoch {
     fn new(
         epoch: u64,
+        store: Option<Arc<dyn MetaStore>>,
         slot_off: u64,
         nwords: usize,
         kind: u8,
@@ -183,6 +197,7 @@ impl AlEpoch {
         let pre = |i: usize| prepop.get(i).copied().unwrap_or(0);
         AlEpoch {
             epoch,
+            store,
             slot_off,
             kind: AtomicU8::new(kind),
             requested: mk(&pre),
@@ -239,8 +254,11 @@ impl AlEpoch {
     }
 }
 
+/// The persistence machinery. It exists even without a sidecar (its log is
+/// then a no-file log), so that [`DirtyTracker::relocate`] can give a tracker
+/// opened without one a place for persistent bitmaps later. The sidecar
+/// itself is `Control::store` (and, for log commits, `AlEpoch::store`).
 struct Persist {
-    store: Arc<dyn MetaStore>,
     extent_shift: u32,
     nwords: usize,
     al: ArcSwap<AlEpoch>,
@@ -272,6 +290,10 @@ struct Stats {
 /// State changed only under the control mutex: management operations and
 /// checkpoints are serialized by it.
 struct Control {
+    /// The sidecar (`None`: persistent bitmaps cannot be stored). Changed
+    /// only by a relocation, together with `layout` and the current log.
+    store: Option<Arc<dyn MetaStore>>,
+    /// The layout of the file in `store` (`None` while it holds no bitmaps).
     layout: Option<Layout>,
     durable_gen: u64,
     prev_al: Option<Arc<AlEpoch>>,
@@ -295,8 +317,20 @@ struct Inner {
     read_only: bool,
     bitmaps: ArcSwap<Vec<Arc<Named>>>,
     inflight: ArcSwap<Vec<(Arc<InFlightBitmap>, Arc<DirtyBitmap>)>>,
-    persist: Option<Persist>,
+    persist: Persist,
     control: Mutex<Control>,
+}
+
+impl Inner {
+    /// The persistent bitmaps, in the order they were added (file order).
+    fn persistent_bitmaps(&self) -> Vec<Arc<Named>> {
+        self.bitmaps
+            .load()
+            .iter()
+            .filter(|b| b.persistent)
+            .cloned()
+            .collect()
+    }
 }
 
 /// All dirty bitmaps of one disk. Share it (`Arc`) between the queue threads
@@ -377,18 +411,25 @@ impl DirtyTracker {
         }
         let extent_shift = extent_size.trailing_zeros();
         let nwords = disk_size.div_ceil(extent_size).div_ceil(64).max(1) as usize;
-        let persist = config.sidecar.clone().map(|store| Persist {
-            store,
+        let persist = Persist {
             extent_shift,
             nwords,
-            al: ArcSwap::from_pointee(AlEpoch::new(epoch0, 0, nwords, AL_NO_FILE, &[], false)),
+            al: ArcSwap::from_pointee(AlEpoch::new(
+                epoch0,
+                None,
+                0,
+                nwords,
+                AL_NO_FILE,
+                &[],
+                false,
+            )),
             layout_lock: RwLock::new(()),
             flush_interval_ms: AtomicU64::new(config.flush_interval.as_millis().max(1) as u64),
             carry_hot_extents: config.carry_hot_extents,
             wake: Mutex::new(Wake::default()),
             wake_cv: Condvar::new(),
             stats: Stats::default(),
-        });
+        };
         let inner = Arc::new(Inner {
             disk_size,
             read_only: config.read_only,
@@ -396,6 +437,7 @@ impl DirtyTracker {
             inflight: ArcSwap::from_pointee(Vec::new()),
             persist,
             control: Mutex::new(Control {
+                store: config.sidecar.clone(),
                 layout: None,
                 durable_gen: epoch0,
                 prev_al: None,
@@ -404,30 +446,46 @@ impl DirtyTracker {
                 recovered,
             }),
         });
-        if let (Some(p), false) = (&inner.persist, config.read_only) {
+        if let (Some(store), false) = (&config.sidecar, config.read_only) {
             let mut ctl = lock(&inner.control);
             if !named.is_empty() {
-                p.relayout(&inner, &mut ctl, &named)?;
+                inner.persist.relayout(&inner, &mut ctl, &named, store)?;
             } else if had_valid_empty_file {
-                p.store.remove().map_err(|e| {
-                    DirtyError::io(format!("removing empty {}", p.store.describe()), e)
+                store.remove().map_err(|e| {
+                    DirtyError::io(format!("removing empty {}", store.describe()), e)
                 })?;
             }
         }
-        let thread = if inner.persist.is_some() && !config.read_only {
-            let inner2 = inner.clone();
-            let handle = std::thread::Builder::new()
-                .name("vubd-bitmaps".into())
-                .spawn(move || background(inner2))
-                .map_err(|e| DirtyError::io("starting the bitmap write-out thread", e))?;
-            Some(handle)
-        } else {
-            None
-        };
-        Ok(DirtyTracker {
+        let tracker = DirtyTracker {
             inner,
-            thread: Mutex::new(thread),
-        })
+            thread: Mutex::new(None),
+        };
+        if config.sidecar.is_some() {
+            tracker.ensure_thread()?;
+        }
+        Ok(tracker)
+    }
+
+    /// Starts the background write-out thread unless it runs already (or the
+    /// disk is read-only: nothing is written then). Call without holding the
+    /// control lock: [`DirtyTracker::shutdown`] joins the thread, which takes
+    /// that lock, while it holds the thread slot.
+    fn ensure_thread(&self) -> Result<(), DirtyError> {
+        if self.inner.read_only {
+            return Ok(());
+        }
+        let mut slot = lock(&self.thread);
+        // Running, or stopped for good by `shutdown`/drop.
+        if slot.is_some() || lock(&self.inner.persist.wake).stop {
+            return Ok(());
+        }
+        let inner = self.inner.clone();
+        let handle = std::thread::Builder::new()
+            .name("vubd-bitmaps".into())
+            .spawn(move || background(inner))
+            .map_err(|e| DirtyError::io("starting the bitmap write-out thread", e))?;
+        *slot = Some(handle);
+        Ok(())
     }
 
     /// Size of the disk.
@@ -462,9 +520,10 @@ impl DirtyTracker {
                 log = true;
             }
         }
-        match (&inner.persist, log) {
-            (Some(p), true) => p.log(offset, len),
-            _ => Ok(()),
+        if log {
+            inner.persist.log(offset, len)
+        } else {
+            Ok(())
         }
     }
 
@@ -570,19 +629,22 @@ impl DirtyTracker {
         let granularity = granularity.unwrap_or(DEFAULT_GRANULARITY);
         check_granularity(granularity)?;
         let inner = &*self.inner;
-        if persistent {
-            if inner.persist.is_none() {
-                return Err(DirtyError::PersistenceUnavailable(
-                    "no sidecar file is configured".into(),
-                ));
-            }
-            if inner.read_only {
-                return Err(DirtyError::PersistenceUnavailable(
-                    "the image is read-only".into(),
-                ));
-            }
+        if persistent && inner.read_only {
+            return Err(DirtyError::PersistenceUnavailable(
+                "the image is read-only".into(),
+            ));
         }
         let mut ctl = self.control()?;
+        // Under the control lock: a relocation may have given us a sidecar.
+        let store = match (persistent, &ctl.store) {
+            (false, _) => None,
+            (true, Some(store)) => Some(store.clone()),
+            (true, None) => {
+                return Err(DirtyError::PersistenceUnavailable(
+                    "no sidecar file is configured".into(),
+                ))
+            }
+        };
         if self.find(name).is_ok() {
             return Err(DirtyError::AlreadyExists(name.to_string()));
         }
@@ -599,16 +661,10 @@ impl DirtyTracker {
             readonly: false,
             busy: AtomicBool::new(false),
         });
-        if let (true, Some(p)) = (persistent, &inner.persist) {
-            let mut files: Vec<Arc<Named>> = inner
-                .bitmaps
-                .load()
-                .iter()
-                .filter(|b| b.persistent)
-                .cloned()
-                .collect();
+        if let Some(store) = store {
+            let mut files = inner.persistent_bitmaps();
             files.push(entry.clone());
-            p.relayout(inner, &mut ctl, &files)?;
+            inner.persist.relayout(inner, &mut ctl, &files, &store)?;
         }
         inner.bitmaps.rcu(|v| {
             let mut v = Vec::clone(v);
@@ -633,15 +689,13 @@ impl DirtyTracker {
         let mut ctl = self.control()?;
         let b = self.find(name)?;
         Self::check(&b, true, true, false)?;
-        if let (true, Some(p)) = (b.persistent, &inner.persist) {
+        if let (true, Some(store)) = (b.persistent, ctl.store.clone()) {
             let files: Vec<Arc<Named>> = inner
-                .bitmaps
-                .load()
-                .iter()
-                .filter(|x| x.persistent && !Arc::ptr_eq(x, &b))
-                .cloned()
+                .persistent_bitmaps()
+                .into_iter()
+                .filter(|x| !Arc::ptr_eq(x, &b))
                 .collect();
-            p.relayout(inner, &mut ctl, &files)?;
+            inner.persist.relayout(inner, &mut ctl, &files, &store)?;
         }
         inner.bitmaps.rcu(|v| {
             v.iter()
@@ -661,8 +715,8 @@ impl DirtyTracker {
         let b = self.find(name)?;
         Self::check(&b, true, true, true)?;
         b.bitmap.clear();
-        if let (true, Some(p)) = (b.persistent, &inner.persist) {
-            p.checkpoint(inner, &mut ctl, Mode::Fresh)?;
+        if b.persistent {
+            inner.persist.checkpoint(inner, &mut ctl, Mode::Fresh)?;
         }
         Ok(())
     }
@@ -686,10 +740,10 @@ impl DirtyTracker {
             return Ok(());
         }
         b.bitmap.set_recording(on);
-        if let (true, false, Some(p)) = (b.persistent, inner.read_only, &inner.persist) {
+        if b.persistent && !inner.read_only {
             // The state block must say "recording" before a mark may rely on
             // the activity log being applied to this bitmap at recovery.
-            if let Err(e) = p.checkpoint(inner, &mut ctl, Mode::Periodic) {
+            if let Err(e) = inner.persist.checkpoint(inner, &mut ctl, Mode::Periodic) {
                 b.bitmap.set_recording(!on);
                 return Err(e);
             }
@@ -716,8 +770,8 @@ impl DirtyTracker {
                 t.bitmap.merge_from(&s.bitmap);
             }
         }
-        if let (true, Some(p)) = (t.persistent, &inner.persist) {
-            p.checkpoint(inner, &mut ctl, Mode::Periodic)?;
+        if t.persistent {
+            inner.persist.checkpoint(inner, &mut ctl, Mode::Periodic)?;
         }
         Ok(())
     }
@@ -767,23 +821,17 @@ impl DirtyTracker {
 
     /// Sets the interval of the lazy fine-level write-out.
     pub fn set_flush_interval(&self, interval: Duration) {
-        if let Some(p) = &self.inner.persist {
-            p.flush_interval_ms.store(
-                interval.as_millis().clamp(1, u128::from(u64::MAX)) as u64,
-                Ordering::Relaxed,
-            );
-            p.kick();
-        }
+        let p = &self.inner.persist;
+        p.flush_interval_ms.store(
+            interval.as_millis().clamp(1, u128::from(u64::MAX)) as u64,
+            Ordering::Relaxed,
+        );
+        p.kick();
     }
 
     /// The interval of the lazy fine-level write-out.
     pub fn flush_interval(&self) -> Duration {
-        self.inner
-            .persist
-            .as_ref()
-            .map_or(DEFAULT_FLUSH_INTERVAL, |p| {
-                Duration::from_millis(p.flush_interval_ms.load(Ordering::Relaxed))
-            })
+        Duration::from_millis(self.inner.persist.flush_interval_ms.load(Ordering::Relaxed))
     }
 
     /// Writes the fine level out now and starts a new log epoch (what the
@@ -791,22 +839,94 @@ impl DirtyTracker {
     pub fn checkpoint_now(&self) -> Result<(), DirtyError> {
         let inner = &*self.inner;
         let mut ctl = self.control()?;
-        match (&inner.persist, inner.read_only) {
-            (Some(p), false) => p.checkpoint(inner, &mut ctl, Mode::Periodic),
-            _ => Ok(()),
+        if inner.read_only {
+            return Ok(());
         }
+        inner.persist.checkpoint(inner, &mut ctl, Mode::Periodic)
+    }
+
+    /// Makes `store` this disk's sidecar from now on: the mirror's pivot to a
+    /// new image calls it, because bitmaps belong to the disk, not to the
+    /// file, and the next start with `--image NEW` must find them complete.
+    ///
+    /// Writes a complete new sidecar into `store` (every persistent bitmap's
+    /// current bits and recording state, the hot extents of the current log
+    /// as its initial log) with [`MetaStore::replace`], so it is durable when
+    /// this returns: recovery from `store` alone then holds every mark that
+    /// returned before, and, as the activity log, write-outs and shutdown
+    /// switch to `store` at the same time, every mark after. A stale file at
+    /// `store` is overwritten; with no persistent bitmap it is removed (a
+    /// sidecar there would claim bitmaps for the new image that it does not
+    /// have), and `store` is only recorded, so that a later persistent `add`
+    /// writes there — also when the tracker was opened without a sidecar.
+    ///
+    /// The old sidecar is not written again (it stays consistent with the old
+    /// image as it was at the pivot; its last stop reads as unclean). On a
+    /// read-only disk the new sidecar is still written once, so the bitmaps
+    /// follow the disk, and never again.
+    ///
+    /// Precondition: no [`DirtyTracker::mark`] runs concurrently (the caller
+    /// has paused guest I/O, e.g. under `Disk::gate().pause()`, and resumes
+    /// it only on the new image). A mark that did race would wait for the
+    /// switch and then be covered by the new file, or fail if the relocation
+    /// fails; it is never lost. The background write-out and management
+    /// calls may run: they serialize with this on the control lock.
+    ///
+    /// Errors: if the new sidecar cannot be written, the tracker keeps using
+    /// the old one (nothing on the old file changes; its next write-out
+    /// writes every page) and the error is returned — fail the pivot then.
+    /// After [`DirtyTracker::shutdown`]: [`DirtyError::ShutDown`].
+    pub fn relocate(&self, store: Arc<dyn MetaStore>) -> Result<(), DirtyError> {
+        // Before the control lock: `shutdown` joins the thread while holding
+        // the thread slot, and the thread takes the control lock.
+        self.ensure_thread()?;
+        let inner = &*self.inner;
+        let mut ctl = self.control()?;
+        let old = ctl.store.clone();
+        let same = old.as_ref().is_some_and(|o| Arc::ptr_eq(o, &store));
+        let members = inner.persistent_bitmaps();
+        let started = Instant::now();
+        if let Err(e) = inner.persist.relayout(inner, &mut ctl, &members, &store) {
+            // `replace` may have failed after the rename (directory sync):
+            // a complete file could be left beside an image that is not the
+            // disk. Remove it if it is surely not the file still in use.
+            let other_file = old
+                .as_ref()
+                .is_none_or(|o| o.describe() != store.describe());
+            if !same && other_file && !members.is_empty() {
+                if let Err(re) = store.remove() {
+                    log::warn!(
+                        "bitmap sidecar {}: cannot remove after a failed relocation: {re}",
+                        store.describe()
+                    );
+                }
+            }
+            log::error!(
+                "moving dirty bitmaps from {} to {} failed, still using the former: {e}",
+                describe(&old),
+                store.describe()
+            );
+            return Err(e);
+        }
+        log::info!(
+            "dirty bitmaps moved from {} to {} ({} persistent, {:?})",
+            describe(&old),
+            store.describe(),
+            members.len(),
+            started.elapsed()
+        );
+        Ok(())
     }
 
     /// Counters of the persistence machinery.
     pub fn stats(&self) -> TrackerStats {
         let mut s = lock(&self.inner.control).recovered.clone();
-        if let Some(p) = &self.inner.persist {
-            s.log_waits = p.stats.log_waits.load(Ordering::Relaxed);
-            s.log_commits = p.stats.log_commits.load(Ordering::Relaxed);
-            s.log_wait_us = p.stats.log_wait_us.load(Ordering::Relaxed);
-            s.checkpoints = p.stats.checkpoints.load(Ordering::Relaxed);
-            s.checkpoint_failures = p.stats.checkpoint_failures.load(Ordering::Relaxed);
-        }
+        let p = &self.inner.persist;
+        s.log_waits = p.stats.log_waits.load(Ordering::Relaxed);
+        s.log_commits = p.stats.log_commits.load(Ordering::Relaxed);
+        s.log_wait_us = p.stats.log_wait_us.load(Ordering::Relaxed);
+        s.checkpoints = p.stats.checkpoints.load(Ordering::Relaxed);
+        s.checkpoint_failures = p.stats.checkpoint_failures.load(Ordering::Relaxed);
         s
     }
 
@@ -821,23 +941,22 @@ impl DirtyTracker {
         if ctl.closed {
             return Ok(());
         }
-        let res = match (&inner.persist, inner.read_only) {
-            (Some(p), false) => p.checkpoint(inner, &mut ctl, Mode::Final),
-            _ => Ok(()),
+        let res = if inner.read_only {
+            Ok(())
+        } else {
+            inner.persist.checkpoint(inner, &mut ctl, Mode::Final)
         };
         ctl.closed = true;
-        if let Some(p) = &inner.persist {
-            p.al.load().set_kind(AL_CLOSED);
-        }
+        inner.persist.al.load().set_kind(AL_CLOSED);
         res
     }
 
     fn stop_thread(&self) {
-        if let Some(p) = &self.inner.persist {
-            lock(&p.wake).stop = true;
-            p.wake_cv.notify_all();
-        }
-        if let Some(h) = lock(&self.thread).take() {
+        let p = &self.inner.persist;
+        lock(&p.wake).stop = true;
+        p.wake_cv.notify_all();
+        let handle = lock(&self.thread).take();
+        if let Some(h) = handle {
             let _ = h.join();
         }
     }
@@ -852,7 +971,7 @@ impl Drop for DirtyTracker {
 }
 
 fn background(inner: Arc<Inner>) {
-    let Some(p) = &inner.persist else { return };
+    let p = &inner.persist;
     loop {
         {
             let mut w = lock(&p.wake);
@@ -882,7 +1001,7 @@ fn background(inner: Arc<Inner>) {
             if let Err(e) = p.checkpoint(&inner, &mut ctl, Mode::Periodic) {
                 log::warn!(
                     "bitmap write-out to {} failed (will retry): {e}",
-                    p.store.describe()
+                    describe(&ctl.store)
                 );
             }
         }
@@ -977,6 +1096,9 @@ impl Persist {
         if al.retired.load(Ordering::Acquire) || al.kind() != AL_LIVE {
             return Ok(());
         }
+        let Some(store) = &al.store else {
+            return Err(failed_log());
+        };
         let words_per_page = (PAGE / 8) as usize;
         let req = AlEpoch::snapshot(&al.requested);
         let mut pages = Vec::new();
@@ -988,18 +1110,18 @@ impl Persist {
                 }
             }
         }
-        let what = || format!("writing the activity log of {}", self.store.describe());
+        let what = || format!("writing the activity log of {}", store.describe());
         for &p in &pages {
             let words = &req[p * words_per_page..((p + 1) * words_per_page).min(req.len())];
             let mut buf = vec![0u8; PAGE as usize];
             for (i, w) in words.iter().enumerate() {
                 buf[i * 8..i * 8 + 8].copy_from_slice(&w.to_le_bytes());
             }
-            self.store
+            store
                 .write_at(al.slot_off + PAGE + p as u64 * PAGE, &buf)
                 .map_err(|e| DirtyError::io(what(), e))?;
         }
-        self.store.sync().map_err(|e| DirtyError::io(what(), e))?;
+        store.sync().map_err(|e| DirtyError::io(what(), e))?;
         self.stats.log_commits.fetch_add(1, Ordering::Relaxed);
         for &p in &pages {
             let range = p * words_per_page..((p + 1) * words_per_page).min(req.len());
@@ -1058,7 +1180,7 @@ impl Persist {
         ctl: &mut Control,
         mode: Mode,
     ) -> Result<(), DirtyError> {
-        let Some(layout) = ctl.layout.clone() else {
+        let (Some(layout), Some(store)) = (ctl.layout.clone(), ctl.store.clone()) else {
             return Ok(());
         };
         let cur = self.al.load_full();
@@ -1068,7 +1190,7 @@ impl Persist {
         // A previous checkpoint switched epochs but did not make its state
         // durable: finish it first, so the log before `cur` may be retired.
         if ctl.durable_gen < cur.epoch {
-            self.write_fine_and_state(inner, ctl, &layout, cur.epoch, false)?;
+            self.write_fine_and_state(inner, ctl, &store, &layout, cur.epoch, false)?;
         }
         if let Some(prev) = ctl.prev_al.take() {
             let _excl = self.layout_lock.write().unwrap_or_else(|e| e.into_inner());
@@ -1076,7 +1198,7 @@ impl Persist {
         }
         let next_epoch = cur.epoch + 1;
         let next = if mode == Mode::Final {
-            AlEpoch::new(next_epoch, 0, self.nwords, AL_CLOSED, &[], false)
+            AlEpoch::new(next_epoch, None, 0, self.nwords, AL_CLOSED, &[], false)
         } else {
             let prepop = if mode == Mode::Periodic && self.carry_hot_extents {
                 AlEpoch::snapshot(&cur.touched)
@@ -1091,35 +1213,39 @@ impl Persist {
             for (i, w) in prepop.iter().enumerate() {
                 buf[start + i * 8..start + i * 8 + 8].copy_from_slice(&w.to_le_bytes());
             }
-            let what = || {
-                format!(
-                    "starting log epoch {next_epoch} in {}",
-                    self.store.describe()
-                )
-            };
-            self.store
+            let what = || format!("starting log epoch {next_epoch} in {}", store.describe());
+            store
                 .write_at(slot_off, &buf)
                 .map_err(|e| DirtyError::io(what(), e))?;
-            self.store.sync().map_err(|e| DirtyError::io(what(), e))?;
-            AlEpoch::new(next_epoch, slot_off, self.nwords, AL_LIVE, &prepop, true)
+            store.sync().map_err(|e| DirtyError::io(what(), e))?;
+            AlEpoch::new(
+                next_epoch,
+                Some(store.clone()),
+                slot_off,
+                self.nwords,
+                AL_LIVE,
+                &prepop,
+                true,
+            )
         };
         self.al.store(Arc::new(next));
         // Pairs with the fence in `log`: after this, a marker either sees the
         // new log or its fine bits are visible to the reads below.
         fence(Ordering::SeqCst);
         ctl.prev_al = Some(cur);
-        self.write_fine_and_state(inner, ctl, &layout, next_epoch, mode == Mode::Final)
+        self.write_fine_and_state(inner, ctl, &store, &layout, next_epoch, mode == Mode::Final)
     }
 
     fn write_fine_and_state(
         &self,
         inner: &Inner,
         ctl: &mut Control,
+        store: &Arc<dyn MetaStore>,
         layout: &Layout,
         gen: u64,
         clean: bool,
     ) -> Result<(), DirtyError> {
-        let what = || format!("writing bitmaps to {}", self.store.describe());
+        let what = || format!("writing bitmaps to {}", store.describe());
         let members = Self::file_bitmaps(inner, layout);
         let full = ctl.full_writeout;
         // From here until the state block is durable, a failure means the
@@ -1142,14 +1268,12 @@ impl Persist {
                 b.bitmap.read_words_le(p * words_per_page, &mut buf);
                 let off = p as u64 * PAGE_BYTES;
                 let n = (e.data_len - off).min(PAGE_BYTES) as usize;
-                self.store
+                store
                     .write_at(e.data_off + off, &buf[..n])
                     .map_err(|err| DirtyError::io(what(), err))?;
             }
         }
-        self.store
-            .sync()
-            .map_err(|err| DirtyError::io(what(), err))?;
+        store.sync().map_err(|err| DirtyError::io(what(), err))?;
         let flags: Vec<u64> = members
             .iter()
             .map(|b| match b {
@@ -1158,24 +1282,27 @@ impl Persist {
             })
             .collect();
         let state = layout.encode_state(gen, if clean { STATE_CLEAN } else { 0 }, &flags);
-        self.store
+        store
             .write_at(layout.state_off_for(gen), &state)
             .map_err(|err| DirtyError::io(what(), err))?;
-        self.store
-            .sync()
-            .map_err(|err| DirtyError::io(what(), err))?;
+        store.sync().map_err(|err| DirtyError::io(what(), err))?;
         ctl.durable_gen = gen;
         ctl.full_writeout = false;
         Ok(())
     }
 
     /// Writes a whole new sidecar for `members` (persistent bitmaps, in
-    /// order) and switches to it atomically; with no members, deletes it.
+    /// order) into `store` and switches to it atomically; with no members,
+    /// deletes the file in `store`. `store` is the current sidecar, or a new
+    /// one ([`DirtyTracker::relocate`]): on success it becomes the current
+    /// one; on failure nothing changes but the forced full write-out (the
+    /// changed-page marks were consumed), and the old file stays in use.
     fn relayout(
         &self,
         inner: &Inner,
         ctl: &mut Control,
         members: &[Arc<Named>],
+        store: &Arc<dyn MetaStore>,
     ) -> Result<(), DirtyError> {
         let _excl = self.layout_lock.write().unwrap_or_else(|e| e.into_inner());
         let cur = self.al.load_full();
@@ -1187,11 +1314,12 @@ impl Persist {
             }
         };
         if members.is_empty() {
-            self.store
+            store
                 .remove()
-                .map_err(|e| DirtyError::io(format!("removing {}", self.store.describe()), e))?;
+                .map_err(|e| DirtyError::io(format!("removing {}", store.describe()), e))?;
             self.al.store(Arc::new(AlEpoch::new(
                 next_epoch,
+                None,
                 0,
                 self.nwords,
                 AL_NO_FILE,
@@ -1199,6 +1327,7 @@ impl Persist {
                 false,
             )));
             retire_old(ctl);
+            ctl.store = Some(store.clone());
             ctl.layout = None;
             ctl.durable_gen = next_epoch;
             ctl.full_writeout = false;
@@ -1220,6 +1349,7 @@ impl Persist {
         // commits need the layout lock we hold).
         let next = Arc::new(AlEpoch::new(
             next_epoch,
+            Some(store.clone()),
             slot_off,
             self.nwords,
             AL_LIVE,
@@ -1271,12 +1401,13 @@ impl Persist {
             let off = e.data_off as usize;
             b.bitmap.read_words_le(0, &mut file[off..off + n]);
         }
-        match self.store.replace(&file) {
+        match store.replace(&file) {
             Ok(()) => {
                 for (i, w) in prepop.iter().enumerate() {
                     next.durable[i].fetch_or(*w, Ordering::AcqRel);
                 }
                 retire_old(ctl);
+                ctl.store = Some(store.clone());
                 ctl.layout = Some(layout);
                 ctl.durable_gen = next_epoch;
                 ctl.full_writeout = false;
@@ -1290,13 +1421,17 @@ impl Persist {
                     b.bitmap.mark_all_pages_changed();
                 }
                 ctl.full_writeout = true;
-                Err(DirtyError::io(
-                    format!("replacing {}", self.store.describe()),
-                    e,
-                ))
+                Err(DirtyError::io(format!("replacing {}", store.describe()), e))
             }
         }
     }
+}
+
+/// A sidecar's name for log lines.
+fn describe(store: &Option<Arc<dyn MetaStore>>) -> String {
+    store
+        .as_ref()
+        .map_or_else(|| "(no sidecar)".to_string(), |s| s.describe())
 }
 
 fn failed_log() -> DirtyError {

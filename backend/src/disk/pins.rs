@@ -69,7 +69,10 @@ impl<T> Pins<T> {
 
     /// The version `id` (still pinned).
     pub fn get(&self, id: PinId) -> Option<&T> {
-        self.versions.iter().find(|v| v.id == id.0).map(|v| &v.value)
+        self.versions
+            .iter()
+            .find(|v| v.id == id.0)
+            .map(|v| &v.value)
     }
 
     /// Ends one use of version `id`; an old version goes away with its last user.
@@ -116,7 +119,11 @@ mod tests {
         pins.unpin(p1);
         assert_eq!(Arc::strong_count(&a), 2, "still used by p2");
         pins.unpin(p2);
-        assert_eq!(Arc::strong_count(&a), 1, "old version dropped with its last user");
+        assert_eq!(
+            Arc::strong_count(&a),
+            1,
+            "old version dropped with its last user"
+        );
         assert!(pins.get(p1).is_none());
         assert_eq!(**pins.get(p3).unwrap(), 2);
 

@@ -264,11 +264,22 @@ impl UringEngine {
         self.start(Kind::Flush, fd, image, 0, &[], token);
     }
 
-    fn start(&mut self, kind: Kind, fd: RawFd, image: PinId, offset: u64, bufs: &[IoBuf], token: u64) {
+    fn start(
+        &mut self,
+        kind: Kind,
+        fd: RawFd,
+        image: PinId,
+        offset: u64,
+        bufs: &[IoBuf],
+        token: u64,
+    ) {
         let Some(idx) = self.take_slot() else {
             self.images.unpin(image);
             let err = io::Error::new(io::ErrorKind::Other, "io_uring engine overfilled");
-            self.ready.push_back((token, Err(Self::image_err(kind, offset, total_len(bufs), err))));
+            self.ready.push_back((
+                token,
+                Err(Self::image_err(kind, offset, total_len(bufs), err)),
+            ));
             return;
         };
         let slot = &mut self.slots[idx as usize];
@@ -290,7 +301,11 @@ impl UringEngine {
     fn issue(&mut self, idx: u32) {
         let slot = &self.slots[idx as usize];
         let fd = types::Fd(slot.fd);
-        let iov: &[IoBuf] = if slot.done == 0 { &slot.bufs } else { &slot.rest };
+        let iov: &[IoBuf] = if slot.done == 0 {
+            &slot.bufs
+        } else {
+            &slot.rest
+        };
         let pos = slot.offset + slot.done;
         let entry = match slot.kind {
             Kind::Flush => opcode::Fsync::new(fd)
@@ -359,10 +374,16 @@ impl UringEngine {
         }
     }
 
-    /// Hands every queued entry to the kernel without waiting. Requests
-    /// that complete at once (page-cache hits) are ready to reap afterwards.
+    /// Hands every queued entry to the kernel without waiting, and has the
+    /// kernel post the completions it is holding back (deferred task work).
+    /// Requests that complete at once (page-cache hits) and those that
+    /// completed meanwhile are ready to reap afterwards.
     pub fn submit(&mut self) {
-        if self.ring.submission().is_empty() {
+        let idle = {
+            let sq = self.ring.submission();
+            sq.is_empty() && !sq.taskrun()
+        };
+        if idle {
             return;
         }
         if let Err(e) = self.ring.submit() {
@@ -373,23 +394,12 @@ impl UringEngine {
     }
 
     /// True if `reap` has something to report, after a non-blocking look
-    /// (runs deferred completion work if the kernel says there is some):
-    /// for busy polling.
+    /// (`submit`): for busy polling.
     pub fn poll(&mut self) -> bool {
         if !self.ready.is_empty() {
             return true;
         }
-        let pending_work = {
-            let sq = self.ring.submission();
-            !sq.is_empty() || sq.taskrun()
-        };
-        if pending_work {
-            if let Err(e) = self.ring.submit() {
-                if !transient(&e) {
-                    error!("io_uring submit failed: {e}");
-                }
-            }
-        }
+        self.submit();
         !self.ring.completion().is_empty()
     }
 
@@ -468,7 +478,10 @@ impl UringEngine {
             }
             for &(user_data, res) in &cqes {
                 if user_data & KICK_TAG != 0 {
-                    if self.kick_armed.is_some_and(|(_, gen)| KICK_TAG | gen == user_data) {
+                    if self
+                        .kick_armed
+                        .is_some_and(|(_, gen)| KICK_TAG | gen == user_data)
+                    {
                         self.kick_armed = None;
                         self.kicked = true;
                     }

@@ -39,7 +39,14 @@ impl Drop for TempDir {
 }
 
 fn raw_disk(path: &Path) -> Disk {
-    let img = RawImage::open(path, RawImageOptions { read_only: false, direct: false }).unwrap();
+    let img = RawImage::open(
+        path,
+        RawImageOptions {
+            read_only: false,
+            direct: false,
+        },
+    )
+    .unwrap();
     Disk::new(Box::new(img), false)
 }
 
@@ -52,7 +59,11 @@ fn reap_n(e: &mut UringEngine, disk: &Disk, n: usize) -> Vec<Reaped> {
     let mut out = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(10);
     while out.len() < n {
-        assert!(Instant::now() < deadline, "only {} of {n} requests completed", out.len());
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {n} requests completed",
+            out.len()
+        );
         e.submit();
         e.reap(disk, |t, r| out.push((t, r)));
         if out.len() < n {
@@ -69,7 +80,9 @@ fn many_scattered_writes_and_reads_in_flight_at_once() {
     let disk = raw_disk(&path);
     let mut e = engine();
     // 32 writes of 8 KiB, each from two buffers of unequal size.
-    let mut data: Vec<Vec<u8>> = (0..32u8).map(|i| vec![i.wrapping_mul(7) | 1; 8192]).collect();
+    let mut data: Vec<Vec<u8>> = (0..32u8)
+        .map(|i| vec![i.wrapping_mul(7) | 1; 8192])
+        .collect();
     for (i, d) in data.iter_mut().enumerate() {
         let (a, b) = d.split_at_mut(1536);
         let bufs = [IoBuf::from_slice(a), IoBuf::from_slice(b)];
@@ -81,7 +94,11 @@ fn many_scattered_writes_and_reads_in_flight_at_once() {
     assert_eq!(e.in_flight(), 0);
     let mut tokens: Vec<u64> = done.iter().map(|(t, _)| *t).collect();
     tokens.sort_unstable();
-    assert_eq!(tokens, (0..32).collect::<Vec<_>>(), "every token exactly once");
+    assert_eq!(
+        tokens,
+        (0..32).collect::<Vec<_>>(),
+        "every token exactly once"
+    );
     assert!(done.iter().all(|(_, r)| r.is_ok()));
     let file = std::fs::read(&path).unwrap();
     for (i, d) in data.iter().enumerate() {
@@ -92,7 +109,11 @@ fn many_scattered_writes_and_reads_in_flight_at_once() {
     for (i, chunk) in back.chunks_mut(8192).enumerate() {
         let (a, rest) = chunk.split_at_mut(512);
         let (b, c) = rest.split_at_mut(4096);
-        let bufs = [IoBuf::from_slice(a), IoBuf::from_slice(b), IoBuf::from_slice(c)];
+        let bufs = [
+            IoBuf::from_slice(a),
+            IoBuf::from_slice(b),
+            IoBuf::from_slice(c),
+        ];
         // SAFETY: `back` outlives the reaping below.
         unsafe { e.read(&disk, i as u64 * 8192, &bufs, 100 + i as u64) };
     }
@@ -151,7 +172,10 @@ impl Image for PipeImage {
 fn pipe(flags: i32) -> (OwnedFd, OwnedFd) {
     let mut fds = [0; 2];
     // SAFETY: pipe2 writes two fds into the array.
-    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), flags | libc::O_CLOEXEC) }, 0);
+    assert_eq!(
+        unsafe { libc::pipe2(fds.as_mut_ptr(), flags | libc::O_CLOEXEC) },
+        0
+    );
     // SAFETY: both fds were just created and are owned by nobody else.
     unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
 }
@@ -193,7 +217,11 @@ fn short_reads_are_resubmitted_until_complete() {
             }
         }
     }
-    let done = if got.is_empty() { reap_n(&mut e, &disk, 1) } else { got };
+    let done = if got.is_empty() {
+        reap_n(&mut e, &disk, 1)
+    } else {
+        got
+    };
     assert_eq!(e.stats().short_transfers, 2);
     assert_eq!(done.len(), 1);
     assert_eq!(done[0].0, 7);
@@ -214,7 +242,10 @@ fn end_of_file_mid_read_is_an_error() {
     write_fd(&wr, &[9u8; 100]);
     drop(wr); // EOF after 100 bytes: the resubmitted rest reads 0
     let done = reap_n(&mut e, &disk, 1);
-    let err = done[0].1.as_ref().expect_err("a read cut short by EOF must fail");
+    let err = done[0]
+        .1
+        .as_ref()
+        .expect_err("a read cut short by EOF must fail");
     assert!(err.to_string().contains("ended early"), "{err}");
 }
 
@@ -270,7 +301,9 @@ fn os_errors_become_image_errors_and_free_the_slot() {
         unsafe { e.write(&disk, 0, &[IoBuf::from_slice(&mut buf)], round) };
         let done = reap_n(&mut e, &disk, 1);
         match &done[0].1 {
-            Err(DiskError::Image(ImageError::Io { op: "write", cause, .. })) => {
+            Err(DiskError::Image(ImageError::Io {
+                op: "write", cause, ..
+            })) => {
                 assert_eq!(cause.raw_os_error(), Some(libc::EBADF))
             }
             other => panic!("unexpected {other:?}"),
@@ -287,7 +320,10 @@ fn os_errors_become_image_errors_and_free_the_slot() {
     let disk = Disk::new(Box::new(PipeImage { fd: rd }), false);
     e.flush(&disk, 11);
     let done = reap_n(&mut e, &disk, 1);
-    assert!(matches!(done[0].1, Err(DiskError::Image(ImageError::Io { op: "flush", .. }))));
+    assert!(matches!(
+        done[0].1,
+        Err(DiskError::Image(ImageError::Io { op: "flush", .. }))
+    ));
 }
 
 /// Records the order in which hooks run.
@@ -309,7 +345,9 @@ impl WriteHook for Recorder {
         Ok(())
     }
     fn after_write(&self, offset: u64, len: u64, op: WriteOp<'_>) -> Result<(), DiskError> {
-        let WriteOp::Data(bufs) = op else { panic!("not data") };
+        let WriteOp::Data(bufs) = op else {
+            panic!("not data")
+        };
         assert_eq!(total_len(bufs), len, "after_write sees the whole request");
         self.0.lock().unwrap().push(format!("after {offset}"));
         Ok(())
@@ -334,7 +372,11 @@ fn hooks_run_around_the_io_and_a_flush_follows_completed_writes() {
         e.write(&disk, 0, &[IoBuf::from_slice(&mut buf)], 1);
         e.write(&disk, 8192, &[IoBuf::from_slice(&mut buf)], 2);
     }
-    assert_eq!(rec.log(), ["before 0", "before 8192"], "after_write ran before completion");
+    assert_eq!(
+        rec.log(),
+        ["before 0", "before 8192"],
+        "after_write ran before completion"
+    );
     let done = reap_n(&mut e, &disk, 2);
     assert!(done.iter().all(|(_, r)| r.is_ok()));
     let mut log = rec.log();
@@ -352,7 +394,9 @@ fn hooks_run_around_the_io_and_a_flush_follows_completed_writes() {
     unsafe { e.write(&disk, 666 * 512, &[IoBuf::from_slice(&mut other)], 4) };
     let done = reap_n(&mut e, &disk, 1);
     assert!(matches!(done[0].1, Err(DiskError::Hook(_))));
-    assert!(std::fs::read(&path).unwrap()[666 * 512..667 * 512].iter().all(|&b| b == 0));
+    assert!(std::fs::read(&path).unwrap()[666 * 512..667 * 512]
+        .iter()
+        .all(|&b| b == 0));
     assert_eq!(rec.log().len(), 5, "no after_write for a refused write");
 }
 
@@ -376,8 +420,14 @@ fn requests_finish_on_the_image_they_were_issued_on() {
     assert_eq!(Arc::strong_count(&old), 2, "the engine holds the old image");
     let done = reap_n(&mut e, &disk, 2);
     assert!(done.iter().all(|(_, r)| r.is_ok()));
-    assert_eq!(Arc::strong_count(&old), 1, "released after its last request");
-    assert!(std::fs::read(&old_path).unwrap()[..65536].iter().all(|&x| x == 0xaa));
+    assert_eq!(
+        Arc::strong_count(&old),
+        1,
+        "released after its last request"
+    );
+    assert!(std::fs::read(&old_path).unwrap()[..65536]
+        .iter()
+        .all(|&x| x == 0xaa));
     let new_file = std::fs::read(&new_path).unwrap();
     assert!(new_file[..4096].iter().all(|&x| x == 0xbb));
     assert!(new_file[4096..65536].iter().all(|&x| x == 0));
@@ -387,7 +437,13 @@ fn requests_finish_on_the_image_they_were_issued_on() {
 fn requests_the_image_cannot_take_asynchronously_run_synchronously() {
     let dir = TempDir::new();
     let path = dir.image("img", 8 << 20);
-    let Ok(img) = RawImage::open(&path, RawImageOptions { read_only: false, direct: true }) else {
+    let Ok(img) = RawImage::open(
+        &path,
+        RawImageOptions {
+            read_only: false,
+            direct: true,
+        },
+    ) else {
         return; // no O_DIRECT on this file system
     };
     let disk = Disk::new(Box::new(img), false);
@@ -435,7 +491,10 @@ fn a_kick_wakes_the_waiter() {
     e.wait(Some(raw), None);
     e.reap(&disk, |_, _| panic!("nothing was submitted"));
     kicker.join().unwrap();
-    assert!(t0.elapsed() >= Duration::from_millis(40), "woke before the kick");
+    assert!(
+        t0.elapsed() >= Duration::from_millis(40),
+        "woke before the kick"
+    );
     assert!(e.take_kick(), "the kick was not reported");
     assert!(!e.take_kick(), "reported twice");
     drop(efd);
@@ -443,6 +502,12 @@ fn a_kick_wakes_the_waiter() {
     let t0 = Instant::now();
     e.wait(None, Some(Duration::from_millis(30)));
     let waited = t0.elapsed();
-    assert!(waited >= Duration::from_millis(25), "returned after {waited:?}");
-    assert!(waited < Duration::from_secs(5), "timeout ignored: {waited:?}");
+    assert!(
+        waited >= Duration::from_millis(25),
+        "returned after {waited:?}"
+    );
+    assert!(
+        waited < Duration::from_secs(5),
+        "timeout ignored: {waited:?}"
+    );
 }

@@ -65,7 +65,8 @@ pub struct MirrorStats {
 
 /// Called after a pivot with the old and the new image path (the daemon
 /// moves per-image state, e.g. persistent bitmap sidecars, along).
-pub type PivotHook = Arc<dyn Fn(&std::path::Path, &std::path::Path) + Send + Sync>;
+pub type PivotHook =
+    Arc<dyn Fn(&std::path::Path, &std::path::Path) -> Result<(), String> + Send + Sync>;
 
 /// Keeps the target in sync while a manually finalized job waits in
 /// `pending`.
@@ -429,6 +430,17 @@ impl JobDriver for MirrorJob {
             *lock(&self.engine) = Some(engine);
             return Err(e);
         }
+        if pivot {
+            // Still paused: whatever follows the disk to its new image (the
+            // persistent bitmaps' sidecar) moves now, or the pivot fails and
+            // the guest stays on the source.
+            let old_path = s.disk.image().path().to_path_buf();
+            if let Err(e) = (self.on_pivot)(&old_path, s.target.path()) {
+                drop(pause);
+                *lock(&self.engine) = Some(engine);
+                return Err(e);
+            }
+        }
         s.disk.remove_hook(&self.hook);
         let old = pivot.then(|| {
             s.disk
@@ -454,9 +466,6 @@ impl JobDriver for MirrorJob {
         );
         drop(engine);
         self.remove_state_file();
-        if let Some(old) = &old {
-            (self.on_pivot)(old.path(), s.target.path());
-        }
         // The source image closes when the last reference goes (now, unless
         // a request that began before the pause still holds it).
         drop(old);

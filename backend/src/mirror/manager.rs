@@ -216,10 +216,12 @@ impl MirrorManager {
         }))
     }
 
-    /// Registers `f(old_image, new_image)`, called after every pivot, once
-    /// the disk uses the new image (e.g. to move a persistent-bitmap
-    /// sidecar along with the disk).
-    pub fn on_pivot(&self, f: impl Fn(&Path, &Path) + Send + Sync + 'static) {
+    /// Registers `f(old_image, new_image)`, called during every pivot with
+    /// guest I/O paused, once the target is complete and just before the
+    /// disk switches to it (e.g. to move the persistent bitmaps' sidecar
+    /// along with the disk). An error fails the pivot: the guest stays on
+    /// the source image and the job reports the error.
+    pub fn on_pivot(&self, f: impl Fn(&Path, &Path) -> Result<(), String> + Send + Sync + 'static) {
         self.pivot_hooks
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -508,8 +510,9 @@ impl MirrorManager {
             .clone();
         let on_pivot: PivotHook = Arc::new(move |old: &Path, new: &Path| {
             for h in &hooks {
-                h(old, new);
+                h(old, new)?;
             }
+            Ok(())
         });
         let driver = Arc::new(MirrorJob::new(
             state,
