@@ -6,8 +6,9 @@
 //! `VUBD_TEST_BACKEND=qsd` the tests that do not depend on vubd-only options
 //! run against qemu-storage-daemon instead: the reference backend passing the
 //! same checks shows that the checks themselves are sound. With
-//! `VUBD_TEST_AIO=sync|io_uring|auto` vubd runs with that `--aio` engine
-//! (run the suite once per engine).
+//! `VUBD_TEST_AIO=sync|io_uring|auto` vubd runs with that `--aio` engine,
+//! and with `VUBD_TEST_DIRECT=1` with `--direct` (run the suite once per
+//! engine and once with O_DIRECT).
 
 use anyhow::{bail, ensure, Context, Result};
 use std::fs::File;
@@ -97,6 +98,9 @@ fn start_daemon(socket: &Path, image: &Path, opts: Opts, vubd_extra: &[&str]) ->
             let aio = std::env::var("VUBD_TEST_AIO").ok();
             if let Some(aio) = aio.as_deref() {
                 args.extend_from_slice(&["--aio", aio]);
+            }
+            if std::env::var_os("VUBD_TEST_DIRECT").is_some_and(|v| v == "1") {
+                args.push("--direct");
             }
             args.extend_from_slice(vubd_extra);
             Daemon::vubd(socket, image, &args)
@@ -987,6 +991,137 @@ fn logical_block_size_4096() -> Result<()> {
     Ok(())
 }
 
+/// Deep queues on O_DIRECT with io_uring (the engine keeps many requests
+/// at the disk and completes them out of order): every queue writes its own
+/// random 4k blocks at QD32, flushes, then reads random blocks back at QD32
+/// and checks each one against what was written; the file is checked too.
+#[test]
+fn direct_deep_queues_out_of_order() -> Result<()> {
+    if !vubd_only() {
+        return Ok(());
+    }
+    const BS: usize = 4096;
+    const QD: usize = 32;
+    let size = 16 * MIB;
+    let queues = 2usize;
+    init_log();
+    let dir = ScratchDir::new("direct")?;
+    let image = dir.join("disk.img");
+    create_image(&image, size)?;
+    let socket = dir.join("vhost.sock");
+    let q = queues.to_string();
+    let _daemon = Daemon::vubd(
+        &socket,
+        &image,
+        &["--queues", &q, "--direct", "--aio", "io_uring"],
+    )?;
+    let mut c = connect(&socket, queues, false)?;
+    let blocks = size / BS as u64;
+    let mut handles = Vec::new();
+    for (t, mut q) in c.take_queues().into_iter().enumerate() {
+        handles.push(std::thread::spawn(move || -> Result<Vec<(u64, u64)>> {
+            let mut buf = q.alloc_buffer(QD * BS)?;
+            let mut rng = Rng(700 + t as u64);
+            // Blocks t, t+2, t+4... in a shuffled order.
+            let mut mine: Vec<u64> = (t as u64..blocks).step_by(queues).collect();
+            for i in (1..mine.len()).rev() {
+                mine.swap(i, rng.below(i as u64 + 1) as usize);
+            }
+            let mut seeds = vec![0u64; mine.len()];
+            let mut free: Vec<usize> = (0..QD).collect();
+            let mut slot_of = vec![0usize; QD];
+            let mut done: Vec<Done> = Vec::new();
+            let mut next = 0;
+            while next < mine.len() || q.in_flight() > 0 {
+                while next < mine.len() {
+                    let Some(slot) = free.pop() else { break };
+                    seeds[next] = rng.next();
+                    let range = slot * BS..(slot + 1) * BS;
+                    Rng(seeds[next]).fill(&mut buf.as_mut_slice()[range.clone()]);
+                    q.submit_write(mine[next] * BS as u64, &buf, range, slot as u64)?;
+                    slot_of[slot] = next;
+                    next += 1;
+                }
+                done.clear();
+                q.wait(1, &mut done)?;
+                for d in &done {
+                    d.result(|| format!("queue {t} write"))?;
+                    free.push(d.user_data as usize);
+                }
+            }
+            q.flush()?;
+            // Random reads of our own blocks, checked as they complete.
+            let mut want = vec![0u8; BS];
+            let mut reads = 0;
+            while reads < 2 * mine.len() || q.in_flight() > 0 {
+                while reads < 2 * mine.len() {
+                    let Some(slot) = free.pop() else { break };
+                    let i = rng.below(mine.len() as u64) as usize;
+                    slot_of[slot] = i;
+                    q.submit_read(
+                        mine[i] * BS as u64,
+                        &buf,
+                        slot * BS..(slot + 1) * BS,
+                        slot as u64,
+                    )?;
+                    reads += 1;
+                }
+                done.clear();
+                q.wait(1, &mut done)?;
+                for d in &done {
+                    d.result(|| format!("queue {t} read"))?;
+                    let slot = d.user_data as usize;
+                    let i = slot_of[slot];
+                    Rng(seeds[i]).fill(&mut want);
+                    compare(
+                        &format!("queue {t} read-back"),
+                        mine[i] * BS as u64,
+                        &buf.as_slice()[slot * BS..(slot + 1) * BS],
+                        &want,
+                    )?;
+                    free.push(slot);
+                }
+            }
+            Ok(mine.into_iter().zip(seeds).collect())
+        }));
+    }
+    let mut expected = vec![0u8; size as usize];
+    for h in handles {
+        let written = h
+            .join()
+            .map_err(|_| anyhow::anyhow!("queue thread panicked"))??;
+        for (block, seed) in written {
+            let off = block as usize * BS;
+            Rng(seed).fill(&mut expected[off..off + BS]);
+        }
+    }
+    drop(c);
+    compare("direct image file", 0, &read_file(&image)?, &expected)?;
+    Ok(())
+}
+
+/// Waits until every thread of process `pid` is in the stopped state.
+fn wait_all_threads_stopped(pid: u32) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut all = true;
+        for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+            let stat = std::fs::read_to_string(task?.path().join("stat")).unwrap_or_default();
+            // The state follows the parenthesized command name.
+            let state = stat
+                .rsplit(')')
+                .next()
+                .and_then(|r| r.trim_start().chars().next());
+            all &= matches!(state, Some('T') | Some('t'));
+        }
+        if all {
+            return Ok(());
+        }
+        ensure!(Instant::now() < deadline, "vubd did not stop after SIGSTOP");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// The harness itself: a daemon that stops answering (SIGSTOP) turns into a
 /// time-out error, not a hung test; after SIGCONT a new client is served.
 #[test]
@@ -1001,6 +1136,9 @@ fn stopped_daemon_gives_a_timeout() -> Result<()> {
     )?;
     c.write(0, &[5u8; 4096])?;
     s.daemon.signal(libc::SIGSTOP)?;
+    // kill() returns before every thread has stopped: a worker still
+    // finishing the write could serve the read below.
+    wait_all_threads_stopped(s.daemon.pid())?;
     let t = Instant::now();
     let r = c.read(0, 4096);
     let waited = t.elapsed();

@@ -20,7 +20,14 @@ pub enum AioEngine {
     Sync,
     /// io_uring: many requests of a queue at the disk at once (falls back
     /// to `Sync` where io_uring is unavailable).
-    IoUring,
+    IoUring {
+        /// Run a request that arrives alone (nothing else available or in
+        /// flight) synchronously: right for the page cache, where going
+        /// through the ring only adds a hand-off (tmpfs reads are punted to
+        /// io_uring's worker threads); wrong for O_DIRECT, where the worker
+        /// would sit out the disk's latency unable to take new requests.
+        inline_lone: bool,
+    },
 }
 
 /// Everything about the device that is fixed for the daemon's lifetime.

@@ -21,7 +21,15 @@
 //!   the ring and every request's state on one thread, lets one
 //!   `io_uring_enter` both submit and wait, and means a worker that has
 //!   returned to epoll has nothing in flight, which is what the IoGate,
-//!   GET_VRING_BASE and the SIGTERM drain rely on.
+//!   GET_VRING_BASE and the SIGTERM drain rely on. On the page cache a
+//!   request that arrives alone runs inline (see `AioEngine`).
+//!
+//! Both engines count the available requests before they load the guest
+//! memory map they parse them with: a frontend adds the memory region of a
+//! new buffer before it publishes a request that uses it, so that order
+//! guarantees the map has the buffer. Requests in flight keep the map they
+//! were parsed with (`Pins`), so a region removed meanwhile stays mapped
+//! until they complete.
 
 use crate::config_space::{AioEngine, DeviceConfig};
 use crate::request::{Completion, GuestMemoryMmap, Prepared, RequestParser};
@@ -124,6 +132,10 @@ pub struct BlockDevice {
     mem: Mutex<Option<GuestMemory>>,
     event_idx: AtomicBool,
     stopping: Arc<AtomicBool>,
+    /// The frontend offered memory we must not touch (a region running past
+    /// the end of its file would kill us with SIGBUS): serve nothing more
+    /// in this session.
+    memory_refused: AtomicBool,
 }
 
 impl BlockDevice {
@@ -137,7 +149,7 @@ impl BlockDevice {
                     mem: None,
                     engine: match cfg.aio {
                         AioEngine::Sync => Engine::Sync,
-                        AioEngine::IoUring => Engine::Untried,
+                        AioEngine::IoUring { .. } => Engine::Untried,
                     },
                     pending: Slab::default(),
                     snapshots: Pins::default(),
@@ -149,6 +161,7 @@ impl BlockDevice {
             cfg,
             workers,
             mem: Mutex::new(None),
+            memory_refused: AtomicBool::new(false),
             event_idx: AtomicBool::new(false),
             stopping,
         }
@@ -200,7 +213,7 @@ impl BlockDevice {
 
     /// The sync engine: executes requests one by one as they are popped.
     fn serve_sync(&self, index: usize, vring: &Vring, worker: &mut QueueWorker) {
-        let Some(mem) = worker.mem.as_ref().map(|m| m.memory()) else {
+        let Some(atomic) = worker.mem.as_ref() else {
             return;
         };
         let event_idx = self.event_idx.load(Ordering::Relaxed);
@@ -217,7 +230,7 @@ impl BlockDevice {
                 // A block job may pause guest I/O (mirror pivot): wait here,
                 // between batches, never in the middle of a request.
                 let _batch = self.disk.gate().enter();
-                self.drain_sync(index, &mut state, &mem, &mut worker.parser)
+                self.drain_sync(index, &mut state, atomic, &mut worker.parser)
             };
             if self.stopping.load(Ordering::Acquire) {
                 return;
@@ -228,10 +241,10 @@ impl BlockDevice {
                 let _ = state.enable_notification();
                 return;
             }
-            if !poll.is_zero() && wait_for_work(&state, &mem, poll, &self.stopping) {
+            if !poll.is_zero() && wait_for_work(&state, &atomic.memory(), poll, &self.stopping) {
                 continue;
             }
-            if !(event_idx || !poll.is_zero()) {
+            if !event_idx && poll.is_zero() {
                 return;
             }
             // Re-enable kicks; if work slipped in meanwhile, go round again.
@@ -257,32 +270,44 @@ impl BlockDevice {
         &self,
         index: usize,
         state: &mut VringState<'_>,
-        mem: &GuestMemoryMmap,
+        atomic: &GuestMemory,
         parser: &mut RequestParser,
     ) -> bool {
         loop {
             if self.stopping.load(Ordering::Acquire) {
                 return true;
             }
-            let chain = match state.get_queue_mut().iter(mem) {
-                Ok(mut avail) => avail.next(),
-                Err(e) => {
-                    // Nothing we can take from this ring until the driver
-                    // fixes or resets it.
-                    debug!("queue {index}: {e}");
-                    return false;
-                }
+            // Count the requests first, then load the memory map for them.
+            let Some(count) = available(state.get_queue(), &atomic.memory()) else {
+                debug!("queue {index}: ring not ready or avail index corrupted");
+                return false;
             };
-            let Some(chain) = chain else {
+            if count == 0 {
                 return true;
-            };
-            let head = chain.head_index();
-            let done = parser.process(chain, mem, &self.disk, &self.cfg);
-            if let Err(e) = state.get_queue_mut().add_used(mem, head, done.used_len) {
-                warn!("queue {index}: cannot complete request {head}: {e}");
-                continue;
             }
-            signal_if_needed(index, state, mem);
+            let mem = atomic.memory();
+            for _ in 0..count {
+                if self.stopping.load(Ordering::Acquire) {
+                    return true;
+                }
+                let chain = match state.get_queue_mut().iter(&*mem) {
+                    Ok(mut avail) => avail.next(),
+                    Err(e) => {
+                        debug!("queue {index}: {e}");
+                        return false;
+                    }
+                };
+                let Some(chain) = chain else {
+                    break;
+                };
+                let head = chain.head_index();
+                let done = parser.process(chain, &mem, &self.disk, &self.cfg);
+                if let Err(e) = state.get_queue_mut().add_used(&*mem, head, done.used_len) {
+                    warn!("queue {index}: cannot complete request {head}: {e}");
+                    continue;
+                }
+                signal_if_needed(index, state, &mem);
+            }
         }
     }
 
@@ -324,8 +349,12 @@ impl BlockDevice {
                 }
                 notifications_on = false;
             }
-            // The newest guest memory map; older ones stay pinned while
-            // requests issued on them are in flight.
+            // Count the requests first, then load the memory map for them:
+            // a frontend adds the region of a new buffer before it publishes
+            // a request using it, so the map loaded after seeing a request
+            // has its buffers. Older maps stay pinned while requests issued
+            // on them are in flight.
+            let count = available(state.get_queue(), &atomic.memory());
             let current = atomic.memory();
             snapshots.refresh(
                 |m| std::ptr::eq(&**m, &*current),
@@ -345,16 +374,18 @@ impl BlockDevice {
                     // Nothing in flight: waits here while I/O is paused.
                     batch = Some(gate.enter());
                 }
-                if !gate.is_paused() {
-                    (taken, finished, usable) = self.take_requests(
-                        index,
-                        state.get_queue_mut(),
-                        &mem,
-                        parser,
-                        engine,
-                        pending,
-                        snapshots,
-                    );
+                match count {
+                    None => usable = false,
+                    Some(count) if !gate.is_paused() => {
+                        (taken, finished, usable) = self.take_requests(
+                            index,
+                            state.get_queue_mut(),
+                            &mem,
+                            count,
+                            (parser, engine, pending, snapshots),
+                        );
+                    }
+                    Some(_) => {}
                 }
             }
             engine.submit();
@@ -430,24 +461,23 @@ impl BlockDevice {
         }
     }
 
-    /// Pops and starts every available request the engine has room for.
-    /// Returns (requests taken, requests finished on the spot, false if the
-    /// ring is unusable: not ready, or a corrupted avail index).
-    #[allow(clippy::too_many_arguments)]
+    /// Pops and starts up to `count` available requests, as many as the
+    /// engine has room for. Returns (requests taken, requests finished on
+    /// the spot, false if the ring is unusable: not ready, or a corrupted
+    /// avail index).
     fn take_requests(
         &self,
         index: usize,
         queue: &mut Queue,
         mem: &Arc<GuestMemoryMmap>,
-        parser: &mut RequestParser,
-        engine: &mut UringEngine,
-        pending: &mut Slab,
-        snapshots: &mut Pins<Arc<GuestMemoryMmap>>,
+        count: u16,
+        (parser, engine, pending, snapshots): WorkerParts<'_>,
     ) -> (usize, usize, bool) {
         let mem: &GuestMemoryMmap = mem;
         let disk = &*self.disk;
+        let inline_lone = matches!(self.cfg.aio, AioEngine::IoUring { inline_lone: true });
         let (mut taken, mut finished) = (0, 0);
-        while engine.has_room() {
+        while engine.has_room() && taken < usize::from(count) {
             let chain = match queue.iter(mem) {
                 Ok(mut avail) => avail.next(),
                 Err(e) => {
@@ -460,7 +490,26 @@ impl BlockDevice {
             };
             taken += 1;
             let head = chain.head_index();
-            let prepared = parser.prepare(chain, mem, disk, &self.cfg);
+            let mut prepared = parser.prepare(chain, mem, disk, &self.cfg);
+            if inline_lone && count == 1 && engine.in_flight() == 0 {
+                // Nothing to overlap with: skip the ring (see AioEngine).
+                prepared =
+                    match prepared {
+                        Prepared::Read {
+                            offset,
+                            len,
+                            status,
+                        } => Prepared::Done(RequestParser::finish(
+                            status,
+                            disk.read(offset, parser.data()),
+                            len,
+                        )),
+                        Prepared::Write { offset, status } => Prepared::Done(
+                            RequestParser::finish(status, disk.write(offset, parser.data()), 0),
+                        ),
+                        other => other,
+                    };
+            }
             let (status, data_len) = match prepared {
                 Prepared::Done(done) => {
                     finished += 1;
@@ -518,6 +567,26 @@ impl BlockDevice {
             complete(index, queue, mem, p.head, done);
         })
     }
+}
+
+/// The parts of a worker that `take_requests` uses.
+type WorkerParts<'a> = (
+    &'a mut RequestParser,
+    &'a mut UringEngine,
+    &'a mut Slab,
+    &'a mut Pins<Arc<GuestMemoryMmap>>,
+);
+
+/// Requests the driver has made available and we have not taken; None if
+/// the ring is unusable (not ready, or an avail index further ahead than
+/// the ring holds: a corrupted ring).
+fn available(queue: &Queue, mem: &GuestMemoryMmap) -> Option<u16> {
+    if !queue.ready() {
+        return None;
+    }
+    let idx = queue.avail_idx(mem, Ordering::Acquire).ok()?;
+    let count = idx.0.wrapping_sub(queue.next_avail());
+    (count <= queue.size()).then_some(count)
 }
 
 /// Puts a finished request in the used ring.
@@ -653,6 +722,11 @@ impl VhostUserBackend for BlockDevice {
     }
 
     fn update_memory(&self, mem: GuestMemory) -> io::Result<()> {
+        if let Err(e) = check_regions(&mem.memory()) {
+            warn!("refusing the frontend's memory table: {e}; this session is not served");
+            self.memory_refused.store(true, Ordering::Release);
+            return Err(e);
+        }
         // The atomic is shared and updated in place by vhost-user-backend:
         // keeping it once is enough for every later update to be seen. Not
         // stored in the workers: they may be busy, and this must not wait.
@@ -684,10 +758,39 @@ impl VhostUserBackend for BlockDevice {
     ) -> io::Result<()> {
         // One queue per thread: the thread index is the queue index and the
         // thread's only vring is event 0.
+        if self.memory_refused.load(Ordering::Acquire) {
+            return Ok(());
+        }
         if let Some(vring) = vrings.get(usize::from(device_event)) {
             self.serve_queue(thread_id, vring);
         }
         // Never return an error: it would end this queue's worker thread.
         Ok(())
     }
+}
+
+/// Checks that every region of the frontend's memory lies inside its file:
+/// mmap accepts a range past the end, but touching it raises SIGBUS.
+fn check_regions(mem: &GuestMemoryMmap) -> io::Result<()> {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    for region in mem.iter() {
+        let Some(fo) = region.file_offset() else {
+            continue;
+        };
+        let file_len = fo.file().metadata()?.len();
+        let end = fo.start().checked_add(region.len());
+        if end.is_none_or(|end| end > file_len) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "memory region at guest address {:#x} ({} bytes from file offset {}) runs past the end of its {}-byte file",
+                    region.start_addr().0,
+                    region.len(),
+                    fo.start(),
+                    file_len
+                ),
+            ));
+        }
+    }
+    Ok(())
 }

@@ -59,8 +59,9 @@ struct Options {
     #[arg(long, value_name = "SECS", default_value_t = 5.0, value_parser = parse_interval)]
     bitmap_flush_interval: f64,
     /// I/O engine of the queue workers: io_uring (many requests of a queue
-    /// at the disk at once), sync (one blocking call per request), or auto
-    /// (io_uring with --direct, sync on the page cache).
+    /// at the disk at once; a lone request on the page cache runs inline),
+    /// sync (one blocking call per request), or auto (io_uring where the
+    /// kernel allows it, else sync).
     #[arg(long, value_enum, value_name = "ENGINE", default_value_t = AioOpt::Auto)]
     aio: AioOpt,
     /// The disk's node name in management commands.
@@ -159,9 +160,19 @@ fn run(mut opts: Options) -> Result<()> {
         poll_us: opts.poll_us,
         aio: match opts.aio {
             AioOpt::Sync => AioEngine::Sync,
-            AioOpt::IoUring => AioEngine::IoUring,
-            AioOpt::Auto if opts.direct => AioEngine::IoUring,
-            AioOpt::Auto => AioEngine::Sync,
+            // Probe once: an explicit request must not degrade silently.
+            aio => match vubd_backend::disk::uring::UringEngine::new(1) {
+                Ok(_) => AioEngine::IoUring {
+                    inline_lone: !opts.direct,
+                },
+                Err(e) if matches!(aio, AioOpt::IoUring) => {
+                    bail!("--aio io_uring: io_uring is unavailable: {e}")
+                }
+                Err(e) => {
+                    info!("io_uring unavailable ({e}): synchronous I/O");
+                    AioEngine::Sync
+                }
+            },
         },
     };
     let listener = bind_socket(&opts.socket)?;

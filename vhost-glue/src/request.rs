@@ -382,7 +382,10 @@ impl RequestParser {
     fn discard_or_zero(&mut self, discard: bool, disk: &Disk, cfg: &DeviceConfig) -> (u8, u32) {
         let ioerr = VIRTIO_BLK_S_IOERR as u8;
         let len = total_len(&self.readable) as usize;
-        if len == 0 || len % SEGMENT_LEN != 0 || len / SEGMENT_LEN > MAX_DISCARD_SEGMENTS as usize {
+        if len == 0
+            || !len.is_multiple_of(SEGMENT_LEN)
+            || len / SEGMENT_LEN > MAX_DISCARD_SEGMENTS as usize
+        {
             return (ioerr, 0);
         }
         let mut raw = [0u8; SEGMENT_LEN * MAX_DISCARD_SEGMENTS as usize];
@@ -438,7 +441,7 @@ fn check_range(sector: u64, len: u64, cfg: &DeviceConfig) -> Option<u64> {
     let lbs = u64::from(cfg.logical_block_size);
     let offset = sector.checked_mul(512)?;
     let end = offset.checked_add(len)?;
-    if offset % lbs != 0 || len % lbs != 0 || end > cfg.size {
+    if !offset.is_multiple_of(lbs) || !len.is_multiple_of(lbs) || end > cfg.size {
         return None;
     }
     Some(offset)

@@ -275,7 +275,7 @@ impl UringEngine {
     ) {
         let Some(idx) = self.take_slot() else {
             self.images.unpin(image);
-            let err = io::Error::new(io::ErrorKind::Other, "io_uring engine overfilled");
+            let err = io::Error::other("io_uring engine overfilled");
             self.ready.push_back((
                 token,
                 Err(Self::image_err(kind, offset, total_len(bufs), err)),
