@@ -91,21 +91,21 @@ impl DeviceConfig {
         let lbs_sectors = self.logical_block_size / 512;
         let physical_exp = (self.physical_block_size / self.logical_block_size).trailing_zeros();
         virtio_blk_config {
-            capacity: (self.size / 512).into(),
-            size_max: SIZE_MAX.into(),
-            seg_max: self.seg_max().into(),
-            blk_size: self.logical_block_size.into(),
+            capacity: (self.size / 512),
+            size_max: SIZE_MAX,
+            seg_max: self.seg_max(),
+            blk_size: self.logical_block_size,
             physical_block_exp: physical_exp as u8,
             alignment_offset: 0,
-            min_io_size: 1u16.into(),
-            opt_io_size: 0u32.into(),
+            min_io_size: 1u16,
+            opt_io_size: 0u32,
             wce: u8::from(writeback),
-            num_queues: self.num_queues.into(),
-            max_discard_sectors: MAX_DISCARD_SECTORS.into(),
-            max_discard_seg: MAX_DISCARD_SEGMENTS.into(),
-            discard_sector_alignment: lbs_sectors.into(),
-            max_write_zeroes_sectors: MAX_DISCARD_SECTORS.into(),
-            max_write_zeroes_seg: MAX_DISCARD_SEGMENTS.into(),
+            num_queues: self.num_queues,
+            max_discard_sectors: MAX_DISCARD_SECTORS,
+            max_discard_seg: MAX_DISCARD_SEGMENTS,
+            discard_sector_alignment: lbs_sectors,
+            max_write_zeroes_sectors: MAX_DISCARD_SECTORS,
+            max_write_zeroes_seg: MAX_DISCARD_SEGMENTS,
             write_zeroes_may_unmap: 1,
             ..Default::default()
         }
