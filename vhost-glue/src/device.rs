@@ -493,22 +493,7 @@ impl BlockDevice {
             let mut prepared = parser.prepare(chain, mem, disk, &self.cfg);
             if inline_lone && count == 1 && engine.in_flight() == 0 {
                 // Nothing to overlap with: skip the ring (see AioEngine).
-                prepared =
-                    match prepared {
-                        Prepared::Read {
-                            offset,
-                            len,
-                            status,
-                        } => Prepared::Done(RequestParser::finish(
-                            status,
-                            disk.read(offset, parser.data()),
-                            len,
-                        )),
-                        Prepared::Write { offset, status } => Prepared::Done(
-                            RequestParser::finish(status, disk.write(offset, parser.data()), 0),
-                        ),
-                        other => other,
-                    };
+                prepared = Prepared::Done(run_inline(prepared, parser, disk));
             }
             let (status, data_len) = match prepared {
                 Prepared::Done(done) => {
@@ -587,6 +572,22 @@ fn available(queue: &Queue, mem: &GuestMemoryMmap) -> Option<u16> {
     let idx = queue.avail_idx(mem, Ordering::Acquire).ok()?;
     let count = idx.0.wrapping_sub(queue.next_avail());
     (count <= queue.size()).then_some(count)
+}
+
+/// Runs a prepared request synchronously.
+fn run_inline(prepared: Prepared, parser: &RequestParser, disk: &Disk) -> Completion {
+    match prepared {
+        Prepared::Done(done) => done,
+        Prepared::Read {
+            offset,
+            len,
+            status,
+        } => RequestParser::finish(status, disk.read(offset, parser.data()), len),
+        Prepared::Write { offset, status } => {
+            RequestParser::finish(status, disk.write(offset, parser.data()), 0)
+        }
+        Prepared::Flush { status } => RequestParser::finish(status, disk.flush(), 0),
+    }
 }
 
 /// Puts a finished request in the used ring.
