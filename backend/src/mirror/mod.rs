@@ -172,4 +172,9 @@ impl Image for SharedImage {
     fn allocation(&self, offset: u64) -> Result<(bool, u64), ImageError> {
         self.0.allocation(offset)
     }
+    // Forwarded so that after a pivot guest I/O keeps going through the
+    // queue workers' io_uring engine instead of its synchronous fallback.
+    fn async_fd(&self, bufs: &[IoBuf]) -> Option<std::os::fd::RawFd> {
+        self.0.async_fd(bufs)
+    }
 }
