@@ -39,25 +39,9 @@ pub trait ManagementContext: Send + Sync {
     fn quit(&self);
 }
 
-/// One bitmap as `query-block` reports it (QEMU's `BlockDirtyInfo`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BitmapInfo {
-    /// Bitmap name.
-    pub name: String,
-    /// Bytes per bit.
-    pub granularity: u64,
-    /// Dirty bytes: dirty chunks times the granularity, the last chunk
-    /// counted as a full chunk (what QEMU reports).
-    pub count: u64,
-    /// Enabled: guest writes mark it.
-    pub recording: bool,
-    /// In use by an operation (e.g. a mirror job); may not be changed.
-    pub busy: bool,
-    /// Stored beside the image and loaded at start.
-    pub persistent: bool,
-    /// Its stored copy could not be trusted (damaged or missing sidecar).
-    pub inconsistent: bool,
-}
+/// One bitmap as `query-block` reports it (QEMU's `BlockDirtyInfo`): the
+/// engine's own description, so nothing is copied field by field.
+pub use crate::dirty::BitmapInfo;
 
 /// A refusal from the bitmap engine; the `Display` texts are QEMU's.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

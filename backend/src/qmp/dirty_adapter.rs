@@ -64,17 +64,6 @@ impl DirtyBitmaps for DirtyTracker {
 
     fn list(&self) -> Vec<BitmapInfo> {
         DirtyTracker::list(self)
-            .into_iter()
-            .map(|b| BitmapInfo {
-                name: b.name,
-                granularity: b.granularity,
-                count: b.count,
-                recording: b.recording,
-                busy: b.busy,
-                persistent: b.persistent,
-                inconsistent: b.inconsistent,
-            })
-            .collect()
     }
 }
 
