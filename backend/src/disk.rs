@@ -5,7 +5,13 @@
 //!
 //! Requests run either synchronously through `Disk`'s methods or through
 //! an asynchronous engine (`uring`), which uses the split halves of the
-//! same steps (`start_write`/`finish_write`, `finish_flush`).
+//! same steps (`start_write` and its `WriteTicket`, `finish_flush`).
+//!
+//! A write's hooks are fixed when it starts: the ticket holds the list it
+//! began with, so a hook added or removed while the write is in flight
+//! (a mirror starting or ending) never sees the end of a write whose start
+//! it did not see, and every hook that saw a start sees exactly one end,
+//! `after_write` or `write_failed`, even when the image fails the write.
 
 pub mod pins;
 pub mod uring;
@@ -71,9 +77,53 @@ pub trait WriteHook: Send + Sync {
     fn after_write(&self, _offset: u64, _len: u64, _op: WriteOp<'_>) -> Result<(), DiskError> {
         Ok(())
     }
+    /// Called instead of `after_write` when a write whose `before_write`
+    /// succeeded on this hook did not complete: the image failed it, or a
+    /// later hook refused it. The range may hold old data, new data or a mix.
+    fn write_failed(&self, _offset: u64, _len: u64) {}
     /// Called after a guest flush has made the image durable.
     fn after_flush(&self) -> Result<(), DiskError> {
         Ok(())
+    }
+}
+
+type HookList = Vec<Arc<dyn WriteHook>>;
+
+/// A write-type request that passed its checks and `before_write` hooks.
+/// Consume it with `landed` once the data is on the image; dropping it
+/// instead (the image failed, an early return) tells the hooks the write
+/// failed.
+#[must_use = "dropping a ticket reports the write as failed"]
+pub struct WriteTicket {
+    /// The hooks whose `before_write` succeeded, in order.
+    hooks: Arc<HookList>,
+    started: usize,
+    offset: u64,
+    len: u64,
+}
+
+impl WriteTicket {
+    /// The data has landed on the image: runs every started hook's
+    /// `after_write` (all of them, even after one fails; the first error
+    /// is returned and fails the guest request).
+    pub fn landed(mut self, op: WriteOp<'_>) -> Result<(), DiskError> {
+        let started = std::mem::take(&mut self.started);
+        let mut result = Ok(());
+        for hook in &self.hooks[..started] {
+            let r = hook.after_write(self.offset, self.len, op);
+            if result.is_ok() {
+                result = r;
+            }
+        }
+        result
+    }
+}
+
+impl Drop for WriteTicket {
+    fn drop(&mut self) {
+        for hook in &self.hooks[..self.started] {
+            hook.write_failed(self.offset, self.len);
+        }
     }
 }
 
@@ -85,7 +135,7 @@ pub struct Disk {
     /// Write-back cache enabled (virtio-blk WCE); when off, writes are
     /// durable before they complete.
     writeback: AtomicBool,
-    hooks: ArcSwap<Vec<Arc<dyn WriteHook>>>,
+    hooks: ArcSwap<HookList>,
     gate: IoGate,
 }
 
@@ -170,22 +220,28 @@ impl Disk {
         }
     }
 
-    fn before_write(&self, offset: u64, len: u64) -> Result<(), DiskError> {
+    /// Everything that must happen before a write-type request of `len`
+    /// bytes at `offset` is issued: read-only and range checks, then the
+    /// `before_write` hooks. After `Ok`, issue the write on the image and
+    /// call `landed` on the ticket once it succeeded; an error fails the
+    /// request with nothing written.
+    pub fn start_write(&self, offset: u64, len: u64) -> Result<WriteTicket, DiskError> {
         if self.read_only {
             return Err(DiskError::ReadOnly);
         }
         self.check_range(offset, len)?;
-        for hook in self.hooks.load().iter() {
+        let mut ticket = WriteTicket {
+            hooks: self.hooks.load_full(),
+            started: 0,
+            offset,
+            len,
+        };
+        while let Some(hook) = ticket.hooks.get(ticket.started) {
+            // On error the ticket drops: the hooks already started hear of it.
             hook.before_write(offset, len)?;
+            ticket.started += 1;
         }
-        Ok(())
-    }
-
-    fn after_write(&self, offset: u64, len: u64, op: WriteOp<'_>) -> Result<(), DiskError> {
-        for hook in self.hooks.load().iter() {
-            hook.after_write(offset, len, op)?;
-        }
-        Ok(())
+        Ok(ticket)
     }
 
     /// Calls `f` with the active image without taking a reference count:
@@ -199,21 +255,6 @@ impl Disk {
     /// the disk); for engines that issue the I/O themselves.
     pub fn check_read(&self, offset: u64, len: u64) -> Result<(), DiskError> {
         self.check_range(offset, len)
-    }
-
-    /// Everything that must happen before a write-type request of `len`
-    /// bytes at `offset` is issued by an engine of its own (read-only and
-    /// range checks, `before_write` hooks). After `Ok`, the engine issues the
-    /// write on the image and, once it succeeded, calls `finish_write`; an
-    /// error fails the request with nothing written.
-    pub fn start_write(&self, offset: u64, len: u64) -> Result<(), DiskError> {
-        self.before_write(offset, len)
-    }
-
-    /// The second half of `start_write`: runs the `after_write` hooks once
-    /// the data has landed on the image, before the guest is told.
-    pub fn finish_write(&self, offset: u64, len: u64, op: WriteOp<'_>) -> Result<(), DiskError> {
-        self.after_write(offset, len, op)
     }
 
     /// Runs the `after_flush` hooks, for an engine that made the image
@@ -233,11 +274,10 @@ impl Disk {
 
     /// Writes `bufs` at `offset`, honouring the write-back mode.
     pub fn write(&self, offset: u64, bufs: &[IoBuf]) -> Result<(), DiskError> {
-        let len = total_len(bufs);
-        self.before_write(offset, len)?;
+        let ticket = self.start_write(offset, total_len(bufs))?;
         let fua = !self.writeback();
         self.image.load().write_at(bufs, offset, fua)?;
-        self.after_write(offset, len, WriteOp::Data(bufs))
+        ticket.landed(WriteOp::Data(bufs))
     }
 
     /// Makes all completed writes durable, then tells the hooks.
@@ -248,20 +288,20 @@ impl Disk {
 
     /// Deallocates a range (contents become unspecified; on raw files, zeroes).
     pub fn discard(&self, offset: u64, len: u64) -> Result<(), DiskError> {
-        self.before_write(offset, len)?;
+        let ticket = self.start_write(offset, len)?;
         self.image.load().discard(offset, len)?;
-        self.after_write(offset, len, WriteOp::Discard)
+        ticket.landed(WriteOp::Discard)
     }
 
     /// Zeroes a range, deallocating it if `unmap`.
     pub fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<(), DiskError> {
-        self.before_write(offset, len)?;
+        let ticket = self.start_write(offset, len)?;
         let image = self.image.load();
         image.write_zeroes(offset, len, unmap)?;
         if !self.writeback() {
             image.flush()?;
         }
-        self.after_write(offset, len, WriteOp::Zeroes { unmap })
+        ticket.landed(WriteOp::Zeroes { unmap })
     }
 }
 
@@ -379,6 +419,82 @@ mod tests {
             total | (total << 32),
             "removed hook still called"
         );
+    }
+
+    /// Logs which of its callbacks ran; refuses writes at `refuse_at`.
+    #[derive(Default)]
+    struct Log {
+        events: std::sync::Mutex<Vec<&'static str>>,
+        refuse_at: Option<u64>,
+    }
+    impl Log {
+        fn events(&self) -> Vec<&'static str> {
+            self.events.lock().unwrap().clone()
+        }
+    }
+    impl WriteHook for Log {
+        fn before_write(&self, offset: u64, _len: u64) -> Result<(), DiskError> {
+            if Some(offset) == self.refuse_at {
+                return Err(DiskError::Hook("refused".into()));
+            }
+            self.events.lock().unwrap().push("before");
+            Ok(())
+        }
+        fn after_write(&self, _offset: u64, _len: u64, _op: WriteOp<'_>) -> Result<(), DiskError> {
+            self.events.lock().unwrap().push("after");
+            Ok(())
+        }
+        fn write_failed(&self, _offset: u64, _len: u64) {
+            self.events.lock().unwrap().push("failed");
+        }
+    }
+
+    #[test]
+    fn every_started_hook_sees_exactly_one_end() {
+        let (_d, path) = temp_image(1 << 20);
+        // The image fails every write (read-only fd under a writable disk).
+        let failing = Disk::new(
+            Box::new(
+                RawImage::open(
+                    &path,
+                    RawImageOptions {
+                        read_only: true,
+                        direct: false,
+                    },
+                )
+                .unwrap(),
+            ),
+            false,
+        );
+        let hook = Arc::new(Log::default());
+        failing.add_hook(hook.clone());
+        let mut buf = vec![1u8; 4096];
+        assert!(failing.write(0, &[IoBuf::from_slice(&mut buf)]).is_err());
+        assert!(failing.discard(0, 4096).is_err());
+        assert_eq!(hook.events(), ["before", "failed", "before", "failed"]);
+
+        // A later hook refuses: the earlier one hears of the failure, the
+        // refusing one and those after it see nothing more.
+        let disk = open(&path, false);
+        let first = Arc::new(Log::default());
+        let refusing = Arc::new(Log {
+            refuse_at: Some(8192),
+            ..Log::default()
+        });
+        let last = Arc::new(Log::default());
+        disk.add_hook(first.clone());
+        disk.add_hook(refusing.clone());
+        disk.add_hook(last.clone());
+        assert!(matches!(
+            disk.write(8192, &[IoBuf::from_slice(&mut buf)]),
+            Err(DiskError::Hook(_))
+        ));
+        assert_eq!(first.events(), ["before", "failed"]);
+        assert!(refusing.events().is_empty());
+        assert!(last.events().is_empty());
+        disk.write(0, &[IoBuf::from_slice(&mut buf)]).unwrap();
+        assert_eq!(first.events(), ["before", "failed", "before", "after"]);
+        assert_eq!(last.events(), ["before", "after"]);
     }
 
     #[test]

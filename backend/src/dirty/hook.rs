@@ -14,6 +14,11 @@ impl WriteHook for DirtyTracker {
         Ok(())
     }
 
+    fn write_failed(&self, offset: u64, len: u64) {
+        // Part of the data may have landed: the same as a completed write.
+        self.write_completed(offset, len);
+    }
+
     fn after_flush(&self) -> Result<(), DiskError> {
         self.after_guest_flush()
             .map_err(|e| DiskError::Hook(format!("dirty bitmap: {e}")))

@@ -21,7 +21,7 @@
 //! valid until it is reaped: submission is `unsafe` for that reason.
 
 use super::pins::{PinId, Pins};
-use super::{Disk, DiskError, WriteOp};
+use super::{Disk, DiskError, WriteOp, WriteTicket};
 use crate::image::{Image, ImageError};
 use crate::iobuf::{total_len, IoBuf};
 use io_uring::{opcode, squeue, types, IoUring};
@@ -73,6 +73,8 @@ struct Slot {
     done: u64,
     retries: u32,
     image: Option<PinId>,
+    /// A write's hooks, ended when the write is.
+    ticket: Option<WriteTicket>,
 }
 
 impl Slot {
@@ -88,6 +90,7 @@ impl Slot {
             done: 0,
             retries: 0,
             image: None,
+            ticket: None,
         }
     }
 }
@@ -223,7 +226,7 @@ impl UringEngine {
             self.ready.push_back((token, disk.read(offset, bufs)));
             return;
         };
-        self.start(Kind::Read, fd, image, offset, bufs, token);
+        self.start(Kind::Read, (fd, image), offset, bufs, token, None);
     }
 
     /// Starts a write of `bufs` at `offset`, durable on completion unless
@@ -234,22 +237,31 @@ impl UringEngine {
     /// Every buffer must stay valid (mapped, readable, unchanged by us)
     /// until this token is reaped: the kernel reads it asynchronously.
     pub unsafe fn write(&mut self, disk: &Disk, offset: u64, bufs: &[IoBuf], token: u64) {
-        let len = total_len(bufs);
-        if let Err(e) = disk.start_write(offset, len) {
-            self.ready.push_back((token, Err(e)));
-            return;
-        }
+        let ticket = match disk.start_write(offset, total_len(bufs)) {
+            Ok(ticket) => ticket,
+            Err(e) => {
+                self.ready.push_back((token, Err(e)));
+                return;
+            }
+        };
         let fua = !disk.writeback();
         let Some((fd, image)) = self.pin_image(disk, bufs) else {
             self.stats.synchronous += 1;
             let result = disk
                 .with_image(|img| img.write_at(bufs, offset, fua))
                 .map_err(DiskError::from)
-                .and_then(|()| disk.finish_write(offset, len, WriteOp::Data(bufs)));
+                .and_then(|()| ticket.landed(WriteOp::Data(bufs)));
             self.ready.push_back((token, result));
             return;
         };
-        self.start(Kind::Write { fua }, fd, image, offset, bufs, token);
+        self.start(
+            Kind::Write { fua },
+            (fd, image),
+            offset,
+            bufs,
+            token,
+            Some(ticket),
+        );
     }
 
     /// Starts a flush: every write completed before it becomes durable,
@@ -261,19 +273,20 @@ impl UringEngine {
             self.ready.push_back((token, disk.flush()));
             return;
         };
-        self.start(Kind::Flush, fd, image, 0, &[], token);
+        self.start(Kind::Flush, (fd, image), 0, &[], token, None);
     }
 
     fn start(
         &mut self,
         kind: Kind,
-        fd: RawFd,
-        image: PinId,
+        (fd, image): (RawFd, PinId),
         offset: u64,
         bufs: &[IoBuf],
         token: u64,
+        ticket: Option<WriteTicket>,
     ) {
         let Some(idx) = self.take_slot() else {
+            // The ticket drops: a write's hooks hear it failed.
             self.images.unpin(image);
             let err = io::Error::other("io_uring engine overfilled");
             self.ready.push_back((
@@ -294,6 +307,7 @@ impl UringEngine {
         slot.done = 0;
         slot.retries = 0;
         slot.image = Some(image);
+        slot.ticket = ticket;
         self.issue(idx);
     }
 
@@ -552,12 +566,15 @@ impl UringEngine {
         };
         let slot = &mut self.slots[idx as usize];
         let (kind, offset, len, token) = (slot.kind, slot.offset, slot.len, slot.token);
+        // A failed write drops its ticket here: its hooks hear of it.
+        let ticket = slot.ticket.take();
         let result = match outcome {
             Err(e) => Err(Self::image_err(kind, offset, len, e)),
-            Ok(()) => match kind {
-                Kind::Read => Ok(()),
-                Kind::Write { .. } => disk.finish_write(offset, len, WriteOp::Data(&slot.bufs)),
-                Kind::Flush => disk.finish_flush(),
+            Ok(()) => match (kind, ticket) {
+                (Kind::Read, _) => Ok(()),
+                (Kind::Write { .. }, Some(ticket)) => ticket.landed(WriteOp::Data(&slot.bufs)),
+                (Kind::Write { .. }, None) => Ok(()),
+                (Kind::Flush, _) => disk.finish_flush(),
             },
         };
         if let Some(image) = slot.image.take() {

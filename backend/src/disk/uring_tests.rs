@@ -352,10 +352,67 @@ impl WriteHook for Recorder {
         self.0.lock().unwrap().push(format!("after {offset}"));
         Ok(())
     }
+    fn write_failed(&self, offset: u64, _len: u64) {
+        self.0.lock().unwrap().push(format!("failed {offset}"));
+    }
     fn after_flush(&self) -> Result<(), DiskError> {
         self.0.lock().unwrap().push("flush".into());
         Ok(())
     }
+}
+
+#[test]
+fn a_write_the_image_fails_ends_its_hooks_with_write_failed() {
+    let dir = TempDir::new();
+    let path = dir.image("img", 1 << 20);
+    // A writable disk over a read-only file descriptor: the kernel fails
+    // every write (EBADF), asynchronously.
+    let img = RawImage::open(
+        &path,
+        RawImageOptions {
+            read_only: true,
+            direct: false,
+        },
+    )
+    .unwrap();
+    let disk = Disk::new(Box::new(img), false);
+    let rec = Arc::new(Recorder::default());
+    disk.add_hook(rec.clone());
+    let mut e = engine();
+    let mut buf = vec![3u8; 4096];
+    // SAFETY: buf outlives the reaping below.
+    unsafe { e.write(&disk, 4096, &[IoBuf::from_slice(&mut buf)], 1) };
+    let done = reap_n(&mut e, &disk, 1);
+    assert!(matches!(done[0].1, Err(DiskError::Image(_))));
+    assert_eq!(rec.log(), ["before 4096", "failed 4096"]);
+}
+
+#[test]
+fn hooks_added_or_removed_mid_write_see_both_ends_or_neither() {
+    let dir = TempDir::new();
+    let path = dir.image("img", 1 << 20);
+    let disk = raw_disk(&path);
+    let old = Arc::new(Recorder::default());
+    disk.add_hook(old.clone());
+    let mut e = engine();
+    let mut buf = vec![3u8; 4096];
+    // SAFETY: buf outlives the reaping below.
+    unsafe { e.write(&disk, 0, &[IoBuf::from_slice(&mut buf)], 1) };
+    let new = Arc::new(Recorder::default());
+    disk.add_hook(new.clone());
+    let old_dyn: Arc<dyn WriteHook> = old.clone();
+    disk.remove_hook(&old_dyn);
+    let done = reap_n(&mut e, &disk, 1);
+    assert!(done[0].1.is_ok());
+    assert_eq!(
+        old.log(),
+        ["before 0", "after 0"],
+        "removed hook lost the end"
+    );
+    assert!(
+        new.log().is_empty(),
+        "added hook saw an end without a start"
+    );
 }
 
 #[test]

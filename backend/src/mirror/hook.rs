@@ -344,6 +344,18 @@ impl WriteHook for MirrorHook {
         s.wake_copier();
         Ok(())
     }
+
+    fn write_failed(&self, offset: u64, len: u64) {
+        let s = &*self.state;
+        let Some((first, last)) = s.chunk_range(offset, len) else {
+            return;
+        };
+        // The source may hold part of the write: the target needs these
+        // chunks again, whatever the copy mode.
+        s.mark(first, last);
+        s.stripes.leave(first, last);
+        s.wake_copier();
+    }
 }
 
 /// Before a mirror is resumed after a restart: keeps marking the persistent
