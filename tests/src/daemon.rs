@@ -219,6 +219,12 @@ impl Drop for Daemon {
 
 /// CPU time (utime + stime) of process `pid`, all threads, from /proc/PID/stat.
 pub fn process_cpu_time(pid: u32) -> Result<Duration> {
+    let (user, system) = process_cpu_times(pid)?;
+    Ok(user + system)
+}
+
+/// User and system CPU time of process `pid`, all threads, from /proc/PID/stat.
+pub fn process_cpu_times(pid: u32) -> Result<(Duration, Duration)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // The command name may contain spaces; fields resume after the last ')'.
     let rest = stat
@@ -231,7 +237,6 @@ pub fn process_cpu_time(pid: u32) -> Result<Duration> {
     let stime: u64 = fields.get(12).context("no stime")?.parse()?;
     // SAFETY: sysconf has no memory-safety preconditions.
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    Ok(Duration::from_nanos(
-        (utime + stime) * 1_000_000_000 / ticks,
-    ))
+    let to_duration = |t: u64| Duration::from_nanos(t * 1_000_000_000 / ticks);
+    Ok((to_duration(utime), to_duration(stime)))
 }

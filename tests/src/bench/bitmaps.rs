@@ -41,6 +41,8 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 use vubd_backend::dirty::{recover, sidecar_path, FileStore};
 
+mod instructions;
+
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
 /// Block size of every request of this section.
@@ -151,15 +153,17 @@ pub struct Sections {
     pub flush: bool,
     /// The over-marking figure.
     pub overmark: bool,
+    /// Instructions per write under callgrind.
+    pub instructions: bool,
 }
 
 impl Sections {
     /// Whether any part is selected.
     pub fn any(&self) -> bool {
-        self.iops || self.flush || self.overmark
+        self.iops || self.flush || self.overmark || self.instructions
     }
 
-    /// Selects the part called `name` (`bitmaps` = all three); false if the
+    /// Selects the part called `name` (`bitmaps` = all four); false if the
     /// name is not one of this section's.
     pub fn select(&mut self, name: &str) -> bool {
         match name {
@@ -167,8 +171,10 @@ impl Sections {
                 self.iops = true;
                 self.flush = true;
                 self.overmark = true;
+                self.instructions = true;
             }
             "bitmap-iops" => self.iops = true,
+            "bitmap-instructions" => self.instructions = true,
             "bitmap-flush" => self.flush = true,
             "bitmap-overmark" => self.overmark = true,
             _ => return false,
@@ -177,8 +183,13 @@ impl Sections {
     }
 
     /// The names [`Sections::select`] knows.
-    pub const NAMES: [&'static str; 4] =
-        ["bitmaps", "bitmap-iops", "bitmap-flush", "bitmap-overmark"];
+    pub const NAMES: [&'static str; 5] = [
+        "bitmaps",
+        "bitmap-iops",
+        "bitmap-flush",
+        "bitmap-overmark",
+        "bitmap-instructions",
+    ];
 }
 
 /// Parameters of the section.
@@ -205,6 +216,8 @@ pub struct Config {
     pub overmark_kill_after: (f64, f64),
     /// Seed of the over-marking trials (hot region, kill instants, offsets).
     pub seed: u64,
+    /// Writes of the shorter callgrind run (the longer one has twice as many).
+    pub instruction_writes: u64,
 }
 
 /// One flush-latency measurement.
@@ -319,6 +332,10 @@ pub struct Report {
     pub overmark_storage: Option<usize>,
     /// One row per bitmap per trial, or the trial's failure.
     pub overmark: Vec<std::result::Result<OvermarkTrial, String>>,
+    /// Instructions per write of each variant (first storage only).
+    pub instructions: BTreeMap<Variant, std::result::Result<instructions::Count, String>>,
+    /// User-space share of vubd's CPU time under load without bitmaps.
+    pub user_share: Option<std::result::Result<f64, String>>,
 }
 
 /// The vhost-user and QMP socket paths (in /tmp: a long image directory
@@ -373,7 +390,24 @@ struct Running {
 }
 
 fn start_vubd(cfg: &Config, img: &Image, socks: &Sockets, queues: usize) -> Result<Running> {
-    let mut cmd = Command::new(&cfg.vubd);
+    start_vubd_command(
+        Command::new(&cfg.vubd),
+        img,
+        socks,
+        queues,
+        cfg.flush_interval,
+    )
+}
+
+/// Starts `cmd` (vubd, or a wrapper whose last argument is vubd) with
+/// vubd's arguments for `img`, and connects to its QMP socket.
+fn start_vubd_command(
+    mut cmd: Command,
+    img: &Image,
+    socks: &Sockets,
+    queues: usize,
+    flush_interval: Option<f64>,
+) -> Result<Running> {
     cmd.arg("--socket")
         .arg(&socks.vhost)
         .arg("--image")
@@ -385,7 +419,7 @@ fn start_vubd(cfg: &Config, img: &Image, socks: &Sockets, queues: usize) -> Resu
     if img.direct {
         cmd.arg("--direct");
     }
-    if let Some(s) = cfg.flush_interval {
+    if let Some(s) = flush_interval {
         cmd.arg("--bitmap-flush-interval").arg(s.to_string());
     }
     cmd.env_remove("RUST_LOG");
@@ -842,6 +876,8 @@ pub fn run(
         flush: BTreeMap::new(),
         overmark_storage: None,
         overmark: Vec::new(),
+        instructions: BTreeMap::new(),
+        user_share: None,
     };
     let sock_dir = ScratchDir::new("bench-bitmaps-sock")?;
     let socks = Sockets {
@@ -946,6 +982,41 @@ pub fn run(
                         .or_default()
                         .push((rep, r.map_err(|e| format!("{e:#}"))));
                 }
+            }
+        }
+        if sections.instructions && si == 0 {
+            if !instructions::valgrind_available() {
+                eprintln!("bitmaps: valgrind not found; no instruction counts");
+            }
+            if instructions::valgrind_available() {
+                let r = instructions::user_share(cfg, &img, &socks, stop);
+                match &r {
+                    Ok(share) => eprintln!(
+                        "[callgrind] {:<6} user space is {:.1}% of vubd's CPU time (native run, no bitmap)",
+                        st.name,
+                        share * 100.0
+                    ),
+                    Err(e) => eprintln!("[callgrind] {} user share: FAILED: {e:#}", st.name),
+                }
+                report.user_share = Some(r.map_err(|e| format!("{e:#}")));
+            }
+            for v in Variant::ALL {
+                if stopped() || !instructions::valgrind_available() {
+                    break;
+                }
+                let r = instructions::count(&cfg.vubd, &img, &socks, v, cfg.instruction_writes);
+                match &r {
+                    Ok(c) => eprintln!(
+                        "[callgrind] {:<6} {:<13} {:>8.0} instructions per write",
+                        st.name,
+                        v.label(),
+                        c.per_write()
+                    ),
+                    Err(e) => eprintln!("[callgrind] {} {}: FAILED: {e:#}", st.name, v.label()),
+                }
+                report
+                    .instructions
+                    .insert(v, r.map_err(|e| format!("{e:#}")));
             }
         }
         if sections.overmark && si == 0 {
@@ -1107,6 +1178,8 @@ impl Report {
     pub fn all_ok(&self) -> bool {
         self.iops.values().flatten().all(|(_, r)| r.is_ok())
             && self.flush.values().flatten().all(|(_, r)| r.is_ok())
+            && self.instructions.values().all(|r| r.is_ok())
+            && self.user_share.as_ref().is_none_or(|r| r.is_ok())
             && self
                 .overmark
                 .iter()
@@ -1185,6 +1258,9 @@ impl Report {
                     );
                 }
             }
+        }
+        if !self.instructions.is_empty() {
+            self.print_instructions(cfg);
         }
         if !self.flush.is_empty() {
             println!();
@@ -1300,6 +1376,72 @@ impl Report {
         }
     }
 
+    fn print_instructions(&self, cfg: &Config) {
+        println!();
+        println!(
+            "### Dirty bitmaps: user-space instructions per 4 KiB random write (callgrind, {} vs {} writes at QD32, {})",
+            cfg.instruction_writes,
+            2 * cfg.instruction_writes,
+            self.storages.first().map(|s| s.name.as_str()).unwrap_or("-")
+        );
+        println!();
+        println!("| bitmaps | instructions per write | vs none |");
+        println!("| --- | ---: | ---: |");
+        let base = self
+            .instructions
+            .get(&Variant::NoBitmap)
+            .and_then(|r| r.as_ref().ok())
+            .map(instructions::Count::per_write);
+        for (v, r) in &self.instructions {
+            match r {
+                Ok(c) => println!(
+                    "| {} | {:.0} | {} |",
+                    v.label(),
+                    c.per_write(),
+                    base.map(|b| format!("{:.3}", c.per_write() / b))
+                        .unwrap_or_else(|| "-".into())
+                ),
+                Err(e) => println!("| {} | FAILED: {e} | |", v.label()),
+            }
+        }
+        println!();
+        println!(
+            "The difference of two runs' totals over the extra writes: start-up and set-up cancel out. \
+             The kernel's part of a write is not counted and is the same with bitmaps (no syscall on their hot path), \
+             so \"vs none\" - 1 bounds a bitmap's share of the daemon's work per write from above."
+        );
+        let share = match &self.user_share {
+            Some(Ok(share)) => Some(*share),
+            Some(Err(e)) => {
+                println!("user-space share of vubd's CPU: FAILED: {e}");
+                None
+            }
+            None => None,
+        };
+        if let Some(share) = share {
+            println!(
+                "User space is {:.1}% of vubd's CPU time under this load without bitmaps (native run, 1 queue): \
+                 a bitmap's share of the daemon's CPU per write is about (\"vs none\" - 1) x {:.3}.",
+                share * 100.0,
+                share
+            );
+        }
+        if let (Some(b), Some(Ok(p))) = (base, self.instructions.get(&Variant::Persistent1)) {
+            let added = p.per_write() / b - 1.0;
+            let limit = 1.0 - TARGET_IOPS_RATIO;
+            println!(
+                "target (instructions): 1 persistent bitmap adds {:.1}% of the user-space instructions per write, \
+                 {} of the daemon's CPU per write (<= {:.0}%): {}",
+                added * 100.0,
+                share
+                    .map(|s| format!("about {:.1}%", added * s * 100.0))
+                    .unwrap_or_else(|| "-".into()),
+                limit * 100.0,
+                verdict(share.map(|s| added * s <= limit))
+            );
+        }
+    }
+
     /// The measurements as JSON.
     pub fn to_json(&self, cfg: &Config) -> Value {
         let iops: Vec<Value> = self
@@ -1391,6 +1533,15 @@ impl Report {
             },
             "iops": iops,
             "flush": flush,
+            "user_space_share_of_cpu": self.user_share.as_ref().map(|r| match r {
+                Ok(v) => json!(v),
+                Err(e) => json!({"error": e}),
+            }),
+            "instructions_per_write": self.instructions.iter().map(|(v, r)| match r {
+                Ok(c) => json!({"bitmaps": v.label(), "per_write": c.per_write(),
+                                "total_n": c.total_n, "total_2n": c.total_2n, "writes_n": c.writes}),
+                Err(e) => json!({"bitmaps": v.label(), "error": e}),
+            }).collect::<Vec<_>>(),
             "overmark": {
                 "storage": self.overmark_storage.and_then(|i| self.storages.get(i)).map(|s| s.name.clone()),
                 "summary": summary,

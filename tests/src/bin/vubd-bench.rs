@@ -42,8 +42,8 @@ struct Args {
     reps: usize,
     /// Workloads to run (comma separated): randread-4k-qd1, randread-4k-qd32,
     /// randwrite-4k-qd32, seqwrite-64k-qd8 (vubd vs qsd); bitmaps (the dirty
-    /// bitmap section: bitmap-iops, bitmap-flush and bitmap-overmark, also
-    /// selectable one by one). Default: the four vubd-vs-qsd workloads.
+    /// bitmap section: bitmap-iops, bitmap-flush, bitmap-overmark and
+    /// bitmap-instructions, also selectable one by one). Default: the four vubd-vs-qsd workloads.
     #[arg(long, value_delimiter = ',')]
     workloads: Vec<String>,
     /// Queue counts to run each workload with (comma separated).
@@ -98,6 +98,10 @@ struct Args {
     /// Bitmap section: seed of the kill -9 trials.
     #[arg(long, default_value_t = 0x0b17_3a95)]
     seed: u64,
+    /// Bitmap section: writes of the shorter callgrind run of
+    /// bitmap-instructions (the longer one has twice as many).
+    #[arg(long, default_value_t = 20_000)]
+    instruction_writes: u64,
 }
 
 /// Set by SIGINT/SIGTERM: stop the load, kill the daemons, report.
@@ -321,6 +325,7 @@ fn run() -> Result<bool> {
                 overmark_trials: args.overmark_trials,
                 overmark_kill_after: (lo, hi),
                 seed: args.seed,
+                instruction_writes: args.instruction_writes.max(1),
             },
             storages,
         ))
