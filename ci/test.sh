@@ -15,3 +15,10 @@ cargo clippy --release --workspace --all-targets -- -D warnings
 
 export VUBD_BIN="$PWD/target/release/vubd"
 cargo test --release --workspace --no-fail-fast
+
+# The libblkio frontend suite again with the other engines and O_DIRECT
+# (the run above uses the default io_uring engine on the page cache), and
+# against qemu-storage-daemon, which passing the same checks shows sound.
+VUBD_TEST_AIO=sync cargo test --release -p tests --test frontend
+VUBD_TEST_DIRECT=1 cargo test --release -p tests --test frontend
+VUBD_TEST_BACKEND=qsd cargo test --release -p tests --test frontend
