@@ -283,6 +283,37 @@ fn bad_queue_counts_are_refused() -> Result<()> {
 }
 
 #[test]
+fn bad_thread_counts_are_refused() -> Result<()> {
+    let env = Env::new("cli-threads")?;
+    let (img, sock) = (env.image(), env.socket());
+    for bad in ["0", "65", "-1", "many"] {
+        assert_refused(
+            &format!("--threads {bad:?}"),
+            &env.args(&img, &sock, &["--queues", "4", &format!("--threads={bad}")]),
+            &["threads"],
+        )?;
+    }
+    assert_refused(
+        "more threads than queues",
+        &env.args(&img, &sock, &["--queues", "2", "--threads", "3"]),
+        &["--threads 3", "--queues 2"],
+    )?;
+    // Positive control: two queues on one thread.
+    let _d = Daemon::vubd(
+        Path::new(&sock),
+        Path::new(&img),
+        &["--queues", "2", "--threads", "1"],
+    )?;
+    let c = Client::connect(Path::new(&sock), 2, false)?;
+    ensure!(
+        c.info().max_queues == 2,
+        "--queues 2 gives {} queues",
+        c.info().max_queues
+    );
+    Ok(())
+}
+
+#[test]
 fn bad_queue_sizes_are_refused() -> Result<()> {
     let env = Env::new("cli-qsize")?;
     let (img, sock) = (env.image(), env.socket());

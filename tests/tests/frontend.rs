@@ -73,12 +73,17 @@ fn init_log() {
 
 /// Starts the daemon on a new sparse image of `size` bytes.
 fn setup(tag: &str, size: u64, opts: Opts) -> Result<Setup> {
+    setup_with(tag, size, opts, &[])
+}
+
+/// `setup`, with extra arguments for vubd.
+fn setup_with(tag: &str, size: u64, opts: Opts, vubd_extra: &[&str]) -> Result<Setup> {
     init_log();
     let dir = ScratchDir::new(tag)?;
     let image = dir.join("disk.img");
     create_image(&image, size)?;
     let socket = dir.join("vhost.sock");
-    let daemon = start_daemon(&socket, &image, opts, &[])?;
+    let daemon = start_daemon(&socket, &image, opts, vubd_extra)?;
     Ok(Setup {
         daemon,
         image,
@@ -343,19 +348,34 @@ fn whole_disk_write_read_back() -> Result<()> {
     Ok(())
 }
 
-/// Four queues, four threads, each writing its own interleaved stripes at
-/// queue depth 16 (asynchronous), then everything is verified.
+/// Four queues, four client threads, each writing its own interleaved
+/// stripes at queue depth 16 (asynchronous), then everything is verified.
 #[test]
 fn multi_queue_concurrent_writers() -> Result<()> {
+    multi_queue_writers("mq", &[])
+}
+
+/// The same with four queues on three vubd threads: one thread serves two
+/// busy queues from one ring, the others one each.
+#[test]
+fn multi_queue_writers_on_shared_threads() -> Result<()> {
+    if !vubd_only() {
+        return Ok(());
+    }
+    multi_queue_writers("mq-threads", &["--threads", "3"])
+}
+
+fn multi_queue_writers(tag: &str, vubd_extra: &[&str]) -> Result<()> {
     let size = 64 * MIB;
     let queues = 4usize;
-    let s = setup(
-        "mq",
+    let s = setup_with(
+        tag,
         size,
         Opts {
             queues: queues as u16,
             ..Opts::default()
         },
+        vubd_extra,
     )?;
     let mut c = connect(&s.socket, queues, false)?;
     ensure!(

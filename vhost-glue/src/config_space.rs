@@ -51,12 +51,30 @@ pub struct DeviceConfig {
     pub poll_us: u64,
     /// The I/O engine of the queue workers.
     pub aio: AioEngine,
+    /// Worker threads serving the queues (clamped to 1..=num_queues): queue
+    /// `q` is served by thread `q % threads`.
+    pub threads: u16,
 }
 
 impl DeviceConfig {
     /// Maximum segments per request: two descriptors of a chain are header and status.
     pub fn seg_max(&self) -> u32 {
         u32::from(self.queue_size).saturating_sub(2).max(1)
+    }
+
+    /// Number of queue worker threads.
+    pub fn num_threads(&self) -> usize {
+        usize::from(self.threads.clamp(1, self.num_queues.max(1)))
+    }
+
+    /// The thread serving queue `queue`.
+    pub fn thread_of(&self, queue: usize) -> usize {
+        queue % self.num_threads()
+    }
+
+    /// The queue at position `pos` among those of thread `thread`.
+    pub fn queue_of(&self, thread: usize, pos: usize) -> usize {
+        thread + pos * self.num_threads()
     }
 
     /// Largest data length of one read or write: exactly what the config
@@ -150,6 +168,7 @@ mod tests {
             serial: "s".into(),
             poll_us: 0,
             aio: AioEngine::Sync,
+            threads: 1,
         }
     }
 

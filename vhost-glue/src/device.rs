@@ -2,9 +2,15 @@
 //! per-queue workers that pop requests from the guest's rings, run them on
 //! the disk, and complete them.
 //!
-//! Each queue has its own worker thread and its own state behind its own
-//! lock, so queues never wait for each other (vhost-user-backend's
-//! `RwLock<VhostUserBackendMut>` adaptor would serialize them).
+//! Queues are spread over worker threads (`--threads`, queue q on thread
+//! q mod N); each thread has its own state behind its own lock, so threads
+//! never wait for each other (vhost-user-backend's
+//! `RwLock<VhostUserBackendMut>` adaptor would serialize them). The queues
+//! of one thread share its engine: one ring, one set of requests in flight,
+//! one wait for "a completion or a kick on any of them". Fewer threads than
+//! queues pays where cores are scarce: on a page-cache image every write is
+//! copied by the kernel's io_uring workers, and two threads' workers only
+//! fight over the same cores and the file's inode lock.
 //!
 //! A worker runs one of two engines:
 //! - sync: each request is executed with blocking calls as it is popped.
@@ -14,7 +20,7 @@
 //!   to the worker's own ring; completions are reaped in batches and the
 //!   guest is signalled once per batch. The worker stays in its handler
 //!   while requests are in flight, sleeping in the ring on "a completion or
-//!   a kick" (a poll on the queue's kick eventfd sits in the same ring), so
+//!   a kick" (polls on its queues' kick eventfds sit in the same ring), so
 //!   new requests are taken while others run; it goes back to the epoll loop
 //!   only with nothing in flight. Keeping that wait inside the handler (not
 //!   registering the ring's eventfd with vhost-user-backend's epoll) keeps
@@ -65,6 +71,8 @@ const KICK_PENDING_RECHECK: Duration = Duration::from_micros(200);
 
 /// A request submitted to the io_uring engine, until it completes.
 struct Pending {
+    /// Position of its queue among the thread's queues.
+    queue: usize,
     head: u16,
     status: IoBuf,
     /// Bytes a successful request wrote to the driver (a read's length).
@@ -112,8 +120,9 @@ enum Engine {
     Sync,
 }
 
-/// Per-queue state, owned by that queue's worker thread.
-struct QueueWorker {
+/// Per-thread state: the queues a worker thread serves share its parser,
+/// engine and requests in flight.
+struct Worker {
     parser: RequestParser,
     mem: Option<GuestMemory>,
     engine: Engine,
@@ -127,7 +136,7 @@ struct QueueWorker {
 pub struct BlockDevice {
     disk: Arc<Disk>,
     cfg: DeviceConfig,
-    workers: Vec<Mutex<QueueWorker>>,
+    workers: Vec<Mutex<Worker>>,
     /// The frontend's memory (shared, swappable); workers copy it once.
     mem: Mutex<Option<GuestMemory>>,
     event_idx: AtomicBool,
@@ -142,9 +151,9 @@ impl BlockDevice {
     /// A device serving `disk` with `cfg`; `stopping` is raised at shutdown,
     /// after which no new request is taken from any queue.
     pub fn new(disk: Arc<Disk>, cfg: DeviceConfig, stopping: Arc<AtomicBool>) -> BlockDevice {
-        let workers = (0..cfg.num_queues)
+        let workers = (0..cfg.num_threads())
             .map(|_| {
-                Mutex::new(QueueWorker {
+                Mutex::new(Worker {
                     parser: RequestParser::default(),
                     mem: None,
                     engine: match cfg.aio {
@@ -167,27 +176,28 @@ impl BlockDevice {
         }
     }
 
-    fn worker(&self, index: usize) -> Option<MutexGuard<'_, QueueWorker>> {
+    fn worker(&self, thread: usize) -> Option<MutexGuard<'_, Worker>> {
         // A poisoned lock means a worker panicked mid-request; the state is
         // still usable (the parser is scratch space), so keep serving.
         self.workers
-            .get(index)
+            .get(thread)
             .map(|m| m.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// Waits until no queue is in the middle of a request. Call after raising
     /// `stopping`: from then on every request taken has been completed.
     pub fn quiesce(&self) {
-        for index in 0..self.workers.len() {
-            drop(self.worker(index));
+        for thread in 0..self.workers.len() {
+            drop(self.worker(thread));
         }
     }
 
-    /// Serves queue `index` until it is empty and nothing is in flight (and,
-    /// when polling, until it has stayed so for the poll window), then
+    /// Serves the queues of worker thread `thread` (`vrings`, in queue
+    /// order) until they are empty and nothing is in flight (and, when
+    /// polling, until they have stayed so for the poll window), then
     /// re-arms notifications.
-    fn serve_queue(&self, index: usize, vring: &Vring) {
-        let Some(mut guard) = self.worker(index) else {
+    fn serve(&self, thread: usize, vrings: &[Vring]) {
+        let Some(mut guard) = self.worker(thread) else {
             return;
         };
         let worker = &mut *guard;
@@ -195,66 +205,78 @@ impl BlockDevice {
             worker.mem = self.mem.lock().unwrap_or_else(|p| p.into_inner()).clone();
         }
         if matches!(worker.engine, Engine::Untried) {
-            let depth = u32::from(self.cfg.queue_size);
+            // Room for every request of every queue of the thread.
+            let depth = u32::from(self.cfg.queue_size) * vrings.len().max(1) as u32;
             worker.engine = match UringEngine::new(depth) {
                 Ok(engine) => Engine::Uring(Box::new(engine)),
                 Err(e) => {
-                    warn!("queue {index}: io_uring unavailable ({e}); using synchronous I/O");
+                    warn!("thread {thread}: io_uring unavailable ({e}); using synchronous I/O");
                     Engine::Sync
                 }
             };
         }
         if matches!(worker.engine, Engine::Uring(_)) {
-            self.serve_uring(index, vring, worker);
+            self.serve_uring(thread, vrings, worker);
         } else {
-            self.serve_sync(index, vring, worker);
+            self.serve_sync(thread, vrings, worker);
         }
     }
 
-    /// The sync engine: executes requests one by one as they are popped.
-    fn serve_sync(&self, index: usize, vring: &Vring, worker: &mut QueueWorker) {
+    /// The sync engine: executes requests one by one as they are popped,
+    /// draining the thread's queues in turn.
+    fn serve_sync(&self, thread: usize, vrings: &[Vring], worker: &mut Worker) {
         let Some(atomic) = worker.mem.as_ref() else {
             return;
         };
         let event_idx = self.event_idx.load(Ordering::Relaxed);
         let poll = Duration::from_micros(self.cfg.poll_us);
-        let mut state = vring.get_mut();
+        let (indices, mut states): (Vec<usize>, Vec<VringState<'_>>) = served_vrings(vrings)
+            .map(|(pos, state)| (self.cfg.queue_of(thread, pos), state))
+            .unzip();
+        let mut usable = vec![true; states.len()];
         loop {
-            // Suppress kicks while we are looking at the ring anyway.
-            if event_idx || !poll.is_zero() {
-                if let Err(e) = state.disable_notification() {
-                    debug!("queue {index}: cannot disable notifications: {e}");
+            for (pos, state) in states.iter_mut().enumerate() {
+                let index = indices[pos];
+                // Suppress kicks while we are looking at the ring anyway.
+                if event_idx || !poll.is_zero() {
+                    if let Err(e) = state.disable_notification() {
+                        debug!("queue {index}: cannot disable notifications: {e}");
+                    }
                 }
-            }
-            let usable = {
                 // A block job may pause guest I/O (mirror pivot): wait here,
                 // between batches, never in the middle of a request.
                 let _batch = self.disk.gate().enter();
-                self.drain_sync(index, &mut state, atomic, &mut worker.parser)
-            };
+                usable[pos] = self.drain_sync(index, state, atomic, &mut worker.parser);
+            }
             if self.stopping.load(Ordering::Acquire) {
                 return;
             }
-            if !usable {
-                // Looking again would spin on the same error; the next kick
-                // (the driver fixed or reset the ring) brings us back.
-                let _ = state.enable_notification();
-                return;
-            }
-            if !poll.is_zero() && wait_for_work(&state, &atomic.memory(), poll, &self.stopping) {
+            if !poll.is_zero() && wait_for_work(&states, &atomic.memory(), poll, &self.stopping) {
                 continue;
             }
-            if !event_idx && poll.is_zero() {
-                return;
-            }
-            // Re-enable kicks; if work slipped in meanwhile, go round again.
-            match state.enable_notification() {
-                Ok(true) => continue,
-                Ok(false) => return,
-                Err(e) => {
-                    debug!("queue {index}: cannot enable notifications: {e}");
-                    return;
+            let mut more = false;
+            for (pos, state) in states.iter_mut().enumerate() {
+                if !usable[pos] {
+                    // Looking again would spin on the same error; the next
+                    // kick (the driver fixed or reset the ring) brings us back.
+                    let _ = state.enable_notification();
+                    continue;
                 }
+                if !event_idx && poll.is_zero() {
+                    // Kicks were never suppressed.
+                    continue;
+                }
+                // Re-enable kicks; if work slipped in meanwhile, go round again.
+                match state.enable_notification() {
+                    Ok(true) => more = true,
+                    Ok(false) => {}
+                    Err(e) => {
+                        debug!("queue {}: cannot enable notifications: {e}", indices[pos]);
+                    }
+                }
+            }
+            if !more {
+                return;
             }
         }
     }
@@ -312,8 +334,8 @@ impl BlockDevice {
     }
 
     /// The io_uring engine: see the module documentation.
-    fn serve_uring(&self, index: usize, vring: &Vring, worker: &mut QueueWorker) {
-        let QueueWorker {
+    fn serve_uring(&self, thread: usize, vrings: &[Vring], worker: &mut Worker) {
+        let Worker {
             parser,
             mem: atomic,
             engine,
@@ -326,35 +348,53 @@ impl BlockDevice {
         let engine = &mut **engine;
         let gate = self.disk.gate();
         let poll = Duration::from_micros(self.cfg.poll_us);
-        let mut state = vring.get_mut();
-        let kick: Option<RawFd> = state.get_kick().as_ref().map(|k| k.as_raw_fd());
-        // The kick poll in the ring does not consume the eventfd; after it
-        // fires we must drain the eventfd ourselves. That is only safe if
-        // the epoll batch that called us holds no event for it: the epoll
-        // loop would then read a drained blocking eventfd and hang. An
-        // eventfd that is not readable now has no such event pending (the
-        // loop's own read_kick emptied it, or it was not readable when the
-        // batch was collected). Otherwise we leave it to the epoll loop and
-        // look at the ring on completions and on a short timer instead.
-        let may_drain = kick.is_some_and(|fd| !fd_readable(fd));
-        let mut kick_pending = false;
+        let mut queues: Vec<ServedQueue<'_>> = served_vrings(vrings)
+            .map(|(pos, state)| {
+                let kick = state.get_kick().as_ref().map(|k| k.as_raw_fd());
+                ServedQueue {
+                    index: self.cfg.queue_of(thread, pos),
+                    state,
+                    kick,
+                    // The kick poll in the ring does not consume the eventfd;
+                    // after it fires we must drain the eventfd ourselves. That
+                    // is only safe if the epoll batch that called us holds no
+                    // event for it: the epoll loop would then read a drained
+                    // blocking eventfd and hang. An eventfd that is not
+                    // readable now has no such event pending (the loop's own
+                    // read_kick emptied it, or it was not readable when the
+                    // batch was collected). Otherwise we leave it to the epoll
+                    // loop and look at the ring on completions and on a short
+                    // timer instead.
+                    may_drain: kick.is_some_and(|fd| !fd_readable(fd)),
+                    kick_pending: false,
+                    notifications_on: true,
+                    usable: true,
+                    finished: 0,
+                    count: None,
+                }
+            })
+            .collect();
+        let mut armed_kicks: Vec<RawFd> = Vec::with_capacity(queues.len());
         // Held while requests are in flight: a pause waits for them.
         let mut batch: Option<BatchGuard<'_>> = None;
         let mut last_work = Instant::now();
-        let mut notifications_on = true;
         loop {
-            if notifications_on {
-                if let Err(e) = state.disable_notification() {
-                    debug!("queue {index}: cannot disable notifications: {e}");
+            for q in queues.iter_mut().filter(|q| q.notifications_on) {
+                if let Err(e) = q.state.disable_notification() {
+                    debug!("queue {}: cannot disable notifications: {e}", q.index);
                 }
-                notifications_on = false;
+                q.notifications_on = false;
             }
             // Count the requests first, then load the memory map for them:
             // a frontend adds the region of a new buffer before it publishes
             // a request using it, so the map loaded after seeing a request
             // has its buffers. Older maps stay pinned while requests issued
             // on them are in flight.
-            let count = available(state.get_queue(), &atomic.memory());
+            let current = atomic.memory();
+            for q in queues.iter_mut() {
+                q.count = available(q.state.get_queue(), &current);
+            }
+            drop(current);
             let current = atomic.memory();
             snapshots.refresh(
                 |m| std::ptr::eq(&**m, &*current),
@@ -366,46 +406,47 @@ impl BlockDevice {
             };
 
             let stopping = self.stopping.load(Ordering::Acquire);
-            let mut finished = 0;
             let mut taken = 0;
-            let mut usable = true;
             if !stopping {
                 if batch.is_none() {
                     // Nothing in flight: waits here while I/O is paused.
                     batch = Some(gate.enter());
                 }
-                match count {
-                    None => usable = false,
-                    Some(count) if !gate.is_paused() => {
-                        (taken, finished, usable) = self.take_requests(
-                            index,
-                            state.get_queue_mut(),
-                            &mem,
-                            count,
-                            (parser, engine, pending, snapshots),
-                        );
+                for (pos, q) in queues.iter_mut().enumerate() {
+                    q.usable = q.count.is_some();
+                    let Some(count) = q.count else {
+                        continue;
+                    };
+                    if gate.is_paused() {
+                        continue;
                     }
-                    Some(_) => {}
+                    let (t, f, usable) = self.take_requests(
+                        (q.index, pos),
+                        q.state.get_queue_mut(),
+                        &mem,
+                        count,
+                        (parser, engine, pending, snapshots),
+                    );
+                    taken += t;
+                    q.finished += f;
+                    q.usable = usable;
                 }
             }
             engine.submit();
-            finished += self.reap(
-                index,
-                state.get_queue_mut(),
-                &mem,
-                engine,
-                pending,
-                snapshots,
-            );
-            if engine.take_kick() {
-                if may_drain {
-                    drain_eventfd(kick);
-                } else {
-                    kick_pending = true;
+            self.reap(&mut queues, &mem, engine, pending, snapshots);
+            for fd in engine.take_kicks() {
+                if let Some(q) = queues.iter_mut().find(|q| q.kick == Some(fd)) {
+                    if q.may_drain {
+                        drain_eventfd(q.kick);
+                    } else {
+                        q.kick_pending = true;
+                    }
                 }
             }
-            if finished > 0 {
-                signal_if_needed(index, &mut state, &mem);
+            let mut finished = 0;
+            for q in queues.iter_mut().filter(|q| q.finished > 0) {
+                signal_if_needed(q.index, &mut q.state, &mem);
+                finished += std::mem::take(&mut q.finished);
             }
             if engine.in_flight() == 0 {
                 // A pause may go ahead now.
@@ -422,35 +463,48 @@ impl BlockDevice {
             }
             let paused = gate.is_paused();
             if !poll.is_zero() && last_work.elapsed() < poll && !stopping && !paused {
-                // Spin on both rings: new requests or completions.
-                if !engine.poll() && !avail_nonempty(state.get_queue(), &mem) {
+                // Spin on every ring: new requests or completions.
+                if !engine.poll()
+                    && !queues
+                        .iter()
+                        .any(|q| avail_nonempty(q.state.get_queue(), &mem))
+                {
                     std::hint::spin_loop();
                 }
                 continue;
             }
             // Re-enable kicks; if work slipped in meanwhile, go round again.
-            notifications_on = true;
-            let more = state.enable_notification().unwrap_or_else(|e| {
-                debug!("queue {index}: cannot enable notifications: {e}");
-                false
-            });
-            // Go round again for requests we can take now. Not for an
-            // unusable ring (a corrupted avail index looks busy forever), nor
-            // while stopping or paused, nor with the engine full: then wait
-            // for completions (or a kick) instead of spinning.
-            let more = more && usable;
+            // Not for an unusable ring (a corrupted avail index looks busy
+            // forever).
+            let mut more = false;
+            for q in queues.iter_mut() {
+                q.notifications_on = true;
+                let has_more = q.state.enable_notification().unwrap_or_else(|e| {
+                    debug!("queue {}: cannot enable notifications: {e}", q.index);
+                    false
+                });
+                more |= has_more && q.usable;
+            }
+            // Go round again for requests we can take now. Not while
+            // stopping or paused, nor with the engine full: then wait for
+            // completions (or a kick) instead of spinning.
             if more && !paused && !stopping && engine.has_room() {
                 continue;
             }
             if in_flight {
-                // Sleep until a request completes or the driver kicks.
-                if paused || stopping {
-                    engine.wait(None, None);
-                } else if kick_pending {
-                    engine.wait(None, Some(KICK_PENDING_RECHECK));
-                } else {
-                    engine.wait(kick, None);
+                // Sleep until a request completes or a driver kicks.
+                armed_kicks.clear();
+                if !paused && !stopping {
+                    armed_kicks.extend(
+                        queues
+                            .iter()
+                            .filter(|q| !q.kick_pending)
+                            .filter_map(|q| q.kick),
+                    );
                 }
+                let recheck = (!paused && !stopping && queues.iter().any(|q| q.kick_pending))
+                    .then_some(KICK_PENDING_RECHECK);
+                engine.wait(&armed_kicks, recheck);
                 continue;
             }
             if paused && more {
@@ -467,7 +521,7 @@ impl BlockDevice {
     /// avail index).
     fn take_requests(
         &self,
-        index: usize,
+        (index, pos): (usize, usize),
         queue: &mut Queue,
         mem: &Arc<GuestMemoryMmap>,
         count: u16,
@@ -508,6 +562,7 @@ impl BlockDevice {
                 break;
             };
             let token = pending.insert(Pending {
+                queue: pos,
                 head,
                 status,
                 data_len,
@@ -531,27 +586,49 @@ impl BlockDevice {
         (taken, finished, true)
     }
 
-    /// Completes every request the engine has finished. Returns how many.
+    /// Completes every request the engine has finished, counting them in
+    /// their queue's `finished`.
     fn reap(
         &self,
-        index: usize,
-        queue: &mut Queue,
+        queues: &mut [ServedQueue<'_>],
         mem: &GuestMemoryMmap,
         engine: &mut UringEngine,
         pending: &mut Slab,
         snapshots: &mut Pins<Arc<GuestMemoryMmap>>,
-    ) -> usize {
+    ) {
         engine.reap(&self.disk, |token, result| {
             let Some(p) = pending.remove(token as usize) else {
-                warn!("queue {index}: completion of unknown request {token}");
+                warn!("completion of unknown request {token}");
                 return;
             };
             // Status first, while the request's snapshot is still pinned.
             let done = RequestParser::finish(p.status, result, p.data_len);
             snapshots.unpin(p.mem);
-            complete(index, queue, mem, p.head, done);
-        })
+            if let Some(q) = queues.get_mut(p.queue) {
+                complete(q.index, q.state.get_queue_mut(), mem, p.head, done);
+                q.finished += 1;
+            }
+        });
     }
+}
+
+/// One queue of a worker thread's io_uring loop.
+struct ServedQueue<'a> {
+    /// The queue's index on the device (for logs).
+    index: usize,
+    state: VringState<'a>,
+    kick: Option<RawFd>,
+    /// Whether a fired kick poll may be drained here (see `serve_uring`).
+    may_drain: bool,
+    /// A kick fired that only the epoll loop may drain: look at the ring
+    /// on a timer instead of polling the fd.
+    kick_pending: bool,
+    notifications_on: bool,
+    usable: bool,
+    /// Requests completed since the guest was last signalled.
+    finished: usize,
+    /// Requests available at the top of the current round.
+    count: Option<u16>,
 }
 
 /// The parts of a worker that `take_requests` uses.
@@ -654,22 +731,38 @@ fn drain_eventfd(fd: Option<RawFd>) {
     }
 }
 
-/// Spins for up to `window` waiting for new requests; true if some arrived.
+/// The vrings of a thread that may be served (the frontend enabled them),
+/// locked, with their positions among the thread's vrings. The lock of a
+/// vring also keeps the frontend from changing it while it is served.
+fn served_vrings(vrings: &[Vring]) -> impl Iterator<Item = (usize, VringState<'_>)> {
+    vrings
+        .iter()
+        .enumerate()
+        .map(|(pos, vring)| (pos, vring.get_mut()))
+        .filter(|(_, state)| state.is_enabled())
+}
+
+/// Spins for up to `window` waiting for new requests on any of the queues;
+/// true if some arrived.
 fn wait_for_work(
-    state: &VringState<'_>,
+    states: &[VringState<'_>],
     mem: &GuestMemoryMmap,
     window: Duration,
     stopping: &AtomicBool,
 ) -> bool {
-    let queue = state.get_queue();
     let deadline = Instant::now() + window;
     loop {
-        match queue.avail_idx(mem, Ordering::Acquire) {
-            Ok(idx) if idx.0 != queue.next_avail() => return true,
-            Ok(_) => {}
-            Err(_) => return false,
+        let mut broken = 0;
+        for state in states {
+            let queue = state.get_queue();
+            match queue.avail_idx(mem, Ordering::Acquire) {
+                Ok(idx) if idx.0 != queue.next_avail() => return true,
+                Ok(_) => {}
+                Err(_) => broken += 1,
+            }
         }
-        if stopping.load(Ordering::Relaxed) || Instant::now() >= deadline {
+        if broken == states.len() || stopping.load(Ordering::Relaxed) || Instant::now() >= deadline
+        {
             return false;
         }
         std::hint::spin_loop();
@@ -736,7 +829,11 @@ impl VhostUserBackend for BlockDevice {
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
-        (0..self.cfg.num_queues).map(|q| 1u64 << q).collect()
+        let mut masks = vec![0u64; self.cfg.num_threads()];
+        for q in 0..usize::from(self.cfg.num_queues) {
+            masks[self.cfg.thread_of(q)] |= 1 << q;
+        }
+        masks
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
@@ -746,7 +843,7 @@ impl VhostUserBackend for BlockDevice {
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
         // GET_VRING_BASE: the worker leaves its handler only with nothing in
         // flight, so taking its lock waits for every accepted request.
-        drop(self.worker(queue_index as usize));
+        drop(self.worker(self.cfg.thread_of(queue_index as usize)));
         Ok(())
     }
 
@@ -757,13 +854,13 @@ impl VhostUserBackend for BlockDevice {
         vrings: &[Vring],
         thread_id: usize,
     ) -> io::Result<()> {
-        // One queue per thread: the thread index is the queue index and the
-        // thread's only vring is event 0.
+        // Whichever of the thread's queues was kicked, the worker looks at
+        // all of them: they share its engine.
         if self.memory_refused.load(Ordering::Acquire) {
             return Ok(());
         }
-        if let Some(vring) = vrings.get(usize::from(device_event)) {
-            self.serve_queue(thread_id, vring);
+        if usize::from(device_event) < vrings.len() {
+            self.serve(thread_id, vrings);
         }
         // Never return an error: it would end this queue's worker thread.
         Ok(())

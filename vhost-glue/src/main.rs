@@ -27,10 +27,15 @@ struct Options {
     /// The disk image (a raw file or block device).
     #[arg(long, value_name = "PATH")]
     image: PathBuf,
-    /// Number of virtqueues (each served by its own thread).
+    /// Number of virtqueues.
     #[arg(long, value_name = "N", default_value_t = 1,
           value_parser = clap::value_parser!(u16).range(1..=64))]
     queues: u16,
+    /// Worker threads serving the queues, at most one per queue (queue q
+    /// runs on thread q mod N; default: one per queue). Fewer threads than
+    /// queues saves CPU where cores are scarce (see README.md, Numbers).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
+    threads: Option<u16>,
     /// Maximum virtqueue size: a power of two from 2 to 1024.
     #[arg(long, value_name = "N", default_value_t = 256, value_parser = parse_queue_size)]
     queue_size: u16,
@@ -149,9 +154,17 @@ fn run(mut opts: Options) -> Result<()> {
     tracker_cfg.flush_interval = Duration::from_secs_f64(opts.bitmap_flush_interval);
     let tracker = Arc::new(DirtyTracker::open(tracker_cfg).context("cannot load dirty bitmaps")?);
     disk.add_hook(tracker.clone());
+    let threads = match opts.threads {
+        Some(n) if n > opts.queues => {
+            bail!("--threads {n}: more threads than --queues {}", opts.queues)
+        }
+        Some(n) => n,
+        None => opts.queues,
+    };
     let cfg = DeviceConfig {
         size,
         num_queues: opts.queues,
+        threads,
         queue_size: opts.queue_size,
         logical_block_size: opts.logical_block_size,
         physical_block_size: opts.logical_block_size.max(4096),
@@ -271,7 +284,7 @@ fn run(mut opts: Options) -> Result<()> {
         .context("cannot start the shutdown thread")?;
 
     eprintln!(
-        "vubd: serving {} ({size} bytes, {} queue(s)) on {}",
+        "vubd: serving {} ({size} bytes, {} queue(s) on {threads} thread(s)) on {}",
         opts.image.display(),
         opts.queues,
         opts.socket.display()

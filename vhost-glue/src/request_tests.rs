@@ -49,6 +49,7 @@ impl Fixture {
                 serial: "serial-123".into(),
                 poll_us: 0,
                 aio: AioEngine::Sync,
+                threads: 1,
             },
             path,
         }

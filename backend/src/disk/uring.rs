@@ -107,10 +107,11 @@ pub struct UringEngine {
     /// before issue), reported by the next `reap`.
     ready: VecDeque<Reaped>,
     images: Pins<Arc<Box<dyn Image>>>,
-    /// The kick fd a poll is armed on, and the generation of that poll.
-    kick_armed: Option<(RawFd, u64)>,
+    /// The kick fds a poll is armed on, with the generation of each poll.
+    kick_armed: Vec<(RawFd, u64)>,
     kick_gen: u64,
-    kicked: bool,
+    /// Kick fds whose poll fired since the last `take_kicks`.
+    kicked: Vec<RawFd>,
     /// Completions copied out of the ring before they are processed (their
     /// processing may push new entries).
     cqes: Vec<(u64, i32)>,
@@ -160,9 +161,9 @@ impl UringEngine {
             free: (0..depth).rev().collect(),
             ready: VecDeque::with_capacity(depth as usize),
             images: Pins::default(),
-            kick_armed: None,
+            kick_armed: Vec::new(),
             kick_gen: 0,
-            kicked: false,
+            kicked: Vec::new(),
             cqes: Vec::with_capacity(entries as usize * 2),
             stats: EngineStats::default(),
         })
@@ -418,17 +419,15 @@ impl UringEngine {
     }
 
     /// Submits what is queued and sleeps until at least one request
-    /// completes, or, with `kick`, that fd becomes readable (a virtqueue's
-    /// kick eventfd: new requests while others are in flight), or `timeout`
+    /// completes, or one of `kicks` becomes readable (virtqueue kick
+    /// eventfds: new requests while others are in flight), or `timeout`
     /// passes. Returns at once if something is already there to reap.
-    pub fn wait(&mut self, kick: Option<RawFd>, timeout: Option<Duration>) {
+    pub fn wait(&mut self, kicks: &[RawFd], timeout: Option<Duration>) {
         if !self.ready.is_empty() || !self.ring.completion().is_empty() {
             self.submit();
             return;
         }
-        if let Some(fd) = kick {
-            self.arm_kick(fd);
-        }
+        self.arm_kicks(kicks);
         let result = match timeout {
             None => self.ring.submit_and_wait(1),
             Some(t) => {
@@ -444,34 +443,43 @@ impl UringEngine {
         }
     }
 
-    /// Arms a one-shot poll on the kick fd (unless one is armed on it).
-    fn arm_kick(&mut self, fd: RawFd) {
-        match self.kick_armed {
-            Some((armed, _)) if armed == fd => return,
-            Some((_, gen)) => {
-                // The frontend replaced its kick fd: drop the stale poll
-                // (generation 0 tags the removal's own completion).
+    /// Arms a one-shot poll on each of `kicks` that has none, and removes
+    /// the polls of fds no longer wanted (a queue that must not be woken by
+    /// its fd now, or a kick fd the frontend replaced).
+    fn arm_kicks(&mut self, kicks: &[RawFd]) {
+        let mut armed = std::mem::take(&mut self.kick_armed);
+        armed.retain(|&(fd, gen)| {
+            let keep = kicks.contains(&fd);
+            if !keep {
+                // Generation 0 tags the removal's own completion.
                 let remove = opcode::PollRemove::new(KICK_TAG | gen)
                     .build()
                     .user_data(KICK_TAG);
                 self.push(remove);
             }
-            None => {}
+            keep
+        });
+        for &fd in kicks {
+            if armed.iter().any(|&(a, _)| a == fd) {
+                continue;
+            }
+            self.kick_gen += 1;
+            let gen = self.kick_gen;
+            let poll = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
+                .build()
+                .user_data(KICK_TAG | gen);
+            self.push(poll);
+            armed.push((fd, gen));
         }
-        self.kick_gen += 1;
-        let gen = self.kick_gen;
-        let poll = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
-            .build()
-            .user_data(KICK_TAG | gen);
-        self.push(poll);
-        self.kick_armed = Some((fd, gen));
+        self.kick_armed = armed;
     }
 
-    /// True (once) if the kick fd became readable since the last call. The
-    /// poll is one-shot and does not consume the eventfd: the caller drains
-    /// it before passing it to `wait` again, or the poll fires at once.
-    pub fn take_kick(&mut self) -> bool {
-        std::mem::take(&mut self.kicked)
+    /// The kick fds that became readable since the last call, each once.
+    /// The polls are one-shot and do not consume the eventfds: the caller
+    /// drains an fd before passing it to `wait` again, or its poll fires at
+    /// once.
+    pub fn take_kicks(&mut self) -> std::vec::Drain<'_, RawFd> {
+        self.kicked.drain(..)
     }
 
     /// Reports every finished request to `done`, running `after_write` /
@@ -492,12 +500,13 @@ impl UringEngine {
             }
             for &(user_data, res) in &cqes {
                 if user_data & KICK_TAG != 0 {
-                    if self
+                    if let Some(i) = self
                         .kick_armed
-                        .is_some_and(|(_, gen)| KICK_TAG | gen == user_data)
+                        .iter()
+                        .position(|&(_, gen)| KICK_TAG | gen == user_data)
                     {
-                        self.kick_armed = None;
-                        self.kicked = true;
+                        let (fd, _) = self.kick_armed.swap_remove(i);
+                        self.kicked.push(fd);
                     }
                     continue;
                 }
