@@ -2067,7 +2067,21 @@ fn memfd_shrunk_after_setup() -> Result<()> {
 /// not disturb the other queue; once repaired it serves again.
 #[test]
 fn multiqueue_isolation() -> Result<()> {
+    multiqueue_isolation_with(&[])
+}
+
+/// The same with both queues on one worker thread (one shared ring), and
+/// with the sync engine polling them: the broken queue must neither starve
+/// the good one nor keep the poll spinning on it.
+#[test]
+fn multiqueue_isolation_on_one_thread() -> Result<()> {
+    multiqueue_isolation_with(&["--threads", "1"])?;
+    multiqueue_isolation_with(&["--threads", "1", "--aio", "sync", "--poll-us", "50"])
+}
+
+fn multiqueue_isolation_with(daemon_args: &[&str]) -> Result<()> {
     let mut h = Harness::start(Setup {
+        daemon_args: daemon_args.iter().map(|a| a.to_string()).collect(),
         queues: 2,
         fe: Options {
             num_queues: 2,
@@ -2079,10 +2093,17 @@ fn multiqueue_isolation() -> Result<()> {
     // A bad request on queue 1, answered there.
     let req = h.fe.submit_read(1, h.capacity(), 512)?;
     h.expect("read past the end on queue 1", req, &[IOERR])?;
-    // Queue 1 corrupted; queue 0 (used by the checks) must keep working.
+    // Queue 1 corrupted; queue 0 (used by the checks) must keep working,
+    // and the daemon must not spin on the broken queue meanwhile.
     let before = h.fe.avail_idx(1)?;
+    let cpu_before = h.daemon.cpu_time()?;
     h.fe.set_avail_idx(1, before.wrapping_add(qsize + 7))?;
     std::thread::sleep(Duration::from_millis(300));
+    let busy = h.daemon.cpu_time()? - cpu_before;
+    ensure!(
+        busy < Duration::from_millis(150),
+        "the daemon used {busy:?} of CPU in 300 ms with a broken, idle queue"
+    );
     h.check("queue 1's avail->idx far ahead")?;
     h.fe.set_avail_idx(1, before)?;
     let req = h.fe.submit_read(1, VICTIM, 512)?;

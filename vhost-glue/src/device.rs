@@ -251,7 +251,9 @@ impl BlockDevice {
             if self.stopping.load(Ordering::Acquire) {
                 return;
             }
-            if !poll.is_zero() && wait_for_work(&states, &atomic.memory(), poll, &self.stopping) {
+            if !poll.is_zero()
+                && wait_for_work(&states, &usable, &atomic.memory(), poll, &self.stopping)
+            {
                 continue;
             }
             let mut more = false;
@@ -742,27 +744,35 @@ fn served_vrings(vrings: &[Vring]) -> impl Iterator<Item = (usize, VringState<'_
         .filter(|(_, state)| state.is_enabled())
 }
 
-/// Spins for up to `window` waiting for new requests on any of the queues;
-/// true if some arrived.
+/// Spins for up to `window` waiting for new requests on any of the usable
+/// queues (an unusable one, with a corrupted avail index, looks busy
+/// forever); true if some arrived.
 fn wait_for_work(
     states: &[VringState<'_>],
+    usable: &[bool],
     mem: &GuestMemoryMmap,
     window: Duration,
     stopping: &AtomicBool,
 ) -> bool {
     let deadline = Instant::now() + window;
+    let watched: Vec<&VringState<'_>> = states
+        .iter()
+        .zip(usable)
+        .filter(|(_, &u)| u)
+        .map(|(s, _)| s)
+        .collect();
+    if watched.is_empty() {
+        return false;
+    }
     loop {
-        let mut broken = 0;
-        for state in states {
+        for state in &watched {
             let queue = state.get_queue();
-            match queue.avail_idx(mem, Ordering::Acquire) {
-                Ok(idx) if idx.0 != queue.next_avail() => return true,
-                Ok(_) => {}
-                Err(_) => broken += 1,
+            if matches!(queue.avail_idx(mem, Ordering::Acquire), Ok(idx) if idx.0 != queue.next_avail())
+            {
+                return true;
             }
         }
-        if broken == states.len() || stopping.load(Ordering::Relaxed) || Instant::now() >= deadline
-        {
+        if stopping.load(Ordering::Relaxed) || Instant::now() >= deadline {
             return false;
         }
         std::hint::spin_loop();

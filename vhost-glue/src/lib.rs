@@ -1,6 +1,7 @@
 //! vubd's vhost-user-blk device: turns virtio-blk requests found in the
 //! guest's shared memory into calls on the backend's `Disk`, fills the
-//! config space, negotiates features, and runs the queues on worker threads (one per queue unless told otherwise).
+//! config space, negotiates features, and runs the queues on worker
+//! threads (one per queue unless told otherwise).
 
 pub mod config_space;
 pub mod device;
