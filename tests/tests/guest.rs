@@ -54,6 +54,17 @@ fn setup(
     queues: u16,
     prepare: impl FnOnce(&Path) -> Result<()>,
 ) -> Result<Setup> {
+    setup_with(tag, size, queues, &[], prepare)
+}
+
+/// `setup`, with extra arguments for vubd.
+fn setup_with(
+    tag: &str,
+    size: u64,
+    queues: u16,
+    vubd_extra: &[&str],
+    prepare: impl FnOnce(&Path) -> Result<()>,
+) -> Result<Setup> {
     let _ = env_logger::builder().is_test(true).try_init();
     // Images on tmpfs: no disk noise, and tmpfs punches holes for discard.
     let dir = ScratchDir::new_in("/dev/shm", tag)?;
@@ -64,7 +75,9 @@ fn setup(
     let daemon = match backend() {
         Backend::Vubd => {
             let q = queues.to_string();
-            Daemon::vubd(&socket, &image, &["--queues", &q, "--serial", SERIAL])?
+            let mut args = vec!["--queues", &q, "--serial", SERIAL];
+            args.extend_from_slice(vubd_extra);
+            Daemon::vubd(&socket, &image, &args)?
         }
         Backend::Qsd => Daemon::qsd(&socket, &image, queues, false)?,
     };
@@ -268,7 +281,20 @@ umount /mnt || fail "second umount failed"
 /// to each CPU completes through each of them (per-queue interrupt counts).
 #[test]
 fn two_queues_both_used() -> Result<()> {
-    let mut s = setup("mq", 64 * MIB, 2, |_| Ok(()))?;
+    two_queues("mq", &[])
+}
+
+/// The same with both queues served by one vubd thread (one shared ring).
+#[test]
+fn two_queues_on_one_thread() -> Result<()> {
+    if backend() != Backend::Vubd {
+        return Ok(());
+    }
+    two_queues("mq-thread", &["--threads", "1"])
+}
+
+fn two_queues(tag: &str, vubd_extra: &[&str]) -> Result<()> {
+    let mut s = setup_with(tag, 64 * MIB, 2, vubd_extra, |_| Ok(()))?;
     let script = r#"
 result mq_count "$(ls /sys/block/vda/mq | wc -l)"
 $FIO --name=q --filename=/dev/vda --thread --direct=1 --ioengine=psync --rw=randread \
@@ -281,9 +307,7 @@ for q in 0 1; do
 done
 cat /proc/interrupts
 "#;
-    let out = Guest::new("two_queues_both_used", &s.socket, script)
-        .num_queues(2)
-        .run()?;
+    let out = Guest::new(tag, &s.socket, script).num_queues(2).run()?;
     out.ensure_clean()?;
     s.ensure_daemon_alive()?;
     ensure!(
