@@ -895,69 +895,9 @@ fn wrong_shapes() -> Result<()> {
         h.expect_refused("flush without status descriptor", req, &[])?;
     }
     // Status descriptor not writable: the device must not write it.
-    {
-        let hdr = h.fe.place_header(VIRTIO_BLK_T_OUT, VICTIM)?;
-        let data = h.fe.place_data(&fresh_data(12, 512))?;
-        let st = h.fe.place_status()?;
-        let watch = [h.snap(st, 1)?];
-        let req = h.submit(
-            &[Desc::r(hdr, 16), Desc::r(data, 512), Desc::r(st, 1)],
-            None,
-            None,
-        )?;
-        h.expect_refused("write with a read-only status descriptor", req, &watch)?;
-
-        let hdr = h.fe.place_header(VIRTIO_BLK_T_IN, VICTIM)?;
-        let buf = h.fe.place_buffer(512, BUFFER_SENTINEL)?;
-        let st = h.fe.place_status()?;
-        let watch = [h.snap(st, 1)?];
-        let req = h.submit(
-            &[Desc::r(hdr, 16), Desc::w(buf, 512), Desc::r(st, 1)],
-            None,
-            None,
-        )?;
-        let o = h.expect_refused("read with a read-only status descriptor", req, &watch)?;
-        // Read as "data 511 bytes + status in the last byte" it is still an
-        // error; in no reading may it be OK.
-        if matches!(o, Outcome::Used { .. }) {
-            let last = h.fe.mem().read_u8(buf + 511)?;
-            ensure!(
-                last != OK && !(0x10..0x80).contains(&last),
-                "read with a read-only status: the device read data and reported {last:#04x}"
-            );
-        }
-    }
+    bad_status_descriptor(&mut h, "read-only status", 12, |st| Desc::r(st, 1))?;
     // Status descriptor of length 0.
-    {
-        let hdr = h.fe.place_header(VIRTIO_BLK_T_OUT, VICTIM)?;
-        let data = h.fe.place_data(&fresh_data(13, 512))?;
-        let st = h.fe.place_status()?;
-        let watch = [h.snap(st, 1)?];
-        let req = h.submit(
-            &[Desc::r(hdr, 16), Desc::r(data, 512), Desc::w(st, 0)],
-            None,
-            None,
-        )?;
-        h.expect_refused("write with a zero-length status descriptor", req, &watch)?;
-
-        let hdr = h.fe.place_header(VIRTIO_BLK_T_IN, VICTIM)?;
-        let buf = h.fe.place_buffer(512, BUFFER_SENTINEL)?;
-        let st = h.fe.place_status()?;
-        let watch = [h.snap(st, 1)?];
-        let req = h.submit(
-            &[Desc::r(hdr, 16), Desc::w(buf, 512), Desc::w(st, 0)],
-            None,
-            None,
-        )?;
-        let o = h.expect_refused("read with a zero-length status descriptor", req, &watch)?;
-        if matches!(o, Outcome::Used { .. }) {
-            let last = h.fe.mem().read_u8(buf + 511)?;
-            ensure!(
-                last != OK && !(0x10..0x80).contains(&last),
-                "read with a zero-length status: the device read data and reported {last:#04x}"
-            );
-        }
-    }
+    bad_status_descriptor(&mut h, "zero-length status", 13, |st| Desc::w(st, 0))?;
     // Read data in a driver-readable descriptor: IOERR, buffer untouched.
     {
         let hdr = h.fe.place_header(VIRTIO_BLK_T_IN, VICTIM)?;
@@ -2010,6 +1950,48 @@ fn memory_region_past_end_of_file() -> Result<()> {
         h.reconnect()?;
     }
     h.finish("region past the end of its file")
+}
+
+/// A write and a read whose status descriptor is `status(addr)`, one the
+/// device cannot answer through: both refused, the status byte untouched,
+/// and a read never reported OK.
+fn bad_status_descriptor(
+    h: &mut Harness,
+    what: &str,
+    seed: u64,
+    status: impl Fn(u64) -> Desc,
+) -> Result<()> {
+    let hdr = h.fe.place_header(VIRTIO_BLK_T_OUT, VICTIM)?;
+    let data = h.fe.place_data(&fresh_data(seed, 512))?;
+    let st = h.fe.place_status()?;
+    let watch = [h.snap(st, 1)?];
+    let req = h.submit(
+        &[Desc::r(hdr, 16), Desc::r(data, 512), status(st)],
+        None,
+        None,
+    )?;
+    h.expect_refused(&format!("write with a {what} descriptor"), req, &watch)?;
+
+    let hdr = h.fe.place_header(VIRTIO_BLK_T_IN, VICTIM)?;
+    let buf = h.fe.place_buffer(512, BUFFER_SENTINEL)?;
+    let st = h.fe.place_status()?;
+    let watch = [h.snap(st, 1)?];
+    let req = h.submit(
+        &[Desc::r(hdr, 16), Desc::w(buf, 512), status(st)],
+        None,
+        None,
+    )?;
+    let o = h.expect_refused(&format!("read with a {what} descriptor"), req, &watch)?;
+    // Read as "data 511 bytes + status in the last byte" it is still an
+    // error; in no reading may it be OK.
+    if matches!(o, Outcome::Used { .. }) {
+        let last = h.fe.mem().read_u8(buf + 511)?;
+        ensure!(
+            last != OK && !(0x10..0x80).contains(&last),
+            "read with a {what}: the device read data and reported {last:#04x}"
+        );
+    }
+    Ok(())
 }
 
 fn expect_alive_ioerr(h: &mut Harness, what: &str, req: Request) -> Result<()> {

@@ -557,11 +557,13 @@ pub fn recover(store: &dyn MetaStore, disk_size: u64) -> Result<Recovery, DirtyE
 
     for (i, e) in layout.entries.iter().enumerate() {
         let recording = state.bitmap_flags.get(i).copied().unwrap_or(0) & BITMAP_RECORDING != 0;
-        let fail = |why: &str| {
+        // A bitmap that cannot be trusted loads empty and inconsistent.
+        let untrusted = |why: &str| {
             log::error!(
                 "bitmap sidecar {what}: bitmap '{}' {why}; it loads as inconsistent",
                 e.name
             );
+            inconsistent_bitmap(e.name.clone(), e.granularity, disk_size)
         };
         if e.inconsistent {
             log::warn!(
@@ -576,30 +578,21 @@ pub fn recover(store: &dyn MetaStore, disk_size: u64) -> Result<Recovery, DirtyE
             continue;
         }
         if super::check_granularity(e.granularity).is_err() {
-            fail(&format!("has an invalid granularity {}", e.granularity));
-            rec.bitmaps.push(inconsistent_bitmap(
-                e.name.clone(),
-                e.granularity,
-                disk_size,
-            )?);
+            rec.bitmaps.push(untrusted(&format!(
+                "has an invalid granularity {}",
+                e.granularity
+            ))?);
             continue;
         }
         let need = qemu_words(disk_size.div_ceil(e.granularity)) * 8;
         let Some(data) = region(e.data_off, need).filter(|_| e.data_len >= need) else {
-            fail("has its data missing (sidecar truncated)");
-            rec.bitmaps.push(inconsistent_bitmap(
-                e.name.clone(),
-                e.granularity,
-                disk_size,
-            )?);
+            rec.bitmaps
+                .push(untrusted("has its data missing (sidecar truncated)")?);
             continue;
         };
         if recording && !log_ok {
-            fail("was recording but the activity log is missing (sidecar truncated)");
-            rec.bitmaps.push(inconsistent_bitmap(
-                e.name.clone(),
-                e.granularity,
-                disk_size,
+            rec.bitmaps.push(untrusted(
+                "was recording but the activity log is missing (sidecar truncated)",
             )?);
             continue;
         }
