@@ -28,6 +28,20 @@ fn write_disk(rig: &Rig, off: u64, data: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// The status changes and events of a job that became READY and completed
+/// (QEMU's sequence).
+const READY_THEN_COMPLETED: [&str; 9] = [
+    "created",
+    "running",
+    "ready",
+    "BLOCK_JOB_READY",
+    "waiting",
+    "pending",
+    "BLOCK_JOB_COMPLETED",
+    "concluded",
+    "null",
+];
+
 #[test]
 fn full_mirror_pivots_keeps_sparse_and_leaves_source_alone() -> Result<()> {
     let dir = Scratch::new("full");
@@ -63,20 +77,7 @@ fn full_mirror_pivots_keeps_sparse_and_leaves_source_alone() -> Result<()> {
     rig.qmp("job-complete", json!({"id": "m"}))
         .map_err(anyhow::Error::msg)?;
     wait_status(&job, JobStatus::Null, T)?;
-    assert_eq!(
-        rig.event_names(),
-        [
-            "created",
-            "running",
-            "ready",
-            "BLOCK_JOB_READY",
-            "waiting",
-            "pending",
-            "BLOCK_JOB_COMPLETED",
-            "concluded",
-            "null"
-        ]
-    );
+    assert_eq!(rig.event_names(), READY_THEN_COMPLETED);
     ensure!(
         rig.disk.image().path() == tgt,
         "the disk still uses {:?}",
@@ -225,20 +226,7 @@ fn cancel_before_ready_and_soft_and_forced_cancel_after_ready() -> Result<()> {
     rig.qmp("block-job-cancel", json!({"device": "c2"}))
         .map_err(anyhow::Error::msg)?;
     wait_status(&job, JobStatus::Null, T)?;
-    assert_eq!(
-        rig.event_names(),
-        [
-            "created",
-            "running",
-            "ready",
-            "BLOCK_JOB_READY",
-            "waiting",
-            "pending",
-            "BLOCK_JOB_COMPLETED",
-            "concluded",
-            "null"
-        ]
-    );
+    assert_eq!(rig.event_names(), READY_THEN_COMPLETED);
     ensure!(rig.disk.image().path() == src, "soft cancel pivoted");
     compare_file(&tgt, &model)?;
     // Later writes no longer reach the target.

@@ -158,6 +158,20 @@ fn wait(job: &Job, s: JobStatus) {
     assert_eq!(job.wait_for(&[s], Duration::from_secs(10)), s);
 }
 
+/// The status changes and events of a job that became READY and completed
+/// (QEMU's sequence).
+const READY_THEN_COMPLETED: [&str; 9] = [
+    "created",
+    "running",
+    "ready",
+    "BLOCK_JOB_READY",
+    "waiting",
+    "pending",
+    "BLOCK_JOB_COMPLETED",
+    "concluded",
+    "null",
+];
+
 #[test]
 fn complete_with_auto_finalize_and_dismiss() {
     let f = Fixture::new();
@@ -180,20 +194,7 @@ fn complete_with_auto_finalize_and_dismiss() {
     assert_eq!(q[0]["len"], 10);
     f.exec("job-complete", json!({"id": "j1"})).unwrap();
     wait(&job, JobStatus::Null);
-    assert_eq!(
-        f.events(),
-        [
-            "created",
-            "running",
-            "ready",
-            "BLOCK_JOB_READY",
-            "waiting",
-            "pending",
-            "BLOCK_JOB_COMPLETED",
-            "concluded",
-            "null"
-        ]
-    );
+    assert_eq!(f.events(), READY_THEN_COMPLETED);
     assert_eq!(f.exec("query-jobs", json!({})).unwrap(), json!([]));
     let err = f
         .exec("block-job-pause", json!({"device": "j1"}))
@@ -300,20 +301,7 @@ fn soft_cancel_after_ready_completes_and_forced_cancels() {
     f.exec("block-job-cancel", json!({"device": "soft"}))
         .unwrap();
     wait(&job, JobStatus::Null);
-    assert_eq!(
-        f.events(),
-        [
-            "created",
-            "running",
-            "ready",
-            "BLOCK_JOB_READY",
-            "waiting",
-            "pending",
-            "BLOCK_JOB_COMPLETED",
-            "concluded",
-            "null"
-        ]
-    );
+    assert_eq!(f.events(), READY_THEN_COMPLETED);
     let job = f.start("hard", Counter::new(), true, true);
     wait(&job, JobStatus::Ready);
     f.exec("job-cancel", json!({"id": "hard"})).unwrap();
