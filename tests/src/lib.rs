@@ -9,3 +9,4 @@ pub mod daemon;
 pub mod guest;
 pub mod qmp_client;
 pub mod raw_frontend;
+pub mod rng;

@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use tests::client::{Buffer, Client, ConnectOptions, Queue};
 use tests::daemon::{create_image, Daemon, ScratchDir};
 use tests::qmp_client::QmpClient;
+use tests::rng::Rng;
 use vubd_backend::dirty::{recover, sidecar_path, DirtyBitmap, FileStore, Recovery};
 
 const MIB: u64 = 1 << 20;
@@ -34,22 +35,6 @@ const QD: usize = 16;
 const P_GRAN: u64 = 64 * 1024;
 const FINE_GRAN: u64 = 4096;
 const BUF_LEN: usize = 64 * 1024;
-
-/// SplitMix64, seedable for reproducible runs.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
 
 /// What one load thread did: ranges whose request completed successfully,
 /// and every range it submitted.
@@ -250,7 +235,7 @@ fn kill9_never_loses_a_completed_write() -> Result<()> {
         let mut loaders = Vec::new();
         for q in client.take_queues() {
             let buf = q.alloc_buffer(BUF_LEN * QD)?;
-            let (stop, s, first) = (stop.clone(), rng.next(), first_tx.clone());
+            let (stop, s, first) = (stop.clone(), rng.next_u64(), first_tx.clone());
             loaders.push(std::thread::spawn(move || load(q, buf, s, stop, first)));
         }
         // Once writes are completing, SIGKILL at a random instant of the load.

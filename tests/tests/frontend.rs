@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tests::client::{Client, ClientError, ConnectOptions, Done};
 use tests::daemon::{create_image, Daemon, ScratchDir};
+use tests::rng::Rng;
 
 const MIB: u64 = 1 << 20;
 
@@ -139,30 +140,6 @@ fn connect(socket: &Path, num_queues: usize, read_only: bool) -> Result<Client> 
         },
     )
     .with_context(|| format!("connect to {}", socket.display()))
-}
-
-/// splitmix64: a tiny deterministic generator for offsets, sizes and data.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-
-    fn fill(&mut self, buf: &mut [u8]) {
-        for chunk in buf.chunks_mut(8) {
-            let v = self.next().to_le_bytes();
-            chunk.copy_from_slice(&v[..chunk.len()]);
-        }
-    }
 }
 
 /// FNV-1a, to name a mismatching region in failure messages compactly.
@@ -401,7 +378,7 @@ fn multi_queue_writers(tag: &str, vubd_extra: &[&str]) -> Result<()> {
                 while next < mine.len() {
                     let Some(slot) = free.pop() else { break };
                     let range = slot * stripe as usize..(slot + 1) * stripe as usize;
-                    let seed = rng.next();
+                    let seed = rng.next_u64();
                     Rng(seed).fill(&mut buf.as_mut_slice()[range.clone()]);
                     q.submit_write(mine[next] * stripe, &buf, range, slot as u64)?;
                     written.push((mine[next], seed));
@@ -1051,7 +1028,7 @@ fn direct_deep_queues_out_of_order() -> Result<()> {
             while next < mine.len() || q.in_flight() > 0 {
                 while next < mine.len() {
                     let Some(slot) = free.pop() else { break };
-                    seeds[next] = rng.next();
+                    seeds[next] = rng.next_u64();
                     let range = slot * BS..(slot + 1) * BS;
                     Rng(seeds[next]).fill(&mut buf.as_mut_slice()[range.clone()]);
                     q.submit_write(mine[next] * BS as u64, &buf, range, slot as u64)?;

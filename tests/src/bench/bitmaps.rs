@@ -563,7 +563,7 @@ fn flush_pairs(
     let mut lat = Vec::with_capacity(1 << 14);
     let mut done: Vec<Done> = Vec::with_capacity(1);
     while Instant::now() < end && !stop.load(Ordering::Relaxed) {
-        q.submit_write(rng.next() % blocks * BLOCK, &buf, 0..BLOCK as usize, 0)?;
+        q.submit_write(rng.next_u64() % blocks * BLOCK, &buf, 0..BLOCK as usize, 0)?;
         done.clear();
         q.wait(1, &mut done)?;
         for d in &done {
@@ -721,7 +721,7 @@ fn overmark_load(
                 if block.is_some() {
                     continue;
                 }
-                let b = first_block + rng.next() % region_blocks;
+                let b = first_block + rng.next_u64() % region_blocks;
                 let range = slot * BLOCK as usize..(slot + 1) * BLOCK as usize;
                 q.submit_write(b * BLOCK, &buf, range, slot as u64)?;
                 rec.attempted[b as usize] = true;
@@ -774,7 +774,7 @@ fn overmark_trial(
     let region = match locality {
         Locality::Uniform => (0, size),
         Locality::Hot64M if size > HOT_REGION => (
-            rng.next() % ((size - HOT_REGION) / MIB + 1) * MIB,
+            rng.next_u64() % ((size - HOT_REGION) / MIB + 1) * MIB,
             HOT_REGION,
         ),
         Locality::Hot64M => (0, size),
@@ -791,13 +791,13 @@ fn overmark_trial(
     let q = client.take_queue(0)?;
     let stop = Arc::new(AtomicBool::new(false));
     let (tx, rx) = mpsc::channel();
-    let (seed, stop2) = (rng.next(), stop.clone());
+    let (seed, stop2) = (rng.next_u64(), stop.clone());
     let loader = std::thread::Builder::new()
         .name("overmark-load".into())
         .spawn(move || overmark_load(q, size / BLOCK, region, seed, stop2, tx))
         .context("spawn load thread")?;
     let (lo, hi) = cfg.overmark_kill_after;
-    let kill_after = lo + (hi - lo) * (rng.next() >> 11) as f64 / (1u64 << 53) as f64;
+    let kill_after = lo + (hi - lo) * (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
     let first = rx.recv_timeout(cfg.window.request_timeout);
     if first.is_ok() {
         std::thread::sleep(Duration::from_secs_f64(kill_after));

@@ -15,6 +15,7 @@ pub mod bitmaps;
 
 use crate::client::{Client, ConnectOptions, Done};
 use crate::daemon::process_cpu_time;
+pub use crate::rng::Rng;
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 use std::io::Write;
@@ -164,27 +165,10 @@ struct ThreadResult {
     latencies_ns: Vec<u32>,
 }
 
-/// splitmix64, for offsets and buffer contents.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-}
-
 /// Fills `buf` with pseudo-random bytes (so nothing in the path can take a
 /// shortcut on zero pages).
 pub fn fill_random(buf: &mut [u8], seed: u64) {
-    let mut rng = Rng(seed);
-    for chunk in buf.chunks_mut(8) {
-        let v = rng.next().to_le_bytes();
-        chunk.copy_from_slice(&v[..chunk.len()]);
-    }
+    Rng(seed).fill(buf);
 }
 
 /// Makes a child die with us, even if we are killed with SIGKILL: a
@@ -383,7 +367,7 @@ fn load_thread(
     let mut rng = Rng(0x5eed ^ (thread as u64) << 32);
     let mut next_offset = || -> u64 {
         let block = match w.pattern {
-            Pattern::RandRead | Pattern::RandWrite => rng.next() % blocks,
+            Pattern::RandRead | Pattern::RandWrite => rng.next_u64() % blocks,
             Pattern::SeqWrite => {
                 let b = slice_start + seq % slice.max(1);
                 seq += 1;

@@ -162,7 +162,7 @@ fn write_random(socket: &Path, blocks: u64, writes: u64, seed: u64) -> Result<()
     while completed < writes {
         while submitted < writes {
             let Some(slot) = free.pop() else { break };
-            let offset = (rng.next() % blocks) * BLOCK;
+            let offset = (rng.next_u64() % blocks) * BLOCK;
             q.submit_write(offset, &buf, slot * bs..(slot + 1) * bs, slot as u64)?;
             submitted += 1;
         }
