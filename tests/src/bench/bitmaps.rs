@@ -984,24 +984,21 @@ pub fn run(
                 }
             }
         }
-        if sections.instructions && si == 0 {
-            if !instructions::valgrind_available() {
-                eprintln!("bitmaps: valgrind not found; no instruction counts");
+        if sections.instructions && si == 0 && !instructions::valgrind_available() {
+            eprintln!("bitmaps: valgrind not found; no instruction counts");
+        } else if sections.instructions && si == 0 {
+            let r = instructions::user_share(cfg, &img, &socks, stop);
+            match &r {
+                Ok(share) => eprintln!(
+                    "[callgrind] {:<6} user space is {:.1}% of vubd's CPU time (native run, no bitmap)",
+                    st.name,
+                    share * 100.0
+                ),
+                Err(e) => eprintln!("[callgrind] {} user share: FAILED: {e:#}", st.name),
             }
-            if instructions::valgrind_available() {
-                let r = instructions::user_share(cfg, &img, &socks, stop);
-                match &r {
-                    Ok(share) => eprintln!(
-                        "[callgrind] {:<6} user space is {:.1}% of vubd's CPU time (native run, no bitmap)",
-                        st.name,
-                        share * 100.0
-                    ),
-                    Err(e) => eprintln!("[callgrind] {} user share: FAILED: {e:#}", st.name),
-                }
-                report.user_share = Some(r.map_err(|e| format!("{e:#}")));
-            }
+            report.user_share = Some(r.map_err(|e| format!("{e:#}")));
             for v in Variant::ALL {
-                if stopped() || !instructions::valgrind_available() {
+                if stopped() {
                     break;
                 }
                 let r = instructions::count(&cfg.vubd, &img, &socks, v, cfg.instruction_writes);
