@@ -76,6 +76,12 @@ pub trait Image: Send + Sync {
     fn async_fd(&self, _bufs: &[IoBuf]) -> Option<RawFd> {
         None
     }
+    /// True if the image lives in memory (tmpfs, ramfs): a transfer is a
+    /// copy that never waits for a device, so it may run inline on a queue
+    /// thread without stalling the others.
+    fn memory_backed(&self) -> bool {
+        false
+    }
 }
 
 /// How to open a raw image.
@@ -93,6 +99,8 @@ pub struct RawImage {
     path: PathBuf,
     size: u64,
     direct: bool,
+    /// On tmpfs or ramfs (see `Image::memory_backed`).
+    memory_backed: bool,
     /// Memory alignment O_DIRECT needs for buffers.
     dio_align: usize,
 }
@@ -136,11 +144,13 @@ impl RawImage {
                 "not a regular file or block device",
             )));
         };
+        let memory_backed = meta.is_file() && on_memory_fs(&file);
         Ok(RawImage {
             file,
             path: path.to_path_buf(),
             size,
             direct: opts.direct,
+            memory_backed,
             dio_align: 4096,
         })
     }
@@ -253,6 +263,18 @@ fn scatter_copy(bufs: &[IoBuf], contiguous: *mut u8, to_contiguous: bool) {
         }
         off += b.len();
     }
+}
+
+/// True if `file` is on a file system that keeps its data in memory.
+fn on_memory_fs(file: &File) -> bool {
+    // SAFETY: fstatfs fills the zeroed struct we own; nothing else is touched.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0 {
+        return false;
+    }
+    // linux/magic.h; the libc crate lacks RAMFS_MAGIC.
+    const RAMFS_MAGIC: libc::c_long = 0x8584_58f6;
+    matches!(st.f_type, libc::TMPFS_MAGIC | RAMFS_MAGIC)
 }
 
 fn fallocate(fd: libc::c_int, mode: i32, offset: u64, len: u64) -> io::Result<()> {
@@ -410,6 +432,10 @@ impl Image for RawImage {
             return None;
         }
         Some(self.fd())
+    }
+
+    fn memory_backed(&self) -> bool {
+        self.memory_backed
     }
 
     fn allocation(&self, offset: u64) -> Result<(bool, u64), ImageError> {

@@ -27,6 +27,11 @@ pub enum AioEngine {
         /// io_uring's worker threads); wrong for O_DIRECT, where the worker
         /// would sit out the disk's latency unable to take new requests.
         inline_lone: bool,
+        /// Run every request on a memory-backed image synchronously: right
+        /// when the queue threads already keep every core busy, so the
+        /// worker threads the ring hands tmpfs transfers to would only add
+        /// context switches (see `UringEngine::set_inline_memory`).
+        inline_memory: bool,
     },
 }
 

@@ -8,9 +8,7 @@
 //! `RwLock<VhostUserBackendMut>` adaptor would serialize them). The queues
 //! of one thread share its engine: one ring, one set of requests in flight,
 //! one wait for "a completion or a kick on any of them". Fewer threads than
-//! queues pays where cores are scarce: on a page-cache image every write is
-//! copied by the kernel's io_uring workers, and two threads' workers only
-//! fight over the same cores and the file's inode lock.
+//! queues leave cores to other work.
 //!
 //! A worker runs one of two engines:
 //! - sync: each request is executed with blocking calls as it is popped.
@@ -28,7 +26,8 @@
 //!   `io_uring_enter` both submit and wait, and means a worker that has
 //!   returned to epoll has nothing in flight, which is what the IoGate,
 //!   GET_VRING_BASE and the SIGTERM drain rely on. On the page cache a
-//!   request that arrives alone runs inline (see `AioEngine`).
+//!   request that arrives alone runs inline, and on tmpfs, when the queue
+//!   threads take every core, all requests do (see `AioEngine`).
 //!
 //! Both engines count the available requests before they load the guest
 //! memory map they parse them with: a frontend adds the memory region of a
@@ -208,7 +207,16 @@ impl BlockDevice {
             // Room for every request of every queue of the thread.
             let depth = u32::from(self.cfg.queue_size) * vrings.len().max(1) as u32;
             worker.engine = match UringEngine::new(depth) {
-                Ok(engine) => Engine::Uring(Box::new(engine)),
+                Ok(mut engine) => {
+                    engine.set_inline_memory(matches!(
+                        self.cfg.aio,
+                        AioEngine::IoUring {
+                            inline_memory: true,
+                            ..
+                        }
+                    ));
+                    Engine::Uring(Box::new(engine))
+                }
                 Err(e) => {
                     warn!("thread {thread}: io_uring unavailable ({e}); using synchronous I/O");
                     Engine::Sync
@@ -531,7 +539,13 @@ impl BlockDevice {
     ) -> (usize, usize, bool) {
         let mem: &GuestMemoryMmap = mem;
         let disk = &*self.disk;
-        let inline_lone = matches!(self.cfg.aio, AioEngine::IoUring { inline_lone: true });
+        let inline_lone = matches!(
+            self.cfg.aio,
+            AioEngine::IoUring {
+                inline_lone: true,
+                ..
+            }
+        );
         let (mut taken, mut finished) = (0, 0);
         while engine.has_room() && taken < usize::from(count) {
             let chain = match queue.iter(mem) {

@@ -33,7 +33,7 @@ struct Options {
     queues: u16,
     /// Worker threads serving the queues, at most one per queue (queue q
     /// runs on thread q mod N; default: one per queue). Fewer threads than
-    /// queues saves CPU where cores are scarce (see README.md, Numbers).
+    /// queues leave cores to other work, at some cost in speed.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
     threads: Option<u16>,
     /// Maximum virtqueue size: a power of two from 2 to 1024.
@@ -66,7 +66,8 @@ struct Options {
     /// I/O engine of the queue workers: io_uring (many requests of a queue
     /// at the disk at once; a lone request on the page cache runs inline),
     /// sync (one blocking call per request), or auto (io_uring where the
-    /// kernel allows it, else sync).
+    /// kernel allows it, else sync; on a tmpfs image with at least as many
+    /// threads as CPUs, requests run inline on the queue threads).
     #[arg(long, value_enum, value_name = "ENGINE", default_value_t = AioOpt::Auto)]
     aio: AioOpt,
     /// The disk's node name in management commands.
@@ -81,6 +82,14 @@ enum AioOpt {
     Sync,
     #[value(name = "io_uring")]
     IoUring,
+}
+
+/// True if `threads` queue threads can keep every CPU vubd may run on
+/// busy: then io_uring's worker threads have no idle core to copy on, and
+/// tmpfs transfers are cheaper inline (`UringEngine::set_inline_memory`).
+fn cores_taken(threads: u16) -> bool {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    usize::from(threads) >= cpus
 }
 
 fn parse_interval(s: &str) -> Result<f64, String> {
@@ -177,6 +186,7 @@ fn run(mut opts: Options) -> Result<()> {
             aio => match vubd_backend::disk::uring::UringEngine::new(1) {
                 Ok(_) => AioEngine::IoUring {
                     inline_lone: !opts.direct,
+                    inline_memory: matches!(aio, AioOpt::Auto) && cores_taken(threads),
                 },
                 Err(e) if matches!(aio, AioOpt::IoUring) => {
                     bail!("--aio io_uring: io_uring is unavailable: {e}")

@@ -14,7 +14,8 @@
 //! short transfers and `EAGAIN`/`EINTR`. A request the image cannot take
 //! asynchronously (no fd, O_DIRECT with misaligned buffers, more iovecs than
 //! the kernel takes) runs synchronously at submission and is reaped like
-//! the others.
+//! the others; so does every request on a memory-backed image when the
+//! engine is told to run those inline (`set_inline_memory`).
 //!
 //! Each request keeps the image it was issued on alive until it completes
 //! (a mirror pivot may switch images; see `Pins`), and its buffers must stay
@@ -115,6 +116,8 @@ pub struct UringEngine {
     /// Completions copied out of the ring before they are processed (their
     /// processing may push new entries).
     cqes: Vec<(u64, i32)>,
+    /// Run requests on memory-backed images synchronously.
+    inline_memory: bool,
     stats: EngineStats,
 }
 
@@ -125,7 +128,9 @@ pub struct EngineStats {
     pub short_transfers: u64,
     /// Resubmissions after `EAGAIN`/`EINTR`.
     pub retries: u64,
-    /// Requests run synchronously because the image could not take them.
+    /// Requests run synchronously: the image could not take them
+    /// asynchronously, or it is memory-backed and the engine runs those
+    /// inline.
     pub synchronous: u64,
 }
 
@@ -165,8 +170,20 @@ impl UringEngine {
             kick_gen: 0,
             kicked: Vec::new(),
             cqes: Vec::with_capacity(entries as usize * 2),
+            inline_memory: false,
             stats: EngineStats::default(),
         })
+    }
+
+    /// Whether requests on a memory-backed image (`Image::memory_backed`)
+    /// run synchronously at submission instead of going through the ring.
+    /// The kernel cannot do a tmpfs transfer without blocking, so the ring
+    /// hands each one to an io_uring worker thread: that pays where the
+    /// workers have idle cores to copy on, and costs a context switch or
+    /// two per request where the queue threads already keep every core
+    /// busy (see `vubd`'s `--aio`).
+    pub fn set_inline_memory(&mut self, on: bool) {
+        self.inline_memory = on;
     }
 
     /// Counters of short transfers, retries and synchronous fallbacks.
@@ -190,13 +207,18 @@ impl UringEngine {
     }
 
     /// Pins the active image for a request on `bufs` and returns the fd to
-    /// issue it on, or None if the image wants it synchronously.
+    /// issue it on, or None if the request is to run synchronously (the
+    /// image cannot take it asynchronously, or `set_inline_memory`).
     fn pin_image(&mut self, disk: &Disk, bufs: &[IoBuf]) -> Option<(RawFd, PinId)> {
         if bufs.len() > IOV_MAX {
             return None;
         }
         let images = &mut self.images;
+        let inline_memory = self.inline_memory;
         disk.with_image(|img| {
+            if inline_memory && img.memory_backed() {
+                return None;
+            }
             let fd = img.async_fd(bufs)?;
             images.refresh(|cur| Arc::ptr_eq(cur, img), || img.clone());
             images.pin().map(|id| (fd, id))

@@ -18,9 +18,13 @@ struct TempDir(PathBuf);
 
 impl TempDir {
     fn new() -> TempDir {
+        TempDir::under(&std::env::temp_dir())
+    }
+
+    fn under(base: &Path) -> TempDir {
         static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let p = std::env::temp_dir().join(format!("vubd-uring-test-{}-{n}", std::process::id()));
+        let p = base.join(format!("vubd-uring-test-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&p).unwrap();
         TempDir(p)
     }
@@ -524,6 +528,85 @@ fn requests_the_image_cannot_take_asynchronously_run_synchronously() {
     assert!(done[0].1.is_ok());
     assert!(out[4096..8192].iter().all(|&x| x == 0x42));
     assert!(out[..4096].iter().all(|&x| x == 0));
+}
+
+/// The file system type of `path` as coreutils' `stat -f` names it.
+fn fs_type(path: &Path) -> String {
+    let out = std::process::Command::new("stat")
+        .args(["-f", "-c", "%T"])
+        .arg(path)
+        .output()
+        .expect("stat runs");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Writes 4 KiB of `byte` at 8 KiB, reads it back and flushes; returns
+/// whether the write had reached the file when `write` returned (before
+/// anything was handed to the kernel's ring).
+fn write_read_flush(e: &mut UringEngine, disk: &Disk, path: &Path, byte: u8) -> bool {
+    let mut data = vec![byte; 4096];
+    let mut back = vec![0u8; 4096];
+    // SAFETY: data and back outlive the reaping below.
+    unsafe { e.write(disk, 8192, &[IoBuf::from_slice(&mut data)], 1) };
+    let landed_at_once = std::fs::read(path).unwrap()[8192] == byte;
+    let done = reap_n(e, disk, 1);
+    assert!(done[0].1.is_ok(), "{:?}", done[0].1);
+    // SAFETY: as above.
+    unsafe { e.read(disk, 8192, &[IoBuf::from_slice(&mut back)], 2) };
+    e.flush(disk, 3);
+    let mut done = reap_n(e, disk, 2);
+    done.sort_by_key(|d| d.0);
+    assert!(done.iter().all(|(_, r)| r.is_ok()), "{done:?}");
+    assert_eq!(back, data);
+    landed_at_once
+}
+
+#[test]
+fn memory_backed_images_run_inline_when_the_engine_is_told_to() {
+    let shm = Path::new("/dev/shm");
+    if fs_type(shm) != "tmpfs" {
+        return; // no tmpfs to test on
+    }
+    let dir = TempDir::under(shm);
+    let path = dir.image("img", 1 << 20);
+    let disk = raw_disk(&path);
+    disk.with_image(|img| assert!(img.memory_backed(), "tmpfs image"));
+    let rec = Arc::new(Recorder::default());
+    disk.add_hook(rec.clone());
+
+    let mut e = engine();
+    assert!(
+        !write_read_flush(&mut e, &disk, &path, 1),
+        "not inline by default"
+    );
+    assert_eq!(e.stats().synchronous, 0);
+
+    e.set_inline_memory(true);
+    assert!(write_read_flush(&mut e, &disk, &path, 2), "inline");
+    assert_eq!(e.stats().synchronous, 3, "write, read and flush ran inline");
+    assert_eq!(
+        rec.log(),
+        [
+            "before 8192",
+            "after 8192",
+            "flush",
+            "before 8192",
+            "after 8192",
+            "flush"
+        ],
+        "hooks run the same either way"
+    );
+
+    // An image on a disk file system keeps using the ring.
+    let base = std::env::temp_dir();
+    if !matches!(fs_type(&base).as_str(), "tmpfs" | "ramfs") {
+        let dir = TempDir::under(&base);
+        let path = dir.image("img", 1 << 20);
+        let disk = raw_disk(&path);
+        disk.with_image(|img| assert!(!img.memory_backed(), "{}", fs_type(&base)));
+        assert!(!write_read_flush(&mut e, &disk, &path, 3));
+        assert_eq!(e.stats().synchronous, 3, "no more inline requests");
+    }
 }
 
 #[test]
