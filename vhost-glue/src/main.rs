@@ -258,7 +258,7 @@ fn run(mut opts: Options) -> Result<()> {
 
     let stop = server.stop_handle();
     let socket = opts.socket.clone();
-    std::thread::Builder::new()
+    let shutdown_thread = std::thread::Builder::new()
         .name("vubd-shutdown".into())
         .spawn(move || {
             let Ok(reason) = shutdown_rx.recv() else {
@@ -282,11 +282,10 @@ fn run(mut opts: Options) -> Result<()> {
                 code = 1;
             }
             let _ = std::fs::remove_file(&socket);
-            // Not QmpServer::shutdown(): it joins client threads, one of
-            // which may be the one that asked us to quit. Replies and events
-            // are already written; removing the socket is all that is left.
+            // The SHUTDOWN event and the reply to `quit` are only queued to
+            // the clients' writer threads; exiting now could cut them off.
             if let Some(qmp) = qmp {
-                let _ = std::fs::remove_file(qmp.path());
+                qmp.shutdown();
             }
             info!("stopped");
             std::process::exit(code);
@@ -300,6 +299,11 @@ fn run(mut opts: Options) -> Result<()> {
         opts.socket.display()
     );
     server.run()?;
+    // The server returns once a shutdown has begun, possibly as soon as a
+    // frontend leaves; returning from main now would end the process before
+    // the final flush, the bitmap write-out and the last QMP events. The
+    // shutdown thread finishes those and exits the process itself.
+    let _ = shutdown_thread.join();
     Ok(())
 }
 
