@@ -240,8 +240,10 @@ class QmpShellTest(unittest.TestCase):
             "query-block\n"
             "no-such-command\n"
             "block-dirty-bitmap-add node=disk0\n"
-            "quit\n"
         )
+        # No `quit` at the end: the daemon would close the connection while
+        # qmp-shell closes its own, and qemu.qmp then raises EOFError from
+        # close(), with QEMU as with vubd. `quit` is covered above.
         out = subprocess.run(
             [sys.executable, "-m", "qemu.qmp.qmp_shell", self.vubd.qmp],
             input=script, capture_output=True, text=True, timeout=TIMEOUT)
@@ -252,15 +254,14 @@ class QmpShellTest(unittest.TestCase):
             line = chunk.strip()
             if line.startswith("{"):
                 replies.append(json.loads(line))
-        self.assertEqual(len(replies), 6, out.stdout)
+        self.assertEqual(len(replies), 5, out.stdout)
         self.assertTrue(replies[0]["return"]["package"].startswith("vubd "))
         self.assertEqual(replies[1], {"return": {}})
         names = [b["name"] for b in replies[2]["return"][0]["inserted"]["dirty-bitmaps"]]
         self.assertEqual(names, ["sh"])
         self.assertEqual(replies[3]["error"]["class"], "CommandNotFound")
         self.assertEqual(replies[4]["error"]["desc"], "Parameter 'name' is missing")
-        self.assertEqual(replies[5], {"return": {}})
-        self.assertEqual(self.vubd.wait_exit(), 0)
+        self.assertIsNone(self.vubd.proc.poll(), "vubd exited when qmp-shell left")
 
 
 if __name__ == "__main__":

@@ -112,8 +112,20 @@ impl Daemon {
     }
 
     /// Starts any command that will listen on `socket`, and waits for it.
+    ///
+    /// qemu-storage-daemon is told to write a pid file and is ready when it
+    /// has: it writes the file after creating its exports and monitors. It is
+    /// not probed with a connection, because its socket servers take one
+    /// client at a time and may close the next one if it arrives before they
+    /// have noticed the probe leave.
     pub fn spawn(mut cmd: Command, socket: &Path, name: &'static str) -> Result<Daemon> {
         let _ = std::fs::remove_file(socket);
+        let pid_file = (cmd.get_program() == "qemu-storage-daemon").then(|| {
+            let path = socket.with_extension("pid");
+            let _ = std::fs::remove_file(&path);
+            cmd.arg("--pidfile").arg(&path);
+            path
+        });
         cmd.stdin(Stdio::null());
         let child = cmd
             .spawn()
@@ -123,20 +135,24 @@ impl Daemon {
             socket: socket.to_path_buf(),
             name,
         };
-        daemon.wait_listening(Duration::from_secs(20))?;
+        daemon.wait_ready(pid_file.as_deref(), Duration::from_secs(20))?;
         Ok(daemon)
     }
 
-    fn wait_listening(&mut self, timeout: Duration) -> Result<()> {
+    /// Waits until `pid_file` exists, or without one until the socket
+    /// accepts a connection.
+    fn wait_ready(&mut self, pid_file: Option<&Path>, timeout: Duration) -> Result<()> {
         let start = Instant::now();
         loop {
             if let Some(status) = self.try_wait()? {
                 bail!("{} exited before listening: {status}", self.name);
             }
-            // A probe connection would count as a frontend session; existence
-            // of the socket file plus a successful connect is what we need,
-            // and both daemons tolerate a client that connects and leaves.
-            if self.socket.exists() && UnixStream::connect(&self.socket).is_ok() {
+            let ready = match pid_file {
+                Some(pid_file) => pid_file.exists(),
+                // vubd takes a client that connects and leaves in its stride.
+                None => self.socket.exists() && UnixStream::connect(&self.socket).is_ok(),
+            };
+            if ready {
                 return Ok(());
             }
             if start.elapsed() > timeout {

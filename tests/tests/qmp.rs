@@ -14,9 +14,10 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tests::client::Client;
 use tests::daemon::{create_image, vubd_binary, workspace_root, Daemon, ScratchDir};
+use tests::qmp_client::wait_for_socket;
 
 const MIB: u64 = 1 << 20;
 const TIMEOUT: Duration = Duration::from_secs(15);
@@ -112,7 +113,7 @@ impl Vubd {
         let mut args = vec!["--qmp", &qmp_arg];
         args.extend_from_slice(extra);
         let daemon = Daemon::vubd(&dir.join("vhost.sock"), &image, &args)?;
-        wait_socket(&qmp)?;
+        wait_for_socket(&qmp, TIMEOUT)?;
         Ok(Vubd {
             daemon,
             qmp,
@@ -127,19 +128,6 @@ impl Vubd {
         }
         Ok(())
     }
-}
-
-fn wait_socket(path: &Path) -> Result<()> {
-    let start = Instant::now();
-    while !path.exists() {
-        ensure!(
-            start.elapsed() < TIMEOUT,
-            "{} never appeared",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    Ok(())
 }
 
 #[test]
@@ -699,7 +687,7 @@ fn start_qsd(dir: &ScratchDir, image: &Path) -> Result<(Daemon, PathBuf)> {
         .arg("--monitor")
         .arg("chardev=m");
     let d = Daemon::spawn(cmd, &vhost, "qemu-storage-daemon")?;
-    wait_socket(&qmp)?;
+    wait_for_socket(&qmp, TIMEOUT)?;
     Ok((d, qmp))
 }
 
