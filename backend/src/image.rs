@@ -82,6 +82,24 @@ pub trait Image: Send + Sync {
     fn memory_backed(&self) -> bool {
         false
     }
+    /// What the image opened, as [`file_identity`] gives it, so that two
+    /// names of one file (hard links, symlinks, bind mounts) compare equal;
+    /// `None` where there is no such file.
+    fn identity(&self) -> Option<(u64, u64)> {
+        None
+    }
+}
+
+/// The identity of a file: (device, inode); for a block device
+/// (`u64::MAX`, the device number it gives access to), so that two device
+/// nodes of one disk compare equal too. Paths never identify a file.
+pub fn file_identity(meta: &std::fs::Metadata) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    if meta.file_type().is_block_device() {
+        (u64::MAX, meta.rdev())
+    } else {
+        (meta.dev(), meta.ino())
+    }
 }
 
 /// How to open a raw image.
@@ -436,6 +454,10 @@ impl Image for RawImage {
 
     fn memory_backed(&self) -> bool {
         self.memory_backed
+    }
+
+    fn identity(&self) -> Option<(u64, u64)> {
+        self.file.metadata().ok().map(|m| file_identity(&m))
     }
 
     fn allocation(&self, offset: u64) -> Result<(bool, u64), ImageError> {

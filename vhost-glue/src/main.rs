@@ -14,6 +14,7 @@ use vhost_glue::management::{DaemonContext, ShutdownReason};
 use vhost_glue::server::{bind_socket, Server};
 use vhost_glue::DeviceConfig;
 use vubd_backend::dirty::{sidecar_path, DirtyTracker, FileStore, MetaStore, TrackerConfig};
+use vubd_backend::mirror::pivot_marker;
 use vubd_backend::qmp::{standard_dispatcher, EventBus, QmpServer, ServerConfig};
 use vubd_backend::{Disk, RawImage, RawImageOptions};
 
@@ -73,6 +74,11 @@ struct Options {
     /// The disk's node name in management commands.
     #[arg(long, value_name = "NAME", default_value = "disk0", value_parser = parse_node_name)]
     node_name: String,
+    /// Serve the image even though a mirror switched the disk away from it
+    /// (it holds the disk as it was at that switch); removes the marker
+    /// the switch left beside it.
+    #[arg(long)]
+    allow_stale_image: bool,
 }
 
 /// Values of --aio.
@@ -136,10 +142,38 @@ fn parse_serial(s: &str) -> Result<String, String> {
     Ok(s.to_string())
 }
 
+/// Refuses an image a mirror's pivot left (a restart with the old
+/// `--image` would roll the guest back) unless `allow`; true if the image
+/// is stale and allowed (its marker is then to be removed).
+fn check_pivot_marker(image: &std::path::Path, allow: bool) -> Result<bool> {
+    let marker = pivot_marker::marker_path(image);
+    let why = match pivot_marker::read(image) {
+        Ok(None) => return Ok(false),
+        Ok(Some(m)) => format!(
+            "a mirror switched the disk from {} to {} ({} says so); serving {} would roll the guest back to that moment. Start with --image {}",
+            image.display(),
+            m.new_image.display(),
+            marker.display(),
+            image.display(),
+            m.new_image.display()
+        ),
+        Err(e) => format!(
+            "{} is unreadable ({e}); it marks an image a mirror switched away from",
+            marker.display()
+        ),
+    };
+    if !allow {
+        bail!("{why}, or pass --allow-stale-image to serve this image anyway");
+    }
+    log::warn!("--allow-stale-image: {why}; serving it anyway and removing the marker");
+    Ok(true)
+}
+
 fn run(mut opts: Options) -> Result<()> {
     // Management queries report where the image really is.
     opts.image = std::fs::canonicalize(&opts.image)
         .with_context(|| format!("cannot open image {}", opts.image.display()))?;
+    let stale = check_pivot_marker(&opts.image, opts.allow_stale_image)?;
     let image = RawImage::open(
         &opts.image,
         RawImageOptions {
@@ -154,6 +188,14 @@ fn run(mut opts: Options) -> Result<()> {
             "image {} is {size} bytes, not a non-zero multiple of the logical block size {lbs}",
             opts.image.display()
         );
+    }
+    if stale {
+        pivot_marker::remove(&opts.image).with_context(|| {
+            format!(
+                "cannot remove {}",
+                pivot_marker::marker_path(&opts.image).display()
+            )
+        })?;
     }
     let disk = Arc::new(Disk::new(Box::new(image), opts.readonly));
     // Persistent bitmaps live beside the image; they are loaded (and, after

@@ -8,10 +8,11 @@
 use super::engine::Engine;
 use super::hook::{MirrorHook, MirrorState, ResumeTracker};
 use super::job::{MirrorJob, PivotHook};
+use super::pivot_marker;
 use super::state_file::{boot_id, sidecar_path, StateFile, StateHeader};
 use super::{CopyMode, MirrorConfig, MirrorError, SyncMode, DEFAULT_BUF_SIZE, DEFAULT_GRANULARITY};
 use crate::disk::{Disk, WriteHook};
-use crate::image::{Image, RawImage, RawImageOptions};
+use crate::image::{file_identity, Image, RawImage, RawImageOptions};
 use crate::jobs::{id_wellformed, Job, JobError, JobOptions, JobRegistry, OnError};
 use crate::qmp::QmpError;
 use std::path::{Path, PathBuf};
@@ -106,7 +107,6 @@ struct Slot {
 pub struct MirrorManager {
     disk: Arc<Disk>,
     node_name: String,
-    image_path: PathBuf,
     direct: bool,
     registry: Arc<JobRegistry>,
     slot: Mutex<Slot>,
@@ -118,7 +118,7 @@ impl std::fmt::Debug for MirrorManager {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MirrorManager")
             .field("node", &self.node_name)
-            .field("image", &self.image_path)
+            .field("image", &self.disk.image().path())
             .finish()
     }
 }
@@ -160,10 +160,12 @@ fn canonical(path: &Path) -> PathBuf {
 }
 
 impl MirrorManager {
-    /// The mirror slot for `disk` (whose image file is `image_path`, and
-    /// whose node name QMP commands use). Call before guest I/O starts: an
-    /// interrupted mirror's state found beside the image starts tracking
-    /// guest writes at once. `direct`: open targets with O_DIRECT, like the
+    /// The mirror slot for `disk` (whose image file was opened as
+    /// `image_path`, and whose node name QMP commands use). Call before
+    /// guest I/O starts: an interrupted mirror's state found beside the
+    /// image starts tracking guest writes at once. Later mirrors go by the
+    /// image the disk actually uses (which a pivot changes), not by this
+    /// path. `direct`: open targets with O_DIRECT, like the
     /// disk's image. Fails if that state belongs to a disk of another size.
     pub fn new(
         disk: Arc<Disk>,
@@ -207,7 +209,6 @@ impl MirrorManager {
         Ok(Arc::new_cyclic(|me| MirrorManager {
             disk,
             node_name: node_name.to_string(),
-            image_path: image_path.to_path_buf(),
             direct,
             registry,
             slot: Mutex::new(slot),
@@ -267,36 +268,52 @@ impl MirrorManager {
         }
     }
 
+    /// Refuses a target that is the image the disk uses now, by identity
+    /// (device + inode), whatever path names it.
+    fn refuse_active(&self, target: Option<(u64, u64)>) -> Result<(), QmpError> {
+        match (target, self.disk.image().identity()) {
+            (Some(t), Some(active)) if t == active => Err(generic("Can't mirror node into itself")),
+            _ => Ok(()),
+        }
+    }
+
     fn open_target(&self, req: &MirrorRequest) -> Result<Arc<dyn Image>, QmpError> {
         let size = self.disk.size();
-        let path = &req.target;
+        // Absolute, so that after a pivot the disk's image path (beside
+        // which sidecars and markers go) does not depend on our cwd.
+        let path = &canonical(&req.target);
+        let shown = req.target.display();
         let opts = RawImageOptions {
             read_only: false,
             direct: self.direct,
         };
         if req.mode == TargetMode::Create {
+            let create_err = |e: std::io::Error| {
+                generic(format!(
+                    "Could not create '{shown}': {}",
+                    super::strerror(e.raw_os_error().unwrap_or(libc::EIO))
+                ))
+            };
+            // Not O_TRUNC: whatever the path leads to is checked on the
+            // open file before a byte of it is dropped.
             let f = std::fs::OpenOptions::new()
                 .write(true)
                 .create(true)
-                .truncate(true)
+                .truncate(false)
                 .open(path)
-                .and_then(|f| f.set_len(size).map(|()| f))
-                .map_err(|e| {
-                    generic(format!(
-                        "Could not create '{}': {}",
-                        path.display(),
-                        super::strerror(e.raw_os_error().unwrap_or(libc::EIO))
-                    ))
-                })?;
-            drop(f);
+                .map_err(create_err)?;
+            self.refuse_active(f.metadata().ok().map(|m| file_identity(&m)))?;
+            f.set_len(0)
+                .and_then(|()| f.set_len(size))
+                .map_err(create_err)?;
         }
         let image = RawImage::open(path, opts).map_err(|e| {
             generic(format!(
-                "Could not open '{}': {}",
-                path.display(),
+                "Could not open '{shown}': {}",
                 super::strerror(super::image_errno(&e))
             ))
         })?;
+        self.refuse_active(image.identity())?;
         if image.size() < size {
             // A shorter existing target grows to the disk's size (QEMU
             // resizes the target too); a block device cannot.
@@ -307,9 +324,10 @@ impl MirrorManager {
             if grown.is_err() {
                 return Err(generic("Source and target image have different sizes"));
             }
-            return RawImage::open(path, opts)
-                .map(|i| Arc::new(i) as Arc<dyn Image>)
-                .map_err(|e| generic(format!("Could not open '{}': {e}", path.display())));
+            let image = RawImage::open(path, opts)
+                .map_err(|e| generic(format!("Could not open '{shown}': {e}")))?;
+            self.refuse_active(image.identity())?;
+            return Ok(Arc::new(image));
         }
         Ok(Arc::new(image))
     }
@@ -386,8 +404,16 @@ impl MirrorManager {
                 "x-resume needs mode 'existing' (the target already holds the copy)",
             ));
         }
-        if canonical(&req.target) == canonical(&self.image_path) {
-            return Err(generic("Can't mirror node into itself"));
+        // The image in use, by identity: after a pivot that is the old
+        // target, and a hard link, symlink or bind mount of it is it too.
+        // (Checked again on the open file, before anything is truncated.)
+        match &target {
+            Some(t) => self.refuse_active(t.identity())?,
+            None => self.refuse_active(
+                std::fs::metadata(&req.target)
+                    .ok()
+                    .map(|m| file_identity(&m)),
+            )?,
         }
         let mut slot = self.lock();
         if let Some(active) = &slot.active {
@@ -443,7 +469,8 @@ impl MirrorManager {
                     target: canonical(&req.target),
                     boot_id: boot_id(),
                 };
-                let st = StateFile::create(&sidecar_path(&self.image_path), header)
+                // Beside the image in use, where a restart on it looks.
+                let st = StateFile::create(&sidecar_path(self.disk.image().path()), header)
                     .map_err(|e| generic(e.to_string()))?;
                 if sync != SyncMode::None {
                     // Conservative until the first checkpoint brings P to D.
@@ -459,9 +486,6 @@ impl MirrorManager {
             persist.clone(),
             req.copy_mode,
         ));
-        if let Some(p) = &pending_state {
-            state.dirty.copy_from(p.bits());
-        }
         let buf_size = if req.buf_size == 0 {
             DEFAULT_BUF_SIZE
         } else {
@@ -508,14 +532,41 @@ impl MirrorManager {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
+        let new_identity = state.target.identity();
+        let read_only = self.disk.read_only();
         let on_pivot: PivotHook = Arc::new(move |old: &Path, new: &Path| {
+            // A read-only disk cannot be rolled back: both images stay equal.
+            if !read_only {
+                pivot_marker::write(old, new, new_identity).map_err(|e| {
+                    format!(
+                        "cannot leave the pivot marker beside {}: {e}",
+                        old.display()
+                    )
+                })?;
+            }
             for h in &hooks {
-                h(old, new)?;
+                if let Err(e) = h(old, new) {
+                    if let Err(re) = pivot_marker::remove(old) {
+                        log::error!(
+                            "the pivot failed but its marker {} stays ({re}): remove it before restarting on {}",
+                            pivot_marker::marker_path(old).display(),
+                            old.display()
+                        );
+                    }
+                    return Err(e);
+                }
+            }
+            // The disk comes back to an image it once left.
+            if let Err(e) = pivot_marker::remove(new) {
+                log::warn!(
+                    "cannot remove the stale pivot marker {}: {e}",
+                    pivot_marker::marker_path(new).display()
+                );
             }
             Ok(())
         });
         let driver = Arc::new(MirrorJob::new(
-            state,
+            state.clone(),
             hook.clone(),
             config,
             engine,
@@ -543,11 +594,21 @@ impl MirrorManager {
             cleanup_new_state(&persist);
             return Err(JobError::NegativeSpeed.into());
         }
-        self.disk.add_hook(hook);
-        if req.resume {
-            if let Some(p) = slot.pending.take() {
-                self.disk.remove_hook(&p.hook);
+        match &pending_state {
+            Some(p) => {
+                // Until now guest writes were marked in P only (by the
+                // ResumeTracker). With guest I/O paused no write is between
+                // its start and its end, so each one either marked P
+                // already (taken into D here) or starts after the pause and
+                // meets the mirror's hook; the tracker goes only then.
+                let _pause = self.disk.gate().pause();
+                self.disk.add_hook(hook);
+                state.dirty.or_from(p.bits());
+                if let Some(p) = slot.pending.take() {
+                    self.disk.remove_hook(&p.hook);
+                }
             }
+            None => self.disk.add_hook(hook),
         }
         slot.active = Some(id);
         drop(slot);

@@ -15,6 +15,8 @@
 //! - [`job`]: the job driver (phase 1, READY, pivot, cancel, errors);
 //! - [`manager`]: one disk's mirror slot, start-up recovery, and the start
 //!   of a job from QMP arguments;
+//! - [`pivot_marker`]: the marker a pivot leaves beside the old image, so
+//!   that a restart on it does not roll the guest back;
 //! - [`qmp`]: `blockdev-mirror` and `drive-mirror`.
 
 pub mod chunks;
@@ -22,6 +24,7 @@ pub mod engine;
 pub mod hook;
 pub mod job;
 pub mod manager;
+pub mod pivot_marker;
 pub mod qmp;
 pub mod state_file;
 
@@ -176,5 +179,8 @@ impl Image for SharedImage {
     // queue workers' io_uring engine instead of its synchronous fallback.
     fn async_fd(&self, bufs: &[IoBuf]) -> Option<std::os::fd::RawFd> {
         self.0.async_fd(bufs)
+    }
+    fn identity(&self) -> Option<(u64, u64)> {
+        self.0.identity()
     }
 }
