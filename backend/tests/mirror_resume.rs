@@ -9,10 +9,14 @@ mod util;
 
 use anyhow::{ensure, Context, Result};
 use serde_json::json;
-use std::time::Duration;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
 use util::*;
 use vubd_backend::jobs::JobStatus;
-use vubd_backend::IoBuf;
+use vubd_backend::mirror::state_file::{boot_id, sidecar_path, StateFile, StateHeader};
+use vubd_backend::{Disk, DiskError, IoBuf, WriteHook};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -133,4 +137,130 @@ fn a_new_mirror_discards_an_interrupted_one() -> Result<()> {
     wait_status(&job, JobStatus::Null, T)?;
     compare_file(&tgt2, &model)?;
     Ok(())
+}
+
+/// The state of a mirror of `src` to `tgt` interrupted with the target in
+/// sync: `tgt` is a copy of `src`, nothing is marked dirty.
+fn interrupted_in_sync(src: &Path, tgt: &Path) -> Result<()> {
+    std::fs::copy(src, tgt)?;
+    let header = StateHeader {
+        disk_size: std::fs::metadata(src)?.len(),
+        granularity: 64 * KIB,
+        target: tgt.canonicalize()?,
+        boot_id: boot_id(),
+    };
+    drop(StateFile::create(&sidecar_path(src), header)?);
+    Ok(())
+}
+
+/// A write hook placed before the resume tracker that holds the first
+/// write after `arm` between its start (its hook list is fixed) and the
+/// tracker's mark, until `release` or until someone pauses guest I/O (a
+/// pause waits for the writes in flight, so it must let this one go on).
+struct Park {
+    disk: Weak<Disk>,
+    armed: AtomicBool,
+    parked: AtomicBool,
+    release: AtomicBool,
+}
+
+impl WriteHook for Park {
+    fn before_write(&self, _offset: u64, _len: u64) -> std::result::Result<(), DiskError> {
+        if self.armed.swap(false, Ordering::SeqCst) {
+            self.parked.store(true, Ordering::SeqCst);
+            let t0 = Instant::now();
+            while !self.release.load(Ordering::SeqCst)
+                && !self.disk.upgrade().is_some_and(|d| d.gate().is_paused())
+                && t0.elapsed() < T
+            {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn complete_and_compare(rig: &Rig, id: &str, tgt: &Path, model: &[u8]) -> Result<()> {
+    let job = rig.job(id)?;
+    wait_status(&job, JobStatus::Ready, T)?;
+    rig.qmp("job-complete", json!({"id": id}))
+        .map_err(anyhow::Error::msg)?;
+    wait_status(&job, JobStatus::Null, T)?;
+    compare_file(tgt, model)
+}
+
+/// A guest write that has started (before the resume command) but marks
+/// the persistent bitmap only while `x-resume` installs the mirror: it
+/// must reach the target. Before the fix the job took P into D first and
+/// installed its hook later, and its first checkpoint (P := D) erased such
+/// a write: the target lacked it, by construction of this interleaving.
+#[test]
+fn a_write_in_flight_while_x_resume_starts_reaches_the_target() -> Result<()> {
+    let dir = Scratch::new("resume-window");
+    let (src, tgt) = (dir.join("src.img"), dir.join("tgt.img"));
+    let mut model = make_image(&src, 4 * MIB, 1)?;
+    interrupted_in_sync(&src, &tgt)?;
+    let disk = open_disk(&src)?;
+    let park = Arc::new(Park {
+        disk: Arc::downgrade(&disk),
+        armed: AtomicBool::new(true),
+        parked: AtomicBool::new(false),
+        release: AtomicBool::new(false),
+    });
+    disk.add_hook(park.clone());
+    let rig = Rig::with_disk(disk.clone(), &src)?;
+    ensure!(rig.manager.pending_resume().is_some(), "no pending resume");
+
+    let (off, data) = (2 * MIB + 4096, pattern(77, 1, 4096));
+    let writer = {
+        let (disk, mut buf) = (disk.clone(), data.clone());
+        std::thread::spawn(move || -> Result<()> {
+            let _batch = disk.gate().enter();
+            disk.write(off, &[IoBuf::from_slice(&mut buf)])?;
+            Ok(())
+        })
+    };
+    let t0 = Instant::now();
+    while !park.parked.load(Ordering::SeqCst) {
+        ensure!(t0.elapsed() < T, "the write never started");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    rig.qmp(
+        "blockdev-mirror",
+        json!({"device": "disk0", "target": tgt, "sync": "full", "job-id": "r", "x-resume": true}),
+    )
+    .map_err(anyhow::Error::msg)?;
+    park.release.store(true, Ordering::SeqCst);
+    writer
+        .join()
+        .map_err(|_| anyhow::anyhow!("writer panicked"))??;
+    model[off as usize..off as usize + data.len()].copy_from_slice(&data);
+    complete_and_compare(&rig, "r", &tgt, &model)
+}
+
+/// Guest writers keep going while `x-resume` starts, through READY and the
+/// pivot: the target ends equal to what they last wrote.
+#[test]
+fn writes_running_while_x_resume_starts_all_reach_the_target() -> Result<()> {
+    let dir = Scratch::new("resume-load");
+    let (src, tgt) = (dir.join("src.img"), dir.join("tgt.img"));
+    let model = make_image(&src, 16 * MIB, 1)?;
+    interrupted_in_sync(&src, &tgt)?;
+    let rig = Rig::new(&src)?;
+    let writers = Writers::start(&rig.disk, model, 2, 4096, 16 * MIB, true, None);
+    std::thread::sleep(Duration::from_millis(50));
+    rig.qmp(
+        "blockdev-mirror",
+        json!({"device": "disk0", "target": tgt, "sync": "full", "job-id": "r", "x-resume": true}),
+    )
+    .map_err(anyhow::Error::msg)?;
+    let job = rig.job("r")?;
+    wait_status(&job, JobStatus::Ready, T)?;
+    std::thread::sleep(Duration::from_millis(100));
+    rig.qmp("job-complete", json!({"id": "r"}))
+        .map_err(anyhow::Error::msg)?;
+    wait_status(&job, JobStatus::Null, T)?;
+    let (writes, model) = writers.stop()?;
+    ensure!(writes > 100, "only {writes} writes");
+    compare_file(&tgt, &model)
 }
