@@ -147,23 +147,28 @@ fn parse_serial(s: &str) -> Result<String, String> {
 /// is stale and allowed (its marker is then to be removed).
 fn check_pivot_marker(image: &std::path::Path, allow: bool) -> Result<bool> {
     let marker = pivot_marker::marker_path(image);
-    let why = match pivot_marker::read(image) {
+    let (why, start_with) = match pivot_marker::read(image) {
         Ok(None) => return Ok(false),
-        Ok(Some(m)) => format!(
-            "a mirror switched the disk from {} to {} ({} says so); serving {} would roll the guest back to that moment. Start with --image {}",
-            image.display(),
-            m.new_image.display(),
-            marker.display(),
-            image.display(),
-            m.new_image.display()
+        Ok(Some(m)) => (
+            format!(
+                "a mirror switched the disk from {} to {} ({} says so); serving {} would roll the guest back to that moment",
+                image.display(),
+                m.new_image.display(),
+                marker.display(),
+                image.display()
+            ),
+            format!("--image {}", m.new_image.display()),
         ),
-        Err(e) => format!(
-            "{} is unreadable ({e}); it marks an image a mirror switched away from",
-            marker.display()
+        Err(e) => (
+            format!(
+                "{} is unreadable ({e}); it marks an image a mirror switched the disk away from",
+                marker.display()
+            ),
+            "the image the disk was switched to".to_string(),
         ),
     };
     if !allow {
-        bail!("{why}, or pass --allow-stale-image to serve this image anyway");
+        bail!("{why}. Start with {start_with}, or pass --allow-stale-image to serve this image anyway");
     }
     log::warn!("--allow-stale-image: {why}; serving it anyway and removing the marker");
     Ok(true)
