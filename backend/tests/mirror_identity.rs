@@ -259,3 +259,30 @@ fn resume_after_a_restart_on_the_new_image_finds_the_state() -> Result<()> {
     compare_file(&c, &model)?;
     Ok(())
 }
+
+#[test]
+fn a_pivot_that_fails_leaves_no_marker() -> Result<()> {
+    let dir = Scratch::new("ident-failed-pivot");
+    let (a, b) = (dir.join("a.img"), dir.join("b.img"));
+    make_image(&a, 4 * MIB, 1)?;
+    let rig = Rig::new(&a)?;
+    // As the daemon's bitmap relocation would fail on a full disk.
+    rig.manager
+        .on_pivot(|_, new| Err(format!("cannot move state beside {}", new.display())));
+    rig.qmp(
+        "drive-mirror",
+        json!({"device": "disk0", "target": b, "sync": "full", "job-id": "m"}),
+    )
+    .map_err(anyhow::Error::msg)?;
+    let job = rig.job("m")?;
+    wait_status(&job, JobStatus::Ready, T)?;
+    rig.qmp("job-complete", json!({"id": "m"}))
+        .map_err(anyhow::Error::msg)?;
+    wait_status(&job, JobStatus::Null, T)?;
+    ensure!(rig.disk.image().path() == a, "the failed pivot switched");
+    ensure!(
+        pivot_marker::read(&a)?.is_none(),
+        "the failed pivot left its marker beside the image still in use"
+    );
+    Ok(())
+}
