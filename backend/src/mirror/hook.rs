@@ -104,15 +104,6 @@ pub struct MirrorState {
     pub guest_writes: AtomicU64,
     /// Guest bytes written to the target directly (write-blocking).
     pub active_bytes: AtomicU64,
-    /// Fault injection for the negative-control test only: skip the
-    /// after-write re-mark, reopening the race it closes. Never set it
-    /// otherwise.
-    #[doc(hidden)]
-    pub skip_after_mark: AtomicBool,
-    /// Test only: delay each guest write by 100 us after its mark, as slow
-    /// storage would (widens the race window for the stress tests).
-    #[doc(hidden)]
-    pub slow_writes: AtomicBool,
     /// The copier is idle waiting for dirty chunks (see [`MirrorState::wait_for_work`]).
     sleeping: AtomicBool,
     work_lock: Mutex<()>,
@@ -156,8 +147,6 @@ impl MirrorState {
             actively_synced: AtomicBool::new(false),
             guest_writes: AtomicU64::new(0),
             active_bytes: AtomicU64::new(0),
-            skip_after_mark: AtomicBool::new(false),
-            slow_writes: AtomicBool::new(false),
             sleeping: AtomicBool::new(false),
             work_lock: Mutex::new(()),
             work_cv: Condvar::new(),
@@ -348,11 +337,6 @@ impl WriteHook for MirrorHook {
         if !s.write_blocking.load(Ordering::SeqCst) {
             s.mark(first, last);
         }
-        if s.slow_writes.load(Ordering::Relaxed) {
-            // Test only: emulate slow storage (the data lands a while after
-            // the mark), which widens the window the re-mark closes.
-            std::thread::sleep(std::time::Duration::from_micros(100));
-        }
         Ok(())
     }
 
@@ -367,7 +351,7 @@ impl WriteHook for MirrorHook {
             && !matches!(op, WriteOp::Discard);
         if through {
             s.write_through(offset, len.min(s.size - offset), first, last, op);
-        } else if !s.skip_after_mark.load(Ordering::Relaxed) {
+        } else {
             s.mark(first, last);
         }
         s.stripes.leave(first, last);
