@@ -15,6 +15,7 @@
 mod util;
 
 use anyhow::{bail, ensure, Result};
+use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -105,8 +106,9 @@ enum Start {
 /// The source and target files, reused for every run.
 struct World {
     _dir: Scratch,
-    src: PathBuf,
-    tgt: PathBuf,
+    /// The files again, for the test's own reads and resets.
+    src: File,
+    tgt: File,
     disk: Arc<Disk>,
     target: Arc<dyn Image>,
     base: Vec<u8>,
@@ -132,10 +134,11 @@ impl World {
         std::fs::write(&tgt, &base)?;
         let disk = open_disk(&src)?;
         let target: Arc<dyn Image> = Arc::new(RawImage::open(&tgt, RawImageOptions::default())?);
+        let open = |p: &PathBuf| std::fs::OpenOptions::new().read(true).write(true).open(p);
         Ok(World {
+            src: open(&src)?,
+            tgt: open(&tgt)?,
             _dir: dir,
-            src,
-            tgt,
             disk,
             target,
             base,
@@ -146,6 +149,14 @@ impl World {
         &file[(c * CHUNK) as usize..((c + 1) * CHUNK) as usize]
     }
 
+    /// Source and target contents.
+    fn contents(&self) -> Result<(Vec<u8>, Vec<u8>)> {
+        let (mut s, mut t) = (vec![0; SIZE as usize], vec![0; SIZE as usize]);
+        self.src.read_exact_at(&mut s, 0)?;
+        self.tgt.read_exact_at(&mut t, 0)?;
+        Ok((s, t))
+    }
+
     /// Runs `steps` of `writes` from `start` in `mode`.
     fn run(
         &self,
@@ -154,12 +165,12 @@ impl World {
         writes: &[Write],
         steps: &[Step],
     ) -> Result<Outcome> {
-        let src = std::fs::OpenOptions::new().write(true).open(&self.src)?;
-        src.write_all_at(&self.base, 0)?;
-        let tgt = std::fs::OpenOptions::new().write(true).open(&self.tgt)?;
+        self.src.write_all_at(&self.base, 0)?;
         match start {
-            Start::InSync => tgt.write_all_at(&self.base, 0)?,
-            Start::Behind => tgt.write_all_at(&vec![0; ((COPY_LAST + 1) * CHUNK) as usize], 0)?,
+            Start::InSync => self.tgt.write_all_at(&self.base, 0)?,
+            Start::Behind => self
+                .tgt
+                .write_all_at(&vec![0; ((COPY_LAST + 1) * CHUNK) as usize], 0)?,
         }
         let state = Arc::new(MirrorState::new(
             self.disk.clone(),
@@ -216,7 +227,7 @@ impl World {
             }
         }
         ensure!(copy.is_none(), "a copy was left unfinished");
-        let (s, t) = (std::fs::read(&self.src)?, std::fs::read(&self.tgt)?);
+        let (s, t) = self.contents()?;
         for c in 0..SIZE / CHUNK {
             if !state.dirty.get(c) && Self::chunk_of(&s, c) != Self::chunk_of(&t, c) {
                 return Ok(Outcome::StaleButClean(c));
@@ -228,7 +239,8 @@ impl World {
             copier_finish(&state, c, c, &data)?;
             drop(guard);
         }
-        if std::fs::read(&self.tgt)? != std::fs::read(&self.src)? {
+        let (s, t) = self.contents()?;
+        if s != t {
             return Ok(Outcome::Differs);
         }
         Ok(Outcome::Ok)
