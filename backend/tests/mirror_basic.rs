@@ -184,7 +184,7 @@ fn cancel_before_ready_and_soft_and_forced_cancel_after_ready() -> Result<()> {
     let tgt = dir.join("t.img");
 
     // Before READY: a forced cancel, whatever was asked.
-    rig.qmp("drive-mirror", json!({"device": "disk0", "target": tgt.to_str(), "sync": "full", "speed": 4 * MIB, "job-id": "c1", "auto-dismiss": false}))
+    rig.qmp("drive-mirror", json!({"device": "disk0", "target": tgt.to_str(), "sync": "full", "speed": MIB, "job-id": "c1", "auto-dismiss": false}))
         .map_err(anyhow::Error::msg)?;
     let job = rig.job("c1")?;
     std::thread::sleep(Duration::from_millis(300));
@@ -276,20 +276,24 @@ fn speed_limit_holds_and_changes_live() -> Result<()> {
     .map_err(anyhow::Error::msg)?;
     let job = rig.job("disk0")?;
     std::thread::sleep(Duration::from_millis(400));
-    let (o1, t1) = (
-        rig.block_job()?["offset"].as_u64().context("offset")?,
-        Instant::now(),
-    );
+    // Only the limit is asserted: a loaded machine may copy more slowly,
+    // never faster. The window runs from before the first query to after
+    // the second, so it can only be overestimated; one copy (at most a
+    // tenth of a second's worth) may be in flight or unreported at each end.
+    let t1 = Instant::now();
+    let o1 = rig.block_job()?["offset"].as_u64().context("offset")?;
     std::thread::sleep(Duration::from_millis(2000));
-    let (o2, t2) = (
-        rig.block_job()?["offset"].as_u64().context("offset")?,
-        Instant::now(),
-    );
-    let rate = (o2 - o1) as f64 / (t2 - t1).as_secs_f64();
+    let o2 = rig.block_job()?["offset"].as_u64().context("offset")?;
+    let window = t1.elapsed().as_secs_f64();
     ensure!(
-        (rate - speed as f64).abs() <= 0.1 * speed as f64,
+        (o2 - o1) as f64 <= speed as f64 * window + 2.0 * MIB as f64,
+        "copied {} bytes in {window:.2} s with a limit of {} MiB/s",
+        o2 - o1,
+        speed / MIB
+    );
+    eprintln!(
         "observed {:.2} MiB/s with a limit of {} MiB/s",
-        rate / MIB as f64,
+        (o2 - o1) as f64 / window / MIB as f64,
         speed / MIB
     );
     assert_eq!(rig.block_job()?["speed"], json!(speed));
@@ -298,7 +302,7 @@ fn speed_limit_holds_and_changes_live() -> Result<()> {
         json!({"device": "disk0", "speed": 0}),
     )
     .map_err(anyhow::Error::msg)?;
-    wait_status(&job, JobStatus::Ready, Duration::from_secs(10))?;
+    wait_status(&job, JobStatus::Ready, T)?;
     rig.qmp("job-complete", json!({"id": "disk0"}))
         .map_err(anyhow::Error::msg)?;
     wait_status(&job, JobStatus::Null, T)?;
@@ -313,7 +317,7 @@ fn pause_stops_copying_until_resumed() -> Result<()> {
     let model = make_image(&src, 32 * MIB, 1)?;
     let rig = Rig::new(&src)?;
     let tgt = dir.join("t.img");
-    rig.qmp("drive-mirror", json!({"device": "disk0", "target": tgt.to_str(), "sync": "full", "speed": 8 * MIB, "job-id": "p"}))
+    rig.qmp("drive-mirror", json!({"device": "disk0", "target": tgt.to_str(), "sync": "full", "speed": MIB, "job-id": "p"}))
         .map_err(anyhow::Error::msg)?;
     let job = rig.job("p")?;
     std::thread::sleep(Duration::from_millis(200));
@@ -386,13 +390,12 @@ fn manual_finalize_keeps_the_target_in_sync_while_pending() -> Result<()> {
     rig.qmp("job-complete", json!({"id": "f"}))
         .map_err(anyhow::Error::msg)?;
     wait_status(&job, JobStatus::Pending, T)?;
-    std::thread::sleep(Duration::from_millis(300));
+    writers.wait_writes(300, T)?;
     rig.qmp("job-finalize", json!({"id": "f"}))
         .map_err(anyhow::Error::msg)?;
     assert_eq!(job.status(), JobStatus::Concluded);
-    std::thread::sleep(Duration::from_millis(100));
-    let (writes, model) = writers.stop()?;
-    ensure!(writes > 100, "only {writes} guest writes");
+    writers.wait_writes(100, T)?;
+    let (_, model) = writers.stop()?;
     rig.qmp("job-dismiss", json!({"id": "f"}))
         .map_err(anyhow::Error::msg)?;
     let names = rig.event_names();

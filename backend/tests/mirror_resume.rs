@@ -30,10 +30,15 @@ fn resume_copies_only_what_is_dirty_including_writes_before_the_resume() -> Resu
     // First life: copy part of the disk, slowly, then "crash".
     let first = Rig::new(&src)?;
     first
-        .qmp("drive-mirror", json!({"device": "disk0", "target": tgt.to_str(), "sync": "full", "speed": 8 * MIB, "job-id": "m"}))
+        .qmp("drive-mirror", json!({"device": "disk0", "target": tgt.to_str(), "sync": "full", "speed": 2 * MIB, "job-id": "m"}))
         .map_err(anyhow::Error::msg)?;
     let job = first.job("m")?;
-    std::thread::sleep(Duration::from_millis(1300));
+    // Until 4 MiB are copied (two seconds; 24 MiB would take ten more).
+    let t0 = std::time::Instant::now();
+    while first.block_job()?["offset"].as_u64().unwrap_or(0) < 4 * MIB {
+        ensure!(t0.elapsed() < T, "the first life never copied 4 MiB");
+        std::thread::sleep(Duration::from_millis(10));
+    }
     first
         .qmp("job-pause", json!({"id": "m"}))
         .map_err(anyhow::Error::msg)?;

@@ -189,6 +189,7 @@ pub fn wait_status(job: &Job, status: JobStatus, timeout: Duration) -> Result<()
 /// the model of the last write per block is exact without locking the I/O.
 pub struct Writers {
     stop: Arc<AtomicBool>,
+    done: Arc<AtomicU64>,
     threads: Vec<std::thread::JoinHandle<Result<u64>>>,
     pub model: Arc<Mutex<Vec<u8>>>,
     pub block: u64,
@@ -207,11 +208,13 @@ impl Writers {
         pace: Option<Duration>,
     ) -> Writers {
         let stop = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicU64::new(0));
         let model = Arc::new(Mutex::new(model));
         let blocks = span / block;
         let threads = (0..n)
             .map(|t| {
                 let (disk, stop, model) = (disk.clone(), stop.clone(), model.clone());
+                let done = done.clone();
                 std::thread::spawn(move || -> Result<u64> {
                     let mut x = 0x1234_5678_9abc_def1u64 ^ (t + 1).wrapping_mul(0x9e37_79b9);
                     let mut writes = 0u64;
@@ -249,6 +252,7 @@ impl Writers {
                         }
                         generation += 1;
                         writes += 1;
+                        done.fetch_add(1, Ordering::Relaxed);
                         if let Some(p) = pace {
                             std::thread::sleep(p);
                         }
@@ -259,10 +263,16 @@ impl Writers {
             .collect();
         Writers {
             stop,
+            done,
             threads,
             model,
             block,
         }
+    }
+
+    /// Waits until the writers have done `more` writes from now on.
+    pub fn wait_writes(&self, more: u64, timeout: Duration) -> Result<()> {
+        wait_count(&self.done, more, timeout)
     }
 
     /// Stops the writers; returns the total number of writes.
@@ -277,6 +287,91 @@ impl Writers {
             .into_inner()
             .map_err(|_| anyhow::anyhow!("model poisoned"))?;
         Ok((total, model))
+    }
+}
+
+/// Waits until `counter` has grown by `more`: a test that needs the guest
+/// to have written while something happened counts writes, not time.
+fn wait_count(counter: &AtomicU64, more: u64, timeout: Duration) -> Result<()> {
+    let goal = counter.load(Ordering::Relaxed) + more;
+    let t0 = Instant::now();
+    while counter.load(Ordering::Relaxed) < goal {
+        if t0.elapsed() > timeout {
+            bail!("the writers did not write {more} times within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Ok(())
+}
+
+/// Guest writer threads whose writes overlap on purpose: all of them write
+/// into the same `span` bytes, 4 KiB inside a `chunk` (data, write-zeroes,
+/// discards) and whole chunks, so that two writes are often in flight on
+/// one chunk at once. They keep no model: the test compares the target
+/// with the source once they have stopped.
+pub struct Overlapping {
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicU64>,
+    threads: Vec<std::thread::JoinHandle<Result<u64>>>,
+}
+
+impl Overlapping {
+    /// Starts `n` threads over the first `span` bytes of `disk`.
+    pub fn start(disk: &Arc<Disk>, n: u64, span: u64, chunk: u64) -> Overlapping {
+        let stop = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicU64::new(0));
+        let threads = (0..n)
+            .map(|t| {
+                let (disk, stop, done) = (disk.clone(), stop.clone(), done.clone());
+                std::thread::spawn(move || -> Result<u64> {
+                    let mut x = 0x5851_f42d_4c95_7f2du64 ^ (t + 1).wrapping_mul(0x9e37_79b9);
+                    let mut writes = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        let c = (x >> 8) % (span / chunk);
+                        let small = c * chunk + (x >> 32) % (chunk / 4096) * 4096;
+                        let _batch = disk.gate().enter();
+                        match x % 32 {
+                            0 => disk.discard(small, 4096)?,
+                            1 | 2 => disk.write_zeroes(small, 4096, x & 64 != 0)?,
+                            3..=10 => {
+                                let mut buf = pattern(c, x, chunk as usize);
+                                disk.write(c * chunk, &[IoBuf::from_slice(&mut buf)])?;
+                            }
+                            _ => {
+                                let mut buf = pattern(small, x, 4096);
+                                disk.write(small, &[IoBuf::from_slice(&mut buf)])?;
+                            }
+                        }
+                        writes += 1;
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(writes)
+                })
+            })
+            .collect();
+        Overlapping {
+            stop,
+            done,
+            threads,
+        }
+    }
+
+    /// Waits until the threads have done `more` writes from now on.
+    pub fn wait_writes(&self, more: u64, timeout: Duration) -> Result<()> {
+        wait_count(&self.done, more, timeout)
+    }
+
+    /// Stops the threads; returns the number of writes.
+    pub fn stop(self) -> Result<u64> {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut total = 0;
+        for t in self.threads {
+            total += t.join().map_err(|_| anyhow::anyhow!("writer panicked"))??;
+        }
+        Ok(total)
     }
 }
 
@@ -422,6 +517,71 @@ impl vubd_backend::Image for Flaky {
 }
 
 pub const ENOSPC: i32 = 28;
+
+/// A raw image on slow storage: every write-type request waits 100 us
+/// before it is issued, so the guest's data lands a while after the
+/// mirror's mark (the window the after-write mark closes).
+pub struct Slow(pub RawImage);
+
+impl Slow {
+    pub fn open(path: &Path) -> Result<Slow> {
+        Ok(Slow(RawImage::open(path, RawImageOptions::default())?))
+    }
+
+    fn delay() {
+        std::thread::sleep(Duration::from_micros(100));
+    }
+}
+
+impl vubd_backend::Image for Slow {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn path(&self) -> &Path {
+        self.0.path()
+    }
+    fn read_at(
+        &self,
+        bufs: &[IoBuf],
+        offset: u64,
+    ) -> std::result::Result<(), vubd_backend::ImageError> {
+        self.0.read_at(bufs, offset)
+    }
+    fn write_at(
+        &self,
+        bufs: &[IoBuf],
+        offset: u64,
+        fua: bool,
+    ) -> std::result::Result<(), vubd_backend::ImageError> {
+        Slow::delay();
+        self.0.write_at(bufs, offset, fua)
+    }
+    fn flush(&self) -> std::result::Result<(), vubd_backend::ImageError> {
+        self.0.flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> std::result::Result<(), vubd_backend::ImageError> {
+        Slow::delay();
+        self.0.discard(offset, len)
+    }
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        unmap: bool,
+    ) -> std::result::Result<(), vubd_backend::ImageError> {
+        Slow::delay();
+        self.0.write_zeroes(offset, len, unmap)
+    }
+    fn allocated_bytes(&self) -> u64 {
+        self.0.allocated_bytes()
+    }
+    fn allocation(
+        &self,
+        offset: u64,
+    ) -> std::result::Result<(bool, u64), vubd_backend::ImageError> {
+        self.0.allocation(offset)
+    }
+}
 
 fn libc_eio() -> i32 {
     5

@@ -22,7 +22,7 @@ use serde_json::json;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -135,6 +135,8 @@ impl LoadReport {
 /// own thread; any request error ends it with that error.
 pub struct WriteLoad {
     stop: Arc<AtomicBool>,
+    /// Requests completed so far.
+    done: Arc<AtomicU64>,
     thread: JoinHandle<Result<LoadReport>>,
 }
 
@@ -144,12 +146,28 @@ impl WriteLoad {
     pub fn start(client: Client, model: Vec<u8>, cfg: LoadConfig) -> Result<WriteLoad> {
         ensure!(cfg.span <= model.len() as u64 && cfg.block > 0 && cfg.queue_depth > 0);
         let stop = Arc::new(AtomicBool::new(false));
-        let stop2 = stop.clone();
+        let done = Arc::new(AtomicU64::new(0));
+        let (stop2, done2) = (stop.clone(), done.clone());
         let thread = std::thread::Builder::new()
             .name("write-load".into())
-            .spawn(move || load_loop(client, model, cfg, stop2))
+            .spawn(move || load_loop(client, model, cfg, stop2, done2))
             .context("cannot start the load thread")?;
-        Ok(WriteLoad { stop, thread })
+        Ok(WriteLoad { stop, done, thread })
+    }
+
+    /// Waits until `more` requests have completed from now on (tests count
+    /// the guest's writes rather than trusting a sleep to have seen some).
+    pub fn wait_requests(&self, more: u64, timeout: Duration) -> Result<()> {
+        let goal = self.done.load(Ordering::Relaxed) + more;
+        let t0 = Instant::now();
+        while self.done.load(Ordering::Relaxed) < goal {
+            ensure!(
+                t0.elapsed() < timeout && !self.thread.is_finished(),
+                "the load did not complete {more} requests"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(())
     }
 
     /// Stops the load after the requests in flight and returns its report.
@@ -170,6 +188,7 @@ fn load_loop(
     mut model: Vec<u8>,
     cfg: LoadConfig,
     stop: Arc<AtomicBool>,
+    done_count: Arc<AtomicU64>,
 ) -> Result<LoadReport> {
     let started = Instant::now();
     let bs = cfg.block as usize;
@@ -237,6 +256,7 @@ fn load_loop(
             }
             samples.push((at.duration_since(started), at.elapsed()));
             requests += 1;
+            done_count.fetch_add(1, Ordering::Relaxed);
         }
         if let Some(p) = cfg.pace {
             std::thread::sleep(p);

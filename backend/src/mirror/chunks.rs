@@ -5,9 +5,10 @@
 //!   words may live in the heap or in a memory-mapped sidecar (the
 //!   persistent bitmap P, see `state_file.rs`).
 //! - [`Stripes`]: counters of guest writes between their `before_write` and
-//!   `after_write`, hashed per chunk; write-blocking mode uses them to notice
-//!   two overlapping guest writes whose order on the target may differ from
-//!   their order on the source.
+//!   `after_write`, hashed per chunk, each with a "contended" flag that
+//!   stays set until its writers have all left; write-blocking mode uses it
+//!   to notice two guest writes that overlapped in time, whose order on the
+//!   target may differ from their order on the source.
 //! - [`RangeLock`]: chunk-range locks between the copier and write-blocking
 //!   guest writes, so that neither writes the target while the other is
 //!   between reading the source and writing the target for the same chunk.
@@ -234,13 +235,24 @@ impl ChunkBits {
     }
 }
 
-/// Number of [`Stripes`] counters: a power of two, so that a chunk maps
-/// with a mask; collisions only make write-blocking more cautious.
+/// Number of [`Stripes`] slots: a power of two, so that a chunk maps with a
+/// mask; collisions only make write-blocking more cautious.
 const STRIPES: usize = 4096;
 
-/// Guest writes in progress, per chunk, hashed into a fixed set of counters.
+/// Bit of a stripe word that says "contended"; the bits below count writers.
+const CONTENDED: u32 = 1 << 31;
+
+/// Guest writes in progress, per chunk, hashed into a fixed set of slots.
+///
+/// Each slot is one atomic word: the number of writes between their
+/// `before_write` and `after_write`, and a *contended* bit, set when a write
+/// enters a slot that already has writers and cleared only when the count
+/// returns to zero. So from the moment two writes overlap in time on a chunk
+/// until both have left, every look at the slot says "contended", whichever
+/// of them looks and whenever: a writer that is alone by the time it looks
+/// still learns that another write overlapped it (issue 9, defect 2).
 pub struct Stripes {
-    counters: Box<[AtomicU32]>,
+    slots: Box<[AtomicU32]>,
 }
 
 impl std::fmt::Debug for Stripes {
@@ -252,18 +264,18 @@ impl std::fmt::Debug for Stripes {
 impl Default for Stripes {
     fn default() -> Self {
         Stripes {
-            counters: (0..STRIPES).map(|_| AtomicU32::new(0)).collect(),
+            slots: (0..STRIPES).map(|_| AtomicU32::new(0)).collect(),
         }
     }
 }
 
 impl Stripes {
     fn slot(&self, c: u64) -> &AtomicU32 {
-        &self.counters[(c as usize) & (STRIPES - 1)]
+        &self.slots[(c as usize) & (STRIPES - 1)]
     }
 
-    /// Distinct counters of chunks `first..=last` (a range longer than the
-    /// table touches every counter once).
+    /// Distinct slots of chunks `first..=last` (a range longer than the
+    /// table touches every slot once).
     fn each(&self, first: u64, last: u64, mut f: impl FnMut(&AtomicU32)) {
         let n = (last - first + 1).min(STRIPES as u64);
         for c in first..first + n {
@@ -274,21 +286,39 @@ impl Stripes {
     /// A guest write into chunks `first..=last` begins.
     pub fn enter(&self, first: u64, last: u64) {
         self.each(first, last, |s| {
-            s.fetch_add(1, Ordering::SeqCst);
+            let _ = s.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| {
+                let count = v & !CONTENDED;
+                // Saturate rather than spill into the flag (never reached:
+                // one write per request in flight).
+                let count = (count + 1).min(CONTENDED - 1);
+                let contended = if count > 1 { CONTENDED } else { v & CONTENDED };
+                Some(count | contended)
+            });
         });
     }
 
     /// That write ends.
     pub fn leave(&self, first: u64, last: u64) {
         self.each(first, last, |s| {
-            // Never wrap below zero, whatever a caller did.
-            let _ = s.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| v.checked_sub(1));
+            let _ = s.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| {
+                // Never wrap below zero, whatever a caller did.
+                match (v & !CONTENDED).checked_sub(1)? {
+                    0 => Some(0),
+                    n => Some(n | (v & CONTENDED)),
+                }
+            });
         });
     }
 
     /// Guest writes in progress that may touch chunk `c`.
     pub fn writers(&self, c: u64) -> u32 {
-        self.slot(c).load(Ordering::SeqCst)
+        self.slot(c).load(Ordering::SeqCst) & !CONTENDED
+    }
+
+    /// Whether two guest writes that may touch chunk `c` have overlapped in
+    /// time since its slot was last free of writers.
+    pub fn contended(&self, c: u64) -> bool {
+        self.slot(c).load(Ordering::SeqCst) & CONTENDED != 0
     }
 }
 
@@ -400,5 +430,30 @@ mod tests {
         assert_eq!(s.writers(77), 1);
         s.leave(0, 100_000);
         assert_eq!(s.writers(77), 0);
+    }
+
+    #[test]
+    fn contention_outlives_the_other_writer_until_the_slot_is_free() {
+        let s = Stripes::default();
+        s.enter(3, 3);
+        assert!(!s.contended(3), "one writer alone");
+        s.leave(3, 3);
+        s.enter(3, 3);
+        assert!(!s.contended(3), "writes one after the other");
+        s.enter(3, 4);
+        assert!(s.contended(3) && !s.contended(4));
+        s.leave(3, 4);
+        assert_eq!(s.writers(3), 1);
+        assert!(
+            s.contended(3),
+            "the first writer, now alone, was overlapped"
+        );
+        s.enter(3 + 4096, 3 + 4096);
+        s.leave(3 + 4096, 3 + 4096);
+        assert!(s.contended(3), "still the first writer's overlap");
+        s.leave(3, 3);
+        assert!(!s.contended(3) && s.writers(3) == 0);
+        s.leave(3, 3);
+        assert!(!s.contended(3) && s.writers(3) == 0, "no underflow");
     }
 }

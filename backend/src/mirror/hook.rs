@@ -24,12 +24,41 @@
 //! The hook writes every guest write (and write-zeroes) to the target before
 //! the request completes, holding the chunk range lock so it cannot interleave
 //! with a chunk copy. A chunk that was clean stays clean; a chunk the write
-//! covers completely becomes clean; one that is dirty, or that another guest
-//! write is touching at the same moment (their order on the target may
-//! differ from the source), is left for the copier. Discards are only marked:
-//! whether a discarded range reads as zeroes depends on the storage. A target
-//! error never fails the guest request (QEMU's behaviour too): the range is
-//! marked dirty and the job applies `on-target-error`.
+//! covers completely becomes clean; one that is dirty, or *contended*, is
+//! left for the copier. Discards are only marked: whether a discarded range
+//! reads as zeroes depends on the storage. A target error never fails the
+//! guest request (QEMU's behaviour too): the range is marked dirty and the
+//! job applies `on-target-error`.
+//!
+//! Why "contended" and not "another writer is here now" (issue 9, defect
+//! 2): the target receives the writes of a chunk in range-lock order, the
+//! source in the order they landed, and two writes that overlap in time may
+//! take the two orders differently: A (whole chunk) lands, B (inside it)
+//! lands, B writes the target, then A does; the target holds A, the source
+//! A+B, and when A decides, B has already left. So each chunk's stripe
+//! keeps a flag, set when a write enters while another is in, cleared only
+//! when the stripe is empty again ([`Stripes`]). Each decision falls between
+//! its own write's entry and exit; of two overlapping writes, the one that
+//! entered second sees the flag it set, and the first, if it decides after
+//! the second's decision, decides after the second entered and before
+//! itself left, so it sees the flag too. Decisions are ordered by the range
+//! lock, so the last of them marks the chunk dirty, and the copier copies
+//! it after both have landed. A write that overlapped no other one is
+//! ordered alike on both sides: every earlier write of the chunk landed and
+//! reached the target before it entered. Hashing only adds false contention
+//! (a chunk marked dirty once more).
+//!
+//! The copier holds the same range lock from before its source read until
+//! after it finished the chunks, so a write-through falls wholly before a
+//! copy (the write landed before the copy's read, which carries it) or after
+//! it (the copy may have missed the write's data, and the write then puts it
+//! on the target after the copy). So a write that reaches the target needs
+//! no I bit, and only the order among writes matters, as above. A write that does not
+//! (a discard, a suspended write-through, a failed write) is marked after
+//! it landed, which is the background rule above and needs no mark before.
+//! The switch from background to write-blocking only adds target writes. The
+//! test `backend/tests/mirror_interleave.rs` runs every order of two
+//! overlapping writes and one copy, in every mode and across the switch.
 //!
 //! Guest writes also set the persistent bitmap P before the data is issued
 //! (see `state_file.rs`).
@@ -75,15 +104,6 @@ pub struct MirrorState {
     pub guest_writes: AtomicU64,
     /// Guest bytes written to the target directly (write-blocking).
     pub active_bytes: AtomicU64,
-    /// Fault injection for the negative-control test only: skip the
-    /// after-write re-mark, reopening the race it closes. Never set it
-    /// otherwise.
-    #[doc(hidden)]
-    pub skip_after_mark: AtomicBool,
-    /// Test only: delay each guest write by 100 us after its mark, as slow
-    /// storage would (widens the race window for the stress tests).
-    #[doc(hidden)]
-    pub slow_writes: AtomicBool,
     /// The copier is idle waiting for dirty chunks (see [`MirrorState::wait_for_work`]).
     sleeping: AtomicBool,
     work_lock: Mutex<()>,
@@ -127,8 +147,6 @@ impl MirrorState {
             actively_synced: AtomicBool::new(false),
             guest_writes: AtomicU64::new(0),
             active_bytes: AtomicU64::new(0),
-            skip_after_mark: AtomicBool::new(false),
-            slow_writes: AtomicBool::new(false),
             sleeping: AtomicBool::new(false),
             work_lock: Mutex::new(()),
             work_cv: Condvar::new(),
@@ -266,9 +284,11 @@ impl MirrorState {
                 for c in first..=last {
                     let (cs, cl) = self.byte_range(c, c);
                     let covered = offset <= cs && cs + cl <= offset + len;
-                    if self.stripes.writers(c) > 1 {
-                        // Another guest write is between its marks on this
-                        // chunk: the two may land in different orders.
+                    if self.stripes.contended(c) {
+                        // Another guest write overlapped this one in time
+                        // on this chunk (it may have finished already): the
+                        // two may have reached source and target in
+                        // different orders.
                         self.dirty.set(c, c);
                     } else if covered {
                         self.dirty.clear(c, c);
@@ -317,11 +337,6 @@ impl WriteHook for MirrorHook {
         if !s.write_blocking.load(Ordering::SeqCst) {
             s.mark(first, last);
         }
-        if s.slow_writes.load(Ordering::Relaxed) {
-            // Test only: emulate slow storage (the data lands a while after
-            // the mark), which widens the window the re-mark closes.
-            std::thread::sleep(std::time::Duration::from_micros(100));
-        }
         Ok(())
     }
 
@@ -336,7 +351,7 @@ impl WriteHook for MirrorHook {
             && !matches!(op, WriteOp::Discard);
         if through {
             s.write_through(offset, len.min(s.size - offset), first, last, op);
-        } else if !s.skip_after_mark.load(Ordering::Relaxed) {
+        } else {
             s.mark(first, last);
         }
         s.stripes.leave(first, last);
