@@ -51,7 +51,7 @@ pub enum DiskError {
 #[derive(Clone, Copy)]
 pub enum WriteOp<'a> {
     /// New data, still in the guest's buffers.
-    Data(&'a [IoBuf]),
+    Data(&'a [IoBuf<'a>]),
     /// Zeroes (with `unmap`, possibly deallocated).
     Zeroes {
         /// The range may have been deallocated.

@@ -235,7 +235,7 @@ impl AlignedBuf {
         Ok(AlignedBuf { ptr, layout })
     }
 
-    fn as_iobuf(&self, len: usize) -> IoBuf {
+    fn as_iobuf(&self, len: usize) -> IoBuf<'_> {
         // SAFETY: the allocation is at least `len` bytes and lives as long as self.
         unsafe { IoBuf::new(self.ptr, len.min(self.layout.size())) }
     }

@@ -37,7 +37,7 @@
 //! until they complete.
 
 use crate::config_space::{AioEngine, DeviceConfig};
-use crate::request::{Completion, GuestMemoryMmap, Prepared, RequestParser};
+use crate::request::{Completion, GuestBuf, GuestMemoryMmap, Prepared, RequestParser};
 use log::{debug, warn};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -55,7 +55,7 @@ use vmm_sys_util::event::{
 use vubd_backend::disk::pins::{PinId, Pins};
 use vubd_backend::disk::uring::UringEngine;
 use vubd_backend::gate::BatchGuard;
-use vubd_backend::{Disk, IoBuf};
+use vubd_backend::Disk;
 
 /// Guest memory shared with the frontend, swappable as regions come and go.
 pub type GuestMemory = GuestMemoryAtomic<GuestMemoryMmap>;
@@ -73,7 +73,7 @@ struct Pending {
     /// Position of its queue among the thread's queues.
     queue: usize,
     head: u16,
-    status: IoBuf,
+    status: GuestBuf,
     /// Bytes a successful request wrote to the driver (a read's length).
     data_len: u32,
     /// The guest memory snapshot its buffers point into.

@@ -66,10 +66,11 @@ struct Slot {
     fd: RawFd,
     offset: u64,
     len: u64,
-    /// The request's buffers as submitted (the `after_write` hooks see them).
-    bufs: Vec<IoBuf>,
+    /// The request's buffers as submitted (the `after_write` hooks see them);
+    /// valid until the request is reaped, by `read`'s and `write`'s contract.
+    bufs: Vec<IoBuf<'static>>,
     /// What is left after a short transfer (only used then).
-    rest: Vec<IoBuf>,
+    rest: Vec<IoBuf<'static>>,
     /// Bytes transferred so far.
     done: u64,
     retries: u32,
@@ -249,7 +250,8 @@ impl UringEngine {
             self.ready.push_back((token, disk.read(offset, bufs)));
             return;
         };
-        self.start(Kind::Read, (fd, image), offset, bufs, token, None);
+        // SAFETY: the caller keeps `bufs` valid until the token is reaped.
+        unsafe { self.start(Kind::Read, (fd, image), offset, bufs, token, None) };
     }
 
     /// Starts a write of `bufs` at `offset`, durable on completion unless
@@ -277,14 +279,17 @@ impl UringEngine {
             self.ready.push_back((token, result));
             return;
         };
-        self.start(
-            Kind::Write { fua },
-            (fd, image),
-            offset,
-            bufs,
-            token,
-            Some(ticket),
-        );
+        // SAFETY: the caller keeps `bufs` valid until the token is reaped.
+        unsafe {
+            self.start(
+                Kind::Write { fua },
+                (fd, image),
+                offset,
+                bufs,
+                token,
+                Some(ticket),
+            )
+        };
     }
 
     /// Starts a flush: every write completed before it becomes durable,
@@ -296,10 +301,15 @@ impl UringEngine {
             self.ready.push_back((token, disk.flush()));
             return;
         };
-        self.start(Kind::Flush, (fd, image), 0, &[], token, None);
+        // SAFETY: no buffers.
+        unsafe { self.start(Kind::Flush, (fd, image), 0, &[], token, None) };
     }
 
-    fn start(
+    /// Puts a request in a free slot and queues it.
+    ///
+    /// # Safety
+    /// `bufs` must stay valid until the request is reaped.
+    unsafe fn start(
         &mut self,
         kind: Kind,
         (fd, image): (RawFd, PinId),
@@ -325,7 +335,9 @@ impl UringEngine {
         slot.offset = offset;
         slot.len = total_len(bufs);
         slot.bufs.clear();
-        slot.bufs.extend_from_slice(bufs);
+        // SAFETY: per this function's contract.
+        slot.bufs
+            .extend(bufs.iter().map(|b| unsafe { b.extend::<'static>() }));
         slot.rest.clear();
         slot.done = 0;
         slot.retries = 0;
@@ -338,7 +350,7 @@ impl UringEngine {
     fn issue(&mut self, idx: u32) {
         let slot = &self.slots[idx as usize];
         let fd = types::Fd(slot.fd);
-        let iov: &[IoBuf] = if slot.done == 0 {
+        let iov: &[IoBuf<'_>] = if slot.done == 0 {
             &slot.bufs
         } else {
             &slot.rest
