@@ -6,6 +6,12 @@
 //! a buffer that is not aligned for it. The io_uring engine (`crate::uring`)
 //! submits the same transfers asynchronously on the fd `Image::async_fd`
 //! hands out.
+//!
+//! A failed `fdatasync` is remembered (the flush latch): the kernel reports
+//! a writeback error to one sync of an open file and may have dropped the
+//! pages, so a later sync would succeed without them. Every later flush of
+//! the image fails instead, as in QEMU. Engines that run the sync
+//! themselves report its end through `Image::durable_done`.
 
 use crate::iobuf::{is_aligned, total_len, IoBuf};
 use std::fs::{File, OpenOptions};
@@ -13,6 +19,7 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Errors from image I/O.
 #[derive(Debug, thiserror::Error)]
@@ -76,12 +83,28 @@ pub trait Image: Send + Sync {
     fn async_fd(&self, _bufs: &[IoBuf]) -> Option<RawFd> {
         None
     }
+    /// An engine that ran a durable operation on `async_fd` itself reports
+    /// how it ended, and gets back the result the request ends with. Images
+    /// that latch flush failures (`RawImage`) record a failure here and fail
+    /// every later flush.
+    fn durable_done(&self, _op: Durable, result: io::Result<()>) -> io::Result<()> {
+        result
+    }
     /// True if the image lives in memory (tmpfs, ramfs): a transfer is a
     /// copy that never waits for a device, so it may run inline on a queue
     /// thread without stalling the others.
     fn memory_backed(&self) -> bool {
         false
     }
+}
+
+/// A durable operation an engine runs on `Image::async_fd` itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durable {
+    /// `fdatasync`.
+    Flush,
+    /// A write with `RWF_DSYNC`.
+    WriteThrough,
 }
 
 /// How to open a raw image.
@@ -103,6 +126,8 @@ pub struct RawImage {
     memory_backed: bool,
     /// Memory alignment O_DIRECT needs for buffers.
     dio_align: usize,
+    /// Set once a sync failed (see the module documentation).
+    flush_failed: AtomicBool,
 }
 
 /// Largest number of iovecs one preadv/pwritev call takes (IOV_MAX on Linux).
@@ -152,6 +177,7 @@ impl RawImage {
             direct: opts.direct,
             memory_backed,
             dio_align: 4096,
+            flush_failed: AtomicBool::new(false),
         })
     }
 
@@ -298,7 +324,59 @@ fn is_unsupported(err: &io::Error) -> bool {
     )
 }
 
+/// True if a failed write-through write may have run its sync half: the
+/// kernel syncs only after the data was written, and that sync reports (and
+/// so takes away from the next `fdatasync`) any writeback error of the
+/// file, other pages' too. Only the errors that say the write never
+/// reached the file are known not to have.
+fn may_have_synced(err: &io::Error) -> bool {
+    !matches!(
+        err.raw_os_error(),
+        None | Some(
+            libc::EINVAL
+                | libc::EFAULT
+                | libc::EBADF
+                | libc::EAGAIN
+                | libc::EINTR
+                | libc::EOPNOTSUPP
+                | libc::EFBIG
+                | libc::EPERM
+                | libc::EROFS
+        )
+    )
+}
+
 impl RawImage {
+    /// The flush latch: a failed `fdatasync`, or a failed write-through
+    /// write that may have synced, sets it; a flush that succeeds after it
+    /// is set fails anyway (the data it should cover may be gone). A
+    /// write-through write that succeeds after it stays a success: its
+    /// own sync covered its own data.
+    fn settle(&self, op: Durable, result: io::Result<()>) -> io::Result<()> {
+        match result {
+            Ok(()) if op == Durable::Flush && self.flush_failed.load(Ordering::Acquire) => Err(
+                io::Error::other("an earlier flush of this image failed; written data may be lost"),
+            ),
+            Ok(()) => Ok(()),
+            Err(e) => {
+                if (op == Durable::Flush || may_have_synced(&e))
+                    && !self.flush_failed.swap(true, Ordering::AcqRel)
+                {
+                    log::error!(
+                        "{}: {} failed ({e}); every later flush of this image fails",
+                        self.path.display(),
+                        if op == Durable::Flush {
+                            "fdatasync"
+                        } else {
+                            "a write-through write"
+                        }
+                    );
+                }
+                Err(e)
+            }
+        }
+    }
+
     fn io_err(op: &'static str, offset: u64, len: u64) -> impl FnOnce(io::Error) -> ImageError {
         move |cause| ImageError::Io {
             op,
@@ -382,15 +460,19 @@ impl Image for RawImage {
     fn write_at(&self, bufs: &[IoBuf], offset: u64, fua: bool) -> Result<(), ImageError> {
         let err = Self::io_err("write", offset, total_len(bufs));
         let flags = if fua { libc::RWF_DSYNC } else { 0 };
-        if self.direct && !is_aligned(bufs, 512) {
-            return self.bounced(bufs, offset, true, flags).map_err(err);
+        let result = if self.direct && !is_aligned(bufs, 512) {
+            self.bounced(bufs, offset, true, flags)
+        } else {
+            self.transfer(bufs, offset, true, flags)
+        };
+        if fua {
+            return self.settle(Durable::WriteThrough, result).map_err(err);
         }
-        self.transfer(bufs, offset, true, flags).map_err(err)
+        result.map_err(err)
     }
 
     fn flush(&self) -> Result<(), ImageError> {
-        self.file
-            .sync_data()
+        self.settle(Durable::Flush, self.file.sync_data())
             .map_err(Self::io_err("flush", 0, self.size))
     }
 
@@ -432,6 +514,10 @@ impl Image for RawImage {
             return None;
         }
         Some(self.fd())
+    }
+
+    fn durable_done(&self, op: Durable, result: io::Result<()>) -> io::Result<()> {
+        self.settle(op, result)
     }
 
     fn memory_backed(&self) -> bool {

@@ -23,7 +23,7 @@
 
 use super::pins::{PinId, Pins};
 use super::{Disk, DiskError, WriteOp, WriteTicket};
-use crate::image::{Image, ImageError};
+use crate::image::{Durable, Image, ImageError};
 use crate::iobuf::{total_len, IoBuf};
 use io_uring::{opcode, squeue, types, IoUring};
 use log::{error, warn};
@@ -609,6 +609,16 @@ impl UringEngine {
         };
         let slot = &mut self.slots[idx as usize];
         let (kind, offset, len, token) = (slot.kind, slot.offset, slot.len, slot.token);
+        // The image's flush latch sees every sync this engine ran.
+        let durable = match kind {
+            Kind::Flush => Some(Durable::Flush),
+            Kind::Write { fua: true } => Some(Durable::WriteThrough),
+            _ => None,
+        };
+        let outcome = match (durable, slot.image.and_then(|id| self.images.get(id))) {
+            (Some(op), Some(image)) => image.durable_done(op, outcome),
+            _ => outcome,
+        };
         // A failed write drops its ticket here: its hooks hear of it.
         let ticket = slot.ticket.take();
         let result = match outcome {

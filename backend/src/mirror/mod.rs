@@ -177,4 +177,12 @@ impl Image for SharedImage {
     fn async_fd(&self, bufs: &[IoBuf]) -> Option<std::os::fd::RawFd> {
         self.0.async_fd(bufs)
     }
+    // Forwarded so that the engine's syncs reach the image's flush latch.
+    fn durable_done(
+        &self,
+        op: crate::image::Durable,
+        result: std::io::Result<()>,
+    ) -> std::io::Result<()> {
+        self.0.durable_done(op, result)
+    }
 }
