@@ -225,6 +225,13 @@ impl BlockDevice {
         }
         if matches!(worker.engine, Engine::Uring(_)) {
             self.serve_uring(thread, vrings, worker);
+            // Going idle: hold no image or memory map a pivot or the
+            // frontend may replace while we sleep (the old image would stay
+            // open until the next request).
+            if let Engine::Uring(engine) = &mut worker.engine {
+                engine.release_unused();
+            }
+            worker.snapshots.release_unused();
         } else {
             self.serve_sync(thread, vrings, worker);
         }

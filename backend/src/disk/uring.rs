@@ -187,6 +187,14 @@ impl UringEngine {
         self.inline_memory = on;
     }
 
+    /// Lets go of every image no request in flight uses, the active one
+    /// included: for a worker going idle, so that an image replaced while
+    /// it sleeps (a mirror pivot) closes without waiting for its next
+    /// request. The next request takes the active image again.
+    pub fn release_unused(&mut self) {
+        self.images.release_unused();
+    }
+
     /// Counters of short transfers, retries and synchronous fallbacks.
     pub fn stats(&self) -> EngineStats {
         self.stats
