@@ -2155,3 +2155,55 @@ fn without_optional_ring_features() -> Result<()> {
     }
     h.finish("no optional ring features")
 }
+
+/// The write cache mode comes from what this session's driver negotiated:
+/// write-back with FLUSH, write-through without (a driver that cannot flush
+/// must never be left with a volatile cache), and a new session starts
+/// from that default, not from what the previous guest set.
+#[test]
+fn write_cache_follows_the_negotiated_features() -> Result<()> {
+    if target() != Target::Vubd {
+        eprintln!("SKIPPED: checks vubd's negotiation only");
+        return Ok(());
+    }
+    let mut h = Harness::start(Setup::default())?;
+    ensure!(h.fe.has_feature(VIRTIO_BLK_F_FLUSH) && h.fe.has_feature(VIRTIO_BLK_F_CONFIG_WCE));
+    ensure!(
+        h.fe.config()?.wce == 1,
+        "FLUSH negotiated: write-back expected"
+    );
+    h.fe.set_wce(false)?;
+    ensure!(
+        h.fe.config()?.wce == 0,
+        "the driver's switch to write-through was ignored"
+    );
+    h.good_io("write-through writes")?;
+
+    h.reconnect()?;
+    ensure!(
+        h.fe.config()?.wce == 1,
+        "a new session inherited the previous guest's write-through"
+    );
+
+    h.fe_opts.withhold = 1 << VIRTIO_BLK_F_FLUSH;
+    h.reconnect()?;
+    ensure!(!h.fe.has_feature(VIRTIO_BLK_F_FLUSH));
+    ensure!(
+        h.fe.config()?.wce == 0,
+        "write-back although the driver cannot flush"
+    );
+    // Turning write-back on needs FLUSH.
+    h.fe.set_wce(true)?;
+    ensure!(h.fe.config()?.wce == 0, "write-back without FLUSH");
+    h.good_io("writes without FLUSH")?;
+
+    h.fe_opts.withhold = 1 << VIRTIO_BLK_F_CONFIG_WCE;
+    h.reconnect()?;
+    ensure!(h.fe.config()?.wce == 1);
+    h.fe.set_wce(false)?;
+    ensure!(
+        h.fe.config()?.wce == 1,
+        "wce written without CONFIG_WCE negotiated"
+    );
+    h.finish("write cache mode")
+}

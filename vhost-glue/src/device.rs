@@ -41,7 +41,7 @@ use crate::request::{Completion, GuestBuf, GuestMemoryMmap, Prepared, RequestPar
 use log::{debug, warn};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
@@ -139,6 +139,8 @@ pub struct BlockDevice {
     /// The frontend's memory (shared, swappable); workers copy it once.
     mem: Mutex<Option<GuestMemory>>,
     event_idx: AtomicBool,
+    /// The virtio features the driver of this session acknowledged.
+    acked: AtomicU64,
     stopping: Arc<AtomicBool>,
     /// The frontend offered memory we must not touch (a region running past
     /// the end of its file would kill us with SIGBUS): serve nothing more
@@ -164,9 +166,13 @@ impl BlockDevice {
                 })
             })
             .collect();
+        // A new session starts from the default, not from the write cache
+        // mode the previous guest left.
+        disk.set_writeback(DeviceConfig::default_writeback(cfg.features()));
         BlockDevice {
             disk,
             cfg,
+            acked: AtomicU64::new(0),
             workers,
             mem: Mutex::new(None),
             memory_refused: AtomicBool::new(false),
@@ -823,6 +829,18 @@ impl VhostUserBackend for BlockDevice {
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
     }
 
+    fn acked_features(&self, features: u64) {
+        self.acked.store(features, Ordering::Relaxed);
+        self.disk
+            .set_writeback(DeviceConfig::default_writeback(features));
+    }
+
+    fn reset_device(&self) {
+        self.acked.store(0, Ordering::Relaxed);
+        self.disk
+            .set_writeback(DeviceConfig::default_writeback(self.cfg.features()));
+    }
+
     fn set_event_idx(&self, enabled: bool) {
         self.event_idx.store(enabled, Ordering::Relaxed);
     }
@@ -835,8 +853,16 @@ impl VhostUserBackend for BlockDevice {
         // Only the write-back flag is writable (VIRTIO_BLK_F_CONFIG_WCE).
         match buf {
             [wce] if offset == DeviceConfig::wce_offset() => {
-                debug!("write cache {}", if *wce != 0 { "on" } else { "off" });
-                self.disk.set_writeback(*wce != 0);
+                let acked = self.acked.load(Ordering::Relaxed);
+                // Without CONFIG_WCE the field is read-only: ignored (as
+                // QEMU's devices do), not an error that ends the session.
+                match DeviceConfig::writeback_from_wce(acked, *wce) {
+                    Some(on) => {
+                        debug!("write cache {}", if on { "on" } else { "off" });
+                        self.disk.set_writeback(on);
+                    }
+                    None => debug!("wce written without CONFIG_WCE negotiated: ignored"),
+                }
                 Ok(())
             }
             _ => Err(io::Error::new(
