@@ -130,6 +130,22 @@ struct Worker {
     snapshots: Pins<Arc<GuestMemoryMmap>>,
 }
 
+impl Drop for Worker {
+    fn drop(&mut self) {
+        // Guest memory goes only after the engine is done with it, whatever
+        // the field order: the engine waits for the kernel to finish every
+        // request's buffers; if it cannot, the memory they point into stays
+        // mapped for good rather than being unmapped under the kernel.
+        if let Engine::Uring(engine) = &mut self.engine {
+            if !engine.quiesce() {
+                std::mem::forget(std::mem::take(&mut self.snapshots));
+                std::mem::forget(self.mem.take());
+            }
+        }
+        self.engine = Engine::Sync;
+    }
+}
+
 /// One frontend session's vhost-user-blk device. A new one is made for each
 /// connection; the `Disk` it serves outlives them all.
 pub struct BlockDevice {

@@ -29,6 +29,7 @@ use io_uring::{opcode, squeue, types, IoUring};
 use log::{error, warn};
 use std::collections::VecDeque;
 use std::io;
+use std::mem::ManuallyDrop;
 use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::Duration;
@@ -102,7 +103,8 @@ pub type Reaped = (u64, Result<(), DiskError>);
 
 /// Per-thread io_uring submission and completion of disk requests.
 pub struct UringEngine {
-    ring: IoUring,
+    /// Dropped only once the kernel is done with every request (see `Drop`).
+    ring: ManuallyDrop<IoUring>,
     slots: Vec<Slot>,
     free: Vec<u32>,
     /// Requests finished at submission (synchronous fallback, refused
@@ -162,7 +164,7 @@ impl UringEngine {
             .build(entries)
             .or_else(|_| IoUring::builder().setup_cqsize(entries * 2).build(entries))?;
         Ok(UringEngine {
-            ring,
+            ring: ManuallyDrop::new(ring),
             slots: (0..depth).map(|_| Slot::empty()).collect(),
             free: (0..depth).rev().collect(),
             ready: VecDeque::with_capacity(depth as usize),
@@ -655,17 +657,19 @@ impl UringEngine {
     }
 }
 
-impl Drop for UringEngine {
-    fn drop(&mut self) {
-        // The kernel may still write into the buffers of requests in flight;
-        // their owners are about to free them. Wait (normally nothing is in
-        // flight: workers drain before they let go of an engine).
+impl UringEngine {
+    /// Waits until the kernel is done with every request in flight,
+    /// discarding their results: for an engine being torn down. False if
+    /// the ring failed for good with requests still in flight: the kernel
+    /// may then still write into their buffers, which must never be freed
+    /// (normally nothing is in flight: workers drain before they let go).
+    pub fn quiesce(&mut self) -> bool {
         let mut busy = self.slots.iter().filter(|s| s.image.is_some()).count();
         while busy > 0 {
             if let Err(e) = self.ring.submit_and_wait(1) {
                 if !transient(&e) {
-                    error!("io_uring engine dropped with {busy} request(s) in flight: {e}");
-                    return;
+                    error!("io_uring engine torn down with {busy} request(s) in flight: {e}");
+                    return false;
                 }
             }
             for cqe in self.ring.completion() {
@@ -678,6 +682,22 @@ impl Drop for UringEngine {
                     busy -= 1;
                 }
             }
+        }
+        true
+    }
+}
+
+impl Drop for UringEngine {
+    fn drop(&mut self) {
+        if self.quiesce() {
+            // SAFETY: dropped once, here; nothing in flight uses it.
+            unsafe { ManuallyDrop::drop(&mut self.ring) };
+        } else {
+            // Closing the ring would let the memory of requests in flight
+            // be reused under the kernel: leak the ring and the iovec
+            // arrays instead (the caller leaks the data buffers).
+            std::mem::forget(std::mem::take(&mut self.slots));
+            error!("io_uring ring and its buffers leaked");
         }
     }
 }

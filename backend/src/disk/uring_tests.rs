@@ -655,3 +655,25 @@ fn a_kick_wakes_the_waiter() {
         "timeout ignored: {waited:?}"
     );
 }
+
+#[test]
+fn an_engine_that_cannot_wait_for_its_requests_leaks_rather_than_frees() {
+    // A single-issuer ring refuses to wait on any other thread: dropped
+    // there with a read in flight, the engine cannot know when the kernel
+    // is done with the read's buffer.
+    let (rd, wr) = pipe(0);
+    let disk = Disk::new(Box::new(PipeImage { fd: rd }), false);
+    let mut e = engine();
+    let mut buf = vec![0u8; 4096];
+    let bufs = [IoBuf::from_slice(&mut buf)];
+    // SAFETY: `buf` is never freed while the request may be in flight: it
+    // is leaked below.
+    unsafe { e.read(&disk, 0, &bufs, 1) };
+    e.submit();
+    let ring = format!("/proc/self/fd/{}", e.ring.as_raw_fd());
+    std::thread::spawn(move || drop(e)).join().unwrap();
+    let open = std::fs::read_link(&ring).is_ok_and(|p| p.to_string_lossy().contains("io_uring"));
+    assert!(open, "the ring was closed with a request in flight");
+    std::mem::forget(buf);
+    drop(wr);
+}
