@@ -252,6 +252,9 @@ impl BlockDevice {
             // open until the next request).
             if let Engine::Uring(engine) = &mut worker.engine {
                 engine.release_unused();
+                // The vring locks go: the frontend may now replace a kick fd
+                // with one of the same number.
+                engine.disarm_kicks();
             }
             worker.snapshots.release_unused();
         } else {

@@ -518,6 +518,19 @@ impl UringEngine {
         self.kick_armed = armed;
     }
 
+    /// Removes every kick poll. Polls are tracked by fd number, and a
+    /// frontend may replace a kick fd with a new one under the same number
+    /// (SET_VRING_KICK) while the poll still watches the old file: call
+    /// this before letting go of what keeps the kick fds fixed (a worker
+    /// releasing its vring locks); the next `wait` arms them anew.
+    pub fn disarm_kicks(&mut self) {
+        if self.kick_armed.is_empty() {
+            return;
+        }
+        self.arm_kicks(&[]);
+        self.submit();
+    }
+
     /// The kick fds that became readable since the last call, each once.
     /// The polls are one-shot and do not consume the eventfds: the caller
     /// drains an fd before passing it to `wait` again, or its poll fires at
