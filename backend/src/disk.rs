@@ -528,6 +528,7 @@ mod tests {
         );
         let Ok(img) = img else {
             // The temp directory's file system has no O_DIRECT (old tmpfs).
+            eprintln!("SKIPPED: no O_DIRECT in {}", std::env::temp_dir().display());
             return;
         };
         let disk = Disk::new(Box::new(img), false);

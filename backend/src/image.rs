@@ -124,8 +124,9 @@ pub struct RawImage {
     direct: bool,
     /// On tmpfs or ramfs (see `Image::memory_backed`).
     memory_backed: bool,
-    /// Memory alignment O_DIRECT needs for buffers.
-    dio_align: usize,
+    /// What O_DIRECT needs: buffer addresses aligned to `.0`, offsets and
+    /// lengths to `.1` (see `dio_alignment`).
+    dio_align: (usize, usize),
     /// Set once a sync failed (see the module documentation).
     flush_failed: AtomicBool,
 }
@@ -170,19 +171,31 @@ impl RawImage {
             )));
         };
         let memory_backed = meta.is_file() && on_memory_fs(&file);
+        let dio_align = dio_alignment(&file, meta.file_type().is_block_device());
         Ok(RawImage {
             file,
             path: path.to_path_buf(),
             size,
             direct: opts.direct,
             memory_backed,
-            dio_align: 4096,
+            dio_align,
             flush_failed: AtomicBool::new(false),
         })
     }
 
     fn fd(&self) -> libc::c_int {
         self.file.as_raw_fd()
+    }
+
+    /// O_DIRECT's alignment for this image: (buffer address, offset and
+    /// length), e.g. (512, 4096) on a 4Kn disk.
+    pub fn direct_io_alignment(&self) -> (usize, usize) {
+        self.dio_align
+    }
+
+    /// True if O_DIRECT may take `bufs` as they are (no bounce buffer).
+    fn direct_ok(&self, bufs: &[IoBuf<'_>]) -> bool {
+        !self.direct || is_aligned(bufs, self.dio_align.0, self.dio_align.1)
     }
 
     /// Transfers all of `bufs` at `offset`, retrying short transfers.
@@ -291,6 +304,44 @@ fn scatter_copy(bufs: &[IoBuf], contiguous: *mut u8, to_contiguous: bool) {
     }
 }
 
+/// O_DIRECT's alignment for `file`: (buffer address, offset and length).
+/// From `statx(STATX_DIOALIGN)` (Linux 6.1; block devices since 6.11);
+/// where the kernel does not tell, a block device's logical block size or
+/// 512 for a file.
+fn dio_alignment(file: &File, block_device: bool) -> (usize, usize) {
+    // linux/stat.h; the libc crate lacks it for Linux.
+    const STATX_DIOALIGN: u32 = 0x2000;
+    // SAFETY: a plain C struct, valid when zeroed.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: statx fills the struct we own; the path is a valid empty C
+    // string used with AT_EMPTY_PATH on an fd we own.
+    let rc = unsafe {
+        libc::statx(
+            file.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            STATX_DIOALIGN,
+            &mut stx,
+        )
+    };
+    let pow2 = |v: u32| (v as usize).is_power_of_two().then_some(v as usize);
+    if rc == 0 && stx.stx_mask & STATX_DIOALIGN != 0 {
+        if let (Some(mem), Some(off)) =
+            (pow2(stx.stx_dio_mem_align), pow2(stx.stx_dio_offset_align))
+        {
+            return (mem, off);
+        }
+    }
+    let mut lbs: libc::c_int = 0;
+    // SAFETY: BLKSSZGET writes one int into `lbs`.
+    if block_device && unsafe { libc::ioctl(file.as_raw_fd(), libc::BLKSSZGET, &mut lbs) } == 0 {
+        if let Some(lbs) = pow2(lbs as u32) {
+            return (lbs, lbs);
+        }
+    }
+    (512, 512)
+}
+
 /// True if `file` is on a file system that keeps its data in memory.
 fn on_memory_fs(file: &File) -> bool {
     // SAFETY: fstatfs fills the zeroed struct we own; nothing else is touched.
@@ -390,7 +441,7 @@ impl RawImage {
     /// bounce buffer, a bounded piece at a time.
     fn bounced(&self, bufs: &[IoBuf], offset: u64, write: bool, flags: i32) -> io::Result<()> {
         const CHUNK: usize = 1 << 20;
-        let bounce = AlignedBuf::zeroed(CHUNK, self.dio_align)?;
+        let bounce = AlignedBuf::zeroed(CHUNK, self.dio_align.0.max(self.dio_align.1))?;
         let mut piece: Vec<IoBuf> = Vec::new();
         let mut piece_len = 0usize;
         let mut pos = offset;
@@ -428,7 +479,7 @@ impl RawImage {
     /// Writes zero bytes the slow way, for storage without fallocate modes.
     fn write_zero_buffers(&self, offset: u64, len: u64) -> io::Result<()> {
         const CHUNK: u64 = 1 << 20;
-        let zeroes = AlignedBuf::zeroed(CHUNK as usize, self.dio_align)?;
+        let zeroes = AlignedBuf::zeroed(CHUNK as usize, self.dio_align.0.max(self.dio_align.1))?;
         let mut pos = offset;
         let end = offset + len;
         while pos < end {
@@ -451,7 +502,7 @@ impl Image for RawImage {
 
     fn read_at(&self, bufs: &[IoBuf], offset: u64) -> Result<(), ImageError> {
         let err = Self::io_err("read", offset, total_len(bufs));
-        if self.direct && !is_aligned(bufs, 512) {
+        if !self.direct_ok(bufs) {
             return self.bounced(bufs, offset, false, 0).map_err(err);
         }
         self.transfer(bufs, offset, false, 0).map_err(err)
@@ -460,7 +511,7 @@ impl Image for RawImage {
     fn write_at(&self, bufs: &[IoBuf], offset: u64, fua: bool) -> Result<(), ImageError> {
         let err = Self::io_err("write", offset, total_len(bufs));
         let flags = if fua { libc::RWF_DSYNC } else { 0 };
-        let result = if self.direct && !is_aligned(bufs, 512) {
+        let result = if !self.direct_ok(bufs) {
             self.bounced(bufs, offset, true, flags)
         } else {
             self.transfer(bufs, offset, true, flags)
@@ -510,7 +561,7 @@ impl Image for RawImage {
 
     fn async_fd(&self, bufs: &[IoBuf]) -> Option<RawFd> {
         // O_DIRECT refuses misaligned buffers; those take the bounce path.
-        if self.direct && !is_aligned(bufs, 512) {
+        if !self.direct_ok(bufs) {
             return None;
         }
         Some(self.fd())

@@ -121,9 +121,11 @@ pub fn total_len(bufs: &[IoBuf<'_>]) -> u64 {
     bufs.iter().map(|b| b.len() as u64).sum()
 }
 
-/// True if every buffer starts at and spans a multiple of `align` (a power of two).
-pub fn is_aligned(bufs: &[IoBuf<'_>], align: usize) -> bool {
-    let mask = align - 1;
+/// True if every buffer starts at a multiple of `mem_align` and spans a
+/// multiple of `len_align` (both powers of two): what O_DIRECT asks of each
+/// iovec.
+pub fn is_aligned(bufs: &[IoBuf<'_>], mem_align: usize, len_align: usize) -> bool {
+    let (mem_mask, len_mask) = (mem_align - 1, len_align - 1);
     bufs.iter()
-        .all(|b| (b.ptr() as usize) & mask == 0 && b.len() & mask == 0)
+        .all(|b| (b.ptr() as usize) & mem_mask == 0 && b.len() & len_mask == 0)
 }
