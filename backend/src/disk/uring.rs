@@ -522,13 +522,12 @@ impl UringEngine {
     /// frontend may replace a kick fd with a new one under the same number
     /// (SET_VRING_KICK) while the poll still watches the old file: call
     /// this before letting go of what keeps the kick fds fixed (a worker
-    /// releasing its vring locks); the next `wait` arms them anew.
+    /// releasing its vring locks); the next `wait` arms them anew. The
+    /// removals go to the kernel with the next submission (no system call
+    /// here): until then an old poll can only fire for a generation no
+    /// longer tracked, which `reap` ignores.
     pub fn disarm_kicks(&mut self) {
-        if self.kick_armed.is_empty() {
-            return;
-        }
         self.arm_kicks(&[]);
-        self.submit();
     }
 
     /// The kick fds that became readable since the last call, each once.
