@@ -968,3 +968,7 @@ fn check_regions(mem: &GuestMemoryMmap) -> io::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+#[path = "device_tests.rs"]
+mod tests;
