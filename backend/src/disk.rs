@@ -51,7 +51,7 @@ pub enum DiskError {
 #[derive(Clone, Copy)]
 pub enum WriteOp<'a> {
     /// New data, still in the guest's buffers.
-    Data(&'a [IoBuf]),
+    Data(&'a [IoBuf<'a>]),
     /// Zeroes (with `unmap`, possibly deallocated).
     Zeroes {
         /// The range may have been deallocated.
@@ -528,6 +528,7 @@ mod tests {
         );
         let Ok(img) = img else {
             // The temp directory's file system has no O_DIRECT (old tmpfs).
+            eprintln!("SKIPPED: no O_DIRECT in {}", std::env::temp_dir().display());
             return;
         };
         let disk = Disk::new(Box::new(img), false);

@@ -6,6 +6,12 @@
 //! a buffer that is not aligned for it. The io_uring engine (`crate::uring`)
 //! submits the same transfers asynchronously on the fd `Image::async_fd`
 //! hands out.
+//!
+//! A failed `fdatasync` is remembered (the flush latch): the kernel reports
+//! a writeback error to one sync of an open file and may have dropped the
+//! pages, so a later sync would succeed without them. Every later flush of
+//! the image fails instead, as in QEMU. Engines that run the sync
+//! themselves report its end through `Image::durable_done`.
 
 use crate::iobuf::{is_aligned, total_len, IoBuf};
 use std::fs::{File, OpenOptions};
@@ -13,6 +19,7 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Errors from image I/O.
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +83,13 @@ pub trait Image: Send + Sync {
     fn async_fd(&self, _bufs: &[IoBuf]) -> Option<RawFd> {
         None
     }
+    /// An engine that ran a durable operation on `async_fd` itself reports
+    /// how it ended, and gets back the result the request ends with. Images
+    /// that latch flush failures (`RawImage`) record a failure here and fail
+    /// every later flush.
+    fn durable_done(&self, _op: Durable, result: io::Result<()>) -> io::Result<()> {
+        result
+    }
     /// True if the image lives in memory (tmpfs, ramfs): a transfer is a
     /// copy that never waits for a device, so it may run inline on a queue
     /// thread without stalling the others.
@@ -102,6 +116,15 @@ pub fn file_identity(meta: &std::fs::Metadata) -> (u64, u64) {
     }
 }
 
+/// A durable operation an engine runs on `Image::async_fd` itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durable {
+    /// `fdatasync`.
+    Flush,
+    /// A write with `RWF_DSYNC`.
+    WriteThrough,
+}
+
 /// How to open a raw image.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct RawImageOptions {
@@ -119,8 +142,11 @@ pub struct RawImage {
     direct: bool,
     /// On tmpfs or ramfs (see `Image::memory_backed`).
     memory_backed: bool,
-    /// Memory alignment O_DIRECT needs for buffers.
-    dio_align: usize,
+    /// What O_DIRECT needs: buffer addresses aligned to `.0`, offsets and
+    /// lengths to `.1` (see `dio_alignment`).
+    dio_align: (usize, usize),
+    /// Set once a sync failed (see the module documentation).
+    flush_failed: AtomicBool,
 }
 
 /// Largest number of iovecs one preadv/pwritev call takes (IOV_MAX on Linux).
@@ -163,18 +189,31 @@ impl RawImage {
             )));
         };
         let memory_backed = meta.is_file() && on_memory_fs(&file);
+        let dio_align = dio_alignment(&file, meta.file_type().is_block_device());
         Ok(RawImage {
             file,
             path: path.to_path_buf(),
             size,
             direct: opts.direct,
             memory_backed,
-            dio_align: 4096,
+            dio_align,
+            flush_failed: AtomicBool::new(false),
         })
     }
 
     fn fd(&self) -> libc::c_int {
         self.file.as_raw_fd()
+    }
+
+    /// O_DIRECT's alignment for this image: (buffer address, offset and
+    /// length), e.g. (512, 4096) on a 4Kn disk.
+    pub fn direct_io_alignment(&self) -> (usize, usize) {
+        self.dio_align
+    }
+
+    /// True if O_DIRECT may take `bufs` as they are (no bounce buffer).
+    fn direct_ok(&self, bufs: &[IoBuf<'_>]) -> bool {
+        !self.direct || is_aligned(bufs, self.dio_align.0, self.dio_align.1)
     }
 
     /// Transfers all of `bufs` at `offset`, retrying short transfers.
@@ -253,7 +292,7 @@ impl AlignedBuf {
         Ok(AlignedBuf { ptr, layout })
     }
 
-    fn as_iobuf(&self, len: usize) -> IoBuf {
+    fn as_iobuf(&self, len: usize) -> IoBuf<'_> {
         // SAFETY: the allocation is at least `len` bytes and lives as long as self.
         unsafe { IoBuf::new(self.ptr, len.min(self.layout.size())) }
     }
@@ -281,6 +320,44 @@ fn scatter_copy(bufs: &[IoBuf], contiguous: *mut u8, to_contiguous: bool) {
         }
         off += b.len();
     }
+}
+
+/// O_DIRECT's alignment for `file`: (buffer address, offset and length).
+/// From `statx(STATX_DIOALIGN)` (Linux 6.1; block devices since 6.11);
+/// where the kernel does not tell, a block device's logical block size or
+/// 512 for a file.
+fn dio_alignment(file: &File, block_device: bool) -> (usize, usize) {
+    // linux/stat.h; the libc crate lacks it for Linux.
+    const STATX_DIOALIGN: u32 = 0x2000;
+    // SAFETY: a plain C struct, valid when zeroed.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: statx fills the struct we own; the path is a valid empty C
+    // string used with AT_EMPTY_PATH on an fd we own.
+    let rc = unsafe {
+        libc::statx(
+            file.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            STATX_DIOALIGN,
+            &mut stx,
+        )
+    };
+    let pow2 = |v: u32| (v as usize).is_power_of_two().then_some(v as usize);
+    if rc == 0 && stx.stx_mask & STATX_DIOALIGN != 0 {
+        if let (Some(mem), Some(off)) =
+            (pow2(stx.stx_dio_mem_align), pow2(stx.stx_dio_offset_align))
+        {
+            return (mem, off);
+        }
+    }
+    let mut lbs: libc::c_int = 0;
+    // SAFETY: BLKSSZGET writes one int into `lbs`.
+    if block_device && unsafe { libc::ioctl(file.as_raw_fd(), libc::BLKSSZGET, &mut lbs) } == 0 {
+        if let Some(lbs) = pow2(lbs as u32) {
+            return (lbs, lbs);
+        }
+    }
+    (512, 512)
 }
 
 /// True if `file` is on a file system that keeps its data in memory.
@@ -316,7 +393,59 @@ fn is_unsupported(err: &io::Error) -> bool {
     )
 }
 
+/// True if a failed write-through write may have run its sync half: the
+/// kernel syncs only after the data was written, and that sync reports (and
+/// so takes away from the next `fdatasync`) any writeback error of the
+/// file, other pages' too. Only the errors that say the write never
+/// reached the file are known not to have.
+fn may_have_synced(err: &io::Error) -> bool {
+    !matches!(
+        err.raw_os_error(),
+        None | Some(
+            libc::EINVAL
+                | libc::EFAULT
+                | libc::EBADF
+                | libc::EAGAIN
+                | libc::EINTR
+                | libc::EOPNOTSUPP
+                | libc::EFBIG
+                | libc::EPERM
+                | libc::EROFS
+        )
+    )
+}
+
 impl RawImage {
+    /// The flush latch: a failed `fdatasync`, or a failed write-through
+    /// write that may have synced, sets it; a flush that succeeds after it
+    /// is set fails anyway (the data it should cover may be gone). A
+    /// write-through write that succeeds after it stays a success: its
+    /// own sync covered its own data.
+    fn settle(&self, op: Durable, result: io::Result<()>) -> io::Result<()> {
+        match result {
+            Ok(()) if op == Durable::Flush && self.flush_failed.load(Ordering::Acquire) => Err(
+                io::Error::other("an earlier flush of this image failed; written data may be lost"),
+            ),
+            Ok(()) => Ok(()),
+            Err(e) => {
+                if (op == Durable::Flush || may_have_synced(&e))
+                    && !self.flush_failed.swap(true, Ordering::AcqRel)
+                {
+                    log::error!(
+                        "{}: {} failed ({e}); every later flush of this image fails",
+                        self.path.display(),
+                        if op == Durable::Flush {
+                            "fdatasync"
+                        } else {
+                            "a write-through write"
+                        }
+                    );
+                }
+                Err(e)
+            }
+        }
+    }
+
     fn io_err(op: &'static str, offset: u64, len: u64) -> impl FnOnce(io::Error) -> ImageError {
         move |cause| ImageError::Io {
             op,
@@ -330,7 +459,7 @@ impl RawImage {
     /// bounce buffer, a bounded piece at a time.
     fn bounced(&self, bufs: &[IoBuf], offset: u64, write: bool, flags: i32) -> io::Result<()> {
         const CHUNK: usize = 1 << 20;
-        let bounce = AlignedBuf::zeroed(CHUNK, self.dio_align)?;
+        let bounce = AlignedBuf::zeroed(CHUNK, self.dio_align.0.max(self.dio_align.1))?;
         let mut piece: Vec<IoBuf> = Vec::new();
         let mut piece_len = 0usize;
         let mut pos = offset;
@@ -368,7 +497,7 @@ impl RawImage {
     /// Writes zero bytes the slow way, for storage without fallocate modes.
     fn write_zero_buffers(&self, offset: u64, len: u64) -> io::Result<()> {
         const CHUNK: u64 = 1 << 20;
-        let zeroes = AlignedBuf::zeroed(CHUNK as usize, self.dio_align)?;
+        let zeroes = AlignedBuf::zeroed(CHUNK as usize, self.dio_align.0.max(self.dio_align.1))?;
         let mut pos = offset;
         let end = offset + len;
         while pos < end {
@@ -391,7 +520,7 @@ impl Image for RawImage {
 
     fn read_at(&self, bufs: &[IoBuf], offset: u64) -> Result<(), ImageError> {
         let err = Self::io_err("read", offset, total_len(bufs));
-        if self.direct && !is_aligned(bufs, 512) {
+        if !self.direct_ok(bufs) {
             return self.bounced(bufs, offset, false, 0).map_err(err);
         }
         self.transfer(bufs, offset, false, 0).map_err(err)
@@ -400,15 +529,19 @@ impl Image for RawImage {
     fn write_at(&self, bufs: &[IoBuf], offset: u64, fua: bool) -> Result<(), ImageError> {
         let err = Self::io_err("write", offset, total_len(bufs));
         let flags = if fua { libc::RWF_DSYNC } else { 0 };
-        if self.direct && !is_aligned(bufs, 512) {
-            return self.bounced(bufs, offset, true, flags).map_err(err);
+        let result = if !self.direct_ok(bufs) {
+            self.bounced(bufs, offset, true, flags)
+        } else {
+            self.transfer(bufs, offset, true, flags)
+        };
+        if fua {
+            return self.settle(Durable::WriteThrough, result).map_err(err);
         }
-        self.transfer(bufs, offset, true, flags).map_err(err)
+        result.map_err(err)
     }
 
     fn flush(&self) -> Result<(), ImageError> {
-        self.file
-            .sync_data()
+        self.settle(Durable::Flush, self.file.sync_data())
             .map_err(Self::io_err("flush", 0, self.size))
     }
 
@@ -446,10 +579,14 @@ impl Image for RawImage {
 
     fn async_fd(&self, bufs: &[IoBuf]) -> Option<RawFd> {
         // O_DIRECT refuses misaligned buffers; those take the bounce path.
-        if self.direct && !is_aligned(bufs, 512) {
+        if !self.direct_ok(bufs) {
             return None;
         }
         Some(self.fd())
+    }
+
+    fn durable_done(&self, op: Durable, result: io::Result<()>) -> io::Result<()> {
+        self.settle(op, result)
     }
 
     fn memory_backed(&self) -> bool {

@@ -151,6 +151,9 @@ pub struct Options {
     /// How to send the memory map; `None` = ADD_MEM_REG when the backend
     /// offers CONFIGURE_MEM_SLOTS, else SET_MEM_TABLE.
     pub mem_mode: Option<MemMode>,
+    /// Feature bits not to negotiate even if offered (a driver without
+    /// FLUSH, say).
+    pub withhold: u64,
 }
 
 impl Default for Options {
@@ -161,6 +164,7 @@ impl Default for Options {
             event_idx: true,
             indirect: true,
             mem_mode: None,
+            withhold: 0,
         }
     }
 }
@@ -321,7 +325,7 @@ impl RawFrontend {
         if opts.indirect {
             accept |= 1 << VIRTIO_RING_F_INDIRECT_DESC;
         }
-        let acked_features = device_features & accept;
+        let acked_features = device_features & accept & !opts.withhold;
         fe.set_features(acked_features).context("SET_FEATURES")?;
 
         let mode = opts.mem_mode.unwrap_or(
@@ -465,6 +469,14 @@ impl RawFrontend {
             .get_config(0, CONFIG_LEN, VhostUserConfigFlags::empty(), &buf)
             .context("GET_CONFIG")?;
         BlkConfig::parse(&payload)
+    }
+
+    /// Writes the `wce` byte of the config space (SET_CONFIG), as a driver
+    /// switching the write cache does.
+    pub fn set_wce(&mut self, on: bool) -> Result<()> {
+        self.fe
+            .set_config(32, VhostUserConfigFlags::WRITABLE, &[u8::from(on)])
+            .context("SET_CONFIG wce")
     }
 
     // ---- guest memory arena -------------------------------------------

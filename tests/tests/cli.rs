@@ -477,3 +477,43 @@ fn socket_mode_is_0600() -> Result<()> {
     ensure!(mode == 0o600, "socket mode is {mode:o}, want 600");
     Ok(())
 }
+
+/// With --direct on a disk of 4096-byte logical blocks (a 4Kn loop
+/// device), a smaller --logical-block-size would let the guest issue
+/// requests O_DIRECT refuses: vubd says so at start; 4096 serves.
+#[test]
+fn direct_on_a_4kn_disk_needs_its_block_size() -> Result<()> {
+    let env = Env::new("cli-4kn")?;
+    let backing = env.dir.join("backing.img");
+    create_image(&backing, 4 * MIB)?;
+    let out = Command::new("losetup")
+        .args(["--sector-size", "4096", "-f", "--show"])
+        .arg(&backing)
+        .output();
+    let dev = match out {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_string(),
+        _ => {
+            eprintln!("SKIPPED: cannot set up a loop device (needs root and losetup)");
+            return Ok(());
+        }
+    };
+    struct Detach(String);
+    impl Drop for Detach {
+        fn drop(&mut self) {
+            let _ = Command::new("losetup").args(["-d", &self.0]).status();
+        }
+    }
+    let _detach = Detach(dev.clone());
+    let sock = env.socket();
+    assert_refused(
+        "--direct on a 4Kn disk with 512-byte blocks",
+        &env.args(&dev, &sock, &["--direct"]),
+        &["--logical-block-size 4096"],
+    )?;
+    let daemon = Daemon::vubd(
+        Path::new(&sock),
+        Path::new(&dev),
+        &["--direct", "--logical-block-size", "4096"],
+    )?;
+    check_serves(daemon.socket(), 4 * MIB)
+}

@@ -152,6 +152,22 @@ impl DeviceConfig {
         }
     }
 
+    /// The write cache mode a session starts in, and returns to on a
+    /// device reset, for the features the driver `acked`: write-back only
+    /// if it negotiated FLUSH. A driver that cannot flush must get
+    /// write-through (virtio 1.x, 5.2.6.2), whatever the last session chose.
+    pub fn default_writeback(acked: u64) -> bool {
+        acked & (1 << VIRTIO_BLK_F_FLUSH) != 0
+    }
+
+    /// The write cache mode after the driver writes `wce` to the config
+    /// space; None if it may not (CONFIG_WCE not negotiated). Write-back
+    /// still needs FLUSH.
+    pub fn writeback_from_wce(acked: u64, wce: u8) -> Option<bool> {
+        (acked & (1 << VIRTIO_BLK_F_CONFIG_WCE) != 0)
+            .then_some(wce != 0 && Self::default_writeback(acked))
+    }
+
     /// Offset of the `wce` byte, the only field the driver may write.
     pub fn wce_offset() -> u32 {
         std::mem::offset_of!(virtio_blk_config, wce) as u32
@@ -197,6 +213,26 @@ mod tests {
         assert_eq!(u16::from_le_bytes(bytes[34..36].try_into().unwrap()), 2);
         assert_eq!(u32::from_le_bytes(bytes[44..48].try_into().unwrap()), 8);
         assert!(c.config_bytes(true, 90, 100).is_empty());
+    }
+
+    #[test]
+    fn the_write_cache_follows_the_negotiated_features() {
+        let flush = 1u64 << VIRTIO_BLK_F_FLUSH;
+        let config_wce = 1u64 << VIRTIO_BLK_F_CONFIG_WCE;
+        assert!(DeviceConfig::default_writeback(cfg().features()));
+        assert!(DeviceConfig::default_writeback(flush | config_wce));
+        assert!(!DeviceConfig::default_writeback(config_wce));
+        assert!(!DeviceConfig::default_writeback(0));
+        assert_eq!(
+            DeviceConfig::writeback_from_wce(flush | config_wce, 0),
+            Some(false)
+        );
+        assert_eq!(
+            DeviceConfig::writeback_from_wce(flush | config_wce, 1),
+            Some(true)
+        );
+        assert_eq!(DeviceConfig::writeback_from_wce(config_wce, 1), Some(false));
+        assert_eq!(DeviceConfig::writeback_from_wce(flush, 0), None);
     }
 
     #[test]

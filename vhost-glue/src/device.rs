@@ -37,11 +37,11 @@
 //! until they complete.
 
 use crate::config_space::{AioEngine, DeviceConfig};
-use crate::request::{Completion, GuestMemoryMmap, Prepared, RequestParser};
+use crate::request::{Completion, GuestBuf, GuestMemoryMmap, Prepared, RequestParser};
 use log::{debug, warn};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
@@ -55,7 +55,7 @@ use vmm_sys_util::event::{
 use vubd_backend::disk::pins::{PinId, Pins};
 use vubd_backend::disk::uring::UringEngine;
 use vubd_backend::gate::BatchGuard;
-use vubd_backend::{Disk, IoBuf};
+use vubd_backend::Disk;
 
 /// Guest memory shared with the frontend, swappable as regions come and go.
 pub type GuestMemory = GuestMemoryAtomic<GuestMemoryMmap>;
@@ -73,7 +73,7 @@ struct Pending {
     /// Position of its queue among the thread's queues.
     queue: usize,
     head: u16,
-    status: IoBuf,
+    status: GuestBuf,
     /// Bytes a successful request wrote to the driver (a read's length).
     data_len: u32,
     /// The guest memory snapshot its buffers point into.
@@ -130,6 +130,22 @@ struct Worker {
     snapshots: Pins<Arc<GuestMemoryMmap>>,
 }
 
+impl Drop for Worker {
+    fn drop(&mut self) {
+        // Guest memory goes only after the engine is done with it, whatever
+        // the field order: the engine waits for the kernel to finish every
+        // request's buffers; if it cannot, the memory they point into stays
+        // mapped for good rather than being unmapped under the kernel.
+        if let Engine::Uring(engine) = &mut self.engine {
+            if !engine.quiesce() {
+                std::mem::forget(std::mem::take(&mut self.snapshots));
+                std::mem::forget(self.mem.take());
+            }
+        }
+        self.engine = Engine::Sync;
+    }
+}
+
 /// One frontend session's vhost-user-blk device. A new one is made for each
 /// connection; the `Disk` it serves outlives them all.
 pub struct BlockDevice {
@@ -139,6 +155,8 @@ pub struct BlockDevice {
     /// The frontend's memory (shared, swappable); workers copy it once.
     mem: Mutex<Option<GuestMemory>>,
     event_idx: AtomicBool,
+    /// The virtio features the driver of this session acknowledged.
+    acked: AtomicU64,
     stopping: Arc<AtomicBool>,
     /// The frontend offered memory we must not touch (a region running past
     /// the end of its file would kill us with SIGBUS): serve nothing more
@@ -164,9 +182,13 @@ impl BlockDevice {
                 })
             })
             .collect();
+        // A new session starts from the default, not from the write cache
+        // mode the previous guest left.
+        disk.set_writeback(DeviceConfig::default_writeback(cfg.features()));
         BlockDevice {
             disk,
             cfg,
+            acked: AtomicU64::new(0),
             workers,
             mem: Mutex::new(None),
             memory_refused: AtomicBool::new(false),
@@ -225,6 +247,16 @@ impl BlockDevice {
         }
         if matches!(worker.engine, Engine::Uring(_)) {
             self.serve_uring(thread, vrings, worker);
+            // Going idle: hold no image or memory map a pivot or the
+            // frontend may replace while we sleep (the old image would stay
+            // open until the next request).
+            if let Engine::Uring(engine) = &mut worker.engine {
+                engine.release_unused();
+                // The vring locks go: the frontend may now replace a kick fd
+                // with one of the same number.
+                engine.disarm_kicks();
+            }
+            worker.snapshots.release_unused();
         } else {
             self.serve_sync(thread, vrings, worker);
         }
@@ -816,6 +848,18 @@ impl VhostUserBackend for BlockDevice {
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
     }
 
+    fn acked_features(&self, features: u64) {
+        self.acked.store(features, Ordering::Relaxed);
+        self.disk
+            .set_writeback(DeviceConfig::default_writeback(features));
+    }
+
+    fn reset_device(&self) {
+        self.acked.store(0, Ordering::Relaxed);
+        self.disk
+            .set_writeback(DeviceConfig::default_writeback(self.cfg.features()));
+    }
+
     fn set_event_idx(&self, enabled: bool) {
         self.event_idx.store(enabled, Ordering::Relaxed);
     }
@@ -828,8 +872,16 @@ impl VhostUserBackend for BlockDevice {
         // Only the write-back flag is writable (VIRTIO_BLK_F_CONFIG_WCE).
         match buf {
             [wce] if offset == DeviceConfig::wce_offset() => {
-                debug!("write cache {}", if *wce != 0 { "on" } else { "off" });
-                self.disk.set_writeback(*wce != 0);
+                let acked = self.acked.load(Ordering::Relaxed);
+                // Without CONFIG_WCE the field is read-only: ignored (as
+                // QEMU's devices do), not an error that ends the session.
+                match DeviceConfig::writeback_from_wce(acked, *wce) {
+                    Some(on) => {
+                        debug!("write cache {}", if on { "on" } else { "off" });
+                        self.disk.set_writeback(on);
+                    }
+                    None => debug!("wce written without CONFIG_WCE negotiated: ignored"),
+                }
                 Ok(())
             }
             _ => Err(io::Error::new(
@@ -916,3 +968,7 @@ fn check_regions(mem: &GuestMemoryMmap) -> io::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+#[path = "device_tests.rs"]
+mod tests;

@@ -194,6 +194,15 @@ fn run(mut opts: Options) -> Result<()> {
             opts.image.display()
         );
     }
+    let (_, dio_block) = image.direct_io_alignment();
+    if opts.direct && dio_block as u64 > lbs {
+        // The guest could issue requests O_DIRECT refuses (EINVAL): a 4Kn
+        // disk needs --logical-block-size 4096.
+        bail!(
+            "image {} needs O_DIRECT requests aligned to {dio_block} bytes; use --logical-block-size {dio_block} (or no --direct)",
+            opts.image.display()
+        );
+    }
     if stale {
         pivot_marker::remove(&opts.image).with_context(|| {
             format!(

@@ -39,6 +39,11 @@ pub struct Completion {
     pub used_len: u32,
 }
 
+/// A buffer in guest memory. The borrow checker cannot see that memory, so
+/// the lifetime says nothing: it stays valid as long as the guest memory
+/// snapshot the request was parsed with is kept (see `device`'s `Pins`).
+pub type GuestBuf = IoBuf<'static>;
+
 /// A parsed, validated request, and what it still needs.
 #[derive(Clone, Copy)]
 pub enum Prepared {
@@ -52,27 +57,27 @@ pub enum Prepared {
         /// Data bytes (the used length on success, without the status byte).
         len: u32,
         /// Where the status byte goes.
-        status: IoBuf,
+        status: GuestBuf,
     },
     /// Write `RequestParser::data()` at `offset`.
     Write {
         /// Byte offset on the disk.
         offset: u64,
         /// Where the status byte goes.
-        status: IoBuf,
+        status: GuestBuf,
     },
     /// Make completed writes durable.
     Flush {
         /// Where the status byte goes.
-        status: IoBuf,
+        status: GuestBuf,
     },
 }
 
 /// Reusable scratch space for parsing, so the steady state allocates nothing.
 #[derive(Default)]
 pub struct RequestParser {
-    readable: Vec<IoBuf>,
-    writable: Vec<IoBuf>,
+    readable: Vec<GuestBuf>,
+    writable: Vec<GuestBuf>,
     /// The last prepared request reads into `writable` (else writes `readable`).
     data_is_writable: bool,
 }
@@ -114,7 +119,7 @@ impl RequestParser {
         chain: DescriptorChain<M>,
         mem: &GuestMemoryMmap,
         max_descs: usize,
-    ) -> (Option<IoBuf>, Result<(), Malformed>)
+    ) -> (Option<GuestBuf>, Result<(), Malformed>)
     where
         M: Deref<Target = GuestMemoryMmap>,
     {
@@ -291,7 +296,7 @@ impl RequestParser {
 
     /// The data buffers of the last `Prepared::Read` (to fill) or
     /// `Prepared::Write` (to write out).
-    pub fn data(&self) -> &[IoBuf] {
+    pub fn data(&self) -> &[GuestBuf] {
         if self.data_is_writable {
             &self.writable
         } else {
@@ -305,7 +310,7 @@ impl RequestParser {
     ///
     /// `status` must still point into mapped guest memory (the caller keeps
     /// the request's memory snapshot until here).
-    pub fn finish(status: IoBuf, result: Result<(), DiskError>, data_len: u32) -> Completion {
+    pub fn finish(status: GuestBuf, result: Result<(), DiskError>, data_len: u32) -> Completion {
         let (byte, written) = match result {
             Ok(()) => (VIRTIO_BLK_S_OK as u8, data_len),
             Err(e) => (io_status(&e), 0),
@@ -484,7 +489,7 @@ fn copy_in(bufs: &[IoBuf], data: &[u8]) {
 }
 
 /// Drops the first `n` bytes of a buffer list.
-fn consume_front(bufs: &mut Vec<IoBuf>, mut n: usize) {
+fn consume_front(bufs: &mut Vec<GuestBuf>, mut n: usize) {
     let mut whole = 0;
     while whole < bufs.len() && n >= bufs[whole].len() {
         n -= bufs[whole].len();

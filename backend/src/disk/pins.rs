@@ -6,7 +6,10 @@
 //! `Arc` for each would put an atomic read-modify-write on a cache line that
 //! every queue thread shares. `Pins` holds one clone per version, counts the
 //! requests issued on it with plain integers (it belongs to one thread), and
-//! drops a version once it is no longer current and nothing uses it.
+//! drops a version once it is no longer current and nothing uses it. Its
+//! owner lets go of the current version too when it goes idle
+//! (`release_unused`), so that a version replaced while the owner sleeps
+//! (an image after a mirror pivot) is not kept open by it.
 
 /// Which version a request was issued on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -87,6 +90,12 @@ impl<T> Pins<T> {
         }
     }
 
+    /// Drops every version nothing uses, the current one included; the
+    /// next `refresh` takes the then current version again.
+    pub fn release_unused(&mut self) {
+        self.versions.retain(|v| v.users > 0);
+    }
+
     /// Number of versions held (the current one included).
     pub fn versions(&self) -> usize {
         self.versions.len()
@@ -137,5 +146,14 @@ mod tests {
         pins.refresh(|v| Arc::ptr_eq(v, &c), || c.clone());
         assert_eq!(pins.versions(), 1);
         assert_eq!(Arc::strong_count(&b), 1);
+
+        // Going idle lets go of the unused current version, not of a used one.
+        let p4 = pins.pin().unwrap();
+        pins.release_unused();
+        assert_eq!(Arc::strong_count(&c), 2, "still used by p4");
+        pins.unpin(p4);
+        pins.release_unused();
+        assert_eq!(Arc::strong_count(&c), 1, "idle owner still holds it");
+        assert_eq!(pins.versions(), 0);
     }
 }

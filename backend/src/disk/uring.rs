@@ -23,12 +23,13 @@
 
 use super::pins::{PinId, Pins};
 use super::{Disk, DiskError, WriteOp, WriteTicket};
-use crate::image::{Image, ImageError};
+use crate::image::{Durable, Image, ImageError};
 use crate::iobuf::{total_len, IoBuf};
 use io_uring::{opcode, squeue, types, IoUring};
 use log::{error, warn};
 use std::collections::VecDeque;
 use std::io;
+use std::mem::ManuallyDrop;
 use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::Duration;
@@ -66,10 +67,11 @@ struct Slot {
     fd: RawFd,
     offset: u64,
     len: u64,
-    /// The request's buffers as submitted (the `after_write` hooks see them).
-    bufs: Vec<IoBuf>,
+    /// The request's buffers as submitted (the `after_write` hooks see them);
+    /// valid until the request is reaped, by `read`'s and `write`'s contract.
+    bufs: Vec<IoBuf<'static>>,
     /// What is left after a short transfer (only used then).
-    rest: Vec<IoBuf>,
+    rest: Vec<IoBuf<'static>>,
     /// Bytes transferred so far.
     done: u64,
     retries: u32,
@@ -101,7 +103,8 @@ pub type Reaped = (u64, Result<(), DiskError>);
 
 /// Per-thread io_uring submission and completion of disk requests.
 pub struct UringEngine {
-    ring: IoUring,
+    /// Dropped only once the kernel is done with every request (see `Drop`).
+    ring: ManuallyDrop<IoUring>,
     slots: Vec<Slot>,
     free: Vec<u32>,
     /// Requests finished at submission (synchronous fallback, refused
@@ -161,7 +164,7 @@ impl UringEngine {
             .build(entries)
             .or_else(|_| IoUring::builder().setup_cqsize(entries * 2).build(entries))?;
         Ok(UringEngine {
-            ring,
+            ring: ManuallyDrop::new(ring),
             slots: (0..depth).map(|_| Slot::empty()).collect(),
             free: (0..depth).rev().collect(),
             ready: VecDeque::with_capacity(depth as usize),
@@ -184,6 +187,14 @@ impl UringEngine {
     /// busy (see `vubd`'s `--aio`).
     pub fn set_inline_memory(&mut self, on: bool) {
         self.inline_memory = on;
+    }
+
+    /// Lets go of every image no request in flight uses, the active one
+    /// included: for a worker going idle, so that an image replaced while
+    /// it sleeps (a mirror pivot) closes without waiting for its next
+    /// request. The next request takes the active image again.
+    pub fn release_unused(&mut self) {
+        self.images.release_unused();
     }
 
     /// Counters of short transfers, retries and synchronous fallbacks.
@@ -249,7 +260,8 @@ impl UringEngine {
             self.ready.push_back((token, disk.read(offset, bufs)));
             return;
         };
-        self.start(Kind::Read, (fd, image), offset, bufs, token, None);
+        // SAFETY: the caller keeps `bufs` valid until the token is reaped.
+        unsafe { self.start(Kind::Read, (fd, image), offset, bufs, token, None) };
     }
 
     /// Starts a write of `bufs` at `offset`, durable on completion unless
@@ -277,14 +289,17 @@ impl UringEngine {
             self.ready.push_back((token, result));
             return;
         };
-        self.start(
-            Kind::Write { fua },
-            (fd, image),
-            offset,
-            bufs,
-            token,
-            Some(ticket),
-        );
+        // SAFETY: the caller keeps `bufs` valid until the token is reaped.
+        unsafe {
+            self.start(
+                Kind::Write { fua },
+                (fd, image),
+                offset,
+                bufs,
+                token,
+                Some(ticket),
+            )
+        };
     }
 
     /// Starts a flush: every write completed before it becomes durable,
@@ -296,10 +311,15 @@ impl UringEngine {
             self.ready.push_back((token, disk.flush()));
             return;
         };
-        self.start(Kind::Flush, (fd, image), 0, &[], token, None);
+        // SAFETY: no buffers.
+        unsafe { self.start(Kind::Flush, (fd, image), 0, &[], token, None) };
     }
 
-    fn start(
+    /// Puts a request in a free slot and queues it.
+    ///
+    /// # Safety
+    /// `bufs` must stay valid until the request is reaped.
+    unsafe fn start(
         &mut self,
         kind: Kind,
         (fd, image): (RawFd, PinId),
@@ -325,7 +345,9 @@ impl UringEngine {
         slot.offset = offset;
         slot.len = total_len(bufs);
         slot.bufs.clear();
-        slot.bufs.extend_from_slice(bufs);
+        // SAFETY: per this function's contract.
+        slot.bufs
+            .extend(bufs.iter().map(|b| unsafe { b.extend::<'static>() }));
         slot.rest.clear();
         slot.done = 0;
         slot.retries = 0;
@@ -338,7 +360,7 @@ impl UringEngine {
     fn issue(&mut self, idx: u32) {
         let slot = &self.slots[idx as usize];
         let fd = types::Fd(slot.fd);
-        let iov: &[IoBuf] = if slot.done == 0 {
+        let iov: &[IoBuf<'_>] = if slot.done == 0 {
             &slot.bufs
         } else {
             &slot.rest
@@ -496,6 +518,18 @@ impl UringEngine {
         self.kick_armed = armed;
     }
 
+    /// Removes every kick poll. Polls are tracked by fd number, and a
+    /// frontend may replace a kick fd with a new one under the same number
+    /// (SET_VRING_KICK) while the poll still watches the old file: call
+    /// this before letting go of what keeps the kick fds fixed (a worker
+    /// releasing its vring locks); the next `wait` arms them anew. The
+    /// removals go to the kernel with the next submission (no system call
+    /// here): until then an old poll can only fire for a generation no
+    /// longer tracked, which `reap` ignores.
+    pub fn disarm_kicks(&mut self) {
+        self.arm_kicks(&[]);
+    }
+
     /// The kick fds that became readable since the last call, each once.
     /// The polls are one-shot and do not consume the eventfds: the caller
     /// drains an fd before passing it to `wait` again, or its poll fires at
@@ -597,6 +631,16 @@ impl UringEngine {
         };
         let slot = &mut self.slots[idx as usize];
         let (kind, offset, len, token) = (slot.kind, slot.offset, slot.len, slot.token);
+        // The image's flush latch sees every sync this engine ran.
+        let durable = match kind {
+            Kind::Flush => Some(Durable::Flush),
+            Kind::Write { fua: true } => Some(Durable::WriteThrough),
+            _ => None,
+        };
+        let outcome = match (durable, slot.image.and_then(|id| self.images.get(id))) {
+            (Some(op), Some(image)) => image.durable_done(op, outcome),
+            _ => outcome,
+        };
         // A failed write drops its ticket here: its hooks hear of it.
         let ticket = slot.ticket.take();
         let result = match outcome {
@@ -625,17 +669,19 @@ impl UringEngine {
     }
 }
 
-impl Drop for UringEngine {
-    fn drop(&mut self) {
-        // The kernel may still write into the buffers of requests in flight;
-        // their owners are about to free them. Wait (normally nothing is in
-        // flight: workers drain before they let go of an engine).
+impl UringEngine {
+    /// Waits until the kernel is done with every request in flight,
+    /// discarding their results: for an engine being torn down. False if
+    /// the ring failed for good with requests still in flight: the kernel
+    /// may then still write into their buffers, which must never be freed
+    /// (normally nothing is in flight: workers drain before they let go).
+    pub fn quiesce(&mut self) -> bool {
         let mut busy = self.slots.iter().filter(|s| s.image.is_some()).count();
         while busy > 0 {
             if let Err(e) = self.ring.submit_and_wait(1) {
                 if !transient(&e) {
-                    error!("io_uring engine dropped with {busy} request(s) in flight: {e}");
-                    return;
+                    error!("io_uring engine torn down with {busy} request(s) in flight: {e}");
+                    return false;
                 }
             }
             for cqe in self.ring.completion() {
@@ -648,6 +694,22 @@ impl Drop for UringEngine {
                     busy -= 1;
                 }
             }
+        }
+        true
+    }
+}
+
+impl Drop for UringEngine {
+    fn drop(&mut self) {
+        if self.quiesce() {
+            // SAFETY: dropped once, here; nothing in flight uses it.
+            unsafe { ManuallyDrop::drop(&mut self.ring) };
+        } else {
+            // Closing the ring would let the memory of requests in flight
+            // be reused under the kernel: leak the ring and the iovec
+            // arrays instead (the caller leaks the data buffers).
+            std::mem::forget(std::mem::take(&mut self.slots));
+            error!("io_uring ring and its buffers leaked");
         }
     }
 }

@@ -655,3 +655,69 @@ fn a_kick_wakes_the_waiter() {
         "timeout ignored: {waited:?}"
     );
 }
+
+#[test]
+fn an_engine_that_cannot_wait_for_its_requests_leaks_rather_than_frees() {
+    // A single-issuer ring refuses to wait on any other thread: dropped
+    // there with a read in flight, the engine cannot know when the kernel
+    // is done with the read's buffer.
+    let (rd, wr) = pipe(0);
+    let disk = Disk::new(Box::new(PipeImage { fd: rd }), false);
+    let mut e = engine();
+    let mut buf = vec![0u8; 4096];
+    let bufs = [IoBuf::from_slice(&mut buf)];
+    // SAFETY: `buf` is never freed while the request may be in flight: it
+    // is leaked below.
+    unsafe { e.read(&disk, 0, &bufs, 1) };
+    e.submit();
+    let ring = format!("/proc/self/fd/{}", e.ring.as_raw_fd());
+    std::thread::spawn(move || drop(e)).join().unwrap();
+    let open = std::fs::read_link(&ring).is_ok_and(|p| p.to_string_lossy().contains("io_uring"));
+    assert!(open, "the ring was closed with a request in flight");
+    std::mem::forget(buf);
+    drop(wr);
+}
+
+fn eventfd() -> RawFd {
+    // SAFETY: plain eventfd creation.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+    assert!(fd >= 0);
+    fd
+}
+
+#[test]
+fn a_kick_fd_whose_number_now_names_another_eventfd_is_polled_anew() {
+    let dir = TempDir::new();
+    let disk = raw_disk(&dir.image("img", 1 << 20));
+    let mut e = engine();
+    let n = eventfd();
+    // A worker sleeps with a poll armed on kick fd n, then lets go of the
+    // vring locks.
+    e.wait(&[n], Some(Duration::from_millis(1)));
+    e.reap(&disk, |_, _| panic!("nothing was submitted"));
+    e.disarm_kicks();
+    // The frontend replaces the kick: the new eventfd gets number n
+    // (dup2 swaps it in atomically: no other thread can take n meanwhile).
+    let new = eventfd();
+    // SAFETY: dup2 and close of fds this test owns.
+    unsafe {
+        assert_eq!(libc::dup2(new, n), n);
+        libc::close(new);
+    }
+    let one = 1u64.to_ne_bytes();
+    // SAFETY: writes 8 bytes to an eventfd we own.
+    assert_eq!(unsafe { libc::write(n, one.as_ptr().cast(), 8) }, 8);
+    // Kicked already: the wait must return at once (the time-out only
+    // keeps a broken build from hanging).
+    let t0 = Instant::now();
+    while e.take_kicks().next().is_none() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "a kick on the new eventfd never woke the waiter"
+        );
+        e.wait(&[n], Some(Duration::from_secs(1)));
+        e.reap(&disk, |_, _| panic!("nothing was submitted"));
+    }
+    // SAFETY: closes the fd this test owns.
+    unsafe { libc::close(n) };
+}

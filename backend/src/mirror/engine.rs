@@ -71,7 +71,7 @@ impl Buffer {
         (!ptr.is_null()).then_some(Buffer { ptr, layout })
     }
 
-    fn iobuf(&self, len: usize) -> IoBuf {
+    fn iobuf(&self, len: usize) -> IoBuf<'_> {
         // SAFETY: within the allocation, which lives as long as self.
         unsafe { IoBuf::new(self.ptr, len.min(self.layout.size())) }
     }

@@ -183,4 +183,12 @@ impl Image for SharedImage {
     fn identity(&self) -> Option<(u64, u64)> {
         self.0.identity()
     }
+    // Forwarded so that the engine's syncs reach the image's flush latch.
+    fn durable_done(
+        &self,
+        op: crate::image::Durable,
+        result: std::io::Result<()>,
+    ) -> std::io::Result<()> {
+        self.0.durable_done(op, result)
+    }
 }
