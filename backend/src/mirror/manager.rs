@@ -7,7 +7,7 @@
 
 use super::engine::Engine;
 use super::hook::{MirrorHook, MirrorState, ResumeTracker};
-use super::job::{MirrorJob, PivotHook};
+use super::job::{MirrorJob, PivotCommit, PivotHook};
 use super::state_file::{boot_id, sidecar_path, StateFile, StateHeader};
 use super::{CopyMode, MirrorConfig, MirrorError, SyncMode, DEFAULT_BUF_SIZE, DEFAULT_GRANULARITY};
 use crate::disk::{Disk, WriteHook};
@@ -216,12 +216,17 @@ impl MirrorManager {
         }))
     }
 
-    /// Registers `f(old_image, new_image)`, called during every pivot with
-    /// guest I/O paused, once the target is complete and just before the
-    /// disk switches to it (e.g. to move the persistent bitmaps' sidecar
-    /// along with the disk). An error fails the pivot: the guest stays on
-    /// the source image and the job reports the error.
-    pub fn on_pivot(&self, f: impl Fn(&Path, &Path) -> Result<(), String> + Send + Sync + 'static) {
+    /// Registers `f(old_image, new_image)`, called before every pivot with
+    /// guest I/O running to prepare what follows the disk to its new image
+    /// (e.g. write the persistent bitmaps' new sidecar); the commit it
+    /// returns runs with guest I/O paused, once the target is complete, just
+    /// before the disk switches to it, and should be quick. An error of
+    /// either fails the pivot: the guest stays on the source image and the
+    /// job reports the error (an unused commit is dropped uncalled).
+    pub fn on_pivot(
+        &self,
+        f: impl Fn(&Path, &Path) -> Result<PivotCommit, String> + Send + Sync + 'static,
+    ) {
         self.pivot_hooks
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -509,10 +514,12 @@ impl MirrorManager {
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         let on_pivot: PivotHook = Arc::new(move |old: &Path, new: &Path| {
-            for h in &hooks {
-                h(old, new)?;
-            }
-            Ok(())
+            let commits = hooks
+                .iter()
+                .map(|h| h(old, new))
+                .collect::<Result<Vec<_>, _>>()?;
+            let commit: PivotCommit = Box::new(move || commits.into_iter().try_for_each(|c| c()));
+            Ok(commit)
         });
         let driver = Arc::new(MirrorJob::new(
             state,
