@@ -550,20 +550,33 @@ pub fn pivot_pause_rows(cfg: &BenchConfig) -> Result<Vec<Row>> {
                     "block-dirty-bitmap-add",
                     json!({"node": "disk0", "name": "b0", "persistent": true, "granularity": 4096}),
                 )?;
-                let load_cfg = LoadConfig {
-                    queue_depth: if flat { 8 } else { 1 },
+                let paced = LoadConfig {
+                    queue_depth: 1,
                     span: cfg.size,
                     zeroes_every: None,
-                    pace: (!flat).then_some(Duration::from_micros(200)),
+                    pace: Some(Duration::from_micros(200)),
                     ..LoadConfig::default()
                 };
-                let load = WriteLoad::start(d.client()?, model, load_cfg)?;
+                let mut load = WriteLoad::start(d.client()?, model, paced)?;
                 let tgt = slow.join("tgt.img");
                 q.ok(
                     "drive-mirror",
                     json!({"device": "disk0", "target": tgt, "sync": "full", "job-id": "v"}),
                 )?;
                 q.wait_event("BLOCK_JOB_READY", Duration::from_secs(300), |_| true)?;
+                if flat {
+                    // A flat-out guest never lets a background mirror reach
+                    // READY; it starts once the target has caught up.
+                    let r = load.stop()?;
+                    let flat_cfg = LoadConfig {
+                        queue_depth: 8,
+                        span: cfg.size,
+                        zeroes_every: None,
+                        pace: None,
+                        ..LoadConfig::default()
+                    };
+                    load = WriteLoad::start(r.client, r.model, flat_cfg)?;
+                }
                 std::thread::sleep(Duration::from_millis(300));
                 let t0 = Instant::now();
                 q.ok("job-complete", json!({"id": "v"}))?;

@@ -64,6 +64,12 @@ pub const PAUSE_REACH_TIMEOUT: Duration = Duration::from_millis(100);
 /// whatever is dirty.
 pub const PIVOT_ATTEMPTS: u32 = 5;
 
+/// Flushes of the target before the pivot's pause at most (see
+/// `flush_before_pause`).
+const PRE_PAUSE_FLUSHES: usize = 4;
+/// A flush this quick leaves little for the one under the pause.
+const QUICK_FLUSH: Duration = Duration::from_millis(5);
+
 /// Dirty bytes the pivot accepts to copy with guest I/O paused: a few
 /// times the target it converged to, so a burst of guest writes between
 /// the convergence and the pause does not cancel the attempt, while a
@@ -394,10 +400,7 @@ impl MirrorJob {
             attempt += 1;
             let last = attempt >= PIVOT_ATTEMPTS;
             self.converge(engine)?;
-            // Flushed now, the flush under the pause has little left to do.
-            s.target
-                .flush()
-                .map_err(|e| strerror(super::image_errno(&e)))?;
+            self.flush_before_pause()?;
             let paused_at = Instant::now();
             let pause = if last {
                 Some(gate.pause())
@@ -428,6 +431,28 @@ impl MirrorJob {
             );
             s.set_write_blocking();
         }
+    }
+
+    /// Flushes the target before the pause, so that the flush under it
+    /// has little left to do: again while flushes take long and get
+    /// shorter (in write-blocking mode the guest's writes reach the target
+    /// during a flush, and the next one only has those to write), at most
+    /// [`PRE_PAUSE_FLUSHES`] times.
+    fn flush_before_pause(&self) -> Result<(), String> {
+        let mut previous: Option<Duration> = None;
+        for _ in 0..PRE_PAUSE_FLUSHES {
+            let t = Instant::now();
+            self.state
+                .target
+                .flush()
+                .map_err(|e| strerror(super::image_errno(&e)))?;
+            let took = t.elapsed();
+            if took <= QUICK_FLUSH || previous.is_some_and(|p| took * 2 > p) {
+                break;
+            }
+            previous = Some(took);
+        }
+        Ok(())
     }
 
     fn remove_state_file(&self) {
