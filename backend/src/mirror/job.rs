@@ -434,20 +434,25 @@ impl MirrorJob {
     }
 
     /// Flushes the target before the pause, so that the flush under it
-    /// has little left to do: again while flushes take long and get
-    /// shorter (in write-blocking mode the guest's writes reach the target
-    /// during a flush, and the next one only has those to write), at most
-    /// [`PRE_PAUSE_FLUSHES`] times.
+    /// has little left to do. In write-blocking mode the guest's writes
+    /// reach the target during a flush: flush again while flushes take
+    /// long and get shorter, at most [`PRE_PAUSE_FLUSHES`] times. (In
+    /// background mode nothing writes the target once the copies are
+    /// drained; another flush would only let the guest dirty more chunks
+    /// for the pause to copy.)
     fn flush_before_pause(&self) -> Result<(), String> {
+        let s = &*self.state;
         let mut previous: Option<Duration> = None;
         for _ in 0..PRE_PAUSE_FLUSHES {
             let t = Instant::now();
-            self.state
-                .target
+            s.target
                 .flush()
                 .map_err(|e| strerror(super::image_errno(&e)))?;
             let took = t.elapsed();
-            if took <= QUICK_FLUSH || previous.is_some_and(|p| took * 2 > p) {
+            if s.copy_mode() == CopyMode::Background
+                || took <= QUICK_FLUSH
+                || previous.is_some_and(|p| took * 2 > p)
+            {
                 break;
             }
             previous = Some(took);
