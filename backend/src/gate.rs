@@ -2,17 +2,30 @@
 //! starting, wait for the ones in flight, do something (copy the last dirty
 //! chunks, switch images), and let I/O resume.
 //!
-//! Queue workers enter the gate once per batch of requests, not per
-//! request, so the cost on the data path is two atomic operations a batch.
+//! Queue workers hold the gate while they run requests and look at it
+//! before each request they take (a load; entering costs two atomic
+//! operations), so a pause waits for at most one request per queue (or
+//! what the io_uring engine has in flight), not for a busy ring to drain.
+//! A worker that finds the gate closed leaves its queues (and their vring
+//! locks) first and only then waits ([`IoGate::wait_resumed`]): the
+//! vhost-user control channel (GET_VRING_BASE) needs those locks, and the
+//! frontend's main loop waits for its answer.
+//!
+//! A pauser that cannot have the gate within a bound
+//! ([`IoGate::pause_timeout`]) gives up and lets I/O go on, so a stuck
+//! request does not freeze the other queues for longer than that bound.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 /// Pause/resume control over guest I/O.
 #[derive(Default)]
 pub struct IoGate {
     paused: AtomicBool,
     in_flight: AtomicUsize,
+    /// Threads in [`IoGate::wait_resumed`] (changed under `lock`).
+    waiting: AtomicUsize,
     lock: Mutex<()>,
     changed: Condvar,
 }
@@ -28,19 +41,45 @@ pub struct PauseGuard<'a> {
 }
 
 impl IoGate {
-    /// Enters the gate for a batch, waiting while I/O is paused.
+    /// Enters the gate for a batch, waiting while I/O is paused. Callers
+    /// that hold locks other threads need during a pause use
+    /// [`IoGate::try_enter`] and wait without them.
     pub fn enter(&self) -> BatchGuard<'_> {
         loop {
-            self.in_flight.fetch_add(1, Ordering::SeqCst);
-            if !self.paused.load(Ordering::SeqCst) {
-                return BatchGuard { gate: self };
+            if let Some(batch) = self.try_enter() {
+                return batch;
             }
-            self.leave();
-            let mut guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-            while self.paused.load(Ordering::SeqCst) {
-                guard = self.changed.wait(guard).unwrap_or_else(|p| p.into_inner());
-            }
+            self.wait_resumed();
         }
+    }
+
+    /// Enters the gate unless I/O is paused (then `None`, at once).
+    pub fn try_enter(&self) -> Option<BatchGuard<'_>> {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        if !self.paused.load(Ordering::SeqCst) {
+            return Some(BatchGuard { gate: self });
+        }
+        self.leave();
+        None
+    }
+
+    /// Waits until I/O is not paused (returns at once if it is not).
+    pub fn wait_resumed(&self) {
+        let mut guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        if !self.paused.load(Ordering::SeqCst) {
+            return;
+        }
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        while self.paused.load(Ordering::SeqCst) {
+            guard = self.changed.wait(guard).unwrap_or_else(|p| p.into_inner());
+        }
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Threads waiting for the current pause to end (diagnostics; tests use
+    /// it to know a worker has reached its wait).
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::SeqCst)
     }
 
     fn leave(&self) {
@@ -60,6 +99,30 @@ impl IoGate {
             guard = self.changed.wait(guard).unwrap_or_else(|p| p.into_inner());
         }
         PauseGuard { gate: self }
+    }
+
+    /// [`IoGate::pause`], but gives up after `timeout` if batches are still
+    /// running (a request stuck in slow storage): then I/O resumes at once
+    /// and `None` is returned. New batches wait meanwhile, so `timeout`
+    /// bounds how long the guest's other queues stall for nothing.
+    pub fn pause_timeout(&self, timeout: Duration) -> Option<PauseGuard<'_>> {
+        let deadline = Instant::now() + timeout;
+        self.paused.store(true, Ordering::SeqCst);
+        let mut guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        while self.in_flight.load(Ordering::SeqCst) != 0 {
+            let now = Instant::now();
+            if now >= deadline {
+                self.paused.store(false, Ordering::SeqCst);
+                self.changed.notify_all();
+                return None;
+            }
+            guard = self
+                .changed
+                .wait_timeout(guard, deadline - now)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+        Some(PauseGuard { gate: self })
     }
 
     /// True while paused.
@@ -125,5 +188,20 @@ mod tests {
             w.join().unwrap();
         }
         assert!(counter.load(Ordering::SeqCst) > 0);
+    }
+
+    #[test]
+    fn pause_timeout_gives_up_on_a_stuck_batch_and_resumes() {
+        let gate = IoGate::default();
+        let stuck = gate.enter();
+        assert!(gate.pause_timeout(Duration::from_millis(20)).is_none());
+        assert!(!gate.is_paused(), "I/O must resume after a failed pause");
+        assert!(gate.try_enter().is_some());
+        drop(stuck);
+        let pause = gate.pause_timeout(Duration::from_secs(60));
+        assert!(pause.is_some());
+        assert!(gate.try_enter().is_none());
+        drop(pause);
+        assert!(gate.try_enter().is_some());
     }
 }

@@ -662,3 +662,79 @@ fn race() -> Result<()> {
     println!("{round} relocations raced {calls} rounds of management calls");
     Ok(())
 }
+
+/// The pivot's two-phase relocation: the new sidecar is staged (written and
+/// synced under a temporary name) while marks go on, a checkpoint of the old
+/// file runs in between, and the commit under the pause must still give a
+/// new file that holds every mark, those after the staging included; a
+/// relocation given up leaves no file behind.
+#[test]
+fn prepared_relocation_holds_marks_made_after_staging() -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("vubd-dirty-prepared-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    struct Cleanup(std::path::PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _cleanup = Cleanup(dir.clone());
+    let (old_img, new_img) = (dir.join("old.img"), dir.join("new.img"));
+    let for_image = |img: &std::path::Path| {
+        let mut cfg = TrackerConfig::for_image(img, DISK);
+        cfg.extent_size = EXTENT;
+        cfg.flush_interval = Duration::from_secs(3600);
+        cfg
+    };
+    let tmp = {
+        let mut t = sidecar_path(&new_img).into_os_string();
+        t.push(".tmp");
+        std::path::PathBuf::from(t)
+    };
+    let t = DirtyTracker::open(for_image(&old_img))?;
+    add_bitmaps(&t)?;
+    let before = [(2 * MIB, 4096), (DISK - 512, 512)];
+    mark_all(&t, &before)?;
+
+    // Given up: nothing left behind, the old file still in use.
+    let given_up = t.prepare_relocation(Arc::new(FileStore::new(sidecar_path(&new_img))))?;
+    ensure!(tmp.exists(), "nothing staged");
+    drop(given_up);
+    ensure!(!tmp.exists(), "a given-up relocation left its staged file");
+    ensure!(!sidecar_path(&new_img).exists(), "a sidecar appeared");
+
+    let prepared = t.prepare_relocation(Arc::new(FileStore::new(sidecar_path(&new_img))))?;
+    ensure!(
+        !sidecar_path(&new_img).exists(),
+        "staging put the new sidecar in place"
+    );
+    // Marks after the staging, in new extents and old ones, around a
+    // checkpoint of the old file (a new log epoch).
+    let between = [(9 * MIB, 4096), (2 * MIB + 8192, 512)];
+    mark_all(&t, &between)?;
+    t.checkpoint_now()?;
+    let between2 = [(30 * MIB + 512, 1024)];
+    mark_all(&t, &between2)?;
+    t.relocate_prepared(prepared)?;
+    let after = [(50 * MIB, 65536)];
+    mark_all(&t, &after)?;
+    drop(t); // kill -9
+
+    ensure!(!tmp.exists(), "temporary file left behind");
+    let t = DirtyTracker::open(for_image(&new_img))?;
+    for name in ["p", "fine"] {
+        let b = t.bitmap(name)?;
+        for &(off, len) in before.iter().chain(&between).chain(&between2).chain(&after) {
+            ensure!(
+                b.get(off) && b.get(off + len - 1),
+                "'{name}' lost {off}+{len} across the prepared relocation and the crash"
+            );
+        }
+    }
+    ensure!(!t.bitmap("off")?.get(2 * MIB), "'off' recorded");
+    t.shutdown()?;
+    let rec = recover(&FileStore::new(sidecar_path(&old_img)), DISK)?;
+    assert_has(&rec, "p", &between2, "old sidecar")?;
+    assert_lacks(&rec, "p", &after, "old sidecar")?;
+    Ok(())
+}

@@ -262,27 +262,46 @@ fn resume_after_a_restart_on_the_new_image_finds_the_state() -> Result<()> {
 
 #[test]
 fn a_pivot_that_fails_leaves_no_marker() -> Result<()> {
-    let dir = Scratch::new("ident-failed-pivot");
-    let (a, b) = (dir.join("a.img"), dir.join("b.img"));
-    make_image(&a, 4 * MIB, 1)?;
-    let rig = Rig::new(&a)?;
-    // As the daemon's bitmap relocation would fail on a full disk.
-    rig.manager
-        .on_pivot(|_, new| Err(format!("cannot move state beside {}", new.display())));
-    rig.qmp(
-        "drive-mirror",
-        json!({"device": "disk0", "target": b, "sync": "full", "job-id": "m"}),
-    )
-    .map_err(anyhow::Error::msg)?;
-    let job = rig.job("m")?;
-    wait_status(&job, JobStatus::Ready, T)?;
-    rig.qmp("job-complete", json!({"id": "m"}))
+    // As the daemon's bitmap relocation would fail on a full disk: while
+    // preparing (before the pause), or under the pause, after the marker
+    // went in place.
+    for fail_under_pause in [false, true] {
+        let dir = Scratch::new("ident-failed-pivot");
+        let (a, b) = (dir.join("a.img"), dir.join("b.img"));
+        make_image(&a, 4 * MIB, 1)?;
+        let rig = Rig::new(&a)?;
+        rig.manager.on_pivot(move |_, new| {
+            let why = format!("cannot move state beside {}", new.display());
+            match fail_under_pause {
+                false => Err(why),
+                true => Ok(Box::new(move || Err(why))),
+            }
+        });
+        rig.qmp(
+            "drive-mirror",
+            json!({"device": "disk0", "target": b, "sync": "full", "job-id": "m"}),
+        )
         .map_err(anyhow::Error::msg)?;
-    wait_status(&job, JobStatus::Null, T)?;
-    ensure!(rig.disk.image().path() == a, "the failed pivot switched");
-    ensure!(
-        pivot_marker::read(&a)?.is_none(),
-        "the failed pivot left its marker beside the image still in use"
-    );
+        let job = rig.job("m")?;
+        wait_status(&job, JobStatus::Ready, T)?;
+        rig.qmp("job-complete", json!({"id": "m"}))
+            .map_err(anyhow::Error::msg)?;
+        wait_status(&job, JobStatus::Null, T)?;
+        ensure!(rig.disk.image().path() == a, "the failed pivot switched");
+        ensure!(
+            pivot_marker::read(&a)?.is_none(),
+            "a pivot failing {} left its marker beside the image still in use",
+            if fail_under_pause {
+                "under the pause"
+            } else {
+                "in its preparation"
+            }
+        );
+        let mut left = std::fs::read_dir(&dir.0)?
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains("vubd-pivoted"));
+        ensure!(left.next().is_none(), "a staged marker was left behind");
+    }
     Ok(())
 }

@@ -9,7 +9,11 @@
 //!   latency around `job-complete` with 2 MiB still dirty, next to its
 //!   largest latency without any mirror;
 //! - time to READY and time from `job-complete` to BLOCK_JOB_COMPLETED
-//!   under a steady 4 KiB random-write load, background vs write-blocking.
+//!   under a steady 4 KiB random-write load, background vs write-blocking;
+//! - the pivot's guest-visible pause on a disk with a persistent 4 KiB
+//!   bitmap (its sidecar moves at the pivot) and the target on a real file
+//!   system (its flushes reach a device), per I/O engine, under a paced and
+//!   a flat-out load ([`pivot_pause_rows`]).
 //!
 //! [`run`] returns rows; [`markdown`] renders them for README.md. Each
 //! figure is the median of `runs` repetitions.
@@ -330,6 +334,8 @@ pub struct BenchConfig {
     pub size: u64,
     /// Repetitions per figure (the median is reported).
     pub runs: usize,
+    /// A directory on a real file system (not tmpfs) for slow targets.
+    pub slow_dir: PathBuf,
 }
 
 impl Default for BenchConfig {
@@ -338,6 +344,7 @@ impl Default for BenchConfig {
             dir: PathBuf::from("/dev/shm"),
             size: 1 << 30,
             runs: 3,
+            slow_dir: PathBuf::from("/var/tmp"),
         }
     }
 }
@@ -542,6 +549,99 @@ fn converge_rows(cfg: &BenchConfig, mode: &str) -> Result<Vec<Row>> {
     }])
 }
 
+/// The pivot's guest-visible pause: a `cfg.size` disk (one MiB in 16
+/// written) on `cfg.dir` with a persistent bitmap of 4 KiB granularity,
+/// mirrored to `cfg.slow_dir`, for each I/O engine, under a paced QD1 load
+/// (4 KiB writes, 200 us think time) and a flat-out QD8 one. The figure is
+/// the largest latency of the requests around `job-complete`.
+pub fn pivot_pause_rows(cfg: &BenchConfig) -> Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    for aio in ["sync", "io_uring"] {
+        for flat in [false, true] {
+            let (mut stalls, mut completes, mut iops) = (Vec::new(), Vec::new(), Vec::new());
+            for _ in 0..cfg.runs {
+                let dir = ScratchDir::new_in(&cfg.dir, "bench-pivot")?;
+                let slow = ScratchDir::new_in(&cfg.slow_dir, "bench-pivot-tgt")?;
+                let src = dir.join("src.img");
+                let model = make_image(&src, cfg.size, 16)?;
+                let d = MirrorDaemon::start(dir.path(), &src, &["--aio", aio])?;
+                let mut q = d.qmp()?;
+                q.ok(
+                    "block-dirty-bitmap-add",
+                    json!({"node": "disk0", "name": "b0", "persistent": true, "granularity": 4096}),
+                )?;
+                let paced = LoadConfig {
+                    queue_depth: 1,
+                    span: cfg.size,
+                    zeroes_every: None,
+                    pace: Some(Duration::from_micros(200)),
+                    ..LoadConfig::default()
+                };
+                let mut load = WriteLoad::start(d.client()?, model, paced)?;
+                let tgt = slow.join("tgt.img");
+                q.ok(
+                    "drive-mirror",
+                    json!({"device": "disk0", "target": tgt, "sync": "full", "job-id": "v"}),
+                )?;
+                q.wait_event("BLOCK_JOB_READY", Duration::from_secs(300), |_| true)?;
+                if flat {
+                    // A flat-out guest never lets a background mirror reach
+                    // READY; it starts once the target has caught up.
+                    let r = load.stop()?;
+                    let flat_cfg = LoadConfig {
+                        queue_depth: 8,
+                        span: cfg.size,
+                        zeroes_every: None,
+                        pace: None,
+                        ..LoadConfig::default()
+                    };
+                    load = WriteLoad::start(r.client, r.model, flat_cfg)?;
+                }
+                std::thread::sleep(Duration::from_millis(300));
+                let t0 = Instant::now();
+                q.ok("job-complete", json!({"id": "v"}))?;
+                q.wait_event("BLOCK_JOB_COMPLETED", Duration::from_secs(300), |_| true)?;
+                let t1 = Instant::now();
+                std::thread::sleep(Duration::from_millis(100));
+                let report = load.stop()?;
+                stalls.push(report.max_latency_between(t0, t1).as_secs_f64());
+                completes.push((t1 - t0).as_secs_f64());
+                iops.push(report.requests as f64 / report.started.elapsed().as_secs_f64());
+                let got = std::fs::read(&tgt)?;
+                ensure!(
+                    got == report.model,
+                    "the target differs from what the client wrote"
+                );
+                let mut sidecar = tgt.clone().into_os_string();
+                sidecar.push(".vubd-bitmaps");
+                ensure!(
+                    Path::new(&sidecar).exists(),
+                    "the bitmap sidecar did not move beside the target"
+                );
+            }
+            rows.push(Row {
+                name: format!(
+                    "pivot pause, {} MiB disk, 4 KiB persistent bitmap, target on {}, --aio {aio}, {}",
+                    cfg.size / MIB,
+                    cfg.slow_dir.display(),
+                    if flat {
+                        "flat-out QD8 4 KiB writes"
+                    } else {
+                        "QD1 4 KiB writes, 200 us think time"
+                    }
+                ),
+                value: format!("{:.1} ms", median(stalls) * 1e3),
+                note: format!(
+                    "largest request latency around job-complete; complete -> COMPLETED {:.0} ms; load {:.0} IOPS",
+                    median(completes) * 1e3,
+                    median(iops)
+                ),
+            });
+        }
+    }
+    Ok(rows)
+}
+
 /// Runs every mirror figure.
 pub fn run(cfg: &BenchConfig) -> Result<Vec<Row>> {
     if !cfg.dir.is_dir() {
@@ -553,6 +653,7 @@ pub fn run(cfg: &BenchConfig) -> Result<Vec<Row>> {
     rows.extend(stall_rows(cfg)?);
     rows.extend(converge_rows(cfg, "background")?);
     rows.extend(converge_rows(cfg, "write-blocking")?);
+    rows.extend(pivot_pause_rows(cfg)?);
     Ok(rows)
 }
 

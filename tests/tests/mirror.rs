@@ -966,7 +966,9 @@ fn events_and_errors_match_qemu_storage_daemon() -> Result<()> {
 /// The benchmark figures (tests::bench_mirror), on demand:
 /// `cargo test --release -p tests --test mirror -- --ignored --nocapture mirror_benchmark`
 /// (`VUBD_BENCH_MIB` sets the bulk image size, default 1024; `VUBD_BENCH_RUNS`
-/// the repetitions, default 3).
+/// the repetitions, default 3; `VUBD_BENCH_SLOW_DIR` a directory on a real
+/// file system for the pivot figures' targets, default /var/tmp;
+/// `VUBD_BENCH_PIVOT_ONLY=1` runs only those).
 #[test]
 #[ignore]
 fn mirror_benchmark() -> Result<()> {
@@ -981,7 +983,18 @@ fn mirror_benchmark() -> Result<()> {
         runs: env("VUBD_BENCH_RUNS", 3) as usize,
         ..Default::default()
     };
-    let rows = tests::bench_mirror::run(&cfg)?;
+    let cfg = match std::env::var_os("VUBD_BENCH_SLOW_DIR") {
+        Some(dir) => tests::bench_mirror::BenchConfig {
+            slow_dir: dir.into(),
+            ..cfg
+        },
+        None => cfg,
+    };
+    let rows = if std::env::var_os("VUBD_BENCH_PIVOT_ONLY").is_some() {
+        tests::bench_mirror::pivot_pause_rows(&cfg)?
+    } else {
+        tests::bench_mirror::run(&cfg)?
+    };
     println!("{}", tests::bench_mirror::markdown(&rows));
     Ok(())
 }

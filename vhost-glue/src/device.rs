@@ -29,6 +29,13 @@
 //!   request that arrives alone runs inline, and on tmpfs, when the queue
 //!   threads take every core, all requests do (see `AioEngine`).
 //!
+//! Both engines look at the disk's gate (a block job's pause, e.g. the
+//! mirror's pivot) before each request they take, so a pause waits for the
+//! requests under way, not for a busy ring to run dry. A worker that finds
+//! I/O paused with nothing in flight returns from `serve`, releasing its
+//! worker and vring locks, and waits for the resume in `handle_event`: the
+//! control channel (GET_VRING_BASE) needs those locks meanwhile.
+//!
 //! Both engines count the available requests before they load the guest
 //! memory map they parse them with: a frontend adds the memory region of a
 //! new buffer before it publishes a request that uses it, so that order
@@ -67,6 +74,25 @@ type VringState<'a> = <Vring as VringStateMutGuard<'a, GuestMemory>>::G;
 /// With a kick we may not drain pending (see `serve_uring`), how often a
 /// worker waiting for completions looks at the avail ring anyway.
 const KICK_PENDING_RECHECK: Duration = Duration::from_micros(200);
+
+/// How a worker left its queues.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Served {
+    /// Nothing more to do until the next kick.
+    Done,
+    /// A block job paused guest I/O: serve again once it resumes.
+    Paused,
+}
+
+/// How a sync-engine drain of one queue ended.
+enum Drain {
+    /// The ring is empty (or the daemon is stopping).
+    Empty,
+    /// The ring is unusable (not ready, or a corrupted avail index).
+    Unusable,
+    /// Guest I/O is paused; requests may remain.
+    Paused,
+}
 
 /// A request submitted to the io_uring engine, until it completes.
 struct Pending {
@@ -216,10 +242,12 @@ impl BlockDevice {
     /// Serves the queues of worker thread `thread` (`vrings`, in queue
     /// order) until they are empty and nothing is in flight (and, when
     /// polling, until they have stayed so for the poll window), then
-    /// re-arms notifications.
-    fn serve(&self, thread: usize, vrings: &[Vring]) {
+    /// re-arms notifications; or until guest I/O is paused, with nothing in
+    /// flight: then it returns `Paused` having released the worker and
+    /// vring locks, and the caller waits for the pause to end.
+    fn serve(&self, thread: usize, vrings: &[Vring]) -> Served {
         let Some(mut guard) = self.worker(thread) else {
-            return;
+            return Served::Done;
         };
         let worker = &mut *guard;
         if worker.mem.is_none() {
@@ -246,10 +274,11 @@ impl BlockDevice {
             };
         }
         if matches!(worker.engine, Engine::Uring(_)) {
-            self.serve_uring(thread, vrings, worker);
-            // Going idle: hold no image or memory map a pivot or the
-            // frontend may replace while we sleep (the old image would stay
-            // open until the next request).
+            let served = self.serve_uring(thread, vrings, worker);
+            // Going idle or waiting out a pause, with nothing in flight:
+            // hold no image or memory map a pivot or the frontend may
+            // replace meanwhile (the old image would stay open until the
+            // next request).
             if let Engine::Uring(engine) = &mut worker.engine {
                 engine.release_unused();
                 // The vring locks go: the frontend may now replace a kick fd
@@ -257,16 +286,17 @@ impl BlockDevice {
                 engine.disarm_kicks();
             }
             worker.snapshots.release_unused();
+            served
         } else {
-            self.serve_sync(thread, vrings, worker);
+            self.serve_sync(thread, vrings, worker)
         }
     }
 
     /// The sync engine: executes requests one by one as they are popped,
     /// draining the thread's queues in turn.
-    fn serve_sync(&self, thread: usize, vrings: &[Vring], worker: &mut Worker) {
+    fn serve_sync(&self, thread: usize, vrings: &[Vring], worker: &mut Worker) -> Served {
         let Some(atomic) = worker.mem.as_ref() else {
-            return;
+            return Served::Done;
         };
         let event_idx = self.event_idx.load(Ordering::Relaxed);
         let poll = Duration::from_micros(self.cfg.poll_us);
@@ -283,13 +313,14 @@ impl BlockDevice {
                         debug!("queue {index}: cannot disable notifications: {e}");
                     }
                 }
-                // A block job may pause guest I/O (mirror pivot): wait here,
-                // between batches, never in the middle of a request.
-                let _batch = self.disk.gate().enter();
-                usable[pos] = self.drain_sync(index, state, atomic, &mut worker.parser);
+                match self.drain_sync(index, state, atomic, &mut worker.parser) {
+                    Drain::Empty => usable[pos] = true,
+                    Drain::Unusable => usable[pos] = false,
+                    Drain::Paused => return Served::Paused,
+                }
             }
             if self.stopping.load(Ordering::Acquire) {
-                return;
+                return Served::Done;
             }
             if !poll.is_zero()
                 && wait_for_work(&states, &usable, &atomic.memory(), poll, &self.stopping)
@@ -318,7 +349,7 @@ impl BlockDevice {
                 }
             }
             if !more {
-                return;
+                return Served::Done;
             }
         }
     }
@@ -328,37 +359,43 @@ impl BlockDevice {
     /// asks once per wake-up, so this signals early in a batch and lets it
     /// refill the ring while the rest runs (measured: batching the signal to
     /// the end of the drain cost 8-10% IOPS at QD32).
-    /// Returns false if the ring is unusable (not ready, or a corrupted
-    /// avail index).
+    /// Each request runs inside the disk's gate, entered anew for it: a
+    /// block job's pause (mirror pivot, checkpoint) waits for at most the
+    /// request under way, not for the ring to run dry, which a busy guest
+    /// may never let happen (while the other queues wait at the gate).
     fn drain_sync(
         &self,
         index: usize,
         state: &mut VringState<'_>,
         atomic: &GuestMemory,
         parser: &mut RequestParser,
-    ) -> bool {
+    ) -> Drain {
+        let gate = self.disk.gate();
         loop {
             if self.stopping.load(Ordering::Acquire) {
-                return true;
+                return Drain::Empty;
             }
             // Count the requests first, then load the memory map for them.
             let Some(count) = available(state.get_queue(), &atomic.memory()) else {
                 debug!("queue {index}: ring not ready or avail index corrupted");
-                return false;
+                return Drain::Unusable;
             };
             if count == 0 {
-                return true;
+                return Drain::Empty;
             }
             let mem = atomic.memory();
             for _ in 0..count {
                 if self.stopping.load(Ordering::Acquire) {
-                    return true;
+                    return Drain::Empty;
                 }
+                let Some(_batch) = gate.try_enter() else {
+                    return Drain::Paused;
+                };
                 let chain = match state.get_queue_mut().iter(&*mem) {
                     Ok(mut avail) => avail.next(),
                     Err(e) => {
                         debug!("queue {index}: {e}");
-                        return false;
+                        return Drain::Unusable;
                     }
                 };
                 let Some(chain) = chain else {
@@ -376,7 +413,7 @@ impl BlockDevice {
     }
 
     /// The io_uring engine: see the module documentation.
-    fn serve_uring(&self, thread: usize, vrings: &[Vring], worker: &mut Worker) {
+    fn serve_uring(&self, thread: usize, vrings: &[Vring], worker: &mut Worker) -> Served {
         let Worker {
             parser,
             mem: atomic,
@@ -385,7 +422,7 @@ impl BlockDevice {
             snapshots,
         } = worker;
         let (Some(atomic), Engine::Uring(engine)) = (atomic.as_ref(), engine) else {
-            return;
+            return Served::Done;
         };
         let engine = &mut **engine;
         let gate = self.disk.gate();
@@ -444,15 +481,19 @@ impl BlockDevice {
             );
             drop(current);
             let Some(mem) = snapshots.current().cloned() else {
-                return;
+                return Served::Done;
             };
 
             let stopping = self.stopping.load(Ordering::Acquire);
             let mut taken = 0;
             if !stopping {
                 if batch.is_none() {
-                    // Nothing in flight: waits here while I/O is paused.
-                    batch = Some(gate.enter());
+                    // Nothing in flight: while I/O is paused, leave the
+                    // queues (their locks) and wait outside.
+                    match gate.try_enter() {
+                        Some(b) => batch = Some(b),
+                        None => return Served::Paused,
+                    }
                 }
                 for (pos, q) in queues.iter_mut().enumerate() {
                     q.usable = q.count.is_some();
@@ -501,7 +542,7 @@ impl BlockDevice {
 
             let in_flight = engine.in_flight() > 0;
             if !in_flight && stopping {
-                return;
+                return Served::Done;
             }
             let paused = gate.is_paused();
             if !poll.is_zero() && last_work.elapsed() < poll && !stopping && !paused {
@@ -550,10 +591,11 @@ impl BlockDevice {
                 continue;
             }
             if paused && more {
-                // Requests wait for the pause to end: block in the gate.
+                // Requests wait for the pause to end: leave at the top of
+                // the loop (nothing is in flight now).
                 continue;
             }
-            return;
+            return Served::Done;
         }
     }
 
@@ -579,7 +621,9 @@ impl BlockDevice {
             }
         );
         let (mut taken, mut finished) = (0, 0);
-        while engine.has_room() && taken < usize::from(count) {
+        // Requests the engine runs inline (a memory-backed or non-async
+        // image) take their time here: look at the gate before each one.
+        while engine.has_room() && taken < usize::from(count) && !disk.gate().is_paused() {
             let chain = match queue.iter(mem) {
                 Ok(mut avail) => avail.next(),
                 Err(e) => {
@@ -936,7 +980,11 @@ impl VhostUserBackend for BlockDevice {
             return Ok(());
         }
         if usize::from(device_event) < vrings.len() {
-            self.serve(thread_id, vrings);
+            while self.serve(thread_id, vrings) == Served::Paused {
+                // No lock held here: control messages (GET_VRING_BASE takes
+                // the vring locks, `stop_vring` the worker's) go ahead.
+                self.disk.gate().wait_resumed();
+            }
         }
         // Never return an error: it would end this queue's worker thread.
         Ok(())
@@ -972,3 +1020,7 @@ fn check_regions(mem: &GuestMemoryMmap) -> io::Result<()> {
 #[cfg(test)]
 #[path = "device_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "device_teardown_tests.rs"]
+mod teardown_tests;

@@ -284,15 +284,28 @@ fn run(mut opts: Options) -> Result<()> {
     .context("cannot load the state of an interrupted mirror")?;
     // The bitmaps belong to the disk: at a pivot their sidecar moves beside
     // the new image, so a restart with `--image NEW` finds them complete.
+    // The new sidecar is written before the pause; the pause only adds the
+    // pages marked since, and renames it into place.
     let pivot_tracker = tracker.clone();
     mirrors.on_pivot(move |_old, new| {
         let store: Arc<dyn MetaStore> = Arc::new(FileStore::new(sidecar_path(new)));
-        pivot_tracker.relocate(store).map_err(|e| {
+        let failed = |e| {
             format!(
                 "cannot move the dirty bitmaps beside {}: {e}",
                 new.display()
             )
-        })
+        };
+        let prepared = pivot_tracker.prepare_relocation(store).map_err(&failed)?;
+        let tracker = pivot_tracker.clone();
+        let new = new.to_path_buf();
+        Ok(Box::new(move || {
+            tracker.relocate_prepared(prepared).map_err(|e| {
+                format!(
+                    "cannot move the dirty bitmaps beside {}: {e}",
+                    new.display()
+                )
+            })
+        }))
     });
     let qmp = match &opts.qmp {
         Some(path) => {

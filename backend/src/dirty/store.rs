@@ -5,6 +5,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, RwLock};
@@ -17,7 +18,9 @@ use std::sync::{Mutex, RwLock};
 ///   [`MetaStore::sync`] that started after it returns;
 /// - [`MetaStore::replace`] is atomic (a crash leaves the old or the new
 ///   content) and durable when it returns;
-/// - [`MetaStore::remove`] is durable when it returns.
+/// - [`MetaStore::remove`] is durable when it returns;
+/// - [`MetaStore::stage`] changes nothing a recovery reads;
+///   [`MetaStore::commit_staged`] is a [`MetaStore::replace`].
 pub trait MetaStore: Send + Sync {
     /// Current size in bytes, or `None` if the file does not exist.
     fn size(&self) -> io::Result<Option<u64>>;
@@ -31,6 +34,22 @@ pub trait MetaStore: Send + Sync {
     fn replace(&self, contents: &[u8]) -> io::Result<()>;
     /// Deletes the file, durably; no error if it does not exist.
     fn remove(&self) -> io::Result<()>;
+    /// The slow part of a [`MetaStore::replace`] done ahead of time: writes
+    /// `contents` where it does not replace anything yet (a temporary
+    /// file) and makes it durable. The default stages nothing (then
+    /// [`MetaStore::commit_staged`] does the whole replacement).
+    fn stage(&self, _contents: &[u8]) -> io::Result<()> {
+        Ok(())
+    }
+    /// Atomically and durably replaces the whole content with `contents`,
+    /// which differs from what [`MetaStore::stage`] wrote only in the byte
+    /// ranges `changed`: those are written, synced, and the staged file is
+    /// put in place. Without a staged file: [`MetaStore::replace`].
+    fn commit_staged(&self, contents: &[u8], _changed: &[Range<usize>]) -> io::Result<()> {
+        self.replace(contents)
+    }
+    /// Forgets a staged file that will not be put in place (if any).
+    fn discard_staged(&self) {}
     /// A name for log lines (the path).
     fn describe(&self) -> String;
 }
@@ -55,10 +74,13 @@ pub(crate) fn read_all(store: &dyn MetaStore) -> io::Result<Option<Vec<u8>>> {
 }
 
 /// The real sidecar: a file beside the image. Replacement writes
-/// `PATH.tmp`, fsyncs it, renames it over `PATH` and fsyncs the directory.
+/// `PATH.tmp`, fsyncs it, renames it over `PATH` and fsyncs the directory;
+/// a staged replacement does the first two ahead of time.
 pub struct FileStore {
     path: PathBuf,
     file: RwLock<Option<File>>,
+    /// `PATH.tmp`, written and synced by `stage`.
+    staged: Mutex<Option<File>>,
 }
 
 impl FileStore {
@@ -67,7 +89,34 @@ impl FileStore {
         FileStore {
             path: path.into(),
             file: RwLock::new(None),
+            staged: Mutex::new(None),
         }
+    }
+
+    fn tmp_path(&self) -> PathBuf {
+        let mut tmp = self.path.clone().into_os_string();
+        tmp.push(".tmp");
+        PathBuf::from(tmp)
+    }
+
+    fn write_tmp(&self, contents: &[u8]) -> io::Result<File> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(self.tmp_path())?;
+        file.write_all_at(contents, 0)?;
+        file.sync_all()?;
+        Ok(file)
+    }
+
+    /// Puts the synced `PATH.tmp` in place, durably.
+    fn install(&self, file: File) -> io::Result<()> {
+        std::fs::rename(self.tmp_path(), &self.path)?;
+        self.sync_dir()?;
+        *self.file.write().unwrap_or_else(|e| e.into_inner()) = Some(file);
+        Ok(())
     }
 
     /// The file's path.
@@ -123,21 +172,50 @@ impl MetaStore for FileStore {
     }
 
     fn replace(&self, contents: &[u8]) -> io::Result<()> {
-        let mut tmp = self.path.clone().into_os_string();
-        tmp.push(".tmp");
-        let tmp = PathBuf::from(tmp);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)?;
-        file.write_all_at(contents, 0)?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, &self.path)?;
-        self.sync_dir()?;
-        *self.file.write().unwrap_or_else(|e| e.into_inner()) = Some(file);
+        // Whatever was staged is overwritten.
+        self.staged.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let file = self.write_tmp(contents)?;
+        self.install(file)
+    }
+
+    fn stage(&self, contents: &[u8]) -> io::Result<()> {
+        let mut staged = self.staged.lock().unwrap_or_else(|e| e.into_inner());
+        *staged = None;
+        *staged = Some(self.write_tmp(contents)?);
         Ok(())
+    }
+
+    fn commit_staged(&self, contents: &[u8], changed: &[Range<usize>]) -> io::Result<()> {
+        let Some(file) = self.staged.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+            return self.replace(contents);
+        };
+        if file.metadata()?.len() != contents.len() as u64 {
+            return self.replace(contents);
+        }
+        for r in changed {
+            let bytes = contents
+                .get(r.clone())
+                .ok_or_else(|| io::Error::other("changed range outside the sidecar"))?;
+            file.write_all_at(bytes, r.start as u64)?;
+        }
+        if !changed.is_empty() {
+            file.sync_data()?;
+        }
+        self.install(file)
+    }
+
+    fn discard_staged(&self) {
+        if self
+            .staged
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .is_some()
+        {
+            if let Err(e) = std::fs::remove_file(self.tmp_path()) {
+                log::debug!("removing {}: {e}", self.tmp_path().display());
+            }
+        }
     }
 
     fn remove(&self) -> io::Result<()> {

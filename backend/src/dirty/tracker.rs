@@ -449,7 +449,9 @@ impl DirtyTracker {
         if let (Some(store), false) = (&config.sidecar, config.read_only) {
             let mut ctl = lock(&inner.control);
             if !named.is_empty() {
-                inner.persist.relayout(&inner, &mut ctl, &named, store)?;
+                inner
+                    .persist
+                    .relayout(&inner, &mut ctl, &named, store, None)?;
             } else if had_valid_empty_file {
                 store.remove().map_err(|e| {
                     DirtyError::io(format!("removing empty {}", store.describe()), e)
@@ -664,7 +666,9 @@ impl DirtyTracker {
         if let Some(store) = store {
             let mut files = inner.persistent_bitmaps();
             files.push(entry.clone());
-            inner.persist.relayout(inner, &mut ctl, &files, &store)?;
+            inner
+                .persist
+                .relayout(inner, &mut ctl, &files, &store, None)?;
         }
         inner.bitmaps.rcu(|v| {
             let mut v = Vec::clone(v);
@@ -695,7 +699,9 @@ impl DirtyTracker {
                 .into_iter()
                 .filter(|x| !Arc::ptr_eq(x, &b))
                 .collect();
-            inner.persist.relayout(inner, &mut ctl, &files, &store)?;
+            inner
+                .persist
+                .relayout(inner, &mut ctl, &files, &store, None)?;
         }
         inner.bitmaps.rcu(|v| {
             v.iter()
@@ -877,6 +883,71 @@ impl DirtyTracker {
     /// writes every page) and the error is returned — fail the pivot then.
     /// After [`DirtyTracker::shutdown`]: [`DirtyError::ShutDown`].
     pub fn relocate(&self, store: Arc<dyn MetaStore>) -> Result<(), DirtyError> {
+        self.relocate_with(store, None)
+    }
+
+    /// The slow half of [`DirtyTracker::relocate`], done while guest I/O
+    /// runs (before the pivot's pause): writes the complete new sidecar as
+    /// it would be now under a temporary name and makes it durable
+    /// ([`MetaStore::stage`]); nothing else changes, marks keep going to the
+    /// current sidecar. [`DirtyTracker::relocate_prepared`] finishes it.
+    ///
+    /// Why this is safe (the guarantee of docs/bitmap-format.md: a recovered
+    /// bitmap never misses a changed chunk): the staged file is not the
+    /// sidecar of anything until it is renamed into place, so a crash before
+    /// that recovers from the old sidecar, which stays complete for the old
+    /// image (the disk until the pivot). The finishing half, with guest I/O
+    /// paused (no mark in progress), rebuilds the file from the bits as they
+    /// are then, writes only the pages that differ from what was staged (the
+    /// marks made since), syncs them, and renames: so the file that appears
+    /// at the new path is exactly what [`DirtyTracker::relocate`] would have
+    /// written there at that instant, complete for every mark before, and
+    /// every mark after goes to its log. The pause only pays for the pages
+    /// changed meanwhile, one `fdatasync` (none if nothing changed), the
+    /// rename and one directory `fsync`.
+    pub fn prepare_relocation(
+        &self,
+        store: Arc<dyn MetaStore>,
+    ) -> Result<PreparedRelocation, DirtyError> {
+        let inner = &*self.inner;
+        let ctl = self.control()?;
+        let members = inner.persistent_bitmaps();
+        let mut staged = None;
+        if !members.is_empty() && !inner.read_only {
+            let p = &inner.persist;
+            let plan = plan_of(&members);
+            let file_id = new_file_id();
+            let layout = Layout::plan(file_id, inner.disk_size, 1u64 << p.extent_shift, &plan);
+            let cur = p.al.load_full();
+            let next_epoch = cur.epoch.max(ctl.durable_gen) + 1;
+            let prepop = p.prepop(&cur);
+            let bytes = build_file(&layout, &members, next_epoch, &prepop, false);
+            drop(ctl);
+            store
+                .stage(&bytes)
+                .map_err(|e| DirtyError::io(format!("staging {}", store.describe()), e))?;
+            staged = Some(Staged {
+                file_id,
+                plan,
+                bytes,
+            });
+        }
+        Ok(PreparedRelocation { store, staged })
+    }
+
+    /// Finishes a relocation prepared by
+    /// [`DirtyTracker::prepare_relocation`]: the same contract and the same
+    /// precondition (guest I/O paused) as [`DirtyTracker::relocate`], at the
+    /// cost described there.
+    pub fn relocate_prepared(&self, prepared: PreparedRelocation) -> Result<(), DirtyError> {
+        self.relocate_with(prepared.store.clone(), prepared.staged.as_ref())
+    }
+
+    fn relocate_with(
+        &self,
+        store: Arc<dyn MetaStore>,
+        staged: Option<&Staged>,
+    ) -> Result<(), DirtyError> {
         // Before the control lock: `shutdown` joins the thread while holding
         // the thread slot, and the thread takes the control lock.
         self.ensure_thread()?;
@@ -886,7 +957,10 @@ impl DirtyTracker {
         let same = old.as_ref().is_some_and(|o| Arc::ptr_eq(o, &store));
         let members = inner.persistent_bitmaps();
         let started = Instant::now();
-        if let Err(e) = inner.persist.relayout(inner, &mut ctl, &members, &store) {
+        if let Err(e) = inner
+            .persist
+            .relayout(inner, &mut ctl, &members, &store, staged)
+        {
             // `replace` may have failed after the rename (directory sync):
             // a complete file could be left beside an image that is not the
             // disk. Remove it if it is surely not the file still in use.
@@ -1297,12 +1371,16 @@ impl Persist {
     /// one ([`DirtyTracker::relocate`]): on success it becomes the current
     /// one; on failure nothing changes but the forced full write-out (the
     /// changed-page marks were consumed), and the old file stays in use.
+    ///
+    /// With `staged` (a file staged by [`DirtyTracker::prepare_relocation`]
+    /// for the same bitmaps), only what differs from it is written.
     fn relayout(
         &self,
         inner: &Inner,
         ctl: &mut Control,
         members: &[Arc<Named>],
         store: &Arc<dyn MetaStore>,
+        staged: Option<&Staged>,
     ) -> Result<(), DirtyError> {
         let _excl = self.layout_lock.write().unwrap_or_else(|e| e.into_inner());
         let cur = self.al.load_full();
@@ -1334,16 +1412,11 @@ impl Persist {
             return Ok(());
         }
         let extent_size = 1u64 << self.extent_shift;
-        let plan: Vec<(String, u64, bool)> = members
-            .iter()
-            .map(|b| (b.name.clone(), b.bitmap.granularity(), b.inconsistent))
-            .collect();
-        let layout = Layout::plan(new_file_id(), inner.disk_size, extent_size, &plan);
-        let prepop = if cur.kind() == AL_LIVE && self.carry_hot_extents {
-            AlEpoch::snapshot(&cur.touched)
-        } else {
-            Vec::new()
-        };
+        let plan = plan_of(members);
+        let staged = staged.filter(|st| st.plan == plan);
+        let file_id = staged.map_or_else(new_file_id, |st| st.file_id);
+        let layout = Layout::plan(file_id, inner.disk_size, extent_size, &plan);
+        let prepop = self.prepop(&cur);
         let slot_off = layout.al_slot_off(next_epoch);
         // Not durable until the new file is in place: markers wait (their
         // commits need the layout lock we hold).
@@ -1359,49 +1432,14 @@ impl Persist {
         self.al.store(next.clone());
         fence(Ordering::SeqCst);
 
-        let mut file = vec![0u8; layout.total_len as usize];
-        let put = |file: &mut Vec<u8>, off: u64, bytes: &[u8]| {
-            let off = off as usize;
-            file[off..off + bytes.len()].copy_from_slice(bytes);
-        };
-        put(&mut file, 0, &layout.encode_preamble());
-        let flags: Vec<u64> = members
-            .iter()
-            .map(|b| {
-                if b.bitmap.is_recording() {
-                    BITMAP_RECORDING
-                } else {
-                    0
-                }
-            })
-            .collect();
-        put(
-            &mut file,
-            layout.state_off_for(next_epoch),
-            &layout.encode_state(next_epoch, 0, &flags),
-        );
-        put(&mut file, slot_off, &layout.encode_al_header(next_epoch));
-        let mut bits = Vec::with_capacity(prepop.len() * 8);
-        for w in &prepop {
-            bits.extend_from_slice(&w.to_le_bytes());
-        }
-        put(&mut file, slot_off + PAGE, &bits);
-        // The other slot: a valid header of epoch 0, which no state applies.
-        put(
-            &mut file,
-            layout.al_slot_off(next_epoch + 1),
-            &layout.encode_al_header(0),
-        );
-        for (e, b) in layout.entries.iter().zip(members) {
-            if e.data_len == 0 {
-                continue;
+        let file = build_file(&layout, members, next_epoch, &prepop, true);
+        let written = match staged {
+            Some(st) if st.bytes.len() == file.len() => {
+                store.commit_staged(&file, &changed_pages(&st.bytes, &file))
             }
-            b.bitmap.take_changed_pages();
-            let n = b.bitmap.word_count() * 8;
-            let off = e.data_off as usize;
-            b.bitmap.read_words_le(0, &mut file[off..off + n]);
-        }
-        match store.replace(&file) {
+            _ => store.replace(&file),
+        };
+        match written {
             Ok(()) => {
                 for (i, w) in prepop.iter().enumerate() {
                     next.durable[i].fetch_or(*w, Ordering::AcqRel);
@@ -1424,6 +1462,126 @@ impl Persist {
                 Err(DirtyError::io(format!("replacing {}", store.describe()), e))
             }
         }
+    }
+}
+
+impl Persist {
+    /// The hot extents of `cur` that a new log starts with.
+    fn prepop(&self, cur: &AlEpoch) -> Vec<u64> {
+        if cur.kind() == AL_LIVE && self.carry_hot_extents {
+            AlEpoch::snapshot(&cur.touched)
+        } else {
+            Vec::new()
+        }
+    }
+}
+
+/// What decides a sidecar's layout: each persistent bitmap's name,
+/// granularity and consistency, in order.
+fn plan_of(members: &[Arc<Named>]) -> Vec<(String, u64, bool)> {
+    members
+        .iter()
+        .map(|b| (b.name.clone(), b.bitmap.granularity(), b.inconsistent))
+        .collect()
+}
+
+/// A complete sidecar of `members` whose current log is epoch `epoch`
+/// holding `prepop`. With `take_changed`, each bitmap's changed-page marks
+/// are consumed just before its bits are read (the file then holds every
+/// change they stood for); without, they stay for the current sidecar's
+/// next write-out.
+fn build_file(
+    layout: &Layout,
+    members: &[Arc<Named>],
+    epoch: u64,
+    prepop: &[u64],
+    take_changed: bool,
+) -> Vec<u8> {
+    let mut file = vec![0u8; layout.total_len as usize];
+    let put = |file: &mut Vec<u8>, off: u64, bytes: &[u8]| {
+        let off = off as usize;
+        file[off..off + bytes.len()].copy_from_slice(bytes);
+    };
+    put(&mut file, 0, &layout.encode_preamble());
+    let flags: Vec<u64> = members
+        .iter()
+        .map(|b| {
+            if b.bitmap.is_recording() {
+                BITMAP_RECORDING
+            } else {
+                0
+            }
+        })
+        .collect();
+    put(
+        &mut file,
+        layout.state_off_for(epoch),
+        &layout.encode_state(epoch, 0, &flags),
+    );
+    let slot_off = layout.al_slot_off(epoch);
+    put(&mut file, slot_off, &layout.encode_al_header(epoch));
+    let mut bits = Vec::with_capacity(prepop.len() * 8);
+    for w in prepop {
+        bits.extend_from_slice(&w.to_le_bytes());
+    }
+    put(&mut file, slot_off + PAGE, &bits);
+    // The other slot: a valid header of epoch 0, which no state applies.
+    put(
+        &mut file,
+        layout.al_slot_off(epoch + 1),
+        &layout.encode_al_header(0),
+    );
+    for (e, b) in layout.entries.iter().zip(members) {
+        if e.data_len == 0 {
+            continue;
+        }
+        if take_changed {
+            b.bitmap.take_changed_pages();
+        }
+        let n = b.bitmap.word_count() * 8;
+        let off = e.data_off as usize;
+        b.bitmap.read_words_le(0, &mut file[off..off + n]);
+    }
+    file
+}
+
+/// The page-aligned byte ranges where `new` differs from `old` (same length).
+fn changed_pages(old: &[u8], new: &[u8]) -> Vec<std::ops::Range<usize>> {
+    let page = PAGE as usize;
+    let mut out: Vec<std::ops::Range<usize>> = Vec::new();
+    for (i, (a, b)) in old.chunks(page).zip(new.chunks(page)).enumerate() {
+        if a == b {
+            continue;
+        }
+        let range = i * page..i * page + b.len();
+        match out.last_mut() {
+            Some(last) if last.end == range.start => last.end = range.end,
+            _ => out.push(range),
+        }
+    }
+    out
+}
+
+/// A sidecar staged by [`DirtyTracker::prepare_relocation`].
+struct Staged {
+    file_id: u64,
+    plan: Vec<(String, u64, bool)>,
+    /// What was staged.
+    bytes: Vec<u8>,
+}
+
+/// A relocation whose new sidecar is written and synced under a temporary
+/// name; finish it with [`DirtyTracker::relocate_prepared`]. Dropped
+/// unfinished (the pivot was given up), it removes the staged file.
+pub struct PreparedRelocation {
+    store: Arc<dyn MetaStore>,
+    staged: Option<Staged>,
+}
+
+impl Drop for PreparedRelocation {
+    fn drop(&mut self) {
+        // A no-op once the staged file was put in place.
+        self.store.discard_staged();
     }
 }
 

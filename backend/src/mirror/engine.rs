@@ -527,17 +527,27 @@ impl Engine {
 
     /// P := D: drains the copies, pauses guest I/O for the copy of the
     /// words (no write may be between its mark and its landing), resumes.
+    /// If the guest's requests in flight hold the pause off for longer than
+    /// [`super::job::PAUSE_REACH_TIMEOUT`], the checkpoint is skipped and
+    /// retried at the next interval: P only ever stays larger than D then.
     pub fn checkpoint(&mut self, speed: u64) {
         if self.state.persist.is_none() {
             return;
         }
         self.drain(speed);
-        {
-            let _pause = self.state.disk.gate().pause();
-            self.state.checkpoint();
-        }
-        self.cleaned_since_checkpoint = 0;
         self.last_checkpoint = Instant::now();
+        let Some(pause) = self
+            .state
+            .disk
+            .gate()
+            .pause_timeout(super::job::PAUSE_REACH_TIMEOUT)
+        else {
+            log::debug!("mirror checkpoint skipped: guest requests held the pause off");
+            return;
+        };
+        self.state.checkpoint();
+        drop(pause);
+        self.cleaned_since_checkpoint = 0;
     }
 
     /// Copies until nothing is dirty, with every worker busy; for the pivot

@@ -6,11 +6,16 @@
 //!   the target and announces READY; then keeps copying what the guest
 //!   dirties. Once `complete` (or a soft cancel) arrives it copies until
 //!   little is dirty and returns.
-//! - `commit` (finalize): with guest I/O paused at the disk's gate, copies
-//!   what is still dirty, flushes the target and, for `complete`, swaps the
-//!   disk's image for the target (the pivot); a soft cancel stops there, so
-//!   the target is a point-in-time copy. The hook is removed under the same
-//!   pause, the sidecar deleted, the source closed.
+//! - `commit` (finalize): prepares everything it can with guest I/O
+//!   running (copies until little is dirty, flushes the target, runs the
+//!   pivot hooks' preparation, e.g. the bitmap sidecar written and synced
+//!   under a temporary name); then, with guest I/O paused at the disk's
+//!   gate, copies what is still dirty, flushes the target if that copy
+//!   wrote anything, and, for `complete`, runs the hooks' commits and swaps
+//!   the disk's image for the target (the pivot); a soft cancel stops
+//!   there, so the target is a point-in-time copy. The hook is removed
+//!   under the same pause, the sidecar deleted, the source closed. The
+//!   pause is bounded (see [`PAUSE_REACH_TIMEOUT`], [`PIVOT_ATTEMPTS`]).
 //! - `abort` (error or forced cancel): stops copying, removes the hook; the
 //!   source is untouched and the guest carries on with it.
 //! - errors follow `on-source-error` / `on-target-error` (report, ignore,
@@ -20,6 +25,7 @@ use super::engine::Engine;
 use super::hook::MirrorState;
 use super::{strerror, CopyMode, MirrorConfig, SharedImage, SyncMode};
 use crate::disk::WriteHook;
+use crate::gate::PauseGuard;
 use crate::jobs::{ErrorAction, IoOperation, JobContext, JobDriver, JobError};
 use serde_json::{json, Map, Value};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -47,6 +53,31 @@ fn pivot_dirty_target(engine: &Engine) -> u64 {
         .unwrap_or(0);
     by_rate.clamp(PIVOT_DIRTY_MIN, 64 << 20)
 }
+/// How long a pause (pivot, checkpoint) waits for the guest requests in
+/// flight before it gives up and lets I/O go on (the guest's other queues
+/// wait meanwhile): a request stuck in slow storage must not freeze the
+/// disk. The pivot then copies more and tries again; a checkpoint is
+/// skipped (P stays a superset of D).
+pub const PAUSE_REACH_TIMEOUT: Duration = Duration::from_millis(100);
+/// Pauses a pivot tries before it takes whatever it gets: the last attempt
+/// waits for the requests in flight however long they take and copies
+/// whatever is dirty.
+pub const PIVOT_ATTEMPTS: u32 = 5;
+
+/// Flushes of the target before the pivot's pause at most (see
+/// `flush_before_pause`).
+const PRE_PAUSE_FLUSHES: usize = 4;
+/// A flush this quick leaves little for the one under the pause.
+const QUICK_FLUSH: Duration = Duration::from_millis(5);
+
+/// Dirty bytes the pivot accepts to copy with guest I/O paused: a few
+/// times the target it converged to, so a burst of guest writes between
+/// the convergence and the pause does not cancel the attempt, while a
+/// guest that dirties faster than the copier does.
+fn pivot_pause_bound(engine: &Engine) -> u64 {
+    pivot_dirty_target(engine).saturating_mul(4)
+}
+
 /// Back-off before retrying after an error with `ignore`.
 const RETRY_DELAY: Duration = Duration::from_millis(100);
 
@@ -61,12 +92,21 @@ pub struct MirrorStats {
     pub pivot_pause: Option<Duration>,
     /// Bytes copied while guest I/O was paused.
     pub pivot_bytes: u64,
+    /// Pauses tried for the final copy (1 unless the guest dirtied too much
+    /// or a request held the pause off).
+    pub pivot_attempts: u32,
 }
 
-/// Called after a pivot with the old and the new image path (the daemon
-/// moves per-image state, e.g. persistent bitmap sidecars, along).
+/// A pivot hook's work under the pause, prepared before it. Dropped
+/// uncalled, the pivot was given up: it undoes what its preparation left.
+pub type PivotCommit = Box<dyn FnOnce() -> Result<(), String> + Send>;
+
+/// Called before a pivot, with guest I/O running, with the old and the new
+/// image path: prepares what follows the disk to its new image (the daemon
+/// writes the persistent bitmaps' new sidecar) and returns what is left to
+/// do with guest I/O paused, just before the switch.
 pub type PivotHook =
-    Arc<dyn Fn(&std::path::Path, &std::path::Path) -> Result<(), String> + Send + Sync>;
+    Arc<dyn Fn(&std::path::Path, &std::path::Path) -> Result<PivotCommit, String> + Send + Sync>;
 
 /// Keeps the target in sync while a manually finalized job waits in
 /// `pending`.
@@ -340,6 +380,86 @@ impl MirrorJob {
         }
     }
 
+    /// Pauses guest I/O for the final copy, once little is dirty and the
+    /// target is flushed: returns the pause, when it began, and the number
+    /// of attempts. An attempt is given up (I/O resumes at once) if the
+    /// requests in flight do not finish within [`PAUSE_REACH_TIMEOUT`] or
+    /// if more than [`pivot_pause_bound`] is dirty once paused; then the
+    /// mirror switches to write-blocking (so the guest's writes can no
+    /// longer outrun the copy), copies more and tries again. The last of
+    /// [`PIVOT_ATTEMPTS`] takes whatever it gets.
+    fn pause_for_pivot<'a>(
+        &'a self,
+        ctx: &JobContext,
+        engine: &mut Engine,
+    ) -> Result<(PauseGuard<'a>, Instant, u32), String> {
+        let s = &*self.state;
+        let gate = s.disk.gate();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let last = attempt >= PIVOT_ATTEMPTS;
+            self.converge(engine)?;
+            self.flush_before_pause()?;
+            let paused_at = Instant::now();
+            let pause = if last {
+                Some(gate.pause())
+            } else {
+                gate.pause_timeout(PAUSE_REACH_TIMEOUT)
+            };
+            let Some(pause) = pause else {
+                log::info!(
+                    "mirror '{}': guest requests still in flight after {PAUSE_REACH_TIMEOUT:?}; pausing again later",
+                    ctx.id()
+                );
+                continue;
+            };
+            let dirty = s.dirty_bytes();
+            if last || dirty <= pivot_pause_bound(engine) {
+                return Ok((pause, paused_at, attempt));
+            }
+            drop(pause);
+            log::info!(
+                "mirror '{}': {dirty} bytes dirty at the pause, more than {}; copying more{}",
+                ctx.id(),
+                pivot_pause_bound(engine),
+                if s.copy_mode() == CopyMode::Background {
+                    " in write-blocking mode"
+                } else {
+                    ""
+                }
+            );
+            s.set_write_blocking();
+        }
+    }
+
+    /// Flushes the target before the pause, so that the flush under it
+    /// has little left to do. In write-blocking mode the guest's writes
+    /// reach the target during a flush: flush again while flushes take
+    /// long and get shorter, at most [`PRE_PAUSE_FLUSHES`] times. (In
+    /// background mode nothing writes the target once the copies are
+    /// drained; another flush would only let the guest dirty more chunks
+    /// for the pause to copy.)
+    fn flush_before_pause(&self) -> Result<(), String> {
+        let s = &*self.state;
+        let mut previous: Option<Duration> = None;
+        for _ in 0..PRE_PAUSE_FLUSHES {
+            let t = Instant::now();
+            s.target
+                .flush()
+                .map_err(|e| strerror(super::image_errno(&e)))?;
+            let took = t.elapsed();
+            if s.copy_mode() == CopyMode::Background
+                || took <= QUICK_FLUSH
+                || previous.is_some_and(|p| took * 2 > p)
+            {
+                break;
+            }
+            previous = Some(took);
+        }
+        Ok(())
+    }
+
     fn remove_state_file(&self) {
         if let Some(p) = &self.state.persist {
             if let Err(e) = std::fs::remove_file(p.path()) {
@@ -411,35 +531,51 @@ impl JobDriver for MirrorJob {
         let Some(mut engine) = self.take_engine() else {
             return Err("mirror engine missing".into());
         };
-        self.converge(&mut engine)?;
-        // Flush what is there before pausing, so the flush under the pause
-        // has little left to do.
-        s.target
-            .flush()
-            .map_err(|e| strerror(super::image_errno(&e)))?;
-        let paused_at = Instant::now();
-        let pause = s.disk.gate().pause();
+        // Everything that can be done with guest I/O running is done first.
+        let prepared = if pivot {
+            let old_path = s.disk.image().path().to_path_buf();
+            match (self.on_pivot)(&old_path, s.target.path()) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    *lock(&self.engine) = Some(engine);
+                    return Err(e);
+                }
+            }
+        } else {
+            None
+        };
+        let (pause, paused_at, attempts) = match self.pause_for_pivot(ctx, &mut engine) {
+            Ok(p) => p,
+            Err(e) => {
+                *lock(&self.engine) = Some(engine);
+                return Err(e);
+            }
+        };
         let dirty_at_pause = s.dirty_bytes();
-        let result = engine.sync_all().map_err(|e| e.message).and_then(|()| {
-            s.target
+        // The target was flushed just before the pause; only what reached
+        // it since needs flushing now: the chunks copied under the pause,
+        // and in write-blocking mode the guest writes in between. It must be
+        // durable before the guest runs on the target (a write the guest
+        // flushed on the source must not be lost by a power cut after the
+        // switch), hence here, under the pause.
+        let unflushed = dirty_at_pause > 0 || s.copy_mode() == CopyMode::WriteBlocking;
+        let mut result = engine.sync_all().map_err(|e| e.message);
+        if result.is_ok() && unflushed {
+            result = s
+                .target
                 .flush()
-                .map_err(|e| strerror(super::image_errno(&e)))
-        });
+                .map_err(|e| strerror(super::image_errno(&e)));
+        }
+        if let (Ok(()), Some(commit)) = (&result, prepared) {
+            // Still paused: whatever follows the disk to its new image (the
+            // persistent bitmaps' sidecar) moves now, or the pivot fails and
+            // the guest stays on the source.
+            result = commit();
+        }
         if let Err(e) = result {
             drop(pause);
             *lock(&self.engine) = Some(engine);
             return Err(e);
-        }
-        if pivot {
-            // Still paused: whatever follows the disk to its new image (the
-            // persistent bitmaps' sidecar) moves now, or the pivot fails and
-            // the guest stays on the source.
-            let old_path = s.disk.image().path().to_path_buf();
-            if let Err(e) = (self.on_pivot)(&old_path, s.target.path()) {
-                drop(pause);
-                *lock(&self.engine) = Some(engine);
-                return Err(e);
-            }
         }
         s.disk.remove_hook(&self.hook);
         let old = pivot.then(|| {
@@ -452,11 +588,12 @@ impl JobDriver for MirrorJob {
             let mut st = lock(&self.stats);
             st.pivot_pause = Some(stall);
             st.pivot_bytes = dirty_at_pause;
+            st.pivot_attempts = attempts;
             st.data_bytes = engine.data_bytes;
         }
         ctx.progress_update(engine.take_done_bytes());
         log::info!(
-            "mirror '{}': {} after a {stall:?} pause ({dirty_at_pause} bytes copied while paused)",
+            "mirror '{}': {} after a {stall:?} pause ({dirty_at_pause} bytes copied while paused, attempt {attempts})",
             ctx.id(),
             if pivot {
                 format!("switched to {}", s.target.path().display())

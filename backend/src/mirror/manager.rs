@@ -7,7 +7,7 @@
 
 use super::engine::Engine;
 use super::hook::{MirrorHook, MirrorState, ResumeTracker};
-use super::job::{MirrorJob, PivotHook};
+use super::job::{MirrorJob, PivotCommit, PivotHook};
 use super::pivot_marker;
 use super::state_file::{boot_id, sidecar_path, StateFile, StateHeader};
 use super::{CopyMode, MirrorConfig, MirrorError, SyncMode, DEFAULT_BUF_SIZE, DEFAULT_GRANULARITY};
@@ -217,12 +217,17 @@ impl MirrorManager {
         }))
     }
 
-    /// Registers `f(old_image, new_image)`, called during every pivot with
-    /// guest I/O paused, once the target is complete and just before the
-    /// disk switches to it (e.g. to move the persistent bitmaps' sidecar
-    /// along with the disk). An error fails the pivot: the guest stays on
-    /// the source image and the job reports the error.
-    pub fn on_pivot(&self, f: impl Fn(&Path, &Path) -> Result<(), String> + Send + Sync + 'static) {
+    /// Registers `f(old_image, new_image)`, called before every pivot with
+    /// guest I/O running to prepare what follows the disk to its new image
+    /// (e.g. write the persistent bitmaps' new sidecar); the commit it
+    /// returns runs with guest I/O paused, once the target is complete, just
+    /// before the disk switches to it, and should be quick. An error of
+    /// either fails the pivot: the guest stays on the source image and the
+    /// job reports the error (an unused commit is dropped uncalled).
+    pub fn on_pivot(
+        &self,
+        f: impl Fn(&Path, &Path) -> Result<PivotCommit, String> + Send + Sync + 'static,
+    ) {
         self.pivot_hooks
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -536,34 +541,51 @@ impl MirrorManager {
         let read_only = self.disk.read_only();
         let on_pivot: PivotHook = Arc::new(move |old: &Path, new: &Path| {
             // A read-only disk cannot be rolled back: both images stay equal.
-            if !read_only {
-                pivot_marker::write(old, new, new_identity).map_err(|e| {
+            let marker = match read_only {
+                true => None,
+                false => Some(pivot_marker::stage(old, new, new_identity).map_err(|e| {
                     format!(
                         "cannot leave the pivot marker beside {}: {e}",
                         old.display()
                     )
-                })?;
-            }
-            for h in &hooks {
-                if let Err(e) = h(old, new) {
-                    if let Err(re) = pivot_marker::remove(old) {
+                })?),
+            };
+            let commits = hooks
+                .iter()
+                .map(|h| h(old, new))
+                .collect::<Result<Vec<_>, _>>()?;
+            let (old, new) = (old.to_path_buf(), new.to_path_buf());
+            let commit: PivotCommit = Box::new(move || {
+                // The target is complete and flushed, and nothing changes
+                // either image until the switch: the marker is true from now.
+                if let Some(m) = marker {
+                    m.commit().map_err(|e| {
+                        format!(
+                            "cannot leave the pivot marker beside {}: {e}",
+                            old.display()
+                        )
+                    })?;
+                }
+                if let Err(e) = commits.into_iter().try_for_each(|c| c()) {
+                    if let Err(re) = pivot_marker::remove(&old) {
                         log::error!(
                             "the pivot failed but its marker {} stays ({re}): remove it before restarting on {}",
-                            pivot_marker::marker_path(old).display(),
+                            pivot_marker::marker_path(&old).display(),
                             old.display()
                         );
                     }
                     return Err(e);
                 }
-            }
-            // The disk comes back to an image it once left.
-            if let Err(e) = pivot_marker::remove(new) {
-                log::warn!(
-                    "cannot remove the stale pivot marker {}: {e}",
-                    pivot_marker::marker_path(new).display()
-                );
-            }
-            Ok(())
+                // The disk comes back to an image it once left.
+                if let Err(e) = pivot_marker::remove(&new) {
+                    log::warn!(
+                        "cannot remove the stale pivot marker {}: {e}",
+                        pivot_marker::marker_path(&new).display()
+                    );
+                }
+                Ok(())
+            });
+            Ok(commit)
         });
         let driver = Arc::new(MirrorJob::new(
             state.clone(),

@@ -47,13 +47,26 @@ fn sync_dir(path: &Path) -> io::Result<()> {
     }
 }
 
-/// Leaves the marker beside `old`: the disk moved to `new` (whose identity
-/// is `identity`). Durable when this returns.
-pub fn write(old: &Path, new: &Path, identity: Option<(u64, u64)>) -> io::Result<()> {
+/// A marker written and synced under a temporary name, before the pivot's
+/// pause: [`StagedMarker::commit`] puts it in place (a rename and a
+/// directory fsync, the only part that must wait until the target is
+/// complete); dropped uncommitted, it leaves nothing behind.
+#[must_use = "a staged marker is removed again unless committed"]
+pub struct StagedMarker {
+    tmp: PathBuf,
+    path: PathBuf,
+}
+
+/// Stages the marker beside `old`: the disk moves to `new` (whose identity
+/// is `identity`).
+pub fn stage(old: &Path, new: &Path, identity: Option<(u64, u64)>) -> io::Result<StagedMarker> {
     let path = marker_path(old);
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
+    let staged = StagedMarker {
+        tmp: PathBuf::from(tmp),
+        path,
+    };
     let mut body = MAGIC.as_bytes().to_vec();
     match identity {
         Some((dev, ino)) => body.extend_from_slice(format!("identity {dev} {ino}\n").as_bytes()),
@@ -61,21 +74,29 @@ pub fn write(old: &Path, new: &Path, identity: Option<(u64, u64)>) -> io::Result
     }
     body.extend_from_slice(b"path ");
     body.extend_from_slice(new.as_os_str().as_bytes());
-    let result = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)?;
-        f.write_all(&body)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &path)?;
-        sync_dir(&path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&staged.tmp)?;
+    f.write_all(&body)?;
+    f.sync_all()?;
+    Ok(staged)
+}
+
+impl StagedMarker {
+    /// Puts the marker in place; durable when this returns.
+    pub fn commit(self) -> io::Result<()> {
+        std::fs::rename(&self.tmp, &self.path)?;
+        sync_dir(&self.path)
     }
-    result
+}
+
+impl Drop for StagedMarker {
+    fn drop(&mut self) {
+        // After a commit the temporary name is gone: nothing to remove.
+        let _ = std::fs::remove_file(&self.tmp);
+    }
 }
 
 /// Reads the marker beside `image`; `Ok(None)` if there is none. A file
@@ -138,11 +159,17 @@ mod tests {
         let old = dir.join("a.img");
         assert_eq!(read(&old).unwrap(), None);
         let new = dir.join("new\nline b.img");
-        write(&old, &new, Some((7, 42))).unwrap();
+        stage(&old, &new, Some((7, 42))).unwrap().commit().unwrap();
         let m = read(&old).unwrap().unwrap();
         assert_eq!(m.new_image, new);
         assert_eq!(m.identity, Some((7, 42)));
-        write(&old, &new, None).unwrap();
+        drop(stage(&old, &new, None).unwrap());
+        assert_eq!(
+            read(&old).unwrap().unwrap().identity,
+            Some((7, 42)),
+            "an uncommitted marker replaced the one in place"
+        );
+        stage(&old, &new, None).unwrap().commit().unwrap();
         assert_eq!(read(&old).unwrap().unwrap().identity, None);
         std::fs::write(marker_path(&old), b"garbage").unwrap();
         assert_eq!(read(&old).unwrap_err().kind(), io::ErrorKind::InvalidData);
