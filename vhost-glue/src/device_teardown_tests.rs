@@ -58,7 +58,10 @@ fn guest_memory_outlives_an_engine_that_cannot_wait_for_its_requests() {
     );
     let _pin = snapshots.pin();
     // A read into guest memory, in flight on the pipe.
-    let mut engine = UringEngine::new(4).expect("io_uring");
+    let Ok(mut engine) = UringEngine::new(4) else {
+        eprintln!("SKIPPED: guest_memory_outlives_an_engine...: no io_uring here");
+        return;
+    };
     let host = mem
         .get_host_address(GuestAddress(0))
         .expect("mapped address");
@@ -77,7 +80,20 @@ fn guest_memory_outlives_an_engine_that_cannot_wait_for_its_requests() {
     };
     // The ring is single-issuer: on another thread the engine cannot wait
     // for the read, so the memory it reads into must stay mapped.
-    std::thread::spawn(move || drop(worker)).join().unwrap();
+    let (dropped_tx, dropped) = std::sync::mpsc::channel();
+    let dropper = std::thread::spawn(move || {
+        drop(worker);
+        let _ = dropped_tx.send(());
+    });
+    if dropped.recv_timeout(Duration::from_secs(30)).is_err() {
+        // Only a ring set up without IORING_SETUP_SINGLE_ISSUER (an older
+        // kernel) can wait here: the case under test cannot be made.
+        drop(wr);
+        dropper.join().unwrap();
+        eprintln!("SKIPPED: guest_memory_outlives_an_engine...: io_uring without single-issuer");
+        return;
+    }
+    dropper.join().unwrap();
     assert_eq!(
         Arc::strong_count(&mem),
         2,

@@ -192,16 +192,24 @@ impl MetaStore for FileStore {
         if file.metadata()?.len() != contents.len() as u64 {
             return self.replace(contents);
         }
-        for r in changed {
-            let bytes = contents
-                .get(r.clone())
-                .ok_or_else(|| io::Error::other("changed range outside the sidecar"))?;
-            file.write_all_at(bytes, r.start as u64)?;
+        let result = (|| {
+            for r in changed {
+                let bytes = contents
+                    .get(r.clone())
+                    .ok_or_else(|| io::Error::other("changed range outside the sidecar"))?;
+                file.write_all_at(bytes, r.start as u64)?;
+            }
+            if !changed.is_empty() {
+                file.sync_data()?;
+            }
+            self.install(file)
+        })();
+        if result.is_err() {
+            // Taken from `staged` above, so `discard_staged` no longer
+            // knows of it (gone already if the rename went through).
+            let _ = std::fs::remove_file(self.tmp_path());
         }
-        if !changed.is_empty() {
-            file.sync_data()?;
-        }
-        self.install(file)
+        result
     }
 
     fn discard_staged(&self) {

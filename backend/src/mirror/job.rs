@@ -59,10 +59,13 @@ fn pivot_dirty_target(engine: &Engine) -> u64 {
 /// disk. The pivot then copies more and tries again; a checkpoint is
 /// skipped (P stays a superset of D).
 pub const PAUSE_REACH_TIMEOUT: Duration = Duration::from_millis(100);
-/// Pauses a pivot tries before it takes whatever it gets: the last attempt
-/// waits for the requests in flight however long they take and copies
-/// whatever is dirty.
+/// Pauses a pivot reaches before it takes whatever it gets: the last one
+/// copies whatever is dirty (by then in write-blocking mode, so little).
 pub const PIVOT_ATTEMPTS: u32 = 5;
+
+/// Longest wait between two attempts to reach the pivot's pause (the wait
+/// doubles from [`PAUSE_REACH_TIMEOUT`] while a request holds it off).
+pub const PAUSE_RETRY_MAX: Duration = Duration::from_secs(2);
 
 /// Flushes of the target before the pivot's pause at most (see
 /// `flush_before_pause`).
@@ -387,7 +390,10 @@ impl MirrorJob {
     /// if more than [`pivot_pause_bound`] is dirty once paused; then the
     /// mirror switches to write-blocking (so the guest's writes can no
     /// longer outrun the copy), copies more and tries again. The last of
-    /// [`PIVOT_ATTEMPTS`] takes whatever it gets.
+    /// [`PIVOT_ATTEMPTS`] pauses that were reached takes whatever is dirty;
+    /// a pause that cannot be reached is tried again, for as long as a
+    /// request holds it off, but never holds I/O for more than
+    /// [`PAUSE_REACH_TIMEOUT`] at a time.
     fn pause_for_pivot<'a>(
         &'a self,
         ctx: &JobContext,
@@ -396,24 +402,24 @@ impl MirrorJob {
         let s = &*self.state;
         let gate = s.disk.gate();
         let mut attempt = 0;
+        let mut backoff = PAUSE_REACH_TIMEOUT;
         loop {
-            attempt += 1;
-            let last = attempt >= PIVOT_ATTEMPTS;
+            let last = attempt + 1 >= PIVOT_ATTEMPTS;
             self.converge(engine)?;
             self.flush_before_pause()?;
             let paused_at = Instant::now();
-            let pause = if last {
-                Some(gate.pause())
-            } else {
-                gate.pause_timeout(PAUSE_REACH_TIMEOUT)
-            };
-            let Some(pause) = pause else {
+            let Some(pause) = gate.pause_timeout(PAUSE_REACH_TIMEOUT) else {
                 log::info!(
-                    "mirror '{}': guest requests still in flight after {PAUSE_REACH_TIMEOUT:?}; pausing again later",
+                    "mirror '{}': guest requests still in flight after {PAUSE_REACH_TIMEOUT:?}; pausing again in {backoff:?}",
                     ctx.id()
                 );
+                // A request stuck in storage must not hold the other
+                // queues back again and again: they run between attempts.
+                ctx.sleep(backoff);
+                backoff = (backoff * 2).min(PAUSE_RETRY_MAX);
                 continue;
             };
+            attempt += 1;
             let dirty = s.dirty_bytes();
             if last || dirty <= pivot_pause_bound(engine) {
                 return Ok((pause, paused_at, attempt));

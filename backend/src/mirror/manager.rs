@@ -307,7 +307,19 @@ impl MirrorManager {
                 .truncate(false)
                 .open(path)
                 .map_err(create_err)?;
-            self.refuse_active(f.metadata().ok().map(|m| file_identity(&m)))?;
+            // Fail closed: a file that cannot be told apart from the image
+            // in use is not truncated.
+            let unknown = || {
+                generic(format!(
+                    "Could not create '{shown}': cannot tell whether it is the image in use"
+                ))
+            };
+            let target = f
+                .metadata()
+                .map(|m| file_identity(&m))
+                .map_err(|_| unknown())?;
+            self.disk.image().identity().ok_or_else(unknown)?;
+            self.refuse_active(Some(target))?;
             f.set_len(0)
                 .and_then(|()| f.set_len(size))
                 .map_err(create_err)?;
@@ -558,15 +570,29 @@ impl MirrorManager {
             let commit: PivotCommit = Box::new(move || {
                 // The target is complete and flushed, and nothing changes
                 // either image until the switch: the marker is true from now.
-                if let Some(m) = marker {
-                    m.commit().map_err(|e| {
+                let result = (|| {
+                    if let Some(m) = marker {
+                        m.commit().map_err(|e| {
+                            format!(
+                                "cannot leave the pivot marker beside {}: {e}",
+                                old.display()
+                            )
+                        })?;
+                    }
+                    // The disk may come back to an image it once left: a
+                    // marker there would send a restart to the stale one.
+                    pivot_marker::remove(&new).map_err(|e| {
                         format!(
-                            "cannot leave the pivot marker beside {}: {e}",
-                            old.display()
+                            "cannot remove the stale pivot marker {}: {e}",
+                            pivot_marker::marker_path(&new).display()
                         )
                     })?;
-                }
-                if let Err(e) = commits.into_iter().try_for_each(|c| c()) {
+                    commits.into_iter().try_for_each(|c| c())
+                })();
+                if result.is_err() {
+                    // The guest stays on the old image: no marker may say
+                    // otherwise (a commit whose directory sync failed may
+                    // have put it in place already).
                     if let Err(re) = pivot_marker::remove(&old) {
                         log::error!(
                             "the pivot failed but its marker {} stays ({re}): remove it before restarting on {}",
@@ -574,16 +600,8 @@ impl MirrorManager {
                             old.display()
                         );
                     }
-                    return Err(e);
                 }
-                // The disk comes back to an image it once left.
-                if let Err(e) = pivot_marker::remove(&new) {
-                    log::warn!(
-                        "cannot remove the stale pivot marker {}: {e}",
-                        pivot_marker::marker_path(&new).display()
-                    );
-                }
-                Ok(())
+                result
             });
             Ok(commit)
         });
