@@ -514,6 +514,10 @@ impl vubd_backend::Image for Flaky {
         }
         self.inner.allocation(offset)
     }
+    // A wrapper is the file it wraps: mirrors tell images apart by this.
+    fn identity(&self) -> Option<(u64, u64)> {
+        self.inner.identity()
+    }
 }
 
 pub const ENOSPC: i32 = 28;
@@ -580,6 +584,10 @@ impl vubd_backend::Image for Slow {
         offset: u64,
     ) -> std::result::Result<(bool, u64), vubd_backend::ImageError> {
         self.0.allocation(offset)
+    }
+    // A wrapper is the file it wraps: mirrors tell images apart by this.
+    fn identity(&self) -> Option<(u64, u64)> {
+        self.0.identity()
     }
 }
 
