@@ -284,3 +284,53 @@ fn source_read_errors_follow_on_source_error() -> Result<()> {
     compare_file(&c.tgt, &c.model)?;
     Ok(())
 }
+
+/// The job finds nothing dirty in write-blocking mode and is about to say
+/// "actively synced" when a guest write's target write fails, marks its
+/// chunk and clears the flag: the job's statement must not win. Forced
+/// order: the failed write runs whole between the job's look at the dirty
+/// count and its store (a job that stored `true` blindly reported a
+/// stopped job with a dirty chunk as in sync).
+#[test]
+fn a_write_through_error_beats_the_jobs_in_sync_flag() -> Result<()> {
+    use vubd_backend::disk::{WriteHook, WriteOp};
+    use vubd_backend::mirror::hook::{MirrorHook, MirrorState};
+    let dir = Scratch::new("wbsync");
+    let (src, tgt) = (dir.join("src.img"), dir.join("tgt.img"));
+    make_image(&src, MIB, 1)?;
+    std::fs::File::create(&tgt)?.set_len(MIB)?;
+    let disk = open_disk(&src)?;
+    let target = Arc::new(Flaky::open(&tgt)?);
+    let state = Arc::new(MirrorState::new(
+        disk,
+        target.clone(),
+        64 * 1024,
+        None,
+        CopyMode::WriteBlocking,
+    ));
+    let hook = MirrorHook::new(state.clone());
+    // The job looks: nothing is dirty.
+    ensure!(state.dirty.count() == 0);
+    // A guest write whose target write fails.
+    target.fail_writes.store(true, Ordering::SeqCst);
+    let mut data = vec![7u8; 4096];
+    let bufs = [vubd_backend::IoBuf::from_slice(&mut data)];
+    hook.before_write(0, 4096)?;
+    hook.after_write(0, 4096, WriteOp::Data(&bufs))?;
+    ensure!(
+        state.dirty.count() == 1,
+        "the failed write left its chunk clean"
+    );
+    // The job stores its conclusion.
+    state.set_actively_synced();
+    ensure!(
+        !state.actively_synced.load(Ordering::SeqCst),
+        "actively synced with a chunk the target lacks"
+    );
+    // Once the error is handled, a clean target is in sync again.
+    state.clear_wb_suspension();
+    state.dirty.clear(0, 0);
+    state.set_actively_synced();
+    ensure!(state.actively_synced.load(Ordering::SeqCst));
+    Ok(())
+}

@@ -213,6 +213,18 @@ impl MirrorState {
         }
     }
 
+    /// Job side, in write-blocking mode with nothing dirty: the target is in
+    /// sync. Unless a write-through error is pending: its path raises the
+    /// suspension before it clears the flag, so whichever of the two
+    /// stores the flag last, it ends false (the job may have seen nothing
+    /// dirty just before the failed write marked its chunks).
+    pub fn set_actively_synced(&self) {
+        self.actively_synced.store(true, Ordering::SeqCst);
+        if self.wb_suspended.load(Ordering::SeqCst) {
+            self.actively_synced.store(false, Ordering::SeqCst);
+        }
+    }
+
     /// Lets write-blocking writes reach the target again after an error
     /// was handled (resume or ignore).
     pub fn clear_wb_suspension(&self) {
@@ -298,7 +310,6 @@ impl MirrorState {
             Err(e) => {
                 log::warn!("mirror: write-blocking target write failed: {e}");
                 self.mark(first, last);
-                self.actively_synced.store(false, Ordering::SeqCst);
                 self.wb_suspended.store(true, Ordering::SeqCst);
                 let _ = self.wb_errno.compare_exchange(
                     0,
@@ -306,6 +317,8 @@ impl MirrorState {
                     Ordering::SeqCst,
                     Ordering::SeqCst,
                 );
+                // Last, after the suspension (see `set_actively_synced`).
+                self.actively_synced.store(false, Ordering::SeqCst);
             }
         }
     }

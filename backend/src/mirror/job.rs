@@ -330,7 +330,7 @@ impl MirrorJob {
                     }
                 }
                 if self.ready.load(Ordering::SeqCst) && s.copy_mode() == CopyMode::WriteBlocking {
-                    s.actively_synced.store(true, Ordering::SeqCst);
+                    s.set_actively_synced();
                 }
             }
             if engine.checkpoint_due() {
