@@ -14,6 +14,7 @@ use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress};
 use vubd_backend::image::ImageError;
+use vubd_backend::mirror::SharedImage;
 use vubd_backend::IoBuf;
 
 const DISK_SIZE: u64 = 1 << 20;
@@ -115,35 +116,6 @@ struct Rig {
     used_ring: GuestAddress,
 }
 
-struct ImageRef(Arc<ParkImage>);
-
-impl vubd_backend::Image for ImageRef {
-    fn size(&self) -> u64 {
-        self.0.size()
-    }
-    fn path(&self) -> &Path {
-        self.0.path()
-    }
-    fn read_at(&self, bufs: &[IoBuf], offset: u64) -> Result<(), ImageError> {
-        self.0.read_at(bufs, offset)
-    }
-    fn write_at(&self, bufs: &[IoBuf], offset: u64, fua: bool) -> Result<(), ImageError> {
-        self.0.write_at(bufs, offset, fua)
-    }
-    fn flush(&self) -> Result<(), ImageError> {
-        self.0.flush()
-    }
-    fn discard(&self, offset: u64, len: u64) -> Result<(), ImageError> {
-        self.0.discard(offset, len)
-    }
-    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<(), ImageError> {
-        self.0.write_zeroes(offset, len, unmap)
-    }
-    fn allocated_bytes(&self) -> u64 {
-        0
-    }
-}
-
 impl Rig {
     fn new(aio: AioEngine, park_at: usize) -> Rig {
         let mut image = None;
@@ -156,7 +128,7 @@ impl Rig {
                 path: PathBuf::from("/park-image"),
             });
             image = Some(img.clone());
-            Disk::new(Box::new(ImageRef(img)), false)
+            Disk::new(Box::new(SharedImage(img)), false)
         });
         let image = image.expect("image built");
         let cfg = DeviceConfig {
