@@ -228,6 +228,11 @@ impl MirrorState {
     /// Lets write-blocking writes reach the target again after an error
     /// was handled (resume or ignore).
     pub fn clear_wb_suspension(&self) {
+        // A write-through already under way when the first one failed may
+        // have failed too: that belongs to the error just handled (its
+        // chunks are dirty, and the copier reports its own errors), and
+        // must not stop the job again right after a resume.
+        self.wb_errno.store(0, Ordering::SeqCst);
         self.wb_suspended.store(false, Ordering::SeqCst);
     }
 
