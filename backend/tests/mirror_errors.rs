@@ -334,3 +334,138 @@ fn a_write_through_error_beats_the_jobs_in_sync_flag() -> Result<()> {
     ensure!(state.actively_synced.load(Ordering::SeqCst));
     Ok(())
 }
+
+/// A target whose writes all fail with ENOSPC; a data write at `park_at`
+/// first reports that it is under way and waits for a release, so a test
+/// can hold a write-through between its suspension check and its failure.
+struct ParkingFailTarget {
+    inner: Flaky,
+    park_at: u64,
+    parked: std::sync::Mutex<std::sync::mpsc::Sender<()>>,
+    release: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
+impl Image for ParkingFailTarget {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn path(&self) -> &std::path::Path {
+        self.inner.path()
+    }
+    fn read_at(
+        &self,
+        bufs: &[vubd_backend::IoBuf],
+        offset: u64,
+    ) -> std::result::Result<(), vubd_backend::ImageError> {
+        self.inner.read_at(bufs, offset)
+    }
+    fn write_at(
+        &self,
+        bufs: &[vubd_backend::IoBuf],
+        offset: u64,
+        fua: bool,
+    ) -> std::result::Result<(), vubd_backend::ImageError> {
+        if offset == self.park_at {
+            let _ = self.parked.lock().map(|tx| tx.send(()));
+            let _ = self
+                .release
+                .lock()
+                .map(|rx| rx.recv_timeout(Duration::from_secs(30)));
+        }
+        self.inner.write_at(bufs, offset, fua)
+    }
+    fn flush(&self) -> std::result::Result<(), vubd_backend::ImageError> {
+        self.inner.flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> std::result::Result<(), vubd_backend::ImageError> {
+        self.inner.discard(offset, len)
+    }
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        unmap: bool,
+    ) -> std::result::Result<(), vubd_backend::ImageError> {
+        self.inner.write_zeroes(offset, len, unmap)
+    }
+    fn allocated_bytes(&self) -> u64 {
+        self.inner.allocated_bytes()
+    }
+    fn identity(&self) -> Option<(u64, u64)> {
+        self.inner.identity()
+    }
+}
+
+/// Two write-blocking guest writes fail on the target: B has passed the
+/// suspension check and is parked in the target when A fails; the job takes
+/// A's error and stops; B then fails too. B's error belongs to the error
+/// the job is already handling (its chunk is dirty): after the resume the
+/// job must not find it and stop again (it did, under load, before the
+/// resume forgot it).
+#[test]
+fn a_write_through_failing_while_the_job_handles_an_earlier_one_does_not_stop_it_again(
+) -> Result<()> {
+    use vubd_backend::disk::{WriteHook, WriteOp};
+    use vubd_backend::mirror::hook::{MirrorHook, MirrorState};
+    const CHUNK: u64 = 64 * 1024;
+    let dir = Scratch::new("wbstale");
+    let (src, tgt) = (dir.join("src.img"), dir.join("tgt.img"));
+    make_image(&src, MIB, 1)?;
+    std::fs::File::create(&tgt)?.set_len(MIB)?;
+    let disk = open_disk(&src)?;
+    let (parked_tx, parked_rx) = std::sync::mpsc::channel();
+    let (release_tx, release_rx) = std::sync::mpsc::channel();
+    let inner = Flaky::open(&tgt)?;
+    inner.fail_writes.store(true, Ordering::SeqCst);
+    let target = Arc::new(ParkingFailTarget {
+        inner,
+        park_at: CHUNK,
+        parked: std::sync::Mutex::new(parked_tx),
+        release: std::sync::Mutex::new(release_rx),
+    });
+    let state = Arc::new(MirrorState::new(
+        disk,
+        target,
+        CHUNK,
+        None,
+        CopyMode::WriteBlocking,
+    ));
+    let hook = Arc::new(MirrorHook::new(state.clone()));
+    let guest_write = |hook: &MirrorHook, offset: u64| -> Result<()> {
+        let mut data = vec![7u8; 4096];
+        let bufs = [vubd_backend::IoBuf::from_slice(&mut data)];
+        hook.before_write(offset, 4096)?;
+        hook.after_write(offset, 4096, WriteOp::Data(&bufs))?;
+        Ok(())
+    };
+    // B: into chunk 1, parked in the target after the suspension check.
+    let b = {
+        let hook = hook.clone();
+        std::thread::spawn(move || guest_write(&hook, CHUNK))
+    };
+    parked_rx
+        .recv_timeout(T)
+        .context("write B never reached the target")?;
+    // A: into chunk 0, fails; the job takes its error (and stops).
+    guest_write(&hook, 0)?;
+    ensure!(
+        state.take_wb_error() == Some(ENOSPC),
+        "A's error not raised"
+    );
+    // B fails while the job is stopped.
+    release_tx.send(())?;
+    b.join()
+        .map_err(|_| anyhow::anyhow!("write B panicked"))??;
+    ensure!(
+        state.dirty.get(0) && state.dirty.get(1),
+        "a failed write-through left its chunk clean"
+    );
+    // job-resume: the job looks for errors again.
+    state.clear_wb_suspension();
+    let stale = state.take_wb_error();
+    ensure!(
+        stale.is_none(),
+        "after the resume the job finds B's error ({stale:?}) and stops again"
+    );
+    Ok(())
+}
