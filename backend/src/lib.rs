@@ -6,6 +6,7 @@
 pub mod dirty;
 pub mod disk;
 pub mod gate;
+pub mod graph;
 pub mod image;
 pub mod iobuf;
 pub mod jobs;

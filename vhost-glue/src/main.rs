@@ -14,6 +14,7 @@ use vhost_glue::management::{DaemonContext, ShutdownReason};
 use vhost_glue::server::{bind_socket, Server};
 use vhost_glue::DeviceConfig;
 use vubd_backend::dirty::{sidecar_path, DirtyTracker, FileStore, MetaStore, TrackerConfig};
+use vubd_backend::graph::qmp as graph_qmp;
 use vubd_backend::mirror::pivot_marker;
 use vubd_backend::qmp::{standard_dispatcher, EventBus, QmpServer, ServerConfig};
 use vubd_backend::{Disk, RawImage, RawImageOptions};
@@ -282,6 +283,13 @@ fn run(mut opts: Options) -> Result<()> {
         jobs,
     )
     .context("cannot load the state of an interrupted mirror")?;
+    // The block-node graph: the disk's node and those `blockdev-add` makes.
+    let graph = Arc::new(graph_qmp::graph_for_disk(
+        &disk,
+        &opts.node_name,
+        opts.direct,
+    ));
+    mirrors.attach_graph(graph.clone());
     // The bitmaps belong to the disk: at a pivot their sidecar moves beside
     // the new image, so a restart with `--image NEW` finds them complete.
     // The new sidecar is written before the pause; the pause only adds the
@@ -316,7 +324,8 @@ fn run(mut opts: Options) -> Result<()> {
                 bitmaps: Some(tracker.clone()),
                 shutdown: Mutex::new(shutdown_tx.clone()),
             });
-            let dispatcher = standard_dispatcher(ctx, events.clone());
+            let dispatcher = standard_dispatcher(ctx.clone(), events.clone());
+            graph_qmp::register_graph_commands(&dispatcher, graph, ctx);
             vubd_backend::mirror::qmp::register_block_job_commands(&dispatcher, mirrors.clone());
             let server = QmpServer::start(path, dispatcher, ServerConfig::default())
                 .with_context(|| format!("cannot start the QMP monitor on {}", path.display()))?;

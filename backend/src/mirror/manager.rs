@@ -12,11 +12,12 @@ use super::pivot_marker;
 use super::state_file::{boot_id, sidecar_path, StateFile, StateHeader};
 use super::{CopyMode, MirrorConfig, MirrorError, SyncMode, DEFAULT_BUF_SIZE, DEFAULT_GRANULARITY};
 use crate::disk::{Disk, WriteHook};
+use crate::graph::{Graph, Node, User};
 use crate::image::{file_identity, Image, RawImage, RawImageOptions};
 use crate::jobs::{id_wellformed, Job, JobError, JobOptions, JobRegistry, OnError};
 use crate::qmp::QmpError;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 
 /// How the target is obtained (QAPI `NewImageMode`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,6 +93,43 @@ impl MirrorRequest {
     }
 }
 
+/// A job's hold on its target node, let go on drop unless kept.
+struct NodeClaim {
+    held: Option<(Arc<Graph>, String, User)>,
+}
+
+impl NodeClaim {
+    fn take(
+        graph: Option<&Arc<Graph>>,
+        node: Option<&Node>,
+        job: &str,
+    ) -> Result<NodeClaim, QmpError> {
+        let held = match (graph, node) {
+            (Some(g), Some(n)) => {
+                let user = User::Job(job.to_string());
+                g.claim(n.name(), user.clone())
+                    .map_err(|e| generic(e.to_string()))?;
+                Some((g.clone(), n.name().to_string(), user))
+            }
+            _ => None,
+        };
+        Ok(NodeClaim { held })
+    }
+
+    /// The job now exists: its end lets go of the node.
+    fn keep(mut self) {
+        self.held = None;
+    }
+}
+
+impl Drop for NodeClaim {
+    fn drop(&mut self) {
+        if let Some((g, node, user)) = self.held.take() {
+            g.release(&node, &user);
+        }
+    }
+}
+
 struct Pending {
     state: Arc<StateFile>,
     hook: Arc<dyn WriteHook>,
@@ -111,6 +149,7 @@ pub struct MirrorManager {
     registry: Arc<JobRegistry>,
     slot: Mutex<Slot>,
     pivot_hooks: Mutex<Vec<PivotHook>>,
+    graph: OnceLock<Arc<Graph>>,
     me: Weak<MirrorManager>,
 }
 
@@ -213,6 +252,7 @@ impl MirrorManager {
             registry,
             slot: Mutex::new(slot),
             pivot_hooks: Mutex::new(Vec::new()),
+            graph: OnceLock::new(),
             me: me.clone(),
         }))
     }
@@ -232,6 +272,19 @@ impl MirrorManager {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(Arc::new(f));
+    }
+
+    /// Ties the mirror to the daemon's block-node graph: `blockdev-mirror`
+    /// then takes target nodes from it, a job holds its target node while
+    /// it runs, and a pivot puts the target in the disk's place there. Only
+    /// the first call counts.
+    pub fn attach_graph(&self, graph: Arc<Graph>) {
+        let _ = self.graph.set(graph);
+    }
+
+    /// The graph given to [`MirrorManager::attach_graph`].
+    pub fn graph(&self) -> Option<&Arc<Graph>> {
+        self.graph.get()
     }
 
     fn lock(&self) -> MutexGuard<'_, Slot> {
@@ -351,7 +404,28 @@ impl MirrorManager {
 
     /// Starts a mirror (QEMU's checks in QEMU's order, QEMU's messages).
     pub fn start(&self, req: MirrorRequest) -> Result<Arc<Job>, QmpError> {
-        self.start_with(req, None)
+        self.start_with(req, None, None)
+    }
+
+    /// Starts a mirror to a node of the graph (`blockdev-mirror`): the
+    /// job holds the node while it runs (so `blockdev-del` refuses it), and
+    /// a pivot makes it the disk's node. `req.target` is set to its image's
+    /// path (recorded for resuming).
+    pub fn start_to_node(
+        &self,
+        mut req: MirrorRequest,
+        node: Arc<Node>,
+    ) -> Result<Arc<Job>, QmpError> {
+        if node.options().read_only {
+            return Err(generic("Block node is read-only"));
+        }
+        if node.image().size() != self.disk.size() {
+            // QEMU starts the job and fails it with these words.
+            return Err(generic("Source and target image have different sizes"));
+        }
+        req.target = node.image().path().to_path_buf();
+        let image = node.image().clone();
+        self.start_with(req, Some(image), Some(node))
     }
 
     /// Starts a mirror to an already open target image (an image kind the
@@ -362,13 +436,14 @@ impl MirrorManager {
         req: MirrorRequest,
         target: Arc<dyn Image>,
     ) -> Result<Arc<Job>, QmpError> {
-        self.start_with(req, Some(target))
+        self.start_with(req, Some(target), None)
     }
 
     fn start_with(
         &self,
         req: MirrorRequest,
         target: Option<Arc<dyn Image>>,
+        target_node: Option<Arc<Node>>,
     ) -> Result<Arc<Job>, QmpError> {
         if req.device != self.node_name {
             return Err(generic(format!(
@@ -439,6 +514,9 @@ impl MirrorManager {
                 self.node_name
             )));
         }
+        // The job holds its target node from here; every failure below
+        // lets go of it (and once the job exists, its end does).
+        let claim = NodeClaim::take(self.graph.get(), target_node.as_deref(), &id)?;
         let mut granularity = if req.granularity == 0 {
             DEFAULT_GRANULARITY
         } else {
@@ -536,7 +614,16 @@ impl MirrorManager {
         };
         let me = self.me.clone();
         let job_id = id.clone();
+        let graph = self.graph.get().cloned();
+        let held = target_node
+            .as_ref()
+            .map(|n| (n.name().to_string(), User::Job(id.clone())));
+        let end_graph = graph.clone();
+        let end_held = held.clone();
         let on_end = Box::new(move || {
+            if let (Some(g), Some((node, user))) = (&end_graph, &end_held) {
+                g.release(node, user);
+            }
             if let Some(m) = me.upgrade() {
                 let mut slot = m.lock();
                 if slot.active.as_deref() == Some(job_id.as_str()) {
@@ -550,6 +637,8 @@ impl MirrorManager {
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         let new_identity = state.target.identity();
+        let new_image = state.target.clone();
+        let new_node = target_node.as_ref().map(|n| n.name().to_string());
         let read_only = self.disk.read_only();
         let on_pivot: PivotHook = Arc::new(move |old: &Path, new: &Path| {
             // A read-only disk cannot be rolled back: both images stay equal.
@@ -567,6 +656,7 @@ impl MirrorManager {
                 .map(|h| h(old, new))
                 .collect::<Result<Vec<_>, _>>()?;
             let (old, new) = (old.to_path_buf(), new.to_path_buf());
+            let (graph, new_image, new_node) = (graph.clone(), new_image.clone(), new_node.clone());
             let commit: PivotCommit = Box::new(move || {
                 // The target is complete and flushed, and nothing changes
                 // either image until the switch: the marker is true from now.
@@ -587,7 +677,16 @@ impl MirrorManager {
                             pivot_marker::marker_path(&new).display()
                         )
                     })?;
-                    commits.into_iter().try_for_each(|c| c())
+                    commits.into_iter().try_for_each(|c| c())?;
+                    // Last, once nothing can fail the pivot any more: the
+                    // graph shows the target in the disk's place.
+                    if let Some(g) = &graph {
+                        match &new_node {
+                            Some(n) => g.switch_disk(n).map_err(|e| e.to_string())?,
+                            None => g.replace_disk_image(new_image),
+                        }
+                    }
+                    Ok(())
                 })();
                 if result.is_err() {
                     // The guest stays on the old image: no marker may say
@@ -650,6 +749,7 @@ impl MirrorManager {
             }
             None => self.disk.add_hook(hook),
         }
+        claim.keep();
         slot.active = Some(id);
         drop(slot);
         if let Err(e) = job.start() {

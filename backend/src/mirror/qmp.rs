@@ -1,13 +1,11 @@
 //! `blockdev-mirror` and `drive-mirror`, with QEMU 7.2's arguments read in
-//! schema order (so the first error is the one QEMU reports), plus vubd's
-//! extensions:
-//!
-//! - `target` is a file path for both commands (vubd has no node graph);
-//! - `blockdev-mirror` also takes `format`, `mode` (default `existing`) and
-//!   `unmap` like `drive-mirror` (whose `mode` defaults to `absolute-paths`,
-//!   i.e. create a new sparse raw image);
-//! - `x-resume: true` continues a mirror interrupted by a daemon crash or
-//!   kill, from its persistent state (implies `mode: existing`).
+//! schema order (so the first error is the one QEMU reports):
+//! `blockdev-mirror`'s `target` is a node of the graph (`blockdev-add`
+//! first), `drive-mirror`'s a file path (`mode` defaults to
+//! `absolute-paths`, i.e. create a new sparse raw image). vubd's
+//! extensions: `unmap` on `blockdev-mirror` too, and `x-resume: true`,
+//! which continues a mirror interrupted by a daemon crash or kill from its
+//! persistent state (a path target is then opened as `mode: existing`).
 
 use super::manager::{MirrorManager, MirrorRequest, TargetMode};
 use super::CopyMode;
@@ -71,9 +69,6 @@ pub fn parse_request(args: &mut Args, drive: bool) -> Result<MirrorRequest, QmpE
     req.auto_finalize = args.opt_bool("auto-finalize")?.unwrap_or(true);
     req.auto_dismiss = args.opt_bool("auto-dismiss")?.unwrap_or(true);
     if !drive {
-        // vubd extensions of blockdev-mirror (the target is a file).
-        req.format = args.opt_str("format")?;
-        mode_arg = args.opt_enum("mode", MODES)?;
         req.unmap = args.opt_bool("unmap")?.unwrap_or(true);
     }
     req.resume = args.opt_bool("x-resume")?.unwrap_or(false);
@@ -87,16 +82,39 @@ pub fn parse_request(args: &mut Args, drive: bool) -> Result<MirrorRequest, QmpE
     Ok(req)
 }
 
+fn not_found(name: &str) -> QmpError {
+    QmpError::generic(format!(
+        "Cannot find device='{name}' nor node-name='{name}'"
+    ))
+}
+
+/// `blockdev-mirror`: the target is a node (QEMU looks up the device
+/// first, then the target).
+fn blockdev_mirror(m: &MirrorManager, args: &mut Args) -> Result<(), QmpError> {
+    let req = parse_request(args, false)?;
+    if req.device != m.node_name() {
+        return Err(not_found(&req.device));
+    }
+    let name = req.target.to_string_lossy().into_owned();
+    let node = m
+        .graph()
+        .and_then(|g| g.lookup(&name))
+        .ok_or_else(|| not_found(&name))?;
+    m.start_to_node(req, node)?;
+    Ok(())
+}
+
 /// Registers `blockdev-mirror` and `drive-mirror` on `d`.
 pub fn register_mirror_commands(d: &Dispatcher, manager: Arc<MirrorManager>) {
-    for (name, drive) in [("blockdev-mirror", false), ("drive-mirror", true)] {
-        let m = manager.clone();
-        d.register(name, move |call: &mut Call<'_>| {
-            let req = parse_request(&mut call.args, drive)?;
-            m.start(req)?;
-            Ok(json!({}))
-        });
-    }
+    let m = manager.clone();
+    d.register("blockdev-mirror", move |call: &mut Call<'_>| {
+        blockdev_mirror(&m, &mut call.args)?;
+        Ok(json!({}))
+    });
+    d.register("drive-mirror", move |call: &mut Call<'_>| {
+        manager.start(parse_request(&mut call.args, true)?)?;
+        Ok(json!({}))
+    });
 }
 
 /// Registers every block-job command (the `job-*` / `block-job-*` /

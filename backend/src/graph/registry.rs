@@ -1,0 +1,288 @@
+//! [`Graph`]: the nodes of one daemon by name, newest last, with who uses
+//! each. Adding checks names (QEMU's rules, duplicates); removing refuses
+//! a node in use with QEMU 7.2's words. Only management commands and jobs
+//! come here, one lock, never on a guest request.
+
+use super::node::Node;
+use super::validate_node_name;
+use crate::image::Image;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// Who holds a node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum User {
+    /// The guest's disk (its active image).
+    Disk,
+    /// A block job (by job id), e.g. a mirror writing to it.
+    Job(String),
+    /// A node that has it as its `file` child (by node name).
+    Parent(String),
+}
+
+/// A refusal, worded as QEMU 7.2 words it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GraphError {
+    /// Characters outside QEMU's rules.
+    #[error("Invalid node-name: '{0}'")]
+    InvalidName(String),
+    /// More than 31 bytes.
+    #[error("Node name too long")]
+    NameTooLong,
+    /// The name is taken.
+    #[error("Duplicate nodes with node-name='{0}'")]
+    Duplicate(String),
+    /// The name is the disk's device name (`--node-name`), which keeps
+    /// naming the guest's disk after a pivot.
+    #[error("node-name={0} is conflicting with a device id")]
+    DeviceId(String),
+    /// `blockdev-del` of a name that is no node.
+    #[error("Failed to find node with node-name='{0}'")]
+    NotFound(String),
+    /// `blockdev-del` of a node the disk or a job uses.
+    #[error("Node {0} is in use")]
+    InUse(String),
+    /// `blockdev-del` of a node that is another node's child.
+    #[error("Block device {0} is in use")]
+    ChildInUse(String),
+    /// `blockdev-del` of a child that came inline with its parent.
+    #[error("Node {0} is not owned by the monitor")]
+    NotOwned(String),
+}
+
+struct Entry {
+    node: Arc<Node>,
+    users: Vec<User>,
+}
+
+struct Inner {
+    entries: Vec<Entry>,
+    /// Name of the node the disk uses.
+    disk: String,
+    /// Counter for the names of inline children (`#blockNNN`, as QEMU).
+    auto: u64,
+}
+
+/// The nodes of one daemon.
+pub struct Graph {
+    device: String,
+    inner: Mutex<Inner>,
+}
+
+impl std::fmt::Debug for Graph {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let g = self.lock();
+        f.debug_struct("Graph")
+            .field("device", &self.device)
+            .field("disk", &g.disk)
+            .field(
+                "nodes",
+                &g.entries.iter().map(|e| e.node.name()).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+impl Graph {
+    /// A graph holding the disk's node, used by the disk. Its name is also
+    /// the disk's device name: commands that take a device (bitmaps,
+    /// jobs) keep meaning the guest's disk by it after a pivot.
+    pub fn new(disk_node: Node) -> Graph {
+        let name = disk_node.name().to_string();
+        Graph {
+            device: name.clone(),
+            inner: Mutex::new(Inner {
+                entries: vec![Entry {
+                    node: Arc::new(disk_node),
+                    users: vec![User::Disk],
+                }],
+                disk: name,
+                auto: 0,
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The disk's device name.
+    pub fn device(&self) -> &str {
+        &self.device
+    }
+
+    /// A fresh name for an inline child (QEMU's `#blockNNN`: a name no
+    /// client can give, since `#` is not allowed).
+    pub fn auto_name(&self) -> String {
+        let mut g = self.lock();
+        g.auto += 1;
+        format!("#block{:03}", g.auto)
+    }
+
+    /// Checks that `name` may be given to a new node.
+    pub fn check_new_name(&self, name: &str) -> Result<(), GraphError> {
+        validate_node_name(name)?;
+        self.check_free(&self.lock(), name)
+    }
+
+    fn check_free(&self, g: &Inner, name: &str) -> Result<(), GraphError> {
+        if g.entries.iter().any(|e| e.node.name() == name) {
+            return Err(GraphError::Duplicate(name.to_string()));
+        }
+        if name == self.device {
+            return Err(GraphError::DeviceId(name.to_string()));
+        }
+        Ok(())
+    }
+
+    /// Adds `node` (and first its inline `child`, which it then uses);
+    /// a child given by name becomes used by `node`.
+    pub fn add(&self, node: Node, child: Option<Arc<Node>>) -> Result<Arc<Node>, GraphError> {
+        let mut g = self.lock();
+        if let Some(c) = &child {
+            self.check_free(&g, c.name())?;
+        }
+        self.check_free(&g, node.name())?;
+        if let Some(c) = child {
+            g.entries.push(Entry {
+                node: c,
+                users: Vec::new(),
+            });
+        }
+        if let Some(c) = node.child() {
+            let parent = User::Parent(node.name().to_string());
+            match g.entries.iter_mut().find(|e| e.node.name() == c) {
+                Some(e) => e.users.push(parent),
+                None => return Err(GraphError::NotFound(c.to_string())),
+            }
+        }
+        let node = Arc::new(node);
+        g.entries.push(Entry {
+            node: node.clone(),
+            users: Vec::new(),
+        });
+        Ok(node)
+    }
+
+    /// The node called `name`.
+    pub fn lookup(&self, name: &str) -> Option<Arc<Node>> {
+        self.lock()
+            .entries
+            .iter()
+            .find(|e| e.node.name() == name)
+            .map(|e| e.node.clone())
+    }
+
+    /// The node the disk uses now (always there: a node in use cannot
+    /// be removed).
+    pub fn disk_node(&self) -> Option<Arc<Node>> {
+        let g = self.lock();
+        g.entries
+            .iter()
+            .find(|e| e.node.name() == g.disk)
+            .map(|e| e.node.clone())
+    }
+
+    /// Every node, newest first (QEMU's order), with its users.
+    pub fn nodes(&self) -> Vec<(Arc<Node>, Vec<User>)> {
+        self.lock()
+            .entries
+            .iter()
+            .rev()
+            .map(|e| (e.node.clone(), e.users.clone()))
+            .collect()
+    }
+
+    /// `blockdev-del`: removes a monitor-owned node nobody uses, and its
+    /// inline child with it (a child given by name is released).
+    pub fn remove(&self, name: &str) -> Result<Arc<Node>, GraphError> {
+        let mut g = self.lock();
+        let Some(i) = g.entries.iter().position(|e| e.node.name() == name) else {
+            return Err(GraphError::NotFound(name.to_string()));
+        };
+        let e = &g.entries[i];
+        if !e.node.monitor_owned() {
+            return Err(GraphError::NotOwned(name.to_string()));
+        }
+        if e.users
+            .iter()
+            .any(|u| matches!(u, User::Disk | User::Job(_)))
+        {
+            return Err(GraphError::InUse(name.to_string()));
+        }
+        if !e.users.is_empty() {
+            return Err(GraphError::ChildInUse(name.to_string()));
+        }
+        let node = g.entries.remove(i).node;
+        if let Some(c) = node.child() {
+            let parent = User::Parent(name.to_string());
+            if let Some(ci) = g.entries.iter().position(|e| e.node.name() == c) {
+                let child = &mut g.entries[ci];
+                child.users.retain(|u| *u != parent);
+                if !child.node.monitor_owned() {
+                    g.entries.remove(ci);
+                }
+            }
+        }
+        Ok(node)
+    }
+
+    /// Records that `user` holds the node called `name`.
+    pub fn claim(&self, name: &str, user: User) -> Result<Arc<Node>, GraphError> {
+        let mut g = self.lock();
+        match g.entries.iter_mut().find(|e| e.node.name() == name) {
+            Some(e) => {
+                e.users.push(user);
+                Ok(e.node.clone())
+            }
+            None => Err(GraphError::NotFound(name.to_string())),
+        }
+    }
+
+    /// Drops one hold of `user` on the node called `name` (if still there).
+    pub fn release(&self, name: &str, user: &User) {
+        let mut g = self.lock();
+        if let Some(e) = g.entries.iter_mut().find(|e| e.node.name() == name) {
+            if let Some(i) = e.users.iter().position(|u| u == user) {
+                e.users.remove(i);
+            }
+        }
+    }
+
+    /// The disk now uses the node called `name` (a `blockdev-mirror`
+    /// pivot: the target takes the source's place; the source node stays,
+    /// unused, until `blockdev-del`, as in QEMU).
+    pub fn switch_disk(&self, name: &str) -> Result<(), GraphError> {
+        let mut g = self.lock();
+        let Some(to) = g.entries.iter().position(|e| e.node.name() == name) else {
+            return Err(GraphError::NotFound(name.to_string()));
+        };
+        let from = g.disk.clone();
+        if let Some(e) = g.entries.iter_mut().find(|e| e.node.name() == from) {
+            if let Some(i) = e.users.iter().position(|u| *u == User::Disk) {
+                e.users.remove(i);
+            }
+        }
+        g.entries[to].users.push(User::Disk);
+        g.disk = name.to_string();
+        Ok(())
+    }
+
+    /// The disk's node now has `image` (a `drive-mirror` pivot onto a
+    /// path: vubd keeps the node's name).
+    pub fn replace_disk_image(&self, image: Arc<dyn Image>) {
+        let mut g = self.lock();
+        let disk = g.disk.clone();
+        let Some(e) = g.entries.iter_mut().find(|e| e.node.name() == disk) else {
+            return;
+        };
+        let new = Arc::new(e.node.with_image(image));
+        let old = std::mem::replace(&mut e.node, new);
+        // The new image is no child's: the old child is free again.
+        if let Some(c) = old.child() {
+            let parent = User::Parent(disk);
+            if let Some(ce) = g.entries.iter_mut().find(|e| e.node.name() == c) {
+                ce.users.retain(|u| *u != parent);
+            }
+        }
+    }
+}
