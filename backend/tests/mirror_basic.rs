@@ -235,8 +235,8 @@ fn cancel_before_ready_and_soft_and_forced_cancel_after_ready() -> Result<()> {
 
     // After READY, job-cancel is forced: BLOCK_JOB_CANCELLED.
     rig.qmp(
-        "blockdev-mirror",
-        json!({"device": "disk0", "target": tgt.to_str(), "sync": "full", "job-id": "c3"}),
+        "drive-mirror",
+        json!({"device": "disk0", "target": tgt.to_str(), "sync": "full", "mode": "existing", "job-id": "c3"}),
     )
     .map_err(anyhow::Error::msg)?;
     let job = rig.job("c3")?;
@@ -474,14 +474,23 @@ fn arguments_are_checked_with_qemus_words() -> Result<()> {
     let missing = dir.join("nodir/x.img");
     assert_eq!(
         rig.qmp(
-            "blockdev-mirror",
-            json!({"device": "disk0", "target": missing.to_str(), "sync": "full"})
+            "drive-mirror",
+            json!({"device": "disk0", "target": missing.to_str(), "sync": "full", "mode": "existing"})
         )
         .unwrap_err(),
         format!(
             "Could not open '{}': No such file or directory",
             missing.display()
         )
+    );
+    // blockdev-mirror takes a node name, never a path.
+    assert_eq!(
+        rig.qmp(
+            "blockdev-mirror",
+            json!({"device": "disk0", "target": t, "sync": "full"})
+        )
+        .unwrap_err(),
+        format!("Cannot find device='{t}' nor node-name='{t}'")
     );
     assert_eq!(
         err(base(json!({"speed": -1}))),
@@ -490,7 +499,7 @@ fn arguments_are_checked_with_qemus_words() -> Result<()> {
     assert_eq!(rig.event_names(), ["created", "null"]);
     assert_eq!(
         rig.qmp(
-            "blockdev-mirror",
+            "drive-mirror",
             json!({"device": "disk0", "target": t, "sync": "full", "x-resume": true})
         )
         .unwrap_err(),

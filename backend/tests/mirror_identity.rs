@@ -68,7 +68,17 @@ fn refused_by_every_mode(rig: &Rig, target: &Path, model: &[u8]) -> Result<()> {
         ("drive-mirror", json!({"mode": "existing"})),
         ("blockdev-mirror", json!({})),
     ] {
-        let mut args = json!({"device": "disk0", "target": target, "sync": "full", "job-id": "x"});
+        // blockdev-mirror takes a node on the file.
+        let node = cmd == "blockdev-mirror";
+        if node {
+            rig.qmp(
+                "blockdev-add",
+                json!({"driver": "file", "node-name": "t0", "filename": target}),
+            )
+            .map_err(anyhow::Error::msg)?;
+        }
+        let name = if node { json!("t0") } else { json!(target) };
+        let mut args = json!({"device": "disk0", "target": name, "sync": "full", "job-id": "x"});
         if let (Some(a), Some(e)) = (args.as_object_mut(), extra.as_object()) {
             a.extend(e.clone());
         }
@@ -81,6 +91,10 @@ fn refused_by_every_mode(rig: &Rig, target: &Path, model: &[u8]) -> Result<()> {
             read_disk(&rig.disk)? == model,
             "the guest's disk changed after {cmd} {args}"
         );
+        if node {
+            rig.qmp("blockdev-del", json!({"node-name": "t0"}))
+                .map_err(anyhow::Error::msg)?;
+        }
     }
     Ok(())
 }
@@ -248,7 +262,7 @@ fn resume_after_a_restart_on_the_new_image_finds_the_state() -> Result<()> {
     );
     guest_write(&second.disk, &mut model, 9 * MIB, &pattern(9, 1, 4096))?;
     second
-        .qmp("blockdev-mirror", json!({"device": "disk0", "target": c, "sync": "full", "job-id": "m2", "x-resume": true}))
+        .qmp("drive-mirror", json!({"device": "disk0", "target": c, "sync": "full", "job-id": "m2", "x-resume": true}))
         .map_err(anyhow::Error::msg)?;
     let job = second.job("m2")?;
     wait_status(&job, JobStatus::Ready, T)?;

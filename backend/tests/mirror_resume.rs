@@ -72,7 +72,7 @@ fn resume_copies_only_what_is_dirty_including_writes_before_the_resume() -> Resu
     std::fs::File::create(&other)?.set_len(size)?;
     assert_eq!(
         second
-            .qmp("blockdev-mirror", json!({"device": "disk0", "target": other.to_str(), "sync": "full", "x-resume": true}))
+            .qmp("drive-mirror", json!({"device": "disk0", "target": other.to_str(), "sync": "full", "x-resume": true}))
             .unwrap_err(),
         format!(
             "The interrupted mirror of 'disk0' was to '{}', not '{}'",
@@ -88,7 +88,7 @@ fn resume_copies_only_what_is_dirty_including_writes_before_the_resume() -> Resu
     );
 
     second
-        .qmp("blockdev-mirror", json!({"device": "disk0", "target": tgt.to_str(), "sync": "full", "job-id": "m", "x-resume": true}))
+        .qmp("drive-mirror", json!({"device": "disk0", "target": tgt.to_str(), "sync": "full", "job-id": "m", "x-resume": true}))
         .map_err(anyhow::Error::msg)?;
     let job = second.job("m")?;
     wait_status(&job, JobStatus::Ready, T)?;
@@ -231,7 +231,7 @@ fn a_write_in_flight_while_x_resume_starts_reaches_the_target() -> Result<()> {
         std::thread::sleep(Duration::from_millis(1));
     }
     rig.qmp(
-        "blockdev-mirror",
+        "drive-mirror",
         json!({"device": "disk0", "target": tgt, "sync": "full", "job-id": "r", "x-resume": true}),
     )
     .map_err(anyhow::Error::msg)?;
@@ -262,7 +262,7 @@ fn writes_running_while_x_resume_starts_all_reach_the_target() -> Result<()> {
         let writers = Writers::start(&rig.disk, model, 2, 4096, size, true, pace);
         std::thread::sleep(Duration::from_millis(2));
         rig.qmp(
-            "blockdev-mirror",
+            "drive-mirror",
             json!({"device": "disk0", "target": tgt, "sync": "full", "job-id": "r", "x-resume": true}),
         )
         .map_err(anyhow::Error::msg)?;

@@ -116,6 +116,11 @@ impl Rig {
         let manager = MirrorManager::new(disk.clone(), "disk0", image, false, registry.clone())?;
         let qmp = Dispatcher::new(bus, VersionInfo::default());
         vubd_backend::mirror::qmp::register_block_job_commands(&qmp, manager.clone());
+        let graph = Arc::new(vubd_backend::graph::qmp::graph_for_disk(
+            &disk, "disk0", false,
+        ));
+        manager.attach_graph(graph.clone());
+        vubd_backend::graph::qmp::register_node_commands(&qmp, graph);
         Ok(Rig {
             disk,
             image: image.to_path_buf(),

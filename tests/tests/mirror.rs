@@ -231,7 +231,7 @@ fn write_blocking_keeps_the_target_in_sync_under_load() -> Result<()> {
     let mut q = d.qmp()?;
     let load = WriteLoad::start(d.client()?, model, load_cfg(size))?;
     q.ok(
-        "blockdev-mirror",
+        "drive-mirror",
         json!({"device": "disk0", "target": tgt, "sync": "full", "mode": "absolute-paths", "job-id": "w", "copy-mode": "write-blocking"}),
     )?;
     q.wait_event("BLOCK_JOB_READY", T, |_| true)?;
@@ -680,7 +680,7 @@ fn kill_and_resume_copies_only_the_dirty_part() -> Result<()> {
         extra += 64 * 1024;
     }
     q.ok(
-        "blockdev-mirror",
+        "drive-mirror",
         json!({"device": "disk0", "target": tgt, "sync": "full", "job-id": "k", "x-resume": true}),
     )?;
     let ready = q.wait_event("BLOCK_JOB_READY", T, |_| true)?;
@@ -842,6 +842,13 @@ fn events_and_errors_match_qemu_storage_daemon() -> Result<()> {
     std::fs::create_dir_all(&vdir)?;
     let v = MirrorDaemon::start(&vdir, &src, &[])?;
     let mut vubd = v.qmp()?;
+    // The same nodes as qemu-storage-daemon's command line has.
+    for (name, file) in [("t1", &t1), ("t2", &t2)] {
+        vubd.ok(
+            "blockdev-add",
+            json!({"driver": "file", "node-name": name, "filename": file}),
+        )?;
+    }
 
     type Scenario = fn(&mut QmpClient, &str, &str) -> Result<Vec<String>>;
     fn events(q: &mut QmpClient) -> Vec<String> {
@@ -951,9 +958,7 @@ fn events_and_errors_match_qemu_storage_daemon() -> Result<()> {
     ] {
         let want = scenario(&mut qsd, "t1", "t2")
             .with_context(|| format!("{name} on qemu-storage-daemon"))?;
-        let t1s = t1.to_string_lossy().into_owned();
-        let t2s = t2.to_string_lossy().into_owned();
-        let got = scenario(&mut vubd, &t1s, &t2s).with_context(|| format!("{name} on vubd"))?;
+        let got = scenario(&mut vubd, "t1", "t2").with_context(|| format!("{name} on vubd"))?;
         if got != want {
             bail!(
                 "{name}: vubd differs from qemu-storage-daemon\n  qsd:  {want:?}\n  vubd: {got:?}"

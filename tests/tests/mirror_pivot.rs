@@ -117,7 +117,7 @@ fn a_second_mirror_after_a_pivot_goes_by_the_image_in_use() -> Result<()> {
     let mut client = d.client()?;
     write(&mut client, &mut model, 9 * MIB, &pattern(9, 1, 4096))?;
     q.ok(
-        "blockdev-mirror",
+        "drive-mirror",
         json!({"device": "disk0", "target": a, "sync": "full", "job-id": "m2", "x-resume": true}),
     )?;
     let ready = q.wait_event("BLOCK_JOB_READY", T, |_| true)?;

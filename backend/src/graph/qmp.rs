@@ -365,24 +365,28 @@ pub fn named_block_nodes(graph: &Graph, ctx: &dyn ManagementContext) -> Value {
 /// Registers `blockdev-add`, `blockdev-del` and `query-named-block-nodes`
 /// (replacing the one-node version of the standard set).
 pub fn register_graph_commands(d: &Dispatcher, graph: Arc<Graph>, ctx: Arc<dyn ManagementContext>) {
-    let g = graph.clone();
-    d.register("blockdev-add", move |call: &mut Call<'_>| {
-        blockdev_add(&g, &mut call.args)
-    });
-    let g = graph.clone();
-    d.register("blockdev-del", move |call: &mut Call<'_>| {
-        let mut args = std::mem::take(&mut call.args);
-        let name = args.req_str("node-name")?;
-        args.finish()?;
-        g.remove(&name).map_err(err)?;
-        Ok(json!({}))
-    });
+    register_node_commands(d, graph.clone());
     d.register("query-named-block-nodes", move |call: &mut Call<'_>| {
         let mut args = std::mem::take(&mut call.args);
         // No backing chains yet: the nested view is the flat one.
         let _flat = args.opt_bool("flat")?;
         args.finish()?;
         Ok(named_block_nodes(&graph, ctx.as_ref()))
+    });
+}
+
+/// Registers `blockdev-add` and `blockdev-del` only.
+pub fn register_node_commands(d: &Dispatcher, graph: Arc<Graph>) {
+    let g = graph.clone();
+    d.register("blockdev-add", move |call: &mut Call<'_>| {
+        blockdev_add(&g, &mut call.args)
+    });
+    d.register("blockdev-del", move |call: &mut Call<'_>| {
+        let mut args = std::mem::take(&mut call.args);
+        let name = args.req_str("node-name")?;
+        args.finish()?;
+        graph.remove(&name).map_err(err)?;
+        Ok(json!({}))
     });
 }
 

@@ -286,3 +286,158 @@ impl Graph {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::graph::{Driver, NodeOptions};
+    use crate::image::ImageError;
+    use crate::iobuf::IoBuf;
+    use std::path::{Path, PathBuf};
+
+    /// An image that is only a name: the registry never does I/O.
+    struct Named(PathBuf);
+
+    impl Image for Named {
+        fn size(&self) -> u64 {
+            1 << 20
+        }
+        fn path(&self) -> &Path {
+            &self.0
+        }
+        fn read_at(&self, _: &[IoBuf], _: u64) -> Result<(), ImageError> {
+            Ok(())
+        }
+        fn write_at(&self, _: &[IoBuf], _: u64, _: bool) -> Result<(), ImageError> {
+            Ok(())
+        }
+        fn flush(&self) -> Result<(), ImageError> {
+            Ok(())
+        }
+        fn discard(&self, _: u64, _: u64) -> Result<(), ImageError> {
+            Ok(())
+        }
+        fn write_zeroes(&self, _: u64, _: u64, _: bool) -> Result<(), ImageError> {
+            Ok(())
+        }
+        fn allocated_bytes(&self) -> u64 {
+            0
+        }
+    }
+
+    fn node(name: &str, driver: Driver, child: Option<&str>, owned: bool) -> Node {
+        let image: Arc<dyn Image> = Arc::new(Named(PathBuf::from(format!("/{name}"))));
+        Node::new(
+            name,
+            driver,
+            image,
+            NodeOptions::default(),
+            child.map(str::to_string),
+            owned,
+        )
+    }
+
+    fn names(g: &Graph) -> Vec<String> {
+        g.nodes()
+            .iter()
+            .map(|(n, _)| n.name().to_string())
+            .collect()
+    }
+
+    #[test]
+    fn add_lookup_and_refusals() {
+        let g = Graph::new(node("disk0", Driver::Raw, None, true));
+        g.add(node("f1", Driver::File, None, true), None).unwrap();
+        assert_eq!(
+            g.add(node("f1", Driver::File, None, true), None)
+                .unwrap_err(),
+            GraphError::Duplicate("f1".into())
+        );
+        assert_eq!(
+            g.check_new_name("disk0"),
+            Err(GraphError::Duplicate("disk0".into()))
+        );
+        assert_eq!(
+            g.check_new_name("1x"),
+            Err(GraphError::InvalidName("1x".into()))
+        );
+        assert_eq!(g.lookup("f1").unwrap().name(), "f1");
+        assert!(g.lookup("f2").is_none());
+        // Newest first.
+        assert_eq!(names(&g), ["f1", "disk0"]);
+        assert_eq!(
+            g.remove("disk0").unwrap_err().to_string(),
+            "Node disk0 is in use"
+        );
+        assert_eq!(
+            g.remove("nope").unwrap_err().to_string(),
+            "Failed to find node with node-name='nope'"
+        );
+        g.remove("f1").unwrap();
+        assert_eq!(names(&g), ["disk0"]);
+    }
+
+    #[test]
+    fn children_are_held_by_their_parent() {
+        let g = Graph::new(node("disk0", Driver::Raw, None, true));
+        g.add(node("f1", Driver::File, None, true), None).unwrap();
+        g.add(node("r1", Driver::Raw, Some("f1"), true), None)
+            .unwrap();
+        assert_eq!(
+            g.remove("f1").unwrap_err().to_string(),
+            "Block device f1 is in use"
+        );
+        // An inline child goes with its parent and cannot go alone.
+        let inline = Arc::new(node("#block001", Driver::File, None, false));
+        g.add(
+            node("r2", Driver::Raw, Some("#block001"), true),
+            Some(inline),
+        )
+        .unwrap();
+        assert_eq!(names(&g), ["r2", "#block001", "r1", "f1", "disk0"]);
+        assert_eq!(
+            g.remove("#block001").unwrap_err().to_string(),
+            "Node #block001 is not owned by the monitor"
+        );
+        g.remove("r2").unwrap();
+        g.remove("r1").unwrap();
+        assert_eq!(names(&g), ["f1", "disk0"]);
+        g.remove("f1").unwrap();
+    }
+
+    #[test]
+    fn a_job_holds_its_node_until_released() {
+        let g = Graph::new(node("disk0", Driver::Raw, None, true));
+        g.add(node("t", Driver::File, None, true), None).unwrap();
+        let job = User::Job("m".into());
+        g.claim("t", job.clone()).unwrap();
+        assert_eq!(g.remove("t").unwrap_err().to_string(), "Node t is in use");
+        g.release("t", &job);
+        g.remove("t").unwrap();
+        assert_eq!(
+            g.claim("t", job).unwrap_err(),
+            GraphError::NotFound("t".into())
+        );
+    }
+
+    #[test]
+    fn a_pivot_moves_the_disk_between_nodes() {
+        let g = Graph::new(node("disk0", Driver::Raw, None, true));
+        g.add(node("t", Driver::File, None, true), None).unwrap();
+        g.switch_disk("t").unwrap();
+        assert_eq!(g.disk_node().unwrap().name(), "t");
+        assert_eq!(g.remove("t").unwrap_err().to_string(), "Node t is in use");
+        // The source stays, unused, as in QEMU; the device name stays taken.
+        assert_eq!(g.device(), "disk0");
+        g.remove("disk0").unwrap();
+        assert_eq!(
+            g.check_new_name("disk0").unwrap_err().to_string(),
+            "node-name=disk0 is conflicting with a device id"
+        );
+        // A pivot onto a path keeps the node's name, with the new image.
+        let image: Arc<dyn Image> = Arc::new(Named(PathBuf::from("/new")));
+        g.replace_disk_image(image);
+        let d = g.disk_node().unwrap();
+        assert_eq!((d.name(), d.image().path()), ("t", Path::new("/new")));
+    }
+}
