@@ -345,7 +345,10 @@ fn blockdev_mirror_onto_a_node_matches_qemu_and_keeps_every_write() -> Result<()
             "nodes after the pivot: {:?}",
             nodes.keys().collect::<Vec<_>>()
         ));
-        out.push(format!("t0 file: {}", nodes["t0"]["file"]));
+        out.push(format!(
+            "t0 file: {:?}",
+            nodes.get("t0").map(|n| &n["file"])
+        ));
         out.push(format!(
             "del t0 after the pivot: {}",
             p.run("blockdev-del", json!({"node-name": "t0"}))?
