@@ -107,7 +107,8 @@ pub trait Image: Send + Sync {
 /// A boxed image is that image: the disk holds its image as a
 /// `Box<dyn Image>`, and the block-node graph shares the very same box
 /// (`Arc<Box<dyn Image>>` is an `Arc<dyn Image>`) without another
-/// forwarding layer on the disk's path.
+/// forwarding layer on the disk's path. Every method is forwarded,
+/// defaults included: a default here would hide the inner image's own.
 impl<I: Image + ?Sized> Image for Box<I> {
     #[inline]
     fn size(&self) -> u64 {

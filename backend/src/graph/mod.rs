@@ -15,7 +15,7 @@ pub mod qmp;
 pub mod registry;
 
 pub use node::{Aio, Driver, Node, NodeOptions};
-pub use registry::{Graph, GraphError, User};
+pub use registry::{Graph, GraphError, User, MAX_NODES};
 
 /// Longest node name QEMU accepts (its `node_name` buffer is 32 bytes).
 pub const MAX_NODE_NAME: usize = 31;

@@ -255,6 +255,10 @@ fn blockdev_add(graph: &Graph, args: &mut Args) -> Result<Value, QmpError> {
         ));
     };
     graph.check_new_name(&name).map_err(err)?;
+    // Refused before a file is opened, not after.
+    if graph.nodes().len() >= super::MAX_NODES {
+        return Err(err(GraphError::TooMany));
+    }
     match variant {
         Ok(spec) => {
             graph

@@ -47,7 +47,14 @@ pub enum GraphError {
     /// `blockdev-del` of a child that came inline with its parent.
     #[error("Node {0} is not owned by the monitor")]
     NotOwned(String),
+    /// More than [`MAX_NODES`] nodes (each holds an open file).
+    #[error("Too many block nodes (at most {MAX_NODES})")]
+    TooMany,
 }
+
+/// Most nodes one daemon holds: a client adding nodes without end would
+/// otherwise use up the process's file descriptors (QEMU has no limit).
+pub const MAX_NODES: usize = 256;
 
 struct Entry {
     node: Arc<Node>,
@@ -138,6 +145,9 @@ impl Graph {
     /// a child given by name becomes used by `node`.
     pub fn add(&self, node: Node, child: Option<Arc<Node>>) -> Result<Arc<Node>, GraphError> {
         let mut g = self.lock();
+        if g.entries.len() + 1 + usize::from(child.is_some()) > MAX_NODES {
+            return Err(GraphError::TooMany);
+        }
         if let Some(c) = &child {
             self.check_free(&g, c.name())?;
         }
@@ -403,6 +413,22 @@ mod tests {
         g.remove("r1").unwrap();
         assert_eq!(names(&g), ["f1", "disk0"]);
         g.remove("f1").unwrap();
+    }
+
+    #[test]
+    fn the_number_of_nodes_is_bounded() {
+        let g = Graph::new(node("disk0", Driver::Raw, None, true));
+        for i in 1..MAX_NODES {
+            g.add(node(&format!("n{i}"), Driver::File, None, true), None)
+                .unwrap();
+        }
+        assert_eq!(
+            g.add(node("last", Driver::File, None, true), None)
+                .unwrap_err(),
+            GraphError::TooMany
+        );
+        g.remove("n1").unwrap();
+        g.add(node("last", Driver::File, None, true), None).unwrap();
     }
 
     #[test]
