@@ -3,7 +3,7 @@
 //! allows one mirror per disk at a time, and at daemon start picks up the
 //! persistent state of a mirror that was interrupted (kill -9, crash), so
 //! that guest writes are tracked from the first request on and
-//! `blockdev-mirror ... x-resume: true` can continue where it stopped.
+//! `drive-mirror ... x-resume: true` can continue where it stopped.
 
 use super::engine::Engine;
 use super::hook::{MirrorHook, MirrorState, ResumeTracker};
@@ -237,7 +237,7 @@ impl MirrorManager {
                 let hook: Arc<dyn WriteHook> = Arc::new(ResumeTracker::new(state.clone()));
                 disk.add_hook(hook.clone());
                 log::warn!(
-                    "interrupted mirror of {} to {} found ({} chunks dirty); resume it with blockdev-mirror x-resume=true",
+                    "interrupted mirror of {} to {} found ({} chunks dirty); resume it with drive-mirror x-resume=true (or blockdev-mirror onto a node on that file)",
                     image_path.display(),
                     h.target.display(),
                     state.bits().count()
