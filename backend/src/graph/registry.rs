@@ -17,6 +17,8 @@ pub enum User {
     Job(String),
     /// A node that has it as its `file` child (by node name).
     Parent(String),
+    /// A block export (by export id), e.g. over NBD.
+    Export(String),
 }
 
 /// A refusal, worded as QEMU 7.2 words it.
@@ -213,9 +215,10 @@ impl Graph {
         if !e.node.monitor_owned() {
             return Err(GraphError::NotOwned(name.to_string()));
         }
+        // Like QEMU's users that hold a BlockBackend on the node.
         if e.users
             .iter()
-            .any(|u| matches!(u, User::Disk | User::Job(_)))
+            .any(|u| matches!(u, User::Disk | User::Job(_) | User::Export(_)))
         {
             return Err(GraphError::InUse(name.to_string()));
         }
@@ -439,6 +442,10 @@ mod tests {
         g.claim("t", job.clone()).unwrap();
         assert_eq!(g.remove("t").unwrap_err().to_string(), "Node t is in use");
         g.release("t", &job);
+        let export = User::Export("x0".into());
+        g.claim("t", export.clone()).unwrap();
+        assert_eq!(g.remove("t").unwrap_err().to_string(), "Node t is in use");
+        g.release("t", &export);
         g.remove("t").unwrap();
         assert_eq!(
             g.claim("t", job).unwrap_err(),
