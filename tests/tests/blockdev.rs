@@ -132,6 +132,28 @@ impl Peer {
     }
 }
 
+/// Waits until process `pid` has no file under `dir` open but `keep`
+/// (a node's file is closed when `blockdev-del` removes it).
+fn wait_only_open(pid: u32, dir: &Path, keep: &[&str]) -> Result<()> {
+    let t0 = std::time::Instant::now();
+    loop {
+        let mut open = Vec::new();
+        for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
+            if let Ok(target) = std::fs::read_link(entry?.path()) {
+                let name = target.file_name().map(|n| n.to_string_lossy().into_owned());
+                if target.starts_with(dir) && !name.is_some_and(|n| keep.contains(&n.as_str())) {
+                    open.push(target);
+                }
+            }
+        }
+        if open.is_empty() {
+            return Ok(());
+        }
+        ensure!(t0.elapsed() < T, "still open: {open:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Runs `script` on both peers and fails on the first difference.
 fn same_on_both(
     pair: &mut Pair,
@@ -270,7 +292,19 @@ fn blockdev_add_del_and_query_match_qemu() -> Result<()> {
         out.extend(describe(&listed, "disk0"));
         ensure!(p.nodes(false)? == listed, "flat and nested views differ");
         for name in [
-            "nosuch", "disk0", "f1", "r1", "c2", "r1", "f1", "r2", "c2", "r3", "f2", "f3",
+            "nosuch",
+            "disk0",
+            "f1",
+            "r1",
+            "c2",
+            "r1",
+            "f1",
+            "r2",
+            "c2",
+            "r3",
+            "f2",
+            "f3",
+            &"n".repeat(31),
         ] {
             out.push(format!(
                 "del {name}: {}",
@@ -280,6 +314,13 @@ fn blockdev_add_del_and_query_match_qemu() -> Result<()> {
         out.extend(describe(&p.nodes(true)?, "disk0"));
         Ok(out)
     })?;
+    let vubd = &pair._daemons.1;
+    wait_only_open(
+        vubd.daemon.pid(),
+        &pair.peers[1].dir,
+        &["disk.img", "vhost.sock", "qmp.sock"],
+    )
+    .context("vubd keeps a deleted node's file open")?;
     Ok(())
 }
 
@@ -363,6 +404,14 @@ fn blockdev_mirror_onto_a_node_matches_qemu_and_keeps_every_write() -> Result<()
         ));
         Ok(out)
     })?;
+    // The old image closes with its node.
+    let vubd = &pair._daemons.1;
+    wait_only_open(
+        vubd.daemon.pid(),
+        &pair.peers[1].dir,
+        &["t.img", "vhost.sock", "qmp.sock"],
+    )
+    .context("vubd keeps the deleted source node's file open")?;
     for (p, load) in pair.peers.iter().zip(loads) {
         load.wait_requests(200, T)?;
         let report = load
