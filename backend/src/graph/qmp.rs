@@ -151,6 +151,12 @@ enum ChildRef {
     Inline(Common, FileSpec),
 }
 
+/// The driver-specific members of a `blockdev-add`.
+enum Variant {
+    File(FileSpec),
+    Raw(ChildRef),
+}
+
 fn parse_raw(args: &mut Args) -> Result<ChildRef, QmpError> {
     let path = args.path("file");
     let child = match args.required("file")? {
@@ -244,9 +250,9 @@ fn blockdev_add(graph: &Graph, args: &mut Args) -> Result<Value, QmpError> {
     let mut args = std::mem::take(args);
     let common = parse_common(&mut args)?;
     let variant = if common.driver == "file" {
-        Ok(parse_file(&mut args)?)
+        Variant::File(parse_file(&mut args)?)
     } else {
-        Err(parse_raw(&mut args)?)
+        Variant::Raw(parse_raw(&mut args)?)
     };
     args.finish()?;
     let Some(name) = common.node_name.clone() else {
@@ -260,12 +266,12 @@ fn blockdev_add(graph: &Graph, args: &mut Args) -> Result<Value, QmpError> {
         return Err(err(GraphError::TooMany));
     }
     match variant {
-        Ok(spec) => {
+        Variant::File(spec) => {
             graph
                 .add(open_file(&name, &common, &spec, true)?, None)
                 .map_err(err)?;
         }
-        Err(child) => {
+        Variant::Raw(child) => {
             let (child_node, inline) = match child {
                 ChildRef::Name(c) => match graph.lookup(&c) {
                     Some(n) => (n, None),
