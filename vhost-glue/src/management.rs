@@ -4,8 +4,15 @@
 use std::path::PathBuf;
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
-use vubd_backend::qmp::{DirtyBitmaps, DiskInfo, ManagementContext};
+use std::time::Duration;
+use vubd_backend::qmp::{DirtyBitmaps, DiskInfo, ManagementContext, QmpError};
 use vubd_backend::Disk;
+
+/// How long a command that must act at one instant with respect to guest
+/// writes (`transaction`) first waits for the requests in flight; each
+/// further attempt waits twice as long (100 ms .. 3.2 s, as a pivot does).
+const HOLD_FIRST_TIMEOUT: Duration = Duration::from_millis(100);
+const HOLD_ATTEMPTS: u32 = 6;
 
 /// Why the daemon is shutting down.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,6 +55,22 @@ impl ManagementContext for DaemonContext {
 
     fn bitmaps(&self) -> Option<Arc<dyn DirtyBitmaps>> {
         self.bitmaps.clone()
+    }
+
+    fn with_guest_io_held(&self, f: &mut dyn FnMut()) -> Result<(), QmpError> {
+        // Each attempt is bounded, so a request stuck in storage stalls the
+        // guest's other queues only briefly and finally fails the command.
+        let mut timeout = HOLD_FIRST_TIMEOUT;
+        for _ in 0..HOLD_ATTEMPTS {
+            if let Some(_pause) = self.disk.gate().pause_timeout(timeout) {
+                f();
+                return Ok(());
+            }
+            timeout *= 2;
+        }
+        Err(QmpError::generic(
+            "guest I/O could not be held: a request is stuck in storage",
+        ))
     }
 
     fn quit(&self) {

@@ -59,6 +59,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+mod txn;
+pub use txn::BitmapTxn;
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -447,6 +450,9 @@ impl DirtyTracker {
             }),
         });
         if let (Some(store), false) = (&config.sidecar, config.read_only) {
+            // A file staged by a process killed before it was put in place
+            // (a transaction's or a pivot's) is no part of any state.
+            store.discard_staged();
             let mut ctl = lock(&inner.control);
             if !named.is_empty() {
                 inner
@@ -914,25 +920,39 @@ impl DirtyTracker {
         let members = inner.persistent_bitmaps();
         let mut staged = None;
         if !members.is_empty() && !inner.read_only {
-            let p = &inner.persist;
-            let plan = plan_of(&members);
-            let file_id = new_file_id();
-            let layout = Layout::plan(file_id, inner.disk_size, 1u64 << p.extent_shift, &plan);
-            let cur = p.al.load_full();
-            let next_epoch = cur.epoch.max(ctl.durable_gen) + 1;
-            let prepop = p.prepop(&cur);
-            let bytes = build_file(&layout, &members, next_epoch, &prepop, false);
-            drop(ctl);
-            store
-                .stage(&bytes)
-                .map_err(|e| DirtyError::io(format!("staging {}", store.describe()), e))?;
-            staged = Some(Staged {
-                file_id,
-                plan,
-                bytes,
-            });
+            staged = Some(self.stage(ctl, &members, &store)?);
         }
         Ok(PreparedRelocation { store, staged })
+    }
+
+    /// Writes the sidecar `members` would have now into `store`'s staging
+    /// area (durable, but read by no recovery) so that a later
+    /// [`Persist::relayout`] with it only writes what changed meanwhile.
+    /// The control lock is released before the slow write.
+    fn stage(
+        &self,
+        ctl: MutexGuard<'_, Control>,
+        members: &[Arc<Named>],
+        store: &Arc<dyn MetaStore>,
+    ) -> Result<Staged, DirtyError> {
+        let inner = &*self.inner;
+        let p = &inner.persist;
+        let plan = plan_of(members);
+        let file_id = new_file_id();
+        let layout = Layout::plan(file_id, inner.disk_size, 1u64 << p.extent_shift, &plan);
+        let cur = p.al.load_full();
+        let next_epoch = cur.epoch.max(ctl.durable_gen) + 1;
+        let prepop = p.prepop(&cur);
+        let bytes = build_file(&layout, members, next_epoch, &prepop, false);
+        drop(ctl);
+        store
+            .stage(&bytes)
+            .map_err(|e| DirtyError::io(format!("staging {}", store.describe()), e))?;
+        Ok(Staged {
+            file_id,
+            plan,
+            bytes,
+        })
     }
 
     /// Finishes a relocation prepared by
@@ -1562,7 +1582,8 @@ fn changed_pages(old: &[u8], new: &[u8]) -> Vec<std::ops::Range<usize>> {
     out
 }
 
-/// A sidecar staged by [`DirtyTracker::prepare_relocation`].
+/// A sidecar staged by [`DirtyTracker::prepare_relocation`] or a
+/// transaction's prepare.
 struct Staged {
     file_id: u64,
     plan: Vec<(String, u64, bool)>,
