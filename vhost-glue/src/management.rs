@@ -214,7 +214,9 @@ mod tests {
                     {"type": "block-dirty-bitmap-add", "data": {"node": "disk0", "name": "b1"}}]}),
             )
         });
-        wait_for("the transaction to hold guest I/O", || disk.gate().is_paused());
+        wait_for("the transaction to hold guest I/O", || {
+            disk.gate().is_paused()
+        });
         // Write B arrives while the commit waits for A: it must wait too.
         let w2 = {
             let disk = disk.clone();

@@ -457,7 +457,7 @@ impl DirtyTracker {
             if !named.is_empty() {
                 inner
                     .persist
-                    .relayout(&inner, &mut ctl, &named, store, None)?;
+                    .relayout(&inner, &mut ctl, &named, store, None, false)?;
             } else if had_valid_empty_file {
                 store.remove().map_err(|e| {
                     DirtyError::io(format!("removing empty {}", store.describe()), e)
@@ -674,7 +674,7 @@ impl DirtyTracker {
             files.push(entry.clone());
             inner
                 .persist
-                .relayout(inner, &mut ctl, &files, &store, None)?;
+                .relayout(inner, &mut ctl, &files, &store, None, false)?;
         }
         inner.bitmaps.rcu(|v| {
             let mut v = Vec::clone(v);
@@ -707,7 +707,7 @@ impl DirtyTracker {
                 .collect();
             inner
                 .persist
-                .relayout(inner, &mut ctl, &files, &store, None)?;
+                .relayout(inner, &mut ctl, &files, &store, None, false)?;
         }
         inner.bitmaps.rcu(|v| {
             v.iter()
@@ -979,7 +979,7 @@ impl DirtyTracker {
         let started = Instant::now();
         if let Err(e) = inner
             .persist
-            .relayout(inner, &mut ctl, &members, &store, staged)
+            .relayout(inner, &mut ctl, &members, &store, staged, false)
         {
             // `replace` may have failed after the rename (directory sync):
             // a complete file could be left beside an image that is not the
@@ -1393,7 +1393,9 @@ impl Persist {
     /// changed-page marks were consumed), and the old file stays in use.
     ///
     /// With `staged` (a file staged by [`DirtyTracker::prepare_relocation`]
-    /// for the same bitmaps), only what differs from it is written.
+    /// for the same bitmaps), only what differs from it is written. With
+    /// `fresh`, the new log starts empty instead of with the hot extents
+    /// (after a clear: old extents must not come back at recovery).
     fn relayout(
         &self,
         inner: &Inner,
@@ -1401,6 +1403,7 @@ impl Persist {
         members: &[Arc<Named>],
         store: &Arc<dyn MetaStore>,
         staged: Option<&Staged>,
+        fresh: bool,
     ) -> Result<(), DirtyError> {
         let _excl = self.layout_lock.write().unwrap_or_else(|e| e.into_inner());
         let cur = self.al.load_full();
@@ -1436,7 +1439,7 @@ impl Persist {
         let staged = staged.filter(|st| st.plan == plan);
         let file_id = staged.map_or_else(new_file_id, |st| st.file_id);
         let layout = Layout::plan(file_id, inner.disk_size, extent_size, &plan);
-        let prepop = self.prepop(&cur);
+        let prepop = if fresh { Vec::new() } else { self.prepop(&cur) };
         let slot_off = layout.al_slot_off(next_epoch);
         // Not durable until the new file is in place: markers wait (their
         // commits need the layout lock we hold).

@@ -294,3 +294,380 @@ pub fn run(
     }
     result
 }
+
+#[cfg(test)]
+mod tests {
+    //! `transaction` on the real engine with a real sidecar file: a failed
+    //! transaction leaves nothing behind (in memory, in the sidecar, no
+    //! staged file), also when the sidecar cannot be written at the commit
+    //! and when the process dies between the staging and the commit.
+
+    use super::*;
+    use crate::dirty::{sidecar_path, DirtyTracker, FileStore, MetaStore, TrackerConfig};
+    use crate::qmp::{standard_dispatcher, DiskInfo, Dispatcher, EventBus};
+    use serde_json::Map;
+    use std::path::{Path, PathBuf};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    const SIZE: u64 = 64 << 20;
+    const MIB: u64 = 1 << 20;
+
+    struct Dir(PathBuf);
+
+    impl Dir {
+        fn new(tag: &str) -> Dir {
+            let p = std::env::temp_dir().join(format!("vubd-txn-{tag}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&p);
+            std::fs::create_dir_all(&p).unwrap();
+            Dir(p)
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// A file store whose replacements fail while `fail` is set (a full
+    /// disk at the commit).
+    struct FailingStore {
+        inner: FileStore,
+        fail: AtomicBool,
+    }
+
+    impl FailingStore {
+        fn check(&self) -> std::io::Result<()> {
+            if self.fail.load(Ordering::SeqCst) {
+                Err(std::io::Error::other("injected: no space left"))
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    impl MetaStore for FailingStore {
+        fn size(&self) -> std::io::Result<Option<u64>> {
+            self.inner.size()
+        }
+        fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<usize> {
+            self.inner.read_at(offset, buf)
+        }
+        fn write_at(&self, offset: u64, buf: &[u8]) -> std::io::Result<()> {
+            self.inner.write_at(offset, buf)
+        }
+        fn sync(&self) -> std::io::Result<()> {
+            self.inner.sync()
+        }
+        fn replace(&self, contents: &[u8]) -> std::io::Result<()> {
+            self.check()?;
+            self.inner.replace(contents)
+        }
+        fn remove(&self) -> std::io::Result<()> {
+            self.inner.remove()
+        }
+        fn stage(&self, contents: &[u8]) -> std::io::Result<()> {
+            self.inner.stage(contents)
+        }
+        fn commit_staged(
+            &self,
+            contents: &[u8],
+            changed: &[std::ops::Range<usize>],
+        ) -> std::io::Result<()> {
+            self.check()?;
+            self.inner.commit_staged(contents, changed)
+        }
+        fn discard_staged(&self) {
+            self.inner.discard_staged()
+        }
+        fn describe(&self) -> String {
+            self.inner.describe()
+        }
+    }
+
+    struct Ctx(Arc<DirtyTracker>);
+
+    impl ManagementContext for Ctx {
+        fn node_name(&self) -> String {
+            "disk0".into()
+        }
+        fn disk_info(&self) -> DiskInfo {
+            DiskInfo {
+                image: "/nonexistent".into(),
+                size: SIZE,
+                read_only: false,
+                direct: false,
+                writeback: true,
+            }
+        }
+        fn bitmaps(&self) -> Option<Arc<dyn DirtyBitmaps>> {
+            Some(self.0.clone())
+        }
+        fn quit(&self) {}
+    }
+
+    fn open(store: Arc<dyn MetaStore>) -> Arc<DirtyTracker> {
+        let mut cfg = TrackerConfig::new(SIZE);
+        cfg.sidecar = Some(store);
+        // No background write-out: the sidecar changes only by commands.
+        cfg.flush_interval = Duration::from_secs(3600);
+        Arc::new(DirtyTracker::open(cfg).unwrap())
+    }
+
+    fn exec(d: &Dispatcher, cmd: &str, args: Value) -> Result<Value, QmpError> {
+        let Value::Object(m) = args else {
+            return d.execute(cmd, Map::new());
+        };
+        d.execute(cmd, m)
+    }
+
+    fn act(kind: &str, data: Value) -> Value {
+        json!({"type": kind, "data": data})
+    }
+
+    fn b(name: &str) -> Value {
+        json!({"node": "disk0", "name": name})
+    }
+
+    /// Everything observable about the bitmaps: list entries and hashes.
+    fn state(t: &DirtyTracker) -> Vec<(String, u64, bool, bool, String)> {
+        t.list()
+            .into_iter()
+            .map(|i| {
+                let sha = t.sha256(&i.name).unwrap();
+                (i.name, i.count, i.recording, i.persistent, sha)
+            })
+            .collect()
+    }
+
+    fn write(t: &DirtyTracker, offset: u64, len: u64) {
+        t.mark(offset, len).unwrap();
+        t.write_completed(offset, len);
+    }
+
+    fn tmp_of(sidecar: &Path) -> PathBuf {
+        let mut p = sidecar.as_os_str().to_owned();
+        p.push(".tmp");
+        PathBuf::from(p)
+    }
+
+    /// p0 (persistent, 2 chunks), p1 (persistent, disabled, 1 chunk),
+    /// m0 (in memory, 3 chunks).
+    fn populate(d: &Dispatcher, t: &DirtyTracker) {
+        let add = |name: &str, persistent: bool, disabled: bool| {
+            exec(
+                d,
+                "block-dirty-bitmap-add",
+                json!({"node": "disk0", "name": name, "persistent": persistent, "disabled": disabled}),
+            )
+            .unwrap();
+        };
+        add("p0", true, false);
+        add("p1", true, false);
+        write(t, 0, 4096);
+        exec(d, "block-dirty-bitmap-disable", b("p1")).unwrap();
+        add("m0", false, false);
+        write(t, 8 * MIB, 4096);
+        write(t, 40 * MIB, 4096);
+    }
+
+    /// The full set of actions, then one that fails: QEMU's error, and
+    /// nothing changed in memory or on disk.
+    #[test]
+    fn a_failing_last_action_leaves_no_trace() {
+        let dir = Dir::new("fail");
+        let sidecar = sidecar_path(&dir.0.join("img"));
+        let t = open(Arc::new(FileStore::new(&sidecar)));
+        let d = standard_dispatcher(Arc::new(Ctx(t.clone())), EventBus::new());
+        populate(&d, &t);
+        let before = state(&t);
+        let file = std::fs::read(&sidecar).unwrap();
+        let all = || {
+            vec![
+                act(
+                    "block-dirty-bitmap-add",
+                    json!({"node": "disk0", "name": "p2", "persistent": true}),
+                ),
+                act("block-dirty-bitmap-disable", b("p0")),
+                act("block-dirty-bitmap-enable", b("p1")),
+                act("block-dirty-bitmap-clear", b("p1")),
+                act(
+                    "block-dirty-bitmap-merge",
+                    json!({"node": "disk0", "target": "p1", "bitmaps": ["m0", "p0"]}),
+                ),
+                act("block-dirty-bitmap-remove", b("m0")),
+                act("block-dirty-bitmap-remove", b("p0")),
+            ]
+        };
+        let cases = [
+            (
+                act("abort", json!({})),
+                "Transaction aborted using Abort action",
+            ),
+            (
+                act("block-dirty-bitmap-add", b("p2")),
+                "Bitmap already exists: p2",
+            ),
+            (
+                act("block-dirty-bitmap-clear", b("p0")),
+                "Bitmap 'p0' is currently in use by another operation and cannot be used",
+            ),
+            (
+                act("block-dirty-bitmap-enable", b("zz")),
+                "Dirty bitmap 'zz' not found",
+            ),
+        ];
+        for (last, desc) in cases {
+            let mut actions = all();
+            actions.push(last);
+            let e = exec(&d, "transaction", json!({ "actions": actions })).unwrap_err();
+            assert_eq!(e.desc, desc);
+            assert_eq!(state(&t), before, "after '{desc}'");
+            assert_eq!(std::fs::read(&sidecar).unwrap(), file, "sidecar changed");
+            assert!(!tmp_of(&sidecar).exists(), "a staged sidecar was left");
+        }
+        let e = exec(
+            &d,
+            "transaction",
+            json!({"actions": all(), "properties": {"completion-mode": "grouped"}}),
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.desc,
+            "Action 'block-dirty-bitmap-add' does not support Transaction property completion-mode = grouped"
+        );
+        assert_eq!(state(&t), before);
+
+        // The same actions commit, all at once, and survive a crash (no
+        // clean shutdown) exactly.
+        exec(&d, "transaction", json!({ "actions": all() })).unwrap();
+        let after = state(&t);
+        let names: Vec<&str> = after.iter().map(|s| s.0.as_str()).collect();
+        assert_eq!(names, ["p2", "p1"]);
+        assert_eq!(after[1].1, 3 * 64 * 1024, "p1 = m0 | p0 after its clear");
+        assert!(after[1].2, "p1 enabled");
+        drop(d);
+        drop(t);
+        let t = open(Arc::new(FileStore::new(&sidecar)));
+        assert_eq!(state(&t), after);
+    }
+
+    /// The sidecar cannot be replaced at the commit instant: the error is
+    /// reported and every bit, flag and file is as before.
+    #[test]
+    fn a_commit_that_cannot_write_the_sidecar_changes_nothing() {
+        let dir = Dir::new("commit");
+        let sidecar = sidecar_path(&dir.0.join("img"));
+        let store = Arc::new(FailingStore {
+            inner: FileStore::new(&sidecar),
+            fail: AtomicBool::new(false),
+        });
+        let t = open(store.clone());
+        let d = standard_dispatcher(Arc::new(Ctx(t.clone())), EventBus::new());
+        populate(&d, &t);
+        let before = state(&t);
+        let file = std::fs::read(&sidecar).unwrap();
+        store.fail.store(true, Ordering::SeqCst);
+        let e = exec(
+            &d,
+            "transaction",
+            json!({"actions": [
+                act("block-dirty-bitmap-add", json!({"node": "disk0", "name": "p2", "persistent": true})),
+                act("block-dirty-bitmap-clear", b("p0")),
+                act("block-dirty-bitmap-merge", json!({"node": "disk0", "target": "p1", "bitmaps": ["m0"]})),
+                act("block-dirty-bitmap-enable", b("p1")),
+                act("block-dirty-bitmap-remove", b("m0")),
+            ]}),
+        )
+        .unwrap_err();
+        assert!(e.desc.contains("injected"), "{}", e.desc);
+        assert_eq!(state(&t), before);
+        assert_eq!(std::fs::read(&sidecar).unwrap(), file);
+        assert!(!tmp_of(&sidecar).exists());
+        // And the bitmaps still work: the next commit writes them all.
+        store.fail.store(false, Ordering::SeqCst);
+        exec(
+            &d,
+            "transaction",
+            json!({"actions": [act("block-dirty-bitmap-clear", b("p0"))]}),
+        )
+        .unwrap();
+        drop(d);
+        drop(t);
+        let t = open(Arc::new(FileStore::new(&sidecar)));
+        let p: Vec<_> = state(&t).into_iter().map(|s| (s.0, s.1, s.2)).collect();
+        assert_eq!(
+            p,
+            [
+                ("p1".to_string(), 64 * 1024, false),
+                ("p0".to_string(), 0, true)
+            ]
+        );
+    }
+
+    /// Killed after the new sidecar was staged, before it was put in
+    /// place: the next start has the old bitmaps and no staged file.
+    #[test]
+    fn killed_between_staging_and_commit_recovers_the_old_state() {
+        let dir = Dir::new("kill");
+        let sidecar = sidecar_path(&dir.0.join("img"));
+        let t = open(Arc::new(FileStore::new(&sidecar)));
+        let d = standard_dispatcher(Arc::new(Ctx(t.clone())), EventBus::new());
+        populate(&d, &t);
+        drop(d);
+        let persistent: Vec<_> = state(&t).into_iter().filter(|s| s.3).collect();
+        let p0_runs: Vec<(u64, u64)> = t.bitmap("p0").unwrap().dirty_ranges().collect();
+        let mut txn = t.transaction();
+        txn.add("p2", None, true, false).unwrap();
+        txn.disable("p0").unwrap();
+        txn.clear("p1").unwrap();
+        txn.prepare().unwrap();
+        assert!(tmp_of(&sidecar).exists(), "prepare stages the new sidecar");
+        // The process dies here: no commit, no drop, no clean shutdown.
+        std::mem::forget(txn);
+        drop(t);
+        let t = open(Arc::new(FileStore::new(&sidecar)));
+        let recovered = state(&t);
+        // p0 was recording: recovery adds the logged extents (over-marking
+        // is allowed, a lost bit is not); p1 was not: exactly as it was.
+        let shape = |v: &[(String, u64, bool, bool, String)]| -> Vec<(String, bool, bool)> {
+            v.iter().map(|s| (s.0.clone(), s.2, s.3)).collect()
+        };
+        assert_eq!(shape(&recovered), shape(&persistent));
+        assert_eq!(recovered[0], persistent[0]);
+        let p0 = t.bitmap("p0").unwrap();
+        assert!(p0_runs.iter().all(|(off, _)| p0.get(*off)));
+        assert!(
+            !tmp_of(&sidecar).exists(),
+            "the staged file is removed at open"
+        );
+
+        // The first persistent bitmap of a disk, killed the same way: no
+        // sidecar, and no staged file either.
+        let d = standard_dispatcher(Arc::new(Ctx(t.clone())), EventBus::new());
+        exec(
+            &d,
+            "transaction",
+            json!({"actions": [act("block-dirty-bitmap-remove", b("p0")),
+                               act("block-dirty-bitmap-remove", b("p1"))]}),
+        )
+        .unwrap();
+        drop(d);
+        assert!(!sidecar.exists());
+        let mut txn = t.transaction();
+        txn.add("p9", None, true, false).unwrap();
+        txn.prepare().unwrap();
+        assert!(tmp_of(&sidecar).exists());
+        std::mem::forget(txn);
+        drop(t);
+        let t = open(Arc::new(FileStore::new(&sidecar)));
+        assert!(t.list().is_empty());
+        assert!(!sidecar.exists());
+        assert!(
+            !tmp_of(&sidecar).exists(),
+            "the staged file is removed at open"
+        );
+    }
+}

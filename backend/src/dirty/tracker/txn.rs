@@ -306,10 +306,18 @@ impl BitmapTxn<'_> {
                 };
                 let members: Vec<Arc<Named>> =
                     list.iter().filter(|b| b.persistent).cloned().collect();
-                let res =
-                    inner
-                        .persist
-                        .relayout(inner, &mut ctl, &members, &store, staged.as_ref());
+                let fresh = self
+                    .steps
+                    .iter()
+                    .any(|s| matches!(s, Step::Clear(b) if b.persistent));
+                let res = inner.persist.relayout(
+                    inner,
+                    &mut ctl,
+                    &members,
+                    &store,
+                    staged.as_ref(),
+                    fresh,
+                );
                 if let Err(e) = res {
                     store.discard_staged();
                     for u in undo.into_iter().rev() {
