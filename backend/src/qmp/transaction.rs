@@ -14,7 +14,7 @@
 //! every action is aborted). Another action type (e.g. `blockdev-backup`)
 //! is one more [`Action`] and one more arm in [`parse_action`].
 
-use super::args::Args;
+use super::args::{value_enum, Args};
 use super::commands::{self, AddArgs, MergeArgs};
 use super::context::{BitmapOpError, BitmapTransaction, DirtyBitmaps, ManagementContext};
 use super::error::QmpError;
@@ -223,9 +223,16 @@ pub fn transaction(ctx: &dyn ManagementContext, mut args: Args) -> Result<Value,
     let mut mode = CompletionMode::Individual;
     if let Some(props) = args.take("properties") {
         let mut props = Args::nested("properties", props)?;
-        if props.opt_enum("completion-mode", &["individual", "grouped"])? == Some("grouped".into())
-        {
-            mode = CompletionMode::Grouped;
+        if let Some(m) = props.opt_str("completion-mode")? {
+            // QEMU names an enum member without its path (as for 'type').
+            let m = value_enum(
+                "completion-mode",
+                Value::String(m),
+                &["individual", "grouped"],
+            )?;
+            if m == "grouped" {
+                mode = CompletionMode::Grouped;
+            }
         }
         props.finish()?;
     }
