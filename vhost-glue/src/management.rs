@@ -63,7 +63,9 @@ impl ManagementContext for DaemonContext {
         let mut timeout = HOLD_FIRST_TIMEOUT;
         for _ in 0..HOLD_ATTEMPTS {
             if let Some(_pause) = self.disk.gate().pause_timeout(timeout) {
+                let held = std::time::Instant::now();
                 f();
+                log::info!("guest I/O held for {:?}", held.elapsed());
                 return Ok(());
             }
             timeout *= 2;

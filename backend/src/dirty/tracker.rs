@@ -928,7 +928,8 @@ impl DirtyTracker {
     /// Writes the sidecar `members` would have now into `store`'s staging
     /// area (durable, but read by no recovery) so that a later
     /// [`Persist::relayout`] with it only writes what changed meanwhile.
-    /// The control lock is released before the slow write.
+    /// The control lock is released before the slow write. On error no
+    /// staging file is left.
     fn stage(
         &self,
         ctl: MutexGuard<'_, Control>,
@@ -945,9 +946,11 @@ impl DirtyTracker {
         let prepop = p.prepop(&cur);
         let bytes = build_file(&layout, members, next_epoch, &prepop, false);
         drop(ctl);
-        store
-            .stage(&bytes)
-            .map_err(|e| DirtyError::io(format!("staging {}", store.describe()), e))?;
+        if let Err(e) = store.stage(&bytes) {
+            // A half-written staging file is no trace to leave either.
+            store.discard_staged();
+            return Err(DirtyError::io(format!("staging {}", store.describe()), e));
+        }
         Ok(Staged {
             file_id,
             plan,

@@ -339,10 +339,12 @@ mod tests {
     }
 
     /// A file store whose replacements fail while `fail` is set (a full
-    /// disk at the commit).
+    /// disk at the commit), and whose staging writes half the file and
+    /// fails while `fail_stage` is set (a full disk at the prepare).
     struct FailingStore {
         inner: FileStore,
         fail: AtomicBool,
+        fail_stage: AtomicBool,
     }
 
     impl FailingStore {
@@ -376,6 +378,10 @@ mod tests {
             self.inner.remove()
         }
         fn stage(&self, contents: &[u8]) -> std::io::Result<()> {
+            if self.fail_stage.load(Ordering::SeqCst) {
+                self.inner.stage(&contents[..contents.len() / 2])?;
+                return Err(std::io::Error::other("injected: staging failed"));
+            }
             self.inner.stage(contents)
         }
         fn commit_staged(
@@ -561,8 +567,9 @@ mod tests {
         assert_eq!(state(&t), after);
     }
 
-    /// The sidecar cannot be replaced at the commit instant: the error is
-    /// reported and every bit, flag and file is as before.
+    /// The new sidecar cannot be staged, or cannot be put in place at the
+    /// commit instant: the error is reported and every bit, flag and file
+    /// is as before.
     #[test]
     fn a_commit_that_cannot_write_the_sidecar_changes_nothing() {
         let dir = Dir::new("commit");
@@ -570,31 +577,34 @@ mod tests {
         let store = Arc::new(FailingStore {
             inner: FileStore::new(&sidecar),
             fail: AtomicBool::new(false),
+            fail_stage: AtomicBool::new(false),
         });
         let t = open(store.clone());
         let d = standard_dispatcher(Arc::new(Ctx(t.clone())), EventBus::new());
         populate(&d, &t);
         let before = state(&t);
         let file = std::fs::read(&sidecar).unwrap();
-        store.fail.store(true, Ordering::SeqCst);
-        let e = exec(
-            &d,
-            "transaction",
-            json!({"actions": [
+        let actions = json!({"actions": [
                 act("block-dirty-bitmap-add", json!({"node": "disk0", "name": "p2", "persistent": true})),
                 act("block-dirty-bitmap-clear", b("p0")),
                 act("block-dirty-bitmap-merge", json!({"node": "disk0", "target": "p1", "bitmaps": ["m0"]})),
                 act("block-dirty-bitmap-enable", b("p1")),
                 act("block-dirty-bitmap-remove", b("m0")),
-            ]}),
-        )
-        .unwrap_err();
-        assert!(e.desc.contains("injected"), "{}", e.desc);
-        assert_eq!(state(&t), before);
-        assert_eq!(std::fs::read(&sidecar).unwrap(), file);
-        assert!(!tmp_of(&sidecar).exists());
+        ]});
+        for flag in [&store.fail_stage, &store.fail] {
+            flag.store(true, Ordering::SeqCst);
+            let e = exec(&d, "transaction", actions.clone()).unwrap_err();
+            assert!(e.desc.contains("injected"), "{}", e.desc);
+            assert_eq!(state(&t), before);
+            assert_eq!(std::fs::read(&sidecar).unwrap(), file);
+            assert!(
+                !tmp_of(&sidecar).exists(),
+                "{}: a staged file was left",
+                e.desc
+            );
+            flag.store(false, Ordering::SeqCst);
+        }
         // And the bitmaps still work: the next commit writes them all.
-        store.fail.store(false, Ordering::SeqCst);
         exec(
             &d,
             "transaction",
