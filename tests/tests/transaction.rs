@@ -489,3 +489,96 @@ fn persistent_transaction_is_all_or_nothing_across_kill_9() -> Result<()> {
     );
     Ok(())
 }
+
+/// Attaches strace to `pid` so that it delivers SIGKILL when the daemon
+/// enters the `when`-th `syscall` from now: a kill -9 at a chosen step of
+/// the real daemon, with no test switch in it. Returns once every thread
+/// is traced.
+fn kill_at(pid: u32, syscall: &str, when: u32, log: &Path) -> Result<std::process::Child> {
+    let err = std::fs::File::create(log)?;
+    let child = Command::new("strace")
+        .args(["-f", "-p", &pid.to_string(), "-o", "/dev/null", "-e"])
+        .arg(format!("trace={syscall}"))
+        .arg("-e")
+        .arg(format!("inject={syscall}:signal=SIGKILL:when={when}"))
+        .stderr(err)
+        .spawn()
+        .context("strace is required (apt-get install strace)")?;
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while !std::fs::read_to_string(log)?.contains("attached with") {
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "strace did not attach"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(child)
+}
+
+/// kill -9 inside a transaction's prepare (staging the new sidecar), inside
+/// its commit (guest I/O held, bitmaps changed in memory, before the
+/// rename), and just after the rename: the next start has the old bitmaps
+/// and no staged file in the first two cases, the new ones in the last.
+#[test]
+fn kill_9_inside_a_transaction_leaves_the_old_or_the_new_state() -> Result<()> {
+    use std::os::unix::process::ExitStatusExt;
+    // The transaction's sidecar syscalls, in order: fsync (staged file),
+    // fdatasync (pages changed since), rename, fsync (directory).
+    for (syscall, when, committed) in [
+        ("fsync", 1, false),
+        ("rename", 1, false),
+        ("fsync", 2, true),
+    ] {
+        let step = format!("{syscall}#{when}");
+        let dir = ScratchDir::new("txn-strace")?;
+        let image = dir.join("disk.img");
+        create_image(&image, SIZE)?;
+        let (mut d, qmp, vhost) = start_vubd(&dir, &image, "a")?;
+        let mut q = QmpClient::connect(&qmp, TIMEOUT)?;
+        q.ok(
+            "block-dirty-bitmap-add",
+            json!({"node": "disk0", "name": "p0", "persistent": true}),
+        )?;
+        guest_writes(&vhost, 1)?;
+        let before = shape(&mut q)?;
+        let mut strace = kill_at(d.pid(), syscall, when, &dir.join("strace.log"))?;
+        let r = q.execute(
+            "transaction",
+            txn(vec![
+                act("block-dirty-bitmap-disable", b("p0")),
+                act(
+                    "block-dirty-bitmap-add",
+                    json!({"node": "disk0", "name": "p1", "persistent": true}),
+                ),
+            ]),
+        );
+        ensure!(r.is_err(), "{step}: the daemon answered: {r:?}");
+        let status = d.wait_exit(TIMEOUT)?;
+        ensure!(status.signal() == Some(9), "{step}: {status}");
+        let _ = strace.wait();
+
+        let (_d, qmp, _) = start_vubd(&dir, &image, "b")?;
+        let mut q = QmpClient::connect(&qmp, TIMEOUT)?;
+        let after = shape(&mut q)?;
+        let names: Vec<(&str, bool)> = after.iter().map(|s| (s.0.as_str(), s.1)).collect();
+        if committed {
+            ensure!(names == [("p1", true), ("p0", false)], "{step}: {after:?}");
+            ensure!(
+                after[1].3 == before[0].3,
+                "{step}: p0's bits {after:?} vs {before:?}"
+            );
+        } else {
+            ensure!(names == [("p0", true)], "{step}: {after:?}");
+            ensure!(
+                after[0].3 >= before[0].3,
+                "{step}: p0 lost bits: {after:?} vs {before:?}"
+            );
+        }
+        let left = files(dir.path())?;
+        ensure!(
+            left == ["disk.img", "disk.img.vubd-bitmaps"],
+            "{step}: files {left:?}"
+        );
+    }
+    Ok(())
+}
