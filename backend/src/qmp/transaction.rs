@@ -270,24 +270,27 @@ pub fn run(
         }
     }
     if result.is_ok() {
-        let bitmaps = tx.bitmaps.take();
-        let mut committed = Err(QmpError::generic("guest I/O was not held"));
-        let mut bitmaps = Some(bitmaps);
+        let mut bitmaps = tx.bitmaps.take();
+        let mut committed = None;
         let held = ctx.with_guest_io_held(&mut || {
-            let Some(bitmaps) = bitmaps.take() else {
+            if committed.is_some() {
                 return;
+            }
+            // The bitmap plan first: its commit is the one that can fail.
+            let r = match bitmaps.take() {
+                Some(b) => b.commit().map_err(|e| QmpError::generic(e.to_string())),
+                None => Ok(()),
             };
-            committed = match bitmaps.map(|b| b.commit()) {
-                Some(Err(e)) => Err(QmpError::generic(e.to_string())),
-                _ => Ok(()),
-            };
-            if committed.is_ok() {
+            if r.is_ok() {
                 for a in actions.iter_mut() {
                     a.commit(&mut tx);
                 }
             }
+            committed = Some(r);
         });
-        result = held.and(committed);
+        result = held.and_then(|()| {
+            committed.unwrap_or_else(|| Err(QmpError::generic("guest I/O was not held")))
+        });
     }
     if result.is_err() {
         // A bitmap plan not committed is dropped: nothing of it remains.
