@@ -10,4 +10,4 @@ $SUDO apt-get update -qq
 $SUDO apt-get install -y -q --allow-downgrades \
     qemu-system-x86 qemu-utils/bookworm \
     linux-image-amd64 busybox-static fio e2fsprogs util-linux \
-    libnbd-bin nbdkit cpio zstd python3-pip >/dev/null
+    libnbd-bin nbdkit cpio zstd python3-pip strace >/dev/null

@@ -11,18 +11,22 @@
 //! vhost-user control channel (GET_VRING_BASE) needs those locks, and the
 //! frontend's main loop waits for its answer.
 //!
+//! Pausers may overlap (a block job's pivot, a QMP `transaction`): I/O
+//! resumes when the last of them lets go.
+//!
 //! A pauser that cannot have the gate within a bound
 //! ([`IoGate::pause_timeout`]) gives up and lets I/O go on, so a stuck
 //! request does not freeze the other queues for longer than that bound.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 /// Pause/resume control over guest I/O.
 #[derive(Default)]
 pub struct IoGate {
-    paused: AtomicBool,
+    /// Pausers holding (or waiting for) the gate.
+    pausers: AtomicUsize,
     in_flight: AtomicUsize,
     /// Threads in [`IoGate::wait_resumed`] (changed under `lock`).
     waiting: AtomicUsize,
@@ -35,7 +39,7 @@ pub struct BatchGuard<'a> {
     gate: &'a IoGate,
 }
 
-/// Held by whoever paused I/O; dropping it resumes I/O.
+/// Held by whoever paused I/O; dropping the last one resumes I/O.
 pub struct PauseGuard<'a> {
     gate: &'a IoGate,
 }
@@ -56,7 +60,7 @@ impl IoGate {
     /// Enters the gate unless I/O is paused (then `None`, at once).
     pub fn try_enter(&self) -> Option<BatchGuard<'_>> {
         self.in_flight.fetch_add(1, Ordering::SeqCst);
-        if !self.paused.load(Ordering::SeqCst) {
+        if !self.is_paused() {
             return Some(BatchGuard { gate: self });
         }
         self.leave();
@@ -66,11 +70,11 @@ impl IoGate {
     /// Waits until I/O is not paused (returns at once if it is not).
     pub fn wait_resumed(&self) {
         let mut guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-        if !self.paused.load(Ordering::SeqCst) {
+        if !self.is_paused() {
             return;
         }
         self.waiting.fetch_add(1, Ordering::SeqCst);
-        while self.paused.load(Ordering::SeqCst) {
+        while self.is_paused() {
             guard = self.changed.wait(guard).unwrap_or_else(|p| p.into_inner());
         }
         self.waiting.fetch_sub(1, Ordering::SeqCst);
@@ -83,17 +87,15 @@ impl IoGate {
     }
 
     fn leave(&self) {
-        if self.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 && self.paused.load(Ordering::SeqCst)
-        {
+        if self.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 && self.is_paused() {
             let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
             self.changed.notify_all();
         }
     }
 
-    /// Stops new batches and waits until none is running. Only one pauser
-    /// at a time is expected (block jobs serialize their pivots).
+    /// Stops new batches and waits until none is running.
     pub fn pause(&self) -> PauseGuard<'_> {
-        self.paused.store(true, Ordering::SeqCst);
+        self.pausers.fetch_add(1, Ordering::SeqCst);
         let mut guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         while self.in_flight.load(Ordering::SeqCst) != 0 {
             guard = self.changed.wait(guard).unwrap_or_else(|p| p.into_inner());
@@ -107,12 +109,12 @@ impl IoGate {
     /// bounds how long the guest's other queues stall for nothing.
     pub fn pause_timeout(&self, timeout: Duration) -> Option<PauseGuard<'_>> {
         let deadline = Instant::now() + timeout;
-        self.paused.store(true, Ordering::SeqCst);
+        self.pausers.fetch_add(1, Ordering::SeqCst);
         let mut guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         while self.in_flight.load(Ordering::SeqCst) != 0 {
             let now = Instant::now();
             if now >= deadline {
-                self.paused.store(false, Ordering::SeqCst);
+                self.pausers.fetch_sub(1, Ordering::SeqCst);
                 self.changed.notify_all();
                 return None;
             }
@@ -127,7 +129,7 @@ impl IoGate {
 
     /// True while paused.
     pub fn is_paused(&self) -> bool {
-        self.paused.load(Ordering::SeqCst)
+        self.pausers.load(Ordering::SeqCst) != 0
     }
 }
 
@@ -140,7 +142,7 @@ impl Drop for BatchGuard<'_> {
 impl Drop for PauseGuard<'_> {
     fn drop(&mut self) {
         let _guard = self.gate.lock.lock().unwrap_or_else(|p| p.into_inner());
-        self.gate.paused.store(false, Ordering::SeqCst);
+        self.gate.pausers.fetch_sub(1, Ordering::SeqCst);
         self.gate.changed.notify_all();
     }
 }
@@ -148,7 +150,7 @@ impl Drop for PauseGuard<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicU64;
+    use std::sync::atomic::{AtomicBool, AtomicU64};
     use std::sync::Arc;
     use std::time::Duration;
 
@@ -188,6 +190,25 @@ mod tests {
             w.join().unwrap();
         }
         assert!(counter.load(Ordering::SeqCst) > 0);
+    }
+
+    /// A pivot and a transaction may pause at the same time: the first to
+    /// let go must not let I/O run under the other.
+    #[test]
+    fn overlapping_pausers_resume_io_only_when_the_last_lets_go() {
+        let gate = IoGate::default();
+        let first = gate.pause();
+        let second = gate
+            .pause_timeout(Duration::from_secs(60))
+            .expect("no batch runs");
+        drop(first);
+        assert!(gate.is_paused());
+        assert!(
+            gate.try_enter().is_none(),
+            "I/O ran under the second pauser"
+        );
+        drop(second);
+        assert!(gate.try_enter().is_some());
     }
 
     #[test]

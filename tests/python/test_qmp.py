@@ -168,6 +168,42 @@ class AsyncClientTest(unittest.IsolatedAsyncioTestCase):
         finally:
             await qmp.disconnect()
 
+    async def test_transaction(self):
+        """QEMU's checkpoint step: disable the old bitmap and add the new one
+        at one instant; a failing action rolls back the others."""
+        qmp = await self.client()
+        node = "pydisk"
+
+        def act(kind, **data):
+            return {"type": kind, "data": {"node": node, **data}}
+
+        try:
+            await qmp.execute("block-dirty-bitmap-add", {"node": node, "name": "b0"})
+            with self.assertRaises(ExecuteError) as cm:
+                await qmp.execute("transaction", {"actions": [
+                    act("block-dirty-bitmap-disable", name="b0"),
+                    act("block-dirty-bitmap-add", name="b1"),
+                    {"type": "abort", "data": {}}]})
+            self.assertEqual(str(cm.exception), "Transaction aborted using Abort action")
+            with self.assertRaises(ExecuteError) as cm:
+                await qmp.execute("transaction", {
+                    "actions": [act("block-dirty-bitmap-add", name="b1")],
+                    "properties": {"completion-mode": "grouped"}})
+            self.assertEqual(
+                str(cm.exception),
+                "Action 'block-dirty-bitmap-add' does not support Transaction "
+                "property completion-mode = grouped")
+            bitmaps = (await qmp.execute("query-block"))[0]["inserted"]["dirty-bitmaps"]
+            self.assertEqual([(b["name"], b["recording"]) for b in bitmaps], [("b0", True)])
+            self.assertEqual(await qmp.execute("transaction", {"actions": [
+                act("block-dirty-bitmap-disable", name="b0"),
+                act("block-dirty-bitmap-add", name="b1")]}), {})
+            bitmaps = (await qmp.execute("query-block"))[0]["inserted"]["dirty-bitmaps"]
+            self.assertEqual([(b["name"], b["recording"]) for b in bitmaps],
+                             [("b1", True), ("b0", False)])
+        finally:
+            await qmp.disconnect()
+
     async def test_quit_sends_shutdown_to_every_client(self):
         first = await self.client("first")
         second = await self.client("second")

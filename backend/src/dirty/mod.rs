@@ -26,7 +26,9 @@ pub use bitmap::{check_granularity, hex, qemu_words, DirtyBitmap, DirtyRanges, P
 pub use format::{recover, sidecar_path, RecoveredBitmap, Recovery, FORMAT_VERSION};
 pub use inflight::InFlightBitmap;
 pub use store::{FileStore, MemStore, MetaStore};
-pub use tracker::{BitmapInfo, DirtyTracker, PreparedRelocation, TrackerConfig, TrackerStats};
+pub use tracker::{
+    BitmapInfo, BitmapTxn, DirtyTracker, PreparedRelocation, TrackerConfig, TrackerStats,
+};
 
 /// Smallest granularity (QEMU's lower bound).
 pub const MIN_GRANULARITY: u64 = 512;

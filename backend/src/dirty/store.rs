@@ -48,7 +48,8 @@ pub trait MetaStore: Send + Sync {
     fn commit_staged(&self, contents: &[u8], _changed: &[Range<usize>]) -> io::Result<()> {
         self.replace(contents)
     }
-    /// Forgets a staged file that will not be put in place (if any).
+    /// Forgets a staged file that will not be put in place (if any, also
+    /// one a killed process left behind).
     fn discard_staged(&self) {}
     /// A name for log lines (the path).
     fn describe(&self) -> String;
@@ -213,16 +214,17 @@ impl MetaStore for FileStore {
     }
 
     fn discard_staged(&self) {
-        if self
-            .staged
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-            .is_some()
-        {
-            if let Err(e) = std::fs::remove_file(self.tmp_path()) {
-                log::debug!("removing {}: {e}", self.tmp_path().display());
+        // Also a file a killed process staged: `PATH.tmp` is only ever a
+        // staging area, never a state anything recovers from.
+        self.staged.lock().unwrap_or_else(|e| e.into_inner()).take();
+        match std::fs::remove_file(self.tmp_path()) {
+            Ok(()) => {
+                if let Err(e) = self.sync_dir() {
+                    log::debug!("syncing the directory of {}: {e}", self.path.display());
+                }
             }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => log::debug!("removing {}: {e}", self.tmp_path().display()),
         }
     }
 

@@ -59,6 +59,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+mod txn;
+pub use txn::BitmapTxn;
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -447,11 +450,14 @@ impl DirtyTracker {
             }),
         });
         if let (Some(store), false) = (&config.sidecar, config.read_only) {
+            // A file staged by a process killed before it was put in place
+            // (a transaction's or a pivot's) is no part of any state.
+            store.discard_staged();
             let mut ctl = lock(&inner.control);
             if !named.is_empty() {
                 inner
                     .persist
-                    .relayout(&inner, &mut ctl, &named, store, None)?;
+                    .relayout(&inner, &mut ctl, &named, store, None, false)?;
             } else if had_valid_empty_file {
                 store.remove().map_err(|e| {
                     DirtyError::io(format!("removing empty {}", store.describe()), e)
@@ -668,7 +674,7 @@ impl DirtyTracker {
             files.push(entry.clone());
             inner
                 .persist
-                .relayout(inner, &mut ctl, &files, &store, None)?;
+                .relayout(inner, &mut ctl, &files, &store, None, false)?;
         }
         inner.bitmaps.rcu(|v| {
             let mut v = Vec::clone(v);
@@ -701,7 +707,7 @@ impl DirtyTracker {
                 .collect();
             inner
                 .persist
-                .relayout(inner, &mut ctl, &files, &store, None)?;
+                .relayout(inner, &mut ctl, &files, &store, None, false)?;
         }
         inner.bitmaps.rcu(|v| {
             v.iter()
@@ -914,25 +920,42 @@ impl DirtyTracker {
         let members = inner.persistent_bitmaps();
         let mut staged = None;
         if !members.is_empty() && !inner.read_only {
-            let p = &inner.persist;
-            let plan = plan_of(&members);
-            let file_id = new_file_id();
-            let layout = Layout::plan(file_id, inner.disk_size, 1u64 << p.extent_shift, &plan);
-            let cur = p.al.load_full();
-            let next_epoch = cur.epoch.max(ctl.durable_gen) + 1;
-            let prepop = p.prepop(&cur);
-            let bytes = build_file(&layout, &members, next_epoch, &prepop, false);
-            drop(ctl);
-            store
-                .stage(&bytes)
-                .map_err(|e| DirtyError::io(format!("staging {}", store.describe()), e))?;
-            staged = Some(Staged {
-                file_id,
-                plan,
-                bytes,
-            });
+            staged = Some(self.stage(ctl, &members, &store)?);
         }
         Ok(PreparedRelocation { store, staged })
+    }
+
+    /// Writes the sidecar `members` would have now into `store`'s staging
+    /// area (durable, but read by no recovery) so that a later
+    /// [`Persist::relayout`] with it only writes what changed meanwhile.
+    /// The control lock is released before the slow write. On error no
+    /// staging file is left.
+    fn stage(
+        &self,
+        ctl: MutexGuard<'_, Control>,
+        members: &[Arc<Named>],
+        store: &Arc<dyn MetaStore>,
+    ) -> Result<Staged, DirtyError> {
+        let inner = &*self.inner;
+        let p = &inner.persist;
+        let plan = plan_of(members);
+        let file_id = new_file_id();
+        let layout = Layout::plan(file_id, inner.disk_size, 1u64 << p.extent_shift, &plan);
+        let cur = p.al.load_full();
+        let next_epoch = cur.epoch.max(ctl.durable_gen) + 1;
+        let prepop = p.prepop(&cur);
+        let bytes = build_file(&layout, members, next_epoch, &prepop, false);
+        drop(ctl);
+        if let Err(e) = store.stage(&bytes) {
+            // A half-written staging file is no trace to leave either.
+            store.discard_staged();
+            return Err(DirtyError::io(format!("staging {}", store.describe()), e));
+        }
+        Ok(Staged {
+            file_id,
+            plan,
+            bytes,
+        })
     }
 
     /// Finishes a relocation prepared by
@@ -959,7 +982,7 @@ impl DirtyTracker {
         let started = Instant::now();
         if let Err(e) = inner
             .persist
-            .relayout(inner, &mut ctl, &members, &store, staged)
+            .relayout(inner, &mut ctl, &members, &store, staged, false)
         {
             // `replace` may have failed after the rename (directory sync):
             // a complete file could be left beside an image that is not the
@@ -1373,7 +1396,9 @@ impl Persist {
     /// changed-page marks were consumed), and the old file stays in use.
     ///
     /// With `staged` (a file staged by [`DirtyTracker::prepare_relocation`]
-    /// for the same bitmaps), only what differs from it is written.
+    /// for the same bitmaps), only what differs from it is written. With
+    /// `fresh`, the new log starts empty instead of with the hot extents
+    /// (after a clear: old extents must not come back at recovery).
     fn relayout(
         &self,
         inner: &Inner,
@@ -1381,6 +1406,7 @@ impl Persist {
         members: &[Arc<Named>],
         store: &Arc<dyn MetaStore>,
         staged: Option<&Staged>,
+        fresh: bool,
     ) -> Result<(), DirtyError> {
         let _excl = self.layout_lock.write().unwrap_or_else(|e| e.into_inner());
         let cur = self.al.load_full();
@@ -1416,7 +1442,7 @@ impl Persist {
         let staged = staged.filter(|st| st.plan == plan);
         let file_id = staged.map_or_else(new_file_id, |st| st.file_id);
         let layout = Layout::plan(file_id, inner.disk_size, extent_size, &plan);
-        let prepop = self.prepop(&cur);
+        let prepop = if fresh { Vec::new() } else { self.prepop(&cur) };
         let slot_off = layout.al_slot_off(next_epoch);
         // Not durable until the new file is in place: markers wait (their
         // commits need the layout lock we hold).
@@ -1562,7 +1588,8 @@ fn changed_pages(old: &[u8], new: &[u8]) -> Vec<std::ops::Range<usize>> {
     out
 }
 
-/// A sidecar staged by [`DirtyTracker::prepare_relocation`].
+/// A sidecar staged by [`DirtyTracker::prepare_relocation`] or a
+/// transaction's prepare.
 struct Staged {
     file_id: u64,
     plan: Vec<(String, u64, bool)>,

@@ -1,7 +1,8 @@
 //! vubd's standard QMP commands, with QEMU 7.2's names, arguments, result
-//! shapes and error texts: `query-block`, `query-named-block-nodes`, `quit`
-//! and the `block-dirty-bitmap-*` family. They reach the daemon only
-//! through [`ManagementContext`] and [`DirtyBitmaps`].
+//! shapes and error texts: `query-block`, `query-named-block-nodes`, `quit`,
+//! the `block-dirty-bitmap-*` family and `transaction` (in
+//! `transaction.rs`). They reach the daemon only through
+//! [`ManagementContext`] and [`DirtyBitmaps`].
 
 use super::args::Args;
 use super::context::{BitmapInfo, BitmapOpError, DirtyBitmaps, ManagementContext};
@@ -66,9 +67,13 @@ pub fn register_standard(d: &Dispatcher, ctx: Arc<dyn ManagementContext>) {
             bitmap_op(c.as_ref(), &mut call.args, op)
         });
     }
-    let c = ctx;
+    let c = ctx.clone();
     d.register("block-dirty-bitmap-merge", move |call: &mut Call<'_>| {
         bitmap_merge(c.as_ref(), &mut call.args)
+    });
+    let c = ctx;
+    d.register("transaction", move |call: &mut Call<'_>| {
+        super::transaction::transaction(c.as_ref(), std::mem::take(&mut call.args))
     });
 }
 
@@ -141,14 +146,16 @@ pub fn block_info(ctx: &dyn ManagementContext) -> Value {
     })
 }
 
-fn bitmaps(ctx: &dyn ManagementContext) -> Result<Arc<dyn DirtyBitmaps>, QmpError> {
-    ctx.bitmaps()
-        .ok_or_else(|| QmpError::generic("Dirty bitmaps are not available on this disk"))
+/// The refusal of bitmap commands on a daemon that tracks no bitmaps.
+pub(crate) const NO_BITMAPS: &str = "Dirty bitmaps are not available on this disk";
+
+pub(crate) fn bitmaps(ctx: &dyn ManagementContext) -> Result<Arc<dyn DirtyBitmaps>, QmpError> {
+    ctx.bitmaps().ok_or_else(|| QmpError::generic(NO_BITMAPS))
 }
 
 /// The lookup used by the bitmap commands other than `add` (QEMU's
 /// `block_dirty_bitmap_lookup`).
-fn check_node(ctx: &dyn ManagementContext, node: &str) -> Result<(), QmpError> {
+pub(crate) fn check_node(ctx: &dyn ManagementContext, node: &str) -> Result<(), QmpError> {
     if node == ctx.node_name() {
         Ok(())
     } else {
@@ -169,44 +176,87 @@ pub fn check_device_or_node(ctx: &dyn ManagementContext, name: &str) -> Result<(
     }
 }
 
+/// The arguments of `block-dirty-bitmap-add` (QEMU's `BlockDirtyBitmapAdd`).
+pub(crate) struct AddArgs {
+    node: String,
+    name: String,
+    granularity: Option<u32>,
+    persistent: bool,
+    disabled: bool,
+}
+
+impl AddArgs {
+    /// Reads the members in schema order and finishes `args`.
+    pub(crate) fn parse(mut args: Args) -> Result<AddArgs, QmpError> {
+        let node = args.req_str("node")?;
+        let name = args.req_str("name")?;
+        let granularity = args.opt_u32("granularity")?;
+        let persistent = args.opt_bool("persistent")?.unwrap_or(false);
+        let disabled = args.opt_bool("disabled")?.unwrap_or(false);
+        args.finish()?;
+        Ok(AddArgs {
+            node,
+            name,
+            granularity,
+            persistent,
+            disabled,
+        })
+    }
+
+    /// Checks in QEMU's order (name, node, granularity; the engine checks
+    /// the rest) and hands the bitmap to `add`.
+    pub(crate) fn apply(
+        &self,
+        ctx: &dyn ManagementContext,
+        add: impl FnOnce(&str, u64, bool, bool) -> Result<(), BitmapOpError>,
+    ) -> Result<(), QmpError> {
+        let name = &self.name;
+        if name.is_empty() {
+            return Err(QmpError::generic("Bitmap name cannot be empty"));
+        }
+        check_device_or_node(ctx, &self.node)?;
+        let granularity = match self.granularity {
+            None => DEFAULT_GRANULARITY,
+            Some(g) => {
+                let g = u64::from(g);
+                if g < MIN_GRANULARITY || !g.is_power_of_two() {
+                    return Err(QmpError::generic(
+                        "Granularity must be power of 2 and at least 512",
+                    ));
+                }
+                if g > MAX_GRANULARITY {
+                    // Worded as the dirty engine (and QEMU's qcow2 limit) words it.
+                    return Err(QmpError::generic(format!(
+                        "Granularity exceeds maximum ({MAX_GRANULARITY} bytes)"
+                    )));
+                }
+                g
+            }
+        };
+        if name.len() > MAX_BITMAP_NAME {
+            return Err(QmpError::generic(format!("Bitmap name too long: {name}")));
+        }
+        add(name, granularity, self.persistent, self.disabled)
+            .map_err(|e| QmpError::generic(e.to_string()))
+    }
+}
+
 fn bitmap_add(ctx: &dyn ManagementContext, args: &mut Args) -> Result<Value, QmpError> {
-    let mut args = std::mem::take(args);
+    let a = AddArgs::parse(std::mem::take(args))?;
+    // Looked up after the argument checks, as before.
+    a.apply(ctx, |name, g, p, d| match ctx.bitmaps() {
+        Some(b) => b.add(name, g, p, d),
+        None => Err(BitmapOpError::Failed(NO_BITMAPS.into())),
+    })?;
+    Ok(json!({}))
+}
+
+/// QEMU's `BlockDirtyBitmap` (`node`, `name`), read and finished.
+pub(crate) fn parse_node_name(mut args: Args) -> Result<(String, String), QmpError> {
     let node = args.req_str("node")?;
     let name = args.req_str("name")?;
-    let granularity = args.opt_u32("granularity")?;
-    let persistent = args.opt_bool("persistent")?.unwrap_or(false);
-    let disabled = args.opt_bool("disabled")?.unwrap_or(false);
     args.finish()?;
-    // Checks in QEMU's order: name, node, granularity, then the engine.
-    if name.is_empty() {
-        return Err(QmpError::generic("Bitmap name cannot be empty"));
-    }
-    check_device_or_node(ctx, &node)?;
-    let granularity = match granularity {
-        None => DEFAULT_GRANULARITY,
-        Some(g) => {
-            let g = u64::from(g);
-            if g < MIN_GRANULARITY || !g.is_power_of_two() {
-                return Err(QmpError::generic(
-                    "Granularity must be power of 2 and at least 512",
-                ));
-            }
-            if g > MAX_GRANULARITY {
-                // Worded as the dirty engine (and QEMU's qcow2 limit) words it.
-                return Err(QmpError::generic(format!(
-                    "Granularity exceeds maximum ({MAX_GRANULARITY} bytes)"
-                )));
-            }
-            g
-        }
-    };
-    if name.len() > MAX_BITMAP_NAME {
-        return Err(QmpError::generic(format!("Bitmap name too long: {name}")));
-    }
-    bitmaps(ctx)?
-        .add(&name, granularity, persistent, disabled)
-        .map_err(|e| QmpError::generic(e.to_string()))?;
-    Ok(json!({}))
+    Ok((node, name))
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -219,10 +269,7 @@ enum Op {
 }
 
 fn bitmap_op(ctx: &dyn ManagementContext, args: &mut Args, op: Op) -> Result<Value, QmpError> {
-    let mut args = std::mem::take(args);
-    let node = args.req_str("node")?;
-    let name = args.req_str("name")?;
-    args.finish()?;
+    let (node, name) = parse_node_name(std::mem::take(args))?;
     check_node(ctx, &node)?;
     let b = bitmaps(ctx)?;
     let err = |e: BitmapOpError| QmpError::generic(e.to_string());
@@ -236,48 +283,81 @@ fn bitmap_op(ctx: &dyn ManagementContext, args: &mut Args, op: Op) -> Result<Val
     Ok(json!({}))
 }
 
+/// The arguments of `block-dirty-bitmap-merge` (`BlockDirtyBitmapMerge`).
+pub(crate) struct MergeArgs {
+    node: String,
+    target: String,
+    /// Each source: a bitmap name, on `node` or on the given node.
+    sources: Vec<(Option<String>, String)>,
+}
+
+impl MergeArgs {
+    /// Reads the members in schema order and finishes `args`.
+    pub(crate) fn parse(mut args: Args) -> Result<MergeArgs, QmpError> {
+        let node = args.req_str("node")?;
+        let target = args.req_str("target")?;
+        let items = args.req_list("bitmaps")?;
+        // Each source is a bitmap name on `node`, or {node, name} (QEMU's
+        // BlockDirtyBitmapOrStr); all are parsed before anything is looked up.
+        let mut sources = Vec::with_capacity(items.len());
+        for (path, v) in items {
+            match v {
+                Value::String(s) => sources.push((None, s)),
+                Value::Object(_) => {
+                    let (n, name) = parse_node_name(Args::nested(&path, v)?)?;
+                    sources.push((Some(n), name));
+                }
+                _ => {
+                    return Err(QmpError::generic(format!(
+                        "Invalid parameter type for '{path}', expected: BlockDirtyBitmapOrStr"
+                    )))
+                }
+            }
+        }
+        args.finish()?;
+        Ok(MergeArgs {
+            node,
+            target,
+            sources,
+        })
+    }
+
+    /// Looks the target and then each source up in QEMU's order (node,
+    /// then name with `exists`) and hands the names to `merge`.
+    pub(crate) fn apply(
+        &self,
+        ctx: &dyn ManagementContext,
+        exists: impl Fn(&str) -> bool,
+        merge: impl FnOnce(&str, &[String]) -> Result<(), BitmapOpError>,
+    ) -> Result<(), QmpError> {
+        let not_found = |n: &str| QmpError::generic(BitmapOpError::NotFound(n.into()).to_string());
+        check_node(ctx, &self.node)?;
+        if !exists(&self.target) {
+            return Err(not_found(&self.target));
+        }
+        let mut names = Vec::with_capacity(self.sources.len());
+        for (n, name) in &self.sources {
+            if let Some(n) = n {
+                check_node(ctx, n)?;
+            }
+            if !exists(name) {
+                return Err(not_found(name));
+            }
+            names.push(name.clone());
+        }
+        merge(&self.target, &names).map_err(|e| QmpError::generic(e.to_string()))
+    }
+}
+
 fn bitmap_merge(ctx: &dyn ManagementContext, args: &mut Args) -> Result<Value, QmpError> {
-    let mut args = std::mem::take(args);
-    let node = args.req_str("node")?;
-    let target = args.req_str("target")?;
-    let items = args.req_list("bitmaps")?;
-    // Each source is a bitmap name on `node`, or {node, name} (QEMU's
-    // BlockDirtyBitmapOrStr); all are parsed before anything is looked up.
-    let mut sources = Vec::with_capacity(items.len());
-    for (path, v) in items {
-        match v {
-            Value::String(s) => sources.push((None, s)),
-            Value::Object(_) => {
-                let mut inner = Args::nested(&path, v)?;
-                let n = inner.req_str("node")?;
-                let name = inner.req_str("name")?;
-                inner.finish()?;
-                sources.push((Some(n), name));
-            }
-            _ => {
-                return Err(QmpError::generic(format!(
-                    "Invalid parameter type for '{path}', expected: BlockDirtyBitmapOrStr"
-                )))
-            }
-        }
-    }
-    args.finish()?;
-    check_node(ctx, &node)?;
+    let m = MergeArgs::parse(std::mem::take(args))?;
+    check_node(ctx, &m.node)?;
     let b = bitmaps(ctx)?;
-    // QEMU resolves the target before the sources.
-    if !b.list().iter().any(|i| i.name == target) {
-        return Err(QmpError::generic(
-            BitmapOpError::NotFound(target).to_string(),
-        ));
-    }
-    let mut names = Vec::with_capacity(sources.len());
-    for (n, name) in sources {
-        if let Some(n) = n {
-            check_node(ctx, &n)?;
-        }
-        names.push(name);
-    }
-    b.merge(&target, &names)
-        .map_err(|e| QmpError::generic(e.to_string()))?;
+    let list = b.list();
+    m.apply(
+        ctx,
+        |n| list.iter().any(|i| i.name == n),
+        |target, names| b.merge(target, names),
+    )?;
     Ok(json!({}))
 }

@@ -4,6 +4,7 @@
 //! (or adapts the dirty-bitmap engine to [`DirtyBitmaps`]) and the commands
 //! stay testable with an in-memory double.
 
+use super::error::QmpError;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -37,6 +38,15 @@ pub trait ManagementContext: Send + Sync {
     /// thread: it must return promptly (signal the main loop; do not join
     /// the QMP server from here).
     fn quit(&self);
+    /// Runs `f` while guest I/O is held (no guest write in progress, none
+    /// starting), so that what `f` changes takes effect at one instant with
+    /// respect to guest writes (`transaction`'s commit). An error means I/O
+    /// could not be held (a request stuck in storage) and `f` did not run.
+    /// The default suits a context without guest I/O (tests).
+    fn with_guest_io_held(&self, f: &mut dyn FnMut()) -> Result<(), QmpError> {
+        f();
+        Ok(())
+    }
 }
 
 /// One bitmap as `query-block` reports it (QEMU's `BlockDirtyInfo`): the
@@ -94,4 +104,39 @@ pub trait DirtyBitmaps: Send + Sync {
     fn sha256(&self, name: &str) -> Result<String, BitmapOpError>;
     /// Every bitmap, newest first (QEMU's order).
     fn list(&self) -> Vec<BitmapInfo>;
+    /// Starts a transaction over the bitmaps (QMP `transaction`); `None`
+    /// if this engine cannot change several bitmaps at one instant.
+    fn begin_transaction(&self) -> Option<Box<dyn BitmapTransaction + '_>> {
+        None
+    }
+}
+
+/// Bitmap operations planned together: each is checked against the state
+/// the earlier ones leave, none is visible before
+/// [`BitmapTransaction::commit`], and dropping the plan changes nothing.
+/// Argument checks are the caller's, as for [`DirtyBitmaps`].
+pub trait BitmapTransaction {
+    /// Plans [`DirtyBitmaps::add`].
+    fn add(
+        &mut self,
+        name: &str,
+        granularity: u64,
+        persistent: bool,
+        disabled: bool,
+    ) -> Result<(), BitmapOpError>;
+    /// Plans [`DirtyBitmaps::remove`]; the bitmap stays (busy) until the commit.
+    fn remove(&mut self, name: &str) -> Result<(), BitmapOpError>;
+    /// Plans [`DirtyBitmaps::clear`].
+    fn clear(&mut self, name: &str) -> Result<(), BitmapOpError>;
+    /// Plans [`DirtyBitmaps::enable`].
+    fn enable(&mut self, name: &str) -> Result<(), BitmapOpError>;
+    /// Plans [`DirtyBitmaps::disable`].
+    fn disable(&mut self, name: &str) -> Result<(), BitmapOpError>;
+    /// Plans [`DirtyBitmaps::merge`].
+    fn merge(&mut self, target: &str, sources: &[String]) -> Result<(), BitmapOpError>;
+    /// Does ahead of the commit what can fail (writing stored copies).
+    fn prepare(&mut self) -> Result<(), BitmapOpError>;
+    /// Makes everything take effect at once (call with guest I/O held);
+    /// on error nothing changed.
+    fn commit(self: Box<Self>) -> Result<(), BitmapOpError>;
 }

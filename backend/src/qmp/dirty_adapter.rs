@@ -4,8 +4,8 @@
 //! The engine already words its refusals as QEMU does; this only maps its
 //! error type onto the QMP layer's.
 
-use super::context::{BitmapInfo, BitmapOpError, DirtyBitmaps};
-use crate::dirty::{DirtyError, DirtyTracker};
+use super::context::{BitmapInfo, BitmapOpError, BitmapTransaction, DirtyBitmaps};
+use crate::dirty::{BitmapTxn, DirtyError, DirtyTracker};
 
 impl From<DirtyError> for BitmapOpError {
     fn from(e: DirtyError) -> Self {
@@ -64,6 +64,57 @@ impl DirtyBitmaps for DirtyTracker {
 
     fn list(&self) -> Vec<BitmapInfo> {
         DirtyTracker::list(self)
+    }
+
+    fn begin_transaction(&self) -> Option<Box<dyn BitmapTransaction + '_>> {
+        Some(Box::new(DirtyTracker::transaction(self)))
+    }
+}
+
+impl BitmapTransaction for BitmapTxn<'_> {
+    fn add(
+        &mut self,
+        name: &str,
+        granularity: u64,
+        persistent: bool,
+        disabled: bool,
+    ) -> Result<(), BitmapOpError> {
+        Ok(BitmapTxn::add(
+            self,
+            name,
+            Some(granularity),
+            persistent,
+            disabled,
+        )?)
+    }
+
+    fn remove(&mut self, name: &str) -> Result<(), BitmapOpError> {
+        Ok(BitmapTxn::remove(self, name)?)
+    }
+
+    fn clear(&mut self, name: &str) -> Result<(), BitmapOpError> {
+        Ok(BitmapTxn::clear(self, name)?)
+    }
+
+    fn enable(&mut self, name: &str) -> Result<(), BitmapOpError> {
+        Ok(BitmapTxn::enable(self, name)?)
+    }
+
+    fn disable(&mut self, name: &str) -> Result<(), BitmapOpError> {
+        Ok(BitmapTxn::disable(self, name)?)
+    }
+
+    fn merge(&mut self, target: &str, sources: &[String]) -> Result<(), BitmapOpError> {
+        let sources: Vec<&str> = sources.iter().map(String::as_str).collect();
+        Ok(BitmapTxn::merge(self, target, &sources)?)
+    }
+
+    fn prepare(&mut self) -> Result<(), BitmapOpError> {
+        Ok(BitmapTxn::prepare(self)?)
+    }
+
+    fn commit(self: Box<Self>) -> Result<(), BitmapOpError> {
+        Ok(BitmapTxn::commit(*self)?)
     }
 }
 

@@ -14,6 +14,7 @@
 //!   negotiation, envelope checks, `id` echo.
 //! - [`args`]: argument reading with QEMU's error wording.
 //! - [`commands`]: the standard commands, bound to a [`ManagementContext`].
+//! - [`transaction`]: `transaction`, its action trait and phases.
 //! - [`events`]: the [`EventBus`] any part of the daemon emits events on.
 //!
 //! Typical wiring in the daemon:
@@ -39,9 +40,12 @@ pub mod error;
 pub mod events;
 pub mod json;
 pub mod server;
+pub mod transaction;
 
 pub use args::Args;
-pub use context::{BitmapInfo, BitmapOpError, DirtyBitmaps, DiskInfo, ManagementContext};
+pub use context::{
+    BitmapInfo, BitmapOpError, BitmapTransaction, DirtyBitmaps, DiskInfo, ManagementContext,
+};
 pub use dispatch::{Call, Dispatcher, Response, Session, VersionInfo};
 pub use error::{ErrorClass, QmpError};
 pub use events::{Event, EventBus};
