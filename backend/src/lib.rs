@@ -3,6 +3,7 @@
 //! commands. Nothing in this crate knows about vhost or virtio: the
 //! `vhost-glue` crate turns virtio requests into calls on [`Disk`].
 
+pub mod backup;
 pub mod dirty;
 pub mod disk;
 pub mod gate;

@@ -2,6 +2,7 @@
 //! disk's own node), with the image it opened. Immutable once made; who
 //! uses it is the registry's business.
 
+use crate::backup::CopyBeforeWrite;
 use crate::image::Image;
 use std::sync::Arc;
 
@@ -12,6 +13,11 @@ pub enum Driver {
     File,
     /// The raw format over a `file` child.
     Raw,
+    /// A copy-before-write filter over the disk's node (made by
+    /// `blockdev-backup`, with a `target` besides its `file` child).
+    CopyBeforeWrite,
+    /// The point-in-time view of a copy-before-write filter.
+    SnapshotAccess,
 }
 
 impl Driver {
@@ -20,6 +26,8 @@ impl Driver {
         match self {
             Driver::File => "file",
             Driver::Raw => "raw",
+            Driver::CopyBeforeWrite => "copy-before-write",
+            Driver::SnapshotAccess => "snapshot-access",
         }
     }
 }
@@ -58,6 +66,7 @@ pub struct Node {
     options: NodeOptions,
     child: Option<String>,
     monitor_owned: bool,
+    filter: Option<Arc<CopyBeforeWrite>>,
 }
 
 impl std::fmt::Debug for Node {
@@ -93,7 +102,20 @@ impl Node {
             options,
             child,
             monitor_owned,
+            filter: None,
         }
+    }
+
+    /// The same node holding `filter`: a copy-before-write node, or a
+    /// snapshot-access node reading through it.
+    pub fn with_filter(mut self, filter: Arc<CopyBeforeWrite>) -> Node {
+        self.filter = Some(filter);
+        self
+    }
+
+    /// The copy-before-write filter of the node, if it has one.
+    pub fn filter(&self) -> Option<&Arc<CopyBeforeWrite>> {
+        self.filter.as_ref()
     }
 
     /// The node name.

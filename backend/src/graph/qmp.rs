@@ -6,6 +6,7 @@
 
 use super::node::{Aio, Driver, Node, NodeOptions};
 use super::registry::{Graph, GraphError};
+use crate::backup::SnapshotAccess;
 use crate::image::{Image, RawImage, RawImageOptions};
 use crate::mirror::{image_errno, strerror};
 use crate::qmp::{commands, Args, Call, Dispatcher, ManagementContext, QmpError};
@@ -102,9 +103,9 @@ fn parse_common(args: &mut Args) -> Result<Common, QmpError> {
     if dz.is_some_and(|d| d != "off") {
         return Err(QmpError::generic("vubd does not support detect-zeroes"));
     }
-    if driver != "file" && driver != "raw" {
+    if !["file", "raw", "snapshot-access"].contains(&driver.as_str()) {
         return Err(QmpError::generic(format!(
-            "vubd supports the block drivers 'file' and 'raw' only, not '{driver}'"
+            "vubd supports the block drivers 'file', 'raw' and 'snapshot-access' only, not '{driver}'"
         )));
     }
     Ok(Common {
@@ -155,6 +156,8 @@ enum ChildRef {
 enum Variant {
     File(FileSpec),
     Raw(ChildRef),
+    /// Over the copy-before-write node of this name.
+    SnapshotAccess(String),
 }
 
 fn parse_raw(args: &mut Args) -> Result<ChildRef, QmpError> {
@@ -249,10 +252,18 @@ fn open_file(
 fn blockdev_add(graph: &Graph, args: &mut Args) -> Result<Value, QmpError> {
     let mut args = std::mem::take(args);
     let common = parse_common(&mut args)?;
-    let variant = if common.driver == "file" {
-        Variant::File(parse_file(&mut args)?)
-    } else {
-        Variant::Raw(parse_raw(&mut args)?)
+    let variant = match common.driver.as_str() {
+        "file" => Variant::File(parse_file(&mut args)?),
+        "raw" => Variant::Raw(parse_raw(&mut args)?),
+        _ => {
+            let path = args.path("file");
+            match args.required("file")? {
+                Value::String(s) => Variant::SnapshotAccess(s),
+                _ => return Err(QmpError::generic(format!(
+                    "vubd's snapshot-access takes the name of a copy-before-write node as '{path}'"
+                ))),
+            }
+        }
     };
     args.finish()?;
     let Some(name) = common.node_name.clone() else {
@@ -266,6 +277,27 @@ fn blockdev_add(graph: &Graph, args: &mut Args) -> Result<Value, QmpError> {
         return Err(err(GraphError::TooMany));
     }
     match variant {
+        Variant::SnapshotAccess(c) => {
+            let child = graph.lookup(&c).ok_or_else(|| {
+                QmpError::generic(format!("Cannot find device='{c}' nor node-name='{c}'"))
+            })?;
+            let filter = match (child.driver(), child.filter()) {
+                (Driver::CopyBeforeWrite, Some(f)) => f.clone(),
+                _ => {
+                    return Err(QmpError::generic(format!(
+                        "Node '{c}' is not a copy-before-write filter"
+                    )))
+                }
+            };
+            let image: Arc<dyn Image> = Arc::new(SnapshotAccess::new(filter.clone()));
+            let options = NodeOptions {
+                read_only: true,
+                ..NodeOptions::default()
+            };
+            let node = Node::new(&name, Driver::SnapshotAccess, image, options, Some(c), true)
+                .with_filter(filter);
+            graph.add(node, None).map_err(err)?;
+        }
         Variant::File(spec) => {
             graph
                 .add(open_file(&name, &common, &spec, true)?, None)

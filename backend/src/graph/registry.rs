@@ -239,6 +239,25 @@ impl Graph {
         Ok(node)
     }
 
+    /// Removes a node whatever uses it (a job dropping the filter it
+    /// inserted), releasing its child; its parents' links to it dangle
+    /// and are ignored when they go.
+    pub fn drop_node(&self, name: &str) {
+        let mut g = self.lock();
+        let Some(i) = g.entries.iter().position(|e| e.node.name() == name) else {
+            return;
+        };
+        let node = g.entries.remove(i).node;
+        if let Some(c) = node.child() {
+            let parent = User::Parent(name.to_string());
+            if let Some(e) = g.entries.iter_mut().find(|e| e.node.name() == c) {
+                if let Some(j) = e.users.iter().position(|u| *u == parent) {
+                    e.users.remove(j);
+                }
+            }
+        }
+    }
+
     /// Records that `user` holds the node called `name`.
     pub fn claim(&self, name: &str, user: User) -> Result<Arc<Node>, GraphError> {
         let mut g = self.lock();

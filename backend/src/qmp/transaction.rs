@@ -166,12 +166,30 @@ impl Action for BitmapAction {
     }
 }
 
+/// An action type that lives outside this module (`blockdev-backup`,
+/// which needs the disk, the graph and the jobs): its QAPI name and the
+/// parser of its `data`.
+pub type ExtraAction<'a> = (
+    &'static str,
+    &'a dyn Fn(Args) -> Result<Box<dyn Action>, QmpError>,
+);
+
 /// Reads one element of `actions` (`{"type", "data"}`), as QEMU's input
 /// visitor does: the type, then the data, then unexpected members.
-fn parse_action(path: &str, v: Value) -> Result<Box<dyn Action>, QmpError> {
+fn parse_action(
+    path: &str,
+    v: Value,
+    extra: &[ExtraAction<'_>],
+) -> Result<Box<dyn Action>, QmpError> {
     let mut a = Args::nested(path, v)?;
     let kind = a.req_str("type")?;
-    let Some(&kind) = TYPES.iter().find(|t| **t == kind) else {
+    let ext = extra.iter().find(|(t, _)| *t == kind);
+    let Some(kind) = TYPES
+        .iter()
+        .copied()
+        .find(|t| *t == kind)
+        .or(ext.map(|(t, _)| *t))
+    else {
         // QEMU names the discriminator without its path here.
         return Err(QmpError::generic(format!(
             "Parameter 'type' does not accept value '{kind}'"
@@ -179,6 +197,11 @@ fn parse_action(path: &str, v: Value) -> Result<Box<dyn Action>, QmpError> {
     };
     let data_path = a.path("data");
     let data = Args::nested(&data_path, a.required("data")?)?;
+    if let Some((_, parse)) = ext {
+        let action = parse(data)?;
+        a.finish()?;
+        return Ok(action);
+    }
     let action: Box<dyn Action> = match kind {
         "abort" => {
             data.finish()?;
@@ -214,11 +237,20 @@ fn parse_action(path: &str, v: Value) -> Result<Box<dyn Action>, QmpError> {
 
 /// The `transaction` command: parses every action first (a malformed one
 /// changes nothing), then runs them.
-pub fn transaction(ctx: &dyn ManagementContext, mut args: Args) -> Result<Value, QmpError> {
+pub fn transaction(ctx: &dyn ManagementContext, args: Args) -> Result<Value, QmpError> {
+    transaction_with(ctx, args, &[])
+}
+
+/// The `transaction` command knowing the action types of `extra` too.
+pub fn transaction_with(
+    ctx: &dyn ManagementContext,
+    mut args: Args,
+    extra: &[ExtraAction<'_>],
+) -> Result<Value, QmpError> {
     let items = args.req_list("actions")?;
     let mut actions = Vec::with_capacity(items.len());
     for (path, v) in items {
-        actions.push(parse_action(&path, v)?);
+        actions.push(parse_action(&path, v, extra)?);
     }
     let mut mode = CompletionMode::Individual;
     if let Some(props) = args.take("properties") {

@@ -1,0 +1,498 @@
+//! Copy-before-write and snapshot-access on real files: the snapshot
+//! equals the disk as it was at the instant the filter went in, under a
+//! writer that keeps writing; the races are forced with test images that
+//! park a read or a write until the test lets it go.
+
+use super::*;
+use crate::disk::{Disk, DiskError};
+use crate::image::{Image, ImageError, RawImage, RawImageOptions};
+use crate::iobuf::IoBuf;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+const SIZE: u64 = 4 << 20;
+const CL: u64 = 64 << 10;
+
+struct Dir(PathBuf);
+
+impl Dir {
+    fn new(tag: &str) -> Dir {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!("vubd-cbw-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Dir(p)
+    }
+
+    fn file(&self, name: &str, fill: impl Fn(u64) -> u8) -> PathBuf {
+        let p = self.0.join(name);
+        let data: Vec<u8> = (0..SIZE).map(fill).collect();
+        std::fs::write(&p, data).unwrap();
+        p
+    }
+
+    fn sparse(&self, name: &str) -> PathBuf {
+        let p = self.0.join(name);
+        std::fs::File::create(&p).unwrap().set_len(SIZE).unwrap();
+        p
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn raw(path: &Path) -> RawImage {
+    RawImage::open(
+        path,
+        RawImageOptions {
+            read_only: false,
+            direct: false,
+        },
+    )
+    .unwrap()
+}
+
+/// Lets one operation of a test image stop until released, and tells the
+/// test when it has stopped.
+#[derive(Default)]
+struct Parker {
+    /// (armed, parked, released)
+    state: Mutex<(bool, bool, bool)>,
+    cond: Condvar,
+}
+
+impl Parker {
+    fn arm(&self) {
+        *self.state.lock().unwrap() = (true, false, false);
+    }
+
+    /// Called by the image: parks the first operation after `arm`.
+    fn maybe_park(&self) {
+        let mut st = self.state.lock().unwrap();
+        if !st.0 {
+            return;
+        }
+        st.0 = false;
+        st.1 = true;
+        self.cond.notify_all();
+        while !st.2 {
+            st = self.cond.wait(st).unwrap();
+        }
+    }
+
+    fn wait_parked(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut st = self.state.lock().unwrap();
+        while !st.1 {
+            assert!(Instant::now() < deadline, "the operation never parked");
+            st = self
+                .cond
+                .wait_timeout(st, Duration::from_secs(1))
+                .unwrap()
+                .0;
+        }
+    }
+
+    fn release(&self) {
+        self.state.lock().unwrap().2 = true;
+        self.cond.notify_all();
+    }
+}
+
+/// A raw image whose reads or writes can be parked, or fail.
+struct TestImage {
+    inner: RawImage,
+    reads: Parker,
+    writes: Parker,
+    write_count: AtomicU64,
+    fail_writes: AtomicBool,
+}
+
+impl TestImage {
+    fn new(path: &Path) -> Arc<TestImage> {
+        Arc::new(TestImage {
+            inner: raw(path),
+            reads: Parker::default(),
+            writes: Parker::default(),
+            write_count: AtomicU64::new(0),
+            fail_writes: AtomicBool::new(false),
+        })
+    }
+
+    fn write_hook(&self, offset: u64, len: u64) -> Result<(), ImageError> {
+        self.write_count.fetch_add(1, Ordering::SeqCst);
+        self.writes.maybe_park();
+        if self.fail_writes.load(Ordering::SeqCst) {
+            return Err(ImageError::Io {
+                op: "write",
+                offset,
+                len,
+                cause: std::io::Error::from_raw_os_error(libc::ENOSPC),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Image for TestImage {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn path(&self) -> &Path {
+        self.inner.path()
+    }
+    fn read_at(&self, bufs: &[IoBuf], offset: u64) -> Result<(), ImageError> {
+        self.reads.maybe_park();
+        self.inner.read_at(bufs, offset)
+    }
+    fn write_at(&self, bufs: &[IoBuf], offset: u64, fua: bool) -> Result<(), ImageError> {
+        self.write_hook(offset, crate::iobuf::total_len(bufs))?;
+        self.inner.write_at(bufs, offset, fua)
+    }
+    fn flush(&self) -> Result<(), ImageError> {
+        self.inner.flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> Result<(), ImageError> {
+        self.inner.discard(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<(), ImageError> {
+        self.write_hook(offset, len)?;
+        self.inner.write_zeroes(offset, len, unmap)
+    }
+    fn allocated_bytes(&self) -> u64 {
+        self.inner.allocated_bytes()
+    }
+    fn allocation(&self, offset: u64) -> Result<(bool, u64), ImageError> {
+        self.inner.allocation(offset)
+    }
+}
+
+/// The disk over `source`, with a filter to `target` in its path.
+fn fleece(
+    source: Arc<dyn Image>,
+    target: Arc<dyn Image>,
+    opts: CbwOptions,
+) -> (Arc<Disk>, Arc<CopyBeforeWrite>) {
+    let disk = Arc::new(Disk::new(Box::new(ArcImage(source.clone())), false));
+    let cbw = Arc::new(CopyBeforeWrite::new(source, target, opts, None).unwrap());
+    disk.add_hook(cbw.clone());
+    (disk, cbw)
+}
+
+/// An `Arc`'d image as the disk's boxed one.
+struct ArcImage(Arc<dyn Image>);
+
+impl Image for ArcImage {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn path(&self) -> &Path {
+        self.0.path()
+    }
+    fn read_at(&self, bufs: &[IoBuf], offset: u64) -> Result<(), ImageError> {
+        self.0.read_at(bufs, offset)
+    }
+    fn write_at(&self, bufs: &[IoBuf], offset: u64, fua: bool) -> Result<(), ImageError> {
+        self.0.write_at(bufs, offset, fua)
+    }
+    fn flush(&self) -> Result<(), ImageError> {
+        self.0.flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> Result<(), ImageError> {
+        self.0.discard(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<(), ImageError> {
+        self.0.write_zeroes(offset, len, unmap)
+    }
+    fn allocated_bytes(&self) -> u64 {
+        self.0.allocated_bytes()
+    }
+    fn allocation(&self, offset: u64) -> Result<(bool, u64), ImageError> {
+        self.0.allocation(offset)
+    }
+}
+
+fn write(disk: &Disk, offset: u64, len: usize, byte: u8) -> Result<(), DiskError> {
+    let mut buf = vec![byte; len];
+    disk.write(offset, &[IoBuf::from_slice(&mut buf)])
+}
+
+fn snap(view: &SnapshotAccess, offset: u64, len: usize) -> Result<Vec<u8>, ImageError> {
+    let mut buf = vec![0u8; len];
+    view.read_at(&[IoBuf::from_slice(&mut buf)], offset)?;
+    Ok(buf)
+}
+
+fn pattern(i: u64) -> u8 {
+    (i / 512 % 251) as u8 ^ (i % 7) as u8
+}
+
+/// Waits (bounded, only against hangs) until `f` holds.
+fn wait_until(what: &str, f: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// A writer keeps writing (data, zeroes, discards; unaligned, across
+/// clusters) while the snapshot is read, scattered, many times: every
+/// read equals the image saved when the filter went in, byte for byte.
+#[test]
+fn the_snapshot_is_the_disk_at_the_instant_under_a_writer() {
+    let dir = Dir::new("writer");
+    let src = dir.file("src", pattern);
+    let tgt = dir.sparse("tgt");
+    let before = std::fs::read(&src).unwrap();
+    let (disk, cbw) = fleece(
+        Arc::new(raw(&src)),
+        Arc::new(raw(&tgt)),
+        CbwOptions::default(),
+    );
+    let view = SnapshotAccess::new(cbw.clone());
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (disk, stop) = (disk.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) || n < 200 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let offset = x % SIZE / 512 * 512;
+                let len = ((x >> 32) % (3 * CL) / 512 * 512 + 512).min(SIZE - offset);
+                match n % 5 {
+                    3 => disk.write_zeroes(offset, len, n % 2 == 0).unwrap(),
+                    4 => disk.discard(offset, len).unwrap(),
+                    _ => write(&disk, offset, len as usize, (n % 200) as u8 + 1).unwrap(),
+                }
+                n += 1;
+            }
+            n
+        })
+    };
+    let mut reads = 0u64;
+    let mut y: u64 = 12345;
+    while reads < 400 {
+        y = y
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let offset = (y >> 20) % SIZE / 512 * 512;
+        let len = ((y >> 40) % (4 * CL) + 512).min(SIZE - offset) as usize / 512 * 512;
+        // Two iovecs, split off the cluster grid.
+        let mut a = vec![0u8; len / 3];
+        let mut b = vec![0u8; len - len / 3];
+        view.read_at(
+            &[IoBuf::from_slice(&mut a), IoBuf::from_slice(&mut b)],
+            offset,
+        )
+        .unwrap();
+        a.extend_from_slice(&b);
+        let o = offset as usize;
+        assert!(
+            a == before[o..o + len],
+            "snapshot differs at {offset}+{len}"
+        );
+        reads += 1;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let writes = writer.join().unwrap();
+    assert_eq!(snap(&view, 0, SIZE as usize).unwrap(), before);
+    assert!(writes >= 200);
+    assert!(cbw.copied_bytes() > 0);
+    // The disk itself moved on.
+    assert_ne!(std::fs::read(&src).unwrap(), before);
+}
+
+/// Two writes on one cluster: the first one's copy is parked in the
+/// target; the second waits for the cluster, does not copy again, and
+/// neither lands before the copy is on the target.
+#[test]
+fn writes_on_one_cluster_copy_it_once_and_wait_for_the_copy() {
+    let dir = Dir::new("ww");
+    let src = dir.file("src", pattern);
+    let tgt = dir.sparse("tgt");
+    let before = std::fs::read(&src).unwrap();
+    let target = TestImage::new(&tgt);
+    let (disk, cbw) = fleece(Arc::new(raw(&src)), target.clone(), CbwOptions::default());
+    target.writes.arm();
+    let w1 = {
+        let disk = disk.clone();
+        std::thread::spawn(move || write(&disk, CL + 512, 512, 0xa1))
+    };
+    target.writes.wait_parked();
+    let w2 = {
+        let disk = disk.clone();
+        std::thread::spawn(move || write(&disk, CL + 4096, 8192, 0xb2))
+    };
+    wait_until("the second write to wait", || {
+        cbw.waiting() == 1 || w2.is_finished()
+    });
+    // The copy is parked: the source cluster is still the old data.
+    let now = std::fs::read(&src).unwrap();
+    assert!(
+        now[CL as usize..2 * CL as usize] == before[CL as usize..2 * CL as usize],
+        "a write landed before its cluster was copied"
+    );
+    target.writes.release();
+    w1.join().unwrap().unwrap();
+    w2.join().unwrap().unwrap();
+    assert_eq!(target.write_count.load(Ordering::SeqCst), 1, "copied twice");
+    let view = SnapshotAccess::new(cbw);
+    assert_eq!(snap(&view, 0, SIZE as usize).unwrap(), before);
+    let now = std::fs::read(&src).unwrap();
+    assert_eq!(now[(CL + 512) as usize], 0xa1);
+    assert_eq!(now[(CL + 4096) as usize], 0xb2);
+}
+
+/// A snapshot read of a cluster not copied yet is parked in the source;
+/// a guest write on that cluster waits for it, so the read returns the
+/// old data; the write then copies the old data and lands.
+#[test]
+fn a_snapshot_read_holds_its_cluster_against_a_guest_write() {
+    let dir = Dir::new("rw");
+    let src = dir.file("src", pattern);
+    let tgt = dir.sparse("tgt");
+    let before = std::fs::read(&src).unwrap();
+    let source = TestImage::new(&src);
+    let (disk, cbw) = fleece(source.clone(), Arc::new(raw(&tgt)), CbwOptions::default());
+    let view = Arc::new(SnapshotAccess::new(cbw.clone()));
+    source.reads.arm();
+    let reader = {
+        let view = view.clone();
+        std::thread::spawn(move || snap(&view, 2 * CL, 2 * CL as usize))
+    };
+    source.reads.wait_parked();
+    let writer = {
+        let disk = disk.clone();
+        std::thread::spawn(move || write(&disk, 3 * CL - 512, 1024, 0xc3))
+    };
+    wait_until("the write to wait or land", || {
+        cbw.waiting() == 1 || writer.is_finished()
+    });
+    source.reads.release();
+    let got = reader.join().unwrap().unwrap();
+    writer.join().unwrap().unwrap();
+    assert!(
+        got == before[2 * CL as usize..4 * CL as usize],
+        "the snapshot read saw the guest's write"
+    );
+    assert_eq!(snap(&view, 0, SIZE as usize).unwrap(), before);
+    assert_eq!(std::fs::read(&src).unwrap()[(3 * CL) as usize], 0xc3);
+}
+
+/// `on-cbw-error`: a target that fails its writes fails the guest write
+/// (nothing written, snapshot intact) under `break-guest-write`; under
+/// `break-snapshot` the guest write lands and every snapshot read fails.
+#[test]
+fn a_failing_copy_breaks_the_guest_write_or_the_snapshot() {
+    for on_error in [OnCbwError::BreakGuestWrite, OnCbwError::BreakSnapshot] {
+        let dir = Dir::new("err");
+        let src = dir.file("src", pattern);
+        let tgt = dir.sparse("tgt");
+        let before = std::fs::read(&src).unwrap();
+        let target = TestImage::new(&tgt);
+        let opts = CbwOptions {
+            on_error,
+            ..CbwOptions::default()
+        };
+        let (disk, cbw) = fleece(Arc::new(raw(&src)), target.clone(), opts);
+        let view = SnapshotAccess::new(cbw);
+        target.fail_writes.store(true, Ordering::SeqCst);
+        let r = write(&disk, 5 * CL, 4096, 0xd4);
+        let now = std::fs::read(&src).unwrap();
+        if on_error == OnCbwError::BreakGuestWrite {
+            assert!(matches!(r, Err(DiskError::Hook(_))), "{r:?}");
+            assert_eq!(now, before, "the failed guest write landed");
+            assert_eq!(snap(&view, 0, SIZE as usize).unwrap(), before);
+        } else {
+            r.unwrap();
+            assert_eq!(now[(5 * CL) as usize], 0xd4);
+            let e = snap(&view, 0, 4096).unwrap_err();
+            assert!(
+                matches!(&e, ImageError::Io { cause, .. } if cause.raw_os_error() == Some(libc::EIO)),
+                "{e}"
+            );
+            // Later writes neither copy nor fail.
+            target.fail_writes.store(false, Ordering::SeqCst);
+            let copies = target.write_count.load(Ordering::SeqCst);
+            write(&disk, 9 * CL, 4096, 0xd5).unwrap();
+            assert_eq!(target.write_count.load(Ordering::SeqCst), copies);
+        }
+    }
+}
+
+/// `cbw-timeout`: a write that cannot get its cluster in time (a snapshot
+/// read holds it) fails by the policy instead of waiting on.
+#[test]
+fn cbw_timeout_bounds_the_wait_for_a_held_cluster() {
+    let dir = Dir::new("timeout");
+    let src = dir.file("src", pattern);
+    let tgt = dir.sparse("tgt");
+    let source = TestImage::new(&src);
+    let opts = CbwOptions {
+        timeout: Some(Duration::from_millis(50)),
+        ..CbwOptions::default()
+    };
+    let (disk, cbw) = fleece(source.clone(), Arc::new(raw(&tgt)), opts);
+    let view = Arc::new(SnapshotAccess::new(cbw));
+    source.reads.arm();
+    let reader = {
+        let view = view.clone();
+        std::thread::spawn(move || snap(&view, 0, 4096))
+    };
+    source.reads.wait_parked();
+    let r = write(&disk, 0, 512, 0xe5);
+    assert!(
+        matches!(&r, Err(DiskError::Hook(m)) if m.contains("timed out")),
+        "{r:?}"
+    );
+    source.reads.release();
+    reader.join().unwrap().unwrap();
+    write(&disk, 0, 512, 0xe5).unwrap();
+}
+
+/// Discard on the snapshot: the clusters leave it (reads fail with
+/// EACCES), guest writes no longer copy them; block status reports the
+/// source's holes as holes, before and after a copy.
+#[test]
+fn snapshot_discard_and_block_status() {
+    let dir = Dir::new("discard");
+    let src = dir.file("src", pattern);
+    let tgt = dir.sparse("tgt");
+    let source: Arc<dyn Image> = Arc::new(raw(&src));
+    // A hole in the source at [1 MiB, 2 MiB).
+    source.discard(1 << 20, 1 << 20).unwrap();
+    let target = TestImage::new(&tgt);
+    let (disk, cbw) = fleece(source, target.clone(), CbwOptions::default());
+    let view = SnapshotAccess::new(cbw);
+    let (data, n) = view.allocation(1 << 20).unwrap();
+    if !data {
+        assert!(n >= CL && n <= 1 << 20, "{n}");
+        // The guest writes into the hole: the copy of zeroes stays a hole.
+        write(&disk, 1 << 20, 4096, 1).unwrap();
+        assert_eq!(view.allocation(1 << 20).unwrap().0, false);
+        assert!(snap(&view, 1 << 20, 4096).unwrap().iter().all(|&b| b == 0));
+    }
+    assert!(view.allocation(0).unwrap().0);
+    view.discard(0, 2 * CL + 100).unwrap();
+    let e = snap(&view, CL, 512).unwrap_err();
+    assert!(
+        matches!(&e, ImageError::Io { cause, .. } if cause.raw_os_error() == Some(libc::EACCES)),
+        "{e}"
+    );
+    let copies = target.write_count.load(Ordering::SeqCst);
+    write(&disk, 0, 2 * CL as usize, 7).unwrap();
+    assert_eq!(target.write_count.load(Ordering::SeqCst), copies);
+    // The partial cluster at the end of the discard stays readable.
+    let want: Vec<u8> = (2 * CL..2 * CL + 512).map(pattern).collect();
+    assert_eq!(snap(&view, 2 * CL, 512).unwrap(), want);
+}
