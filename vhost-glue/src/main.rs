@@ -325,8 +325,16 @@ fn run(mut opts: Options) -> Result<()> {
                 shutdown: Mutex::new(shutdown_tx.clone()),
             });
             let dispatcher = standard_dispatcher(ctx.clone(), events.clone());
-            graph_qmp::register_graph_commands(&dispatcher, graph, ctx);
+            graph_qmp::register_graph_commands(&dispatcher, graph.clone(), ctx.clone());
             vubd_backend::mirror::qmp::register_block_job_commands(&dispatcher, mirrors.clone());
+            // Image fleecing: `blockdev-backup` and its `transaction` action.
+            let backup = Arc::new(vubd_backend::backup::qmp::BackupService {
+                disk: disk.clone(),
+                graph,
+                jobs: mirrors.registry().clone(),
+                ctx,
+            });
+            vubd_backend::backup::qmp::register_backup_commands(&dispatcher, backup);
             let server = QmpServer::start(path, dispatcher, ServerConfig::default())
                 .with_context(|| format!("cannot start the QMP monitor on {}", path.display()))?;
             Some(server)

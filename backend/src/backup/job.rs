@@ -33,7 +33,7 @@ impl FleecingJob {
         self.cbw.detach();
         self.graph.drop_node(&self.filter_node);
         self.graph
-            .release(&self.target_node, &User::Job(job_id.to_string()));
+            .release(&self.target_node, &User::BackupJob(job_id.to_string()));
     }
 }
 

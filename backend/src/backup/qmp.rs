@@ -15,7 +15,7 @@ use super::job::FleecingJob;
 use crate::disk::Disk;
 use crate::graph::{Driver, Graph, GraphError, Node, NodeOptions, User};
 use crate::image::Image;
-use crate::jobs::{Job, JobError, JobOptions, JobRegistry, OnError};
+use crate::jobs::{Job, JobError, JobOptions, JobRegistry, JobStatus, OnError};
 use crate::qmp::transaction::{self, Action, CompletionMode, TxContext};
 use crate::qmp::{Args, Call, Dispatcher, ManagementContext, QmpError};
 use serde_json::json;
@@ -199,6 +199,18 @@ impl BackupAction {
             // The target has no device name, as in QEMU (hence the space).
             return Err(generic("Compression is not supported for this drive "));
         }
+        // QEMU's op blocker on the source: one job per disk (a mirror's
+        // pivot would swap the image under the filter).
+        let busy = svc.jobs.list().into_iter().find(|j| {
+            !matches!(j.status(), JobStatus::Concluded | JobStatus::Null)
+        });
+        if let Some(j) = busy {
+            return Err(generic(format!(
+                "Node '{}' is busy: block device is in use by block job: {}",
+                source.name(),
+                j.job_type()
+            )));
+        }
         if a.sync != "none" {
             return Err(generic(format!(
                 "vubd supports blockdev-backup with sync 'none' (image fleecing) only, not '{}'",
@@ -239,11 +251,13 @@ impl BackupAction {
                 ..NodeOptions::default()
             },
             Some(source.name().to_string()),
-            // Made by the job and removed by it, as in QEMU.
-            false,
+            true,
         )
         .with_filter(cbw.clone());
         svc.graph.add(node, None).map_err(create)?;
+        // Both held as QEMU's op blockers hold them: blockdev-del refused.
+        let holder = User::BackupJob(job_id.clone());
+        let _ = svc.graph.claim(&filter_name, holder.clone());
         let driver = Arc::new(FleecingJob {
             disk: svc.disk.clone(),
             graph: svc.graph.clone(),
@@ -251,7 +265,7 @@ impl BackupAction {
             filter_node: filter_name,
             target_node: a.target.clone(),
         });
-        if let Err(e) = svc.graph.claim(&a.target, User::Job(job_id.clone())) {
+        if let Err(e) = svc.graph.claim(&a.target, holder) {
             svc.graph.drop_node(&driver.filter_node);
             return Err(generic(e.to_string()));
         }

@@ -19,6 +19,9 @@ pub enum User {
     Parent(String),
     /// A block export (by export id), e.g. over NBD.
     Export(String),
+    /// A backup job (by job id) using it as its target or filter: QEMU
+    /// blocks such a node with an op blocker rather than a user.
+    BackupJob(String),
 }
 
 /// A refusal, worded as QEMU 7.2 words it.
@@ -49,6 +52,9 @@ pub enum GraphError {
     /// `blockdev-del` of a child that came inline with its parent.
     #[error("Node {0} is not owned by the monitor")]
     NotOwned(String),
+    /// `blockdev-del` of a backup job's target or filter.
+    #[error("Node '{0}' is busy: block device is in use by block job: backup")]
+    BackupBusy(String),
     /// More than [`MAX_NODES`] nodes (each holds an open file).
     #[error("Too many block nodes (at most {MAX_NODES})")]
     TooMany,
@@ -212,15 +218,19 @@ impl Graph {
             return Err(GraphError::NotFound(name.to_string()));
         };
         let e = &g.entries[i];
-        if !e.node.monitor_owned() {
-            return Err(GraphError::NotOwned(name.to_string()));
-        }
-        // Like QEMU's users that hold a BlockBackend on the node.
+        // QEMU's order: users holding a BlockBackend on the node, op
+        // blockers, ownership, other references.
         if e.users
             .iter()
             .any(|u| matches!(u, User::Disk | User::Job(_) | User::Export(_)))
         {
             return Err(GraphError::InUse(name.to_string()));
+        }
+        if e.users.iter().any(|u| matches!(u, User::BackupJob(_))) {
+            return Err(GraphError::BackupBusy(name.to_string()));
+        }
+        if !e.node.monitor_owned() {
+            return Err(GraphError::NotOwned(name.to_string()));
         }
         if !e.users.is_empty() {
             return Err(GraphError::ChildInUse(name.to_string()));
