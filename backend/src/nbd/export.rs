@@ -136,15 +136,17 @@ impl Exports {
         true
     }
 
-    /// A client of `export` has gone; completes a pending removal.
-    pub fn detach(&self, export: &Arc<Export>, conn: u64) {
-        let done = {
-            let mut st = export.state();
-            st.clients.remove(&conn);
-            st.shutting_down && st.clients.is_empty()
-        };
-        if done {
-            self.finish(export);
+    /// Connection `conn` has closed: it leaves the export it used (if
+    /// any), which completes a removal waiting for it.
+    pub fn detach(&self, conn: u64) {
+        for export in self.all() {
+            let done = {
+                let mut st = export.state();
+                st.clients.remove(&conn).is_some() && st.shutting_down && st.clients.is_empty()
+            };
+            if done {
+                self.finish(&export);
+            }
         }
     }
 

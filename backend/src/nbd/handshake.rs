@@ -156,6 +156,7 @@ struct Haggle<'a, R, W> {
     r: R,
     w: W,
     exports: &'a Exports,
+    attach: &'a dyn Fn(&Arc<Export>) -> bool,
     structured: bool,
     /// The export and contexts chosen by the last SET_META_CONTEXT.
     meta: Option<(String, Vec<Context>)>,
@@ -165,18 +166,20 @@ struct Haggle<'a, R, W> {
 /// Runs the handshake on a new connection. `Ok(None)`: the client left,
 /// aborted, timed out (`deadline`) or broke the protocol; the caller
 /// closes the connection. `attach` registers the client with the export
-/// it opens (false: the export went away meanwhile).
+/// it opens, before the client is told it may use it (false: the export
+/// is being removed).
 pub fn negotiate<R: Read, W: Write>(
     r: R,
     w: W,
     exports: &Exports,
     deadline: Instant,
-    attach: impl FnOnce(&Arc<Export>) -> bool,
+    attach: &dyn Fn(&Arc<Export>) -> bool,
 ) -> io::Result<Option<Negotiated>> {
     let mut h = Haggle {
         r,
         w,
         exports,
+        attach,
         structured: false,
         meta: None,
         no_zeroes: false,
@@ -202,9 +205,6 @@ pub fn negotiate<R: Read, W: Write>(
             Step::Next => {}
             Step::Close => return Ok(None),
             Step::Go(export) => {
-                if !attach(&export) {
-                    return Ok(None);
-                }
                 let contexts = match h.meta.take() {
                     Some((name, c)) if name == export.config.name => c,
                     _ => Vec::new(),
@@ -300,6 +300,9 @@ impl<R: Read, W: Write> Haggle<'_, R, W> {
             );
             return Ok(Step::Close);
         };
+        if !(self.attach)(&export) {
+            return Ok(Step::Close);
+        }
         self.w
             .write_all(&export.config.source.size().to_be_bytes())?;
         self.w
@@ -349,6 +352,15 @@ impl<R: Read, W: Write> Haggle<'_, R, W> {
                 &format!("export '{name}' not present"),
             );
         };
+        // Attached before the final ACK: once the client may use the
+        // export, a `safe` removal must see it.
+        if opt == OPT_GO && !(self.attach)(&export) {
+            return self.error(
+                opt,
+                REP_ERR_UNKNOWN,
+                &format!("export '{name}' not present"),
+            );
+        }
         if items.contains(&INFO_NAME) {
             let mut v = INFO_NAME.to_be_bytes().to_vec();
             v.extend_from_slice(export.config.name.as_bytes());

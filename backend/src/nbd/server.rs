@@ -305,13 +305,14 @@ fn client(shared: &Shared, id: u64, stream: Stream) -> io::Result<()> {
         Ok(s) => exports.attach(e, id, s),
         Err(_) => false,
     };
-    let Some(n) = negotiate(&mut r, &mut w, exports, deadline, attach)? else {
-        return Ok(());
-    };
-    // An idle client in transmission is legitimate; only writes time out.
-    let result = stream
-        .set_timeouts(None, Some(WRITE_TIMEOUT))
-        .and_then(|()| serve(&mut r, &mut w, &n));
-    exports.detach(&n.export, id);
+    let result = negotiate(&mut r, &mut w, exports, deadline, &attach).and_then(|n| match n {
+        // An idle client in transmission is legitimate; only writes time out.
+        Some(n) => stream
+            .set_timeouts(None, Some(WRITE_TIMEOUT))
+            .and_then(|()| serve(&mut r, &mut w, &n)),
+        None => Ok(()),
+    });
+    // Whichever way it ended, even mid-handshake after attaching.
+    exports.detach(id);
     result
 }
