@@ -22,3 +22,6 @@ pub mod transmission;
 
 pub use qmp::{register_nbd_commands, DiskNode, NbdService, NodeLookup};
 pub use source::{Allocation, DiskSource, ExportSource, SourceError};
+
+#[cfg(test)]
+mod tests;
