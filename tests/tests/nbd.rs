@@ -23,7 +23,7 @@ const TIMEOUT: Duration = Duration::from_secs(30);
 /// A daemon (vubd or qemu-storage-daemon) with its QMP monitor, serving
 /// `disk0` over vhost-user (for guest-like writes) and NBD.
 struct Peer {
-    _daemon: Daemon,
+    daemon: Daemon,
     qmp: QmpClient,
     vhost: PathBuf,
     nbd: PathBuf,
@@ -36,6 +36,12 @@ impl Peer {
         let tag = if qsd { "qsd" } else { "vubd" };
         let image = dir.join(&format!("{tag}.img"));
         create_image(&image, SIZE)?;
+        Peer::start_on(dir, qsd, image, image_setup)
+    }
+
+    /// As `start`, on an existing image.
+    fn start_on(dir: &ScratchDir, qsd: bool, image: PathBuf, image_setup: &[&str]) -> Result<Peer> {
+        let tag = if qsd { "qsd" } else { "vubd" };
         if !image_setup.is_empty() {
             let mut c = Command::new("qemu-io");
             c.args(["-f", "raw"]);
@@ -70,7 +76,7 @@ impl Peer {
         };
         let qmp = QmpClient::connect(&qmp, TIMEOUT)?;
         Ok(Peer {
-            _daemon: daemon,
+            daemon,
             qmp,
             vhost,
             nbd: dir.join(&format!("{tag}-nbd.sock")),
@@ -680,5 +686,76 @@ fn export_commands_match_qemu() -> Result<()> {
         transcripts[0], transcripts[1],
         "vubd (left) vs qemu-storage-daemon (right)"
     );
+    Ok(())
+}
+
+/// Writes `size` bytes of data to `path`, leaving every other `hole` bytes
+/// unwritten (a hole) when `hole` is non-zero.
+fn bench_image(path: &Path, size: u64, hole: u64) -> Result<()> {
+    create_image(path, size)?;
+    let mut f = std::fs::OpenOptions::new().write(true).open(path)?;
+    let block = vec![0x5au8; 4 << 20];
+    let mut off = 0u64;
+    while off < size {
+        let data = hole == 0 || (off / hole) % 2 == 0;
+        if data {
+            use std::io::Seek;
+            f.seek(std::io::SeekFrom::Start(off))?;
+            f.write_all(&block)?;
+        }
+        off += block.len() as u64;
+    }
+    Ok(())
+}
+
+/// `nbdcopy` of a 1 GiB export on /dev/shm to `null:`, vubd and
+/// qemu-storage-daemon alternated in one run, with the daemon's CPU time.
+/// Prints figures, asserts nothing: `cargo test --release -p tests --test
+/// nbd -- --ignored --nocapture nbdcopy_figures`.
+#[test]
+#[ignore]
+fn nbdcopy_figures() -> Result<()> {
+    let size = 1u64 << 30;
+    let reps = 3;
+    println!("image          daemon   median s   MiB/s   daemon CPU s (median)");
+    for (label, hole) in [("fully written", 0u64), ("half sparse", 4u64 << 20)] {
+        let dir = ScratchDir::new_in("/dev/shm", "nbd-bench")?;
+        let mut peers = Vec::new();
+        for qsd in [false, true] {
+            let image = dir.join(&format!("{}.img", if qsd { "qsd" } else { "vubd" }));
+            bench_image(&image, size, hole)?;
+            let mut p = Peer::start_on(&dir, qsd, image, &[])?;
+            p.start_unix_server(json!({}))?;
+            p.qmp.ok(
+                "block-export-add",
+                json!({"type": "nbd", "id": "x0", "node-name": "disk0"}),
+            )?;
+            peers.push((p, Vec::new(), Vec::new()));
+        }
+        for _ in 0..reps {
+            for (p, times, cpus) in peers.iter_mut() {
+                let cpu0 = p.daemon.cpu_time()?;
+                let t0 = std::time::Instant::now();
+                run(p, "nbdcopy", &[&p.uri("disk0"), "null:"])?;
+                times.push(t0.elapsed().as_secs_f64());
+                cpus.push((p.daemon.cpu_time()? - cpu0).as_secs_f64());
+            }
+        }
+        let median = |v: &mut Vec<f64>| {
+            v.sort_by(|a, b| a.total_cmp(b));
+            v[v.len() / 2]
+        };
+        let mut figures = Vec::new();
+        for (p, times, cpus) in peers.iter_mut() {
+            let (t, c) = (median(times), median(cpus));
+            println!(
+                "{label:14} {:8} {t:9.3} {:7.0} {c:10.3}",
+                p.name,
+                1024.0 / t
+            );
+            figures.push(t);
+        }
+        println!("{label:14} vubd/qsd speed: {:.2}x", figures[1] / figures[0]);
+    }
     Ok(())
 }
