@@ -697,7 +697,7 @@ fn bench_image(path: &Path, size: u64, hole: u64) -> Result<()> {
     let block = vec![0x5au8; 4 << 20];
     let mut off = 0u64;
     while off < size {
-        let data = hole == 0 || (off / hole) % 2 == 0;
+        let data = hole == 0 || (off / hole).is_multiple_of(2);
         if data {
             use std::io::Seek;
             f.seek(std::io::SeekFrom::Start(off))?;
