@@ -565,6 +565,20 @@ fn connection_cap_and_a_client_that_stops_reading_block_no_one() -> Result<()> {
     Ok(())
 }
 
+/// SIGTERM with a client in transmission: the export goes, vubd exits 0.
+#[test]
+fn sigterm_with_a_client_attached_exits_cleanly() -> Result<()> {
+    let dir = ScratchDir::new("nbd-term")?;
+    let mut p = vubd_with_export(&dir, json!({}))?;
+    let mut r = Raw::go(&p.nbd, "disk0")?;
+    p.daemon.signal(libc::SIGTERM)?;
+    let status = p.daemon.wait_exit(TIMEOUT)?;
+    assert!(status.success(), "vubd exited with {status}");
+    assert!(r.closed(), "the client was not disconnected");
+    assert!(!p.nbd.exists(), "the NBD socket was left behind");
+    Ok(())
+}
+
 #[test]
 fn a_silent_client_is_dropped_after_the_handshake_timeout() -> Result<()> {
     let dir = ScratchDir::new("nbd-silent")?;

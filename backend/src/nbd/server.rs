@@ -26,6 +26,8 @@ pub const DEFAULT_MAX_CONNECTIONS: u32 = 128;
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest a reply write may block before the client is dropped.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest `stop` waits for the connections' threads to end.
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Socket buffer sizes: reads and writes of a whole request per call.
 const IO_BUFFER: usize = 256 << 10;
 
@@ -233,6 +235,12 @@ impl NbdServer {
         self.shared.exports.remove_all();
         for s in self.shared.conns().values() {
             s.shutdown();
+        }
+        // A request already running (a write into the disk) finishes first,
+        // so that the daemon's final flush comes after it.
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while !self.shared.conns().is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
         }
         if let Some(p) = &self.unix_path {
             let _ = std::fs::remove_file(p);
