@@ -357,3 +357,46 @@ fn writes_on_a_read_only_export_and_bad_flags_are_refused_in_step() {
     assert_eq!(&out[48..64], simple_reply(0, 4));
     assert_eq!(&out[64..], [7, 7, 7, 7]);
 }
+
+/// Records whether GO's ACK was written before the client was attached.
+struct AckProbe<'a> {
+    attached: &'a std::cell::Cell<bool>,
+    acked_unattached: bool,
+}
+
+impl std::io::Write for AckProbe<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if buf == option_reply(OPT_GO, REP_ACK, 0) && !self.attached.get() {
+            self.acked_unattached = true;
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Once a client has GO's ACK it may use the export, so a `safe`
+/// block-export-del must see it from then on: the attach comes first.
+#[test]
+fn go_attaches_the_client_before_acknowledging() {
+    let (e, _t) = exports(true);
+    let mut input = 3u32.to_be_bytes().to_vec();
+    input.extend(option(OPT_GO, &[0, 0, 0, 1, b'e', 0, 0]));
+    let attached = std::cell::Cell::new(false);
+    let mut probe = AckProbe {
+        attached: &attached,
+        acked_unattached: false,
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let attach = |_: &Arc<super::export::Export>| {
+        attached.set(true);
+        true
+    };
+    let n = negotiate(&input[..], &mut probe, &e, deadline, &attach).unwrap();
+    assert!(n.is_some() && attached.get());
+    assert!(
+        !probe.acked_unattached,
+        "GO was acknowledged before the client was attached"
+    );
+}
