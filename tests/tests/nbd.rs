@@ -730,7 +730,7 @@ fn bench_image(path: &Path, size: u64, hole: u64) -> Result<()> {
 #[ignore]
 fn nbdcopy_figures() -> Result<()> {
     let size = 1u64 << 30;
-    let reps = 3;
+    let reps = 5;
     println!("image          daemon   median s   MiB/s   daemon CPU s (median)");
     for (label, hole) in [("fully written", 0u64), ("half sparse", 4u64 << 20)] {
         let dir = ScratchDir::new_in("/dev/shm", "nbd-bench")?;

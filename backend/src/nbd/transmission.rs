@@ -90,7 +90,13 @@ struct Conn<'a, R, W> {
     export: &'a Export,
     structured: bool,
     contexts: &'a [Context],
+    /// The last payload buffer, reused: a fresh large allocation per
+    /// request costs page faults (mmap) on every READ.
+    spare: Vec<u8>,
 }
+
+/// Largest buffer kept between requests (a 32 MiB one is given back).
+const KEEP_BUFFER: usize = 4 << 20;
 
 /// Serves requests until the client disconnects (or breaks the protocol).
 pub fn serve<R: Read, W: Write>(r: R, w: W, n: &Negotiated) -> io::Result<()> {
@@ -100,6 +106,7 @@ pub fn serve<R: Read, W: Write>(r: R, w: W, n: &Negotiated) -> io::Result<()> {
         export: &n.export,
         structured: n.structured,
         contexts: &n.contexts,
+        spare: Vec::new(),
     };
     loop {
         let mut head = [0u8; REQUEST_LEN];
@@ -132,8 +139,10 @@ impl<R: Read, W: Write> Conn<'_, R, W> {
                 self.fail(&req, Failure(EINVAL, msg))?;
                 return Ok(false);
             }
-            payload = vec![0u8; req.len as usize];
+            payload = self.buffer(req.len as usize);
             self.r.read_exact(&mut payload)?;
+        } else if req.kind == CMD_READ && req.len <= MAX_PAYLOAD {
+            payload = self.buffer(req.len as usize);
         }
         match self
             .check(&req)
@@ -142,7 +151,23 @@ impl<R: Read, W: Write> Conn<'_, R, W> {
             Ok(reply) => self.send(&req, reply)?,
             Err(f) => self.fail(&req, f)?,
         }
+        self.recycle(payload);
         Ok(true)
+    }
+
+    /// A buffer of `len` bytes, reusing the spare one. Its old bytes are
+    /// not cleared: every user fills it completely (a READ from the
+    /// source, a WRITE from the socket) or fails without sending it.
+    fn buffer(&mut self, len: usize) -> Vec<u8> {
+        let mut b = std::mem::take(&mut self.spare);
+        b.resize(len, 0);
+        b
+    }
+
+    fn recycle(&mut self, buf: Vec<u8>) {
+        if buf.capacity() <= KEEP_BUFFER && buf.capacity() >= self.spare.capacity() {
+            self.spare = buf;
+        }
     }
 
     fn check(&self, req: &Request) -> Result<(), Failure> {
@@ -188,12 +213,12 @@ impl<R: Read, W: Write> Conn<'_, R, W> {
     }
 
     /// Runs a checked request; nothing has been sent yet.
-    fn execute(&self, req: &Request, payload: &mut [u8]) -> Result<Reply, Failure> {
+    fn execute(&self, req: &Request, payload: &mut Vec<u8>) -> Result<Reply, Failure> {
         let source = &self.export.config.source;
         let fua = req.flags & CMD_FLAG_FUA != 0 || self.export.config.writethrough;
         let (offset, len) = (req.offset, u64::from(req.len));
         match req.kind {
-            CMD_READ => return self.read(req),
+            CMD_READ => return self.read(req, std::mem::take(payload)),
             CMD_BLOCK_STATUS => return Ok(Reply::Status(self.block_status(req)?)),
             CMD_WRITE => source.write(offset, payload, fua)?,
             CMD_FLUSH => source.flush()?,
@@ -218,7 +243,11 @@ impl<R: Read, W: Write> Conn<'_, R, W> {
     fn send(&mut self, req: &Request, reply: Reply) -> io::Result<()> {
         match reply {
             Reply::Done => self.w.write_all(&simple_reply(0, req.handle)),
-            Reply::Read(extents, buf) => self.send_read(req, &extents, &buf),
+            Reply::Read(extents, buf) => {
+                let sent = self.send_read(req, &extents, &buf);
+                self.recycle(buf);
+                sent
+            }
             Reply::Status(chunks) => {
                 let last = chunks.len().saturating_sub(1);
                 for (i, p) in chunks.iter().enumerate() {
@@ -277,8 +306,7 @@ impl<R: Read, W: Write> Conn<'_, R, W> {
     }
 
     /// Reads the data of a READ (and, for a sparse reply, where the holes are).
-    fn read(&self, req: &Request) -> Result<Reply, Failure> {
-        let mut buf = vec![0u8; req.len as usize];
+    fn read(&self, req: &Request, mut buf: Vec<u8>) -> Result<Reply, Failure> {
         if !buf.is_empty() {
             self.export.config.source.read(req.offset, &mut buf)?;
         }
