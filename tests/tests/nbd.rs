@@ -36,11 +36,17 @@ impl Peer {
         let tag = if qsd { "qsd" } else { "vubd" };
         let image = dir.join(&format!("{tag}.img"));
         create_image(&image, SIZE)?;
-        Peer::start_on(dir, qsd, image, image_setup)
+        Peer::start_on(dir, qsd, image, image_setup, false)
     }
 
-    /// As `start`, on an existing image.
-    fn start_on(dir: &ScratchDir, qsd: bool, image: PathBuf, image_setup: &[&str]) -> Result<Peer> {
+    /// As `start`, on an existing image, optionally read-only.
+    fn start_on(
+        dir: &ScratchDir,
+        qsd: bool,
+        image: PathBuf,
+        image_setup: &[&str],
+        readonly: bool,
+    ) -> Result<Peer> {
         let tag = if qsd { "qsd" } else { "vubd" };
         if !image_setup.is_empty() {
             let mut c = Command::new("qemu-io");
@@ -57,13 +63,15 @@ impl Peer {
             let mut cmd = Command::new("qemu-storage-daemon");
             cmd.arg("--blockdev")
                 .arg(format!(
-                    "driver=file,node-name=disk0,filename={},discard=unmap",
-                    image.display()
+                    "driver=file,node-name=disk0,filename={},discard=unmap,read-only={}",
+                    image.display(),
+                    if readonly { "on" } else { "off" }
                 ))
                 .arg("--export")
                 .arg(format!(
-                    "type=vhost-user-blk,id=e0,node-name=disk0,addr.type=unix,addr.path={},writable=on",
-                    vhost.display()
+                    "type=vhost-user-blk,id=e0,node-name=disk0,addr.type=unix,addr.path={},writable={}",
+                    vhost.display(),
+                    if readonly { "off" } else { "on" }
                 ))
                 .arg("--chardev")
                 .arg(format!("socket,id=m,path={},server=on,wait=off", qmp.display()))
@@ -72,7 +80,11 @@ impl Peer {
             Daemon::spawn(cmd, &vhost, "qemu-storage-daemon")?
         } else {
             let q = qmp.to_string_lossy().into_owned();
-            Daemon::vubd(&vhost, &image, &["--qmp", &q])?
+            let mut args = vec!["--qmp", &q];
+            if readonly {
+                args.push("--readonly");
+            }
+            Daemon::vubd(&vhost, &image, &args)?
         };
         let qmp = QmpClient::connect(&qmp, TIMEOUT)?;
         Ok(Peer {
@@ -565,6 +577,41 @@ fn connection_cap_and_a_client_that_stops_reading_block_no_one() -> Result<()> {
     Ok(())
 }
 
+/// A read-only disk: `block-export-add writable` is refused, the legacy
+/// `nbd-server-add writable` quietly exports it read-only; as in QEMU.
+#[test]
+fn read_only_node_exports_match_qemu() -> Result<()> {
+    let dir = ScratchDir::new("nbd-ro")?;
+    let mut seen = Vec::new();
+    for qsd in [false, true] {
+        let image = dir.join(&format!("{}.img", if qsd { "qsd" } else { "vubd" }));
+        create_image(&image, SIZE)?;
+        let mut p = Peer::start_on(&dir, qsd, image, &[], true)?;
+        p.start_unix_server(json!({}))?;
+        let e = p.qmp.err(
+            "block-export-add",
+            json!({"type": "nbd", "id": "x0", "node-name": "disk0", "writable": true}),
+        )?;
+        p.qmp.ok(
+            "nbd-server-add",
+            json!({"device": "disk0", "writable": true}),
+        )?;
+        let info = run(&p, "nbdinfo", &[&p.uri("disk0")])?;
+        let ro = info
+            .lines()
+            .find(|l| l.contains("is_read_only"))
+            .unwrap_or("")
+            .to_string();
+        seen.push(format!("{}: {} / {ro}", e.class, e.desc));
+    }
+    assert_eq!(
+        seen[0], seen[1],
+        "vubd (left) vs qemu-storage-daemon (right)"
+    );
+    assert!(seen[0].contains("is_read_only: true"), "{}", seen[0]);
+    Ok(())
+}
+
 /// SIGTERM with a client in transmission: the export goes, vubd exits 0.
 #[test]
 fn sigterm_with_a_client_attached_exits_cleanly() -> Result<()> {
@@ -738,7 +785,7 @@ fn nbdcopy_figures() -> Result<()> {
         for qsd in [false, true] {
             let image = dir.join(&format!("{}.img", if qsd { "qsd" } else { "vubd" }));
             bench_image(&image, size, hole)?;
-            let mut p = Peer::start_on(&dir, qsd, image, &[])?;
+            let mut p = Peer::start_on(&dir, qsd, image, &[], false)?;
             p.start_unix_server(json!({}))?;
             p.qmp.ok(
                 "block-export-add",

@@ -148,7 +148,9 @@ impl NbdService {
         // nbd-server-add quietly exports a read-only node read-only.
         let writable = req.writable && (source.writable() || !req.legacy);
         if writable && !source.writable() {
-            return Err(QmpError::generic("Block node is read-only"));
+            return Err(QmpError::generic(
+                "Cannot export read-only node as writable",
+            ));
         }
         if self.server().is_none() {
             return Err(not_running());
