@@ -73,6 +73,9 @@ pub enum RemoveError {
     /// `safe` removal of an export clients still use.
     #[error("export '{0}' still in use")]
     InUse(String),
+    /// A removal is already waiting for the export's clients to go.
+    #[error("Export '{0}' is already shutting down")]
+    ShuttingDown(String),
 }
 
 /// The server's exports, in the order they were added.
@@ -172,8 +175,7 @@ impl Exports {
         let done = {
             let mut st = export.state();
             if st.shutting_down {
-                // Already on its way out; QEMU accepts the repeat.
-                return Ok(());
+                return Err(RemoveError::ShuttingDown(export.config.id.clone()));
             }
             if !hard && !st.clients.is_empty() {
                 return Err(RemoveError::InUse(export.config.id.clone()));

@@ -7,7 +7,7 @@
 //! Nodes are found through [`NodeLookup`], so the block-node graph can
 //! replace the single disk node without touching these commands.
 
-use super::export::{ExportBitmap, ExportConfig, Exports, RemoveError};
+use super::export::{ExportBitmap, ExportConfig, Exports};
 use super::server::{Address, NbdServer};
 use super::source::{DiskSource, ExportSource};
 use crate::qmp::args::Args;
@@ -258,10 +258,9 @@ impl NbdService {
 
     fn del(&self, id: &str, mode: Option<String>) -> Result<Value, QmpError> {
         let hard = mode.as_deref() == Some("hard");
-        self.exports.remove(id, hard).map_err(|e| match e {
-            RemoveError::NotFound(_) => QmpError::generic(e.to_string()),
-            RemoveError::InUse(_) => QmpError::generic(e.to_string()),
-        })?;
+        self.exports
+            .remove(id, hard)
+            .map_err(|e| QmpError::generic(e.to_string()))?;
         Ok(json!({}))
     }
 

@@ -428,3 +428,48 @@ fn reads_do_not_ask_the_source_for_allocation() {
         .load(std::sync::atomic::Ordering::Relaxed);
     assert_eq!(calls, 0, "READ asked the source for allocation");
 }
+
+/// `safe` removal refuses an export with a client, `hard` disconnects the
+/// client and the export goes (with its event) once the client has left.
+#[test]
+fn removal_waits_for_clients_and_emits_the_event_last() {
+    use super::export::RemoveError;
+    use super::server::Stream;
+    let bus = EventBus::new();
+    let (_sub, events) = bus.subscribe_channel(16);
+    let e = Exports::new(bus);
+    e.add(ExportConfig {
+        id: "x0".into(),
+        name: "e".into(),
+        description: None,
+        node: "disk0".into(),
+        writable: false,
+        writethrough: false,
+        allocation_depth: false,
+        source: Arc::new(MemSource::new()),
+        bitmaps: Vec::new(),
+    });
+    let export = e.by_name("e").unwrap();
+    let (ours, mut theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+    assert!(e.attach(&export, 7, Stream::Unix(ours)));
+    assert_eq!(e.remove("x0", false), Err(RemoveError::InUse("x0".into())));
+    assert_eq!(
+        e.remove("nope", true),
+        Err(RemoveError::NotFound("nope".into()))
+    );
+    e.remove("x0", true).unwrap();
+    // The client's socket was shut down; the export waits for its thread.
+    let mut b = [0u8; 1];
+    assert_eq!(std::io::Read::read(&mut theirs, &mut b).unwrap(), 0);
+    assert!(e.by_name("e").is_none() && e.id_in_use("x0"));
+    assert_eq!(
+        e.remove("x0", true),
+        Err(RemoveError::ShuttingDown("x0".into()))
+    );
+    assert!(events.try_recv().is_err(), "event before the client left");
+    e.detach(7);
+    let ev = events.try_recv().expect("BLOCK_EXPORT_DELETED");
+    assert_eq!(ev.name, "BLOCK_EXPORT_DELETED");
+    assert_eq!(ev.data, Some(serde_json::json!({"id": "x0"})));
+    assert!(!e.id_in_use("x0"));
+}
