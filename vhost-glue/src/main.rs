@@ -315,6 +315,7 @@ fn run(mut opts: Options) -> Result<()> {
             })
         }))
     });
+    let mut nbd = None;
     let qmp = match &opts.qmp {
         Some(path) => {
             let ctx = Arc::new(DaemonContext {
@@ -327,6 +328,15 @@ fn run(mut opts: Options) -> Result<()> {
             let dispatcher = standard_dispatcher(ctx.clone(), events.clone());
             graph_qmp::register_graph_commands(&dispatcher, graph, ctx);
             vubd_backend::mirror::qmp::register_block_job_commands(&dispatcher, mirrors.clone());
+            let node = vubd_backend::nbd::DiskNode {
+                name: opts.node_name.clone(),
+                disk: disk.clone(),
+                bitmaps: Some(tracker.clone()),
+            };
+            nbd = Some(vubd_backend::nbd::register_nbd_commands(
+                &dispatcher,
+                Arc::new(node),
+            ));
             let server = QmpServer::start(path, dispatcher, ServerConfig::default())
                 .with_context(|| format!("cannot start the QMP monitor on {}", path.display()))?;
             Some(server)
@@ -350,6 +360,9 @@ fn run(mut opts: Options) -> Result<()> {
                 );
             }
             stop.stop_and_drain();
+            if let Some(nbd) = nbd {
+                nbd.shutdown();
+            }
             let mut code = 0;
             if let Err(e) = disk.flush() {
                 eprintln!("vubd: error: final flush failed: {e}");
