@@ -12,6 +12,7 @@ pub mod image;
 pub mod iobuf;
 pub mod jobs;
 pub mod mirror;
+pub mod nbd;
 pub mod qmp;
 
 pub use disk::{Disk, DiskError, WriteHook, WriteOp};

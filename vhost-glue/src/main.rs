@@ -315,6 +315,7 @@ fn run(mut opts: Options) -> Result<()> {
             })
         }))
     });
+    let mut nbd = None;
     let qmp = match &opts.qmp {
         Some(path) => {
             let ctx = Arc::new(DaemonContext {
@@ -327,6 +328,20 @@ fn run(mut opts: Options) -> Result<()> {
             let dispatcher = standard_dispatcher(ctx.clone(), events.clone());
             graph_qmp::register_graph_commands(&dispatcher, graph.clone(), ctx.clone());
             vubd_backend::mirror::qmp::register_block_job_commands(&dispatcher, mirrors.clone());
+            let node = vubd_backend::nbd::DiskNode {
+                name: opts.node_name.clone(),
+                disk: disk.clone(),
+                bitmaps: Some(tracker.clone()),
+            };
+            // Exports find every node of the graph (a snapshot-access node).
+            let nodes = vubd_backend::graph::export::GraphNodes {
+                disk: node,
+                graph: graph.clone(),
+            };
+            nbd = Some(vubd_backend::nbd::register_nbd_commands(
+                &dispatcher,
+                Arc::new(nodes),
+            ));
             // Image fleecing: `blockdev-backup` and its `transaction` action.
             let backup = Arc::new(vubd_backend::backup::qmp::BackupService {
                 disk: disk.clone(),
@@ -358,6 +373,9 @@ fn run(mut opts: Options) -> Result<()> {
                 );
             }
             stop.stop_and_drain();
+            if let Some(nbd) = nbd {
+                nbd.shutdown();
+            }
             let mut code = 0;
             if let Err(e) = disk.flush() {
                 eprintln!("vubd: error: final flush failed: {e}");

@@ -201,9 +201,11 @@ impl BackupAction {
         }
         // QEMU's op blocker on the source: one job per disk (a mirror's
         // pivot would swap the image under the filter).
-        let busy = svc.jobs.list().into_iter().find(|j| {
-            !matches!(j.status(), JobStatus::Concluded | JobStatus::Null)
-        });
+        let busy = svc
+            .jobs
+            .list()
+            .into_iter()
+            .find(|j| !matches!(j.status(), JobStatus::Concluded | JobStatus::Null));
         if let Some(j) = busy {
             return Err(generic(format!(
                 "Node '{}' is busy: block device is in use by block job: {}",

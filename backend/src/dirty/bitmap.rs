@@ -331,6 +331,28 @@ impl DirtyBitmap {
         self.chunks
     }
 
+    /// The bitmap over `offset..offset + len` (clipped to the disk) as
+    /// alternating runs `(length, dirty)`, whole chunks except where the
+    /// range cuts one; at most `max` runs (the last one then ends early).
+    pub fn extents(&self, offset: u64, len: u64, max: usize) -> Vec<(u64, bool)> {
+        let end = offset.saturating_add(len).min(self.disk_size);
+        let mut out = Vec::new();
+        let mut pos = offset;
+        while pos < end && out.len() < max {
+            let chunk = pos >> self.shift;
+            let dirty = self.get_chunk(chunk);
+            let next = if dirty {
+                self.next_clean(chunk + 1)
+            } else {
+                self.next_dirty(chunk + 1).unwrap_or(self.chunks)
+            };
+            let run_end = (next << self.shift).min(end);
+            out.push((run_end - pos, dirty));
+            pos = run_end;
+        }
+        out
+    }
+
     /// Iterates over maximal runs of dirty chunks as byte ranges
     /// `(offset, len)`, clipped to the disk size.
     pub fn dirty_ranges(&self) -> DirtyRanges<'_> {
@@ -516,6 +538,29 @@ mod tests {
 
     const KIB: u64 = 1024;
     const MIB: u64 = 1024 * KIB;
+
+    #[test]
+    fn extents_alternate_at_the_granularity_and_clip_to_the_range() {
+        let b = DirtyBitmap::new(MIB, 64 * KIB, false).unwrap();
+        b.set_range(64 * KIB + 1, 10);
+        b.set_range(3 * 64 * KIB, 128 * KIB);
+        assert_eq!(
+            b.extents(0, MIB, usize::MAX),
+            [
+                (64 * KIB, false),
+                (64 * KIB, true),
+                (64 * KIB, false),
+                (128 * KIB, true),
+                (MIB - 5 * 64 * KIB, false)
+            ]
+        );
+        assert_eq!(
+            b.extents(100 * KIB, 200 * KIB, 2),
+            [(28 * KIB, true), (64 * KIB, false)]
+        );
+        assert_eq!(b.extents(MIB - 512, 4096, 8), [(512, false)]);
+        assert!(b.extents(MIB, 512, 8).is_empty());
+    }
 
     fn sha_of(bytes: &[u8]) -> String {
         hex(&Sha256::digest(bytes))

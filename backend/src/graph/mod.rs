@@ -8,8 +8,10 @@
 //!
 //! - [`node`]: a node (driver, image, identity, options, child);
 //! - [`registry`]: the nodes of one daemon, with QEMU's refusals;
-//! - [`qmp`]: `blockdev-add`, `blockdev-del`, `query-named-block-nodes`.
+//! - [`qmp`]: `blockdev-add`, `blockdev-del`, `query-named-block-nodes`;
+//! - [`export`]: the nodes as NBD export sources.
 
+pub mod export;
 pub mod node;
 pub mod qmp;
 pub mod registry;

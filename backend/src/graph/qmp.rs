@@ -259,9 +259,11 @@ fn blockdev_add(graph: &Graph, args: &mut Args) -> Result<Value, QmpError> {
             let path = args.path("file");
             match args.required("file")? {
                 Value::String(s) => Variant::SnapshotAccess(s),
-                _ => return Err(QmpError::generic(format!(
+                _ => {
+                    return Err(QmpError::generic(format!(
                     "vubd's snapshot-access takes the name of a copy-before-write node as '{path}'"
-                ))),
+                )))
+                }
             }
         }
     };

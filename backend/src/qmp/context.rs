@@ -104,6 +104,23 @@ pub trait DirtyBitmaps: Send + Sync {
     fn sha256(&self, name: &str) -> Result<String, BitmapOpError>;
     /// Every bitmap, newest first (QEMU's order).
     fn list(&self) -> Vec<BitmapInfo>;
+    /// The bits of `name` over `offset..offset + len` as alternating runs
+    /// `(length, dirty)` at the bitmap's granularity, at most `max` runs:
+    /// how an NBD export reads `qemu:dirty-bitmap:NAME`.
+    fn extents(
+        &self,
+        name: &str,
+        _offset: u64,
+        _len: u64,
+        _max: usize,
+    ) -> Result<Vec<(u64, bool)>, BitmapOpError> {
+        Err(BitmapOpError::NotFound(name.to_string()))
+    }
+    /// Marks `name` as in use by an operation (an export: QMP may then not
+    /// change it), or releases it.
+    fn set_busy(&self, name: &str, _busy: bool) -> Result<(), BitmapOpError> {
+        Err(BitmapOpError::NotFound(name.to_string()))
+    }
     /// Starts a transaction over the bitmaps (QMP `transaction`); `None`
     /// if this engine cannot change several bitmaps at one instant.
     fn begin_transaction(&self) -> Option<Box<dyn BitmapTransaction + '_>> {

@@ -66,6 +66,20 @@ impl DirtyBitmaps for DirtyTracker {
         DirtyTracker::list(self)
     }
 
+    fn extents(
+        &self,
+        name: &str,
+        offset: u64,
+        len: u64,
+        max: usize,
+    ) -> Result<Vec<(u64, bool)>, BitmapOpError> {
+        Ok(DirtyTracker::bitmap(self, name)?.extents(offset, len, max))
+    }
+
+    fn set_busy(&self, name: &str, busy: bool) -> Result<(), BitmapOpError> {
+        Ok(DirtyTracker::set_busy(self, name, busy)?)
+    }
+
     fn begin_transaction(&self) -> Option<Box<dyn BitmapTransaction + '_>> {
         Some(Box::new(DirtyTracker::transaction(self)))
     }

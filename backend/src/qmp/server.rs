@@ -120,7 +120,7 @@ impl std::fmt::Debug for QmpServer {
 /// created under a temporary name, restricted, then renamed into place, so
 /// no other user can connect through `path` in between. A stale socket at
 /// `path` is replaced (as QEMU does); any other file is refused.
-fn bind_private(path: &Path) -> Result<UnixListener, QmpServerError> {
+pub(crate) fn bind_private(path: &Path) -> Result<UnixListener, QmpServerError> {
     let listen_err = |source| QmpServerError::Listen {
         path: path.to_path_buf(),
         source,

@@ -1,0 +1,326 @@
+//! The NBD server's sockets: a listener (unix or TCP) with an accept
+//! thread, one thread per connection, a cap on simultaneous connections,
+//! and time-outs where a client could otherwise hold a thread forever
+//! (the whole handshake, and every reply write: a client that stops
+//! reading is dropped instead of being waited for).
+
+use super::export::Exports;
+use super::handshake::negotiate;
+use super::transmission::serve;
+use std::collections::HashMap;
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Connections allowed when `max-connections` is 0 (QEMU: unlimited). A
+/// bound keeps the worst case (one maximal request buffered per
+/// connection) finite.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 128;
+/// Time a client has for the whole handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a reply write may block before the client is dropped.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest `stop` waits for the connections' threads to end.
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Socket buffer sizes: reads and writes of a whole request per call.
+const IO_BUFFER: usize = 256 << 10;
+
+/// Where the server listens (QEMU's `SocketAddress`, unix and inet).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Address {
+    /// A unix socket path (created mode 0600; a stale socket is replaced).
+    Unix(PathBuf),
+    /// A TCP host and port.
+    Inet {
+        /// Host name or address.
+        host: String,
+        /// Port number or service name.
+        port: String,
+    },
+}
+
+/// One client connection, on either kind of socket.
+#[derive(Debug)]
+pub enum Stream {
+    /// A unix socket connection.
+    Unix(UnixStream),
+    /// A TCP connection.
+    Tcp(TcpStream),
+}
+
+impl Stream {
+    fn try_clone(&self) -> io::Result<Stream> {
+        Ok(match self {
+            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
+        })
+    }
+
+    /// Ends the connection in both directions (wakes its thread).
+    pub fn shutdown(&self) {
+        let _ = match self {
+            Stream::Unix(s) => s.shutdown(Shutdown::Both),
+            Stream::Tcp(s) => s.shutdown(Shutdown::Both),
+        };
+    }
+
+    fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Unix(s) => {
+                s.set_read_timeout(read)?;
+                s.set_write_timeout(write)
+            }
+            Stream::Tcp(s) => {
+                s.set_read_timeout(read)?;
+                s.set_write_timeout(write)
+            }
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.read(buf),
+            Stream::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.write(buf),
+            Stream::Tcp(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+enum Listener {
+    Unix(UnixListener),
+    Tcp(TcpListener),
+}
+
+impl Listener {
+    fn accept(&self) -> io::Result<Stream> {
+        Ok(match self {
+            Listener::Unix(l) => Stream::Unix(l.accept()?.0),
+            Listener::Tcp(l) => {
+                let (s, _) = l.accept()?;
+                let _ = s.set_nodelay(true);
+                Stream::Tcp(s)
+            }
+        })
+    }
+
+    fn raw_fd(&self) -> i32 {
+        match self {
+            Listener::Unix(l) => l.as_raw_fd(),
+            Listener::Tcp(l) => l.as_raw_fd(),
+        }
+    }
+}
+
+struct Shared {
+    exports: Arc<Exports>,
+    /// Every open connection (handshake or transmission), by id.
+    conns: Mutex<HashMap<u64, Stream>>,
+    next_id: AtomicU64,
+    closing: AtomicBool,
+    max_connections: usize,
+}
+
+impl Shared {
+    fn conns(&self) -> MutexGuard<'_, HashMap<u64, Stream>> {
+        self.conns.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A running NBD server.
+pub struct NbdServer {
+    shared: Arc<Shared>,
+    listener: Arc<Listener>,
+    accept: Option<JoinHandle<()>>,
+    unix_path: Option<PathBuf>,
+}
+
+impl NbdServer {
+    /// Listens on `addr` and serves `exports`; at most `max_connections`
+    /// clients at once (0: [`DEFAULT_MAX_CONNECTIONS`]). The error is
+    /// worded for QMP.
+    pub fn start(
+        addr: &Address,
+        exports: Arc<Exports>,
+        max_connections: u32,
+    ) -> Result<NbdServer, String> {
+        let (listener, unix_path) = match addr {
+            Address::Unix(path) => {
+                let l = crate::qmp::server::bind_private(path)
+                    .map_err(|e| format!("Failed to bind socket to {}: {e}", path.display()))?;
+                (Listener::Unix(l), Some(path.clone()))
+            }
+            Address::Inet { host, port } => {
+                let addrs = (
+                    host.as_str(),
+                    port.parse::<u16>()
+                        .map_err(|_| format!("Invalid port '{port}'"))?,
+                )
+                    .to_socket_addrs()
+                    .map_err(|e| format!("address resolution failed for {host}:{port}: {e}"))?;
+                let l = TcpListener::bind(addrs.collect::<Vec<_>>().as_slice())
+                    .map_err(|e| format!("Failed to bind socket: {e}"))?;
+                (Listener::Tcp(l), None)
+            }
+        };
+        let max = match max_connections {
+            0 => DEFAULT_MAX_CONNECTIONS,
+            n => n.min(DEFAULT_MAX_CONNECTIONS),
+        };
+        let shared = Arc::new(Shared {
+            exports,
+            conns: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(0),
+            closing: AtomicBool::new(false),
+            max_connections: max as usize,
+        });
+        let listener = Arc::new(listener);
+        let (s, l) = (shared.clone(), listener.clone());
+        let accept = std::thread::Builder::new()
+            .name("vubd-nbd-accept".into())
+            .spawn(move || accept_loop(&l, &s))
+            .map_err(|e| format!("cannot start the NBD server: {e}"))?;
+        Ok(NbdServer {
+            shared,
+            listener,
+            accept: Some(accept),
+            unix_path,
+        })
+    }
+
+    /// The exports this server serves.
+    pub fn exports(&self) -> &Arc<Exports> {
+        &self.shared.exports
+    }
+
+    /// Open connections (for tests and diagnostics).
+    pub fn connections(&self) -> usize {
+        self.shared.conns().len()
+    }
+
+    /// Stops listening, removes every export (disconnecting its clients)
+    /// and closes the connections still in their handshake.
+    pub fn stop(mut self) {
+        self.halt();
+    }
+
+    fn halt(&mut self) {
+        let Some(accept) = self.accept.take() else {
+            return;
+        };
+        self.shared.closing.store(true, Ordering::SeqCst);
+        // SAFETY: shutdown(2) on a descriptor the listener keeps open; it
+        // wakes the blocked accept(2).
+        unsafe { libc::shutdown(self.listener.raw_fd(), libc::SHUT_RDWR) };
+        let _ = accept.join();
+        self.shared.exports.remove_all();
+        for s in self.shared.conns().values() {
+            s.shutdown();
+        }
+        // A request already running (a write into the disk) finishes first,
+        // so that the daemon's final flush comes after it.
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while !self.shared.conns().is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if let Some(p) = &self.unix_path {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+impl Drop for NbdServer {
+    fn drop(&mut self) {
+        self.halt();
+    }
+}
+
+fn accept_loop(listener: &Listener, shared: &Arc<Shared>) {
+    loop {
+        let stream = match listener.accept() {
+            Ok(s) => s,
+            Err(e) => {
+                if shared.closing.load(Ordering::SeqCst) {
+                    return;
+                }
+                if e.kind() != io::ErrorKind::Interrupted {
+                    // EMFILE and friends: back off instead of spinning.
+                    log::warn!("NBD accept failed: {e}");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                continue;
+            }
+        };
+        if shared.closing.load(Ordering::SeqCst) {
+            return;
+        }
+        let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut conns = shared.conns();
+            if conns.len() >= shared.max_connections {
+                log::info!(
+                    "NBD: connection limit ({}) reached; refusing a client",
+                    shared.max_connections
+                );
+                continue;
+            }
+            match stream.try_clone() {
+                Ok(s) => conns.insert(id, s),
+                Err(_) => continue,
+            };
+        }
+        let s = shared.clone();
+        let spawned = std::thread::Builder::new()
+            .name("vubd-nbd-client".into())
+            .spawn(move || {
+                if let Err(e) = client(&s, id, stream) {
+                    log::info!("NBD client {id}: {e}");
+                }
+                s.conns().remove(&id);
+            });
+        if spawned.is_err() {
+            shared.conns().remove(&id);
+        }
+    }
+}
+
+fn client(shared: &Shared, id: u64, stream: Stream) -> io::Result<()> {
+    stream.set_timeouts(Some(HANDSHAKE_TIMEOUT), Some(WRITE_TIMEOUT))?;
+    let mut r = BufReader::with_capacity(IO_BUFFER, stream.try_clone()?);
+    let mut w = BufWriter::with_capacity(IO_BUFFER, stream.try_clone()?);
+    let exports = &shared.exports;
+    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+    let attach = |e: &Arc<super::export::Export>| match stream.try_clone() {
+        Ok(s) => exports.attach(e, id, s),
+        Err(_) => false,
+    };
+    let result = negotiate(&mut r, &mut w, exports, deadline, &attach).and_then(|n| match n {
+        // An idle client in transmission is legitimate; only writes time out.
+        Some(n) => stream
+            .set_timeouts(None, Some(WRITE_TIMEOUT))
+            .and_then(|()| serve(&mut r, &mut w, &n)),
+        None => Ok(()),
+    });
+    // Whichever way it ended, even mid-handshake after attaching.
+    exports.detach(id);
+    result
+}
