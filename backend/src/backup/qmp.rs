@@ -257,8 +257,12 @@ impl BackupAction {
         )
         .with_filter(cbw.clone());
         svc.graph.add(node, None).map_err(create)?;
-        // Both held as QEMU's op blockers hold them: blockdev-del refused.
+        // The guest's disk writes through the filter (in QEMU its
+        // BlockBackend moves onto the filter node), and the job holds the
+        // filter and the target with op blockers: blockdev-del refuses both
+        // with QEMU's words.
         let holder = User::BackupJob(job_id.clone());
+        let _ = svc.graph.claim(&filter_name, User::Disk);
         let _ = svc.graph.claim(&filter_name, holder.clone());
         let driver = Arc::new(FleecingJob {
             disk: svc.disk.clone(),

@@ -1,0 +1,396 @@
+//! Pull-mode backup by image fleecing, the flow of issue 10 with QEMU
+//! 7.2's commands, run on vubd and on qemu-storage-daemon 7.2 with the same
+//! QMP client, the same libblkio writer and the same checks:
+//!
+//! `blockdev-add file tmp0` → `transaction [bitmap-disable b0, bitmap-add
+//! b1, blockdev-backup sync=none filter-node-name=cbw0]` → `blockdev-add
+//! snapshot-access acc0` → `nbd-server-start` → `block-export-add acc0
+//! bitmaps [disk0/b0]` → while a libblkio client keeps writing: `nbdcopy`
+//! equals the image as it was at the transaction, byte for byte, and
+//! `nbdinfo --map=qemu:dirty-bitmap:b0` covers every block written between
+//! the two checkpoints → teardown. The replies to the commands (and their
+//! refusals) and the job's events and query fields must be the same.
+
+use anyhow::{bail, ensure, Context, Result};
+use serde_json::{json, Value};
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tests::client::Client;
+use tests::daemon::{Daemon, ScratchDir};
+use tests::qmp_client::{event_label, QmpClient};
+
+const MIB: u64 = 1 << 20;
+const SIZE: u64 = 64 * MIB;
+const BLOCK: u64 = 4096;
+const GRANULARITY: u64 = 65536;
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+/// vubd or qemu-storage-daemon, serving `disk0` over vhost-user.
+struct Peer {
+    _daemon: Daemon,
+    qmp: QmpClient,
+    vhost: PathBuf,
+    nbd: PathBuf,
+    image: PathBuf,
+    tmp: PathBuf,
+    name: &'static str,
+}
+
+/// Data in the first half (a pattern per 4 KiB block), a hole after.
+fn make_image(path: &Path) -> Result<()> {
+    let mut data = vec![0u8; (SIZE / 2) as usize];
+    for (i, chunk) in data.chunks_mut(BLOCK as usize).enumerate() {
+        chunk.fill((i % 251) as u8 + 1);
+    }
+    std::fs::write(path, &data)?;
+    std::fs::File::options()
+        .write(true)
+        .open(path)?
+        .set_len(SIZE)?;
+    Ok(())
+}
+
+impl Peer {
+    fn start(dir: &ScratchDir, qsd: bool) -> Result<Peer> {
+        let name = if qsd { "qsd" } else { "vubd" };
+        let image = dir.join(&format!("{name}.img"));
+        make_image(&image)?;
+        let vhost = dir.join(&format!("{name}-vhost.sock"));
+        let qmp = dir.join(&format!("{name}-qmp.sock"));
+        let daemon = if qsd {
+            let mut cmd = Command::new("qemu-storage-daemon");
+            cmd.arg("--blockdev")
+                .arg(format!(
+                    "driver=file,node-name=disk0,filename={},discard=unmap",
+                    image.display()
+                ))
+                .arg("--export")
+                .arg(format!(
+                    "type=vhost-user-blk,id=e0,node-name=disk0,addr.type=unix,addr.path={},writable=on",
+                    vhost.display()
+                ))
+                .arg("--chardev")
+                .arg(format!("socket,id=m,path={},server=on,wait=off", qmp.display()))
+                .arg("--monitor")
+                .arg("chardev=m");
+            Daemon::spawn(cmd, &vhost, "qemu-storage-daemon")?
+        } else {
+            let q = qmp.to_string_lossy().into_owned();
+            Daemon::vubd(&vhost, &image, &["--qmp", &q])?
+        };
+        let qmp = QmpClient::connect(&qmp, TIMEOUT)?;
+        Ok(Peer {
+            _daemon: daemon,
+            qmp,
+            vhost,
+            nbd: dir.join(&format!("{name}-nbd.sock")),
+            tmp: dir.join(&format!("{name}-tmp.raw")),
+            image,
+            name,
+        })
+    }
+
+    fn uri(&self, export: &str) -> String {
+        format!("nbd+unix:///{export}?socket={}", self.nbd.display())
+    }
+
+    /// The reply as a comparable value, with the peer's paths masked.
+    fn reply(&mut self, cmd: &str, args: Value) -> Result<Value> {
+        let v = match self.qmp.execute(cmd, args)? {
+            Ok(v) => json!({ "return": v }),
+            Err(e) => json!({"error": {"class": e.class, "desc": e.desc}}),
+        };
+        Ok(serde_json::from_str(
+            &v.to_string()
+                .replace(&self.tmp.display().to_string(), "TMP")
+                .replace(&self.image.display().to_string(), "IMG"),
+        )?)
+    }
+}
+
+/// A libblkio client writing 4 KiB blocks at pseudo-random places, each
+/// with a new byte, until stopped; records the blocks it wrote.
+struct Writer {
+    stop: Arc<AtomicBool>,
+    count: Arc<AtomicU64>,
+    thread: std::thread::JoinHandle<Result<BTreeSet<u64>>>,
+}
+
+impl Writer {
+    fn start(vhost: &Path, seed: u64) -> Result<Writer> {
+        let mut client = Client::connect(vhost, 1, false)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let count = Arc::new(AtomicU64::new(0));
+        let (s, c) = (stop.clone(), count.clone());
+        let thread = std::thread::spawn(move || -> Result<BTreeSet<u64>> {
+            let mut x = seed | 1;
+            let mut written = BTreeSet::new();
+            while !s.load(Ordering::Relaxed) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let block = x % (SIZE / BLOCK);
+                client.write(block * BLOCK, &vec![(x >> 56) as u8 | 0x80; BLOCK as usize])?;
+                written.insert(block);
+                c.fetch_add(1, Ordering::Relaxed);
+            }
+            client.flush()?;
+            Ok(written)
+        });
+        Ok(Writer {
+            stop,
+            count,
+            thread,
+        })
+    }
+
+    /// Waits (bounded) until `n` more writes have completed.
+    fn wait_writes(&self, n: u64) -> Result<()> {
+        let target = self.count.load(Ordering::Relaxed) + n;
+        let deadline = Instant::now() + TIMEOUT;
+        while self.count.load(Ordering::Relaxed) < target {
+            ensure!(Instant::now() < deadline, "the writer stalled");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(())
+    }
+
+    fn stop(self) -> Result<BTreeSet<u64>> {
+        self.stop.store(true, Ordering::Relaxed);
+        match self.thread.join() {
+            Ok(r) => r,
+            Err(_) => bail!("writer panicked"),
+        }
+    }
+}
+
+fn run(program: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("cannot run {program}"))?;
+    ensure!(
+        out.status.success(),
+        "{program} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `nbdinfo --map` lines as (offset, length, type).
+fn map(uri: &str, context: &str) -> Result<Vec<(u64, u64, u32)>> {
+    let out = run("nbdinfo", &[&format!("--map={context}"), uri])?;
+    out.lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            ensure!(f.len() >= 3, "bad map line {l:?}");
+            Ok((f[0].parse()?, f[1].parse()?, f[2].parse()?))
+        })
+        .collect()
+}
+
+/// The job events up to its `null`, as labels; QEMU's drained sections
+/// pause and resume a running job, which is no part of the contract.
+fn job_events_until_null(q: &mut QmpClient) -> Result<Vec<String>> {
+    let deadline = Instant::now() + TIMEOUT;
+    let mut labels: Vec<String> = Vec::new();
+    loop {
+        for e in q.take_events()? {
+            let n = e["event"].as_str().unwrap_or("");
+            if n.starts_with("BLOCK_JOB") || n == "JOB_STATUS_CHANGE" {
+                labels.push(event_label(&e));
+            }
+        }
+        if labels.iter().any(|l| l == "null") {
+            return Ok(labels);
+        }
+        ensure!(Instant::now() < deadline, "no null event: {labels:?}");
+    }
+}
+
+/// The issue's flow on one peer; returns what must equal the other
+/// peer's (replies, job fields, events).
+fn flow(p: &mut Peer) -> Result<Vec<Value>> {
+    let mut seen = Vec::new();
+    p.qmp.ok(
+        "block-dirty-bitmap-add",
+        json!({"node": "disk0", "name": "b0"}),
+    )?;
+    // Writes between the checkpoints: some before, some across the setup.
+    let mut between = BTreeSet::new();
+    {
+        let mut c = Client::connect(&p.vhost, 1, false)?;
+        for (off, len) in [(0, 512), (GRANULARITY - 512, 4096), (40 * MIB, 4096)] {
+            c.write(off, &vec![0x5a; len as usize])?;
+            between.extend(off / BLOCK..(off + len).div_ceil(BLOCK));
+        }
+        c.flush()?;
+    }
+    std::fs::File::create(&p.tmp)?.set_len(SIZE)?;
+    seen.push(p.reply(
+        "blockdev-add",
+        json!({"driver": "file", "node-name": "tmp0", "filename": p.tmp}),
+    )?);
+    let backup = |extra: Value| {
+        let mut a = json!({"job-id": "fl0", "device": "disk0", "target": "tmp0",
+                           "sync": "none", "filter-node-name": "cbw0"});
+        if let (Some(m), Some(e)) = (a.as_object_mut(), extra.as_object()) {
+            m.extend(e.clone());
+        }
+        a
+    };
+    // Refusals, each leaving nothing behind.
+    for extra in [
+        json!({"compress": true}),
+        json!({"target": "disk0"}),
+        json!({"target": "nope"}),
+        json!({"device": "nope"}),
+        json!({"filter-node-name": "disk0"}),
+        json!({"filter-node-name": "1x"}),
+        json!({"job-id": "fl 0"}),
+        json!({"speed": -1}),
+        json!({"bitmap-mode": "never"}),
+        json!({"bitmap": "zz"}),
+        json!({"bitmap": "b0", "bitmap-mode": "on-success"}),
+    ] {
+        seen.push(p.reply("blockdev-backup", backup(extra))?);
+    }
+    seen.push(p.reply(
+        "transaction",
+        json!({"actions": [{"type": "blockdev-backup", "data": backup(json!({}))},
+                           {"type": "abort", "data": {}}]}),
+    )?);
+    seen.push(p.reply("query-block-jobs", json!({}))?);
+    p.qmp.take_events()?;
+
+    // The checkpoint: the writer pauses so that the image at the
+    // transaction is known exactly, and resumes right after it.
+    let w = Writer::start(&p.vhost, 7)?;
+    w.wait_writes(50)?;
+    between.extend(w.stop()?);
+    let instant = std::fs::read(&p.image)?;
+    // b1 is persistent on vubd; QEMU cannot store bitmaps in a raw file.
+    let persistent = p.name == "vubd";
+    seen.push(p.reply(
+        "transaction",
+        json!({"actions": [
+            {"type": "block-dirty-bitmap-disable", "data": {"node": "disk0", "name": "b0"}},
+            {"type": "block-dirty-bitmap-add",
+             "data": {"node": "disk0", "name": "b1", "persistent": persistent}},
+            {"type": "blockdev-backup", "data": backup(json!({}))}]}),
+    )?);
+    let w = Writer::start(&p.vhost, 11)?;
+    seen.push(p.reply(
+        "blockdev-add",
+        json!({"driver": "snapshot-access", "node-name": "acc0", "file": "cbw0"}),
+    )?);
+    seen.push(p.reply(
+        "nbd-server-start",
+        json!({"addr": {"type": "unix", "data": {"path": p.nbd}}}),
+    )?);
+    seen.push(p.reply(
+        "block-export-add",
+        json!({"type": "nbd", "id": "x0", "node-name": "acc0", "name": "backup",
+               "bitmaps": [{"node": "disk0", "name": "b0"}]}),
+    )?);
+    // The target and the filter belong to the job.
+    seen.push(p.reply("blockdev-del", json!({"node-name": "tmp0"}))?);
+    seen.push(p.reply("blockdev-del", json!({"node-name": "cbw0"}))?);
+    let mut jobs = p.qmp.ok("query-block-jobs", json!({}))?;
+    if let Some(j) = jobs.get_mut(0).and_then(Value::as_object_mut) {
+        // Whether the job's coroutine/thread is on a CPU right now.
+        j.remove("busy");
+    }
+    seen.push(jobs);
+
+    // The copy, while the writer keeps writing.
+    w.wait_writes(20)?;
+    let before = w.count.load(Ordering::Relaxed);
+    let out = p.tmp.with_extension("copy");
+    run("nbdcopy", &[&p.uri("backup"), &out.to_string_lossy()])?;
+    w.wait_writes(20)?;
+    let during = w.count.load(Ordering::Relaxed) - before;
+    let copy = std::fs::read(&out)?;
+    ensure!(copy.len() == instant.len(), "{}: size", p.name);
+    if let Some(i) = (0..copy.len()).find(|&i| copy[i] != instant[i]) {
+        bail!(
+            "{}: the export differs from the image at the transaction at byte {i}",
+            p.name
+        );
+    }
+    ensure!(
+        std::fs::read(&p.image)? != instant,
+        "{}: the guest's writes did not reach the disk",
+        p.name
+    );
+    // Every block written between the checkpoints is dirty in b0.
+    let dirty: Vec<(u64, u64)> = map(&p.uri("backup"), "qemu:dirty-bitmap:b0")?
+        .into_iter()
+        .filter(|m| m.2 & 1 == 1)
+        .map(|m| (m.0, m.0 + m.1))
+        .collect();
+    for b in &between {
+        let (s, e) = (b * BLOCK, (b + 1) * BLOCK);
+        ensure!(
+            dirty.iter().any(|&(a, z)| a <= s && e <= z),
+            "{}: block {b} written between the checkpoints is not in b0",
+            p.name
+        );
+    }
+    // What base:allocation calls zero reads as zeroes at the instant.
+    for (off, len, ty) in map(&p.uri("backup"), "base:allocation")? {
+        if ty & 2 == 2 {
+            let r = off as usize..(off + len) as usize;
+            ensure!(
+                instant[r].iter().all(|&x| x == 0),
+                "{}: {off}+{len} reported zero",
+                p.name
+            );
+        }
+    }
+    let written_after = w.stop()?;
+    eprintln!(
+        "{}: {during} guest writes completed during nbdcopy, {} blocks after the checkpoint",
+        p.name,
+        written_after.len()
+    );
+
+    // Teardown.
+    seen.push(p.reply("block-export-del", json!({"id": "x0"}))?);
+    p.qmp
+        .wait_event("BLOCK_EXPORT_DELETED", TIMEOUT, |d| d["id"] == "x0")?;
+    seen.push(p.reply("blockdev-del", json!({"node-name": "acc0"}))?);
+    p.qmp.take_events()?;
+    seen.push(p.reply("block-job-cancel", json!({"device": "fl0"}))?);
+    seen.push(json!(job_events_until_null(&mut p.qmp)?));
+    seen.push(p.reply("blockdev-del", json!({"node-name": "tmp0"}))?);
+    seen.push(p.reply("query-block-jobs", json!({}))?);
+    let nodes = p.qmp.ok("query-named-block-nodes", json!({"flat": true}))?;
+    let names: Vec<Value> = nodes
+        .as_array()
+        .map(|a| a.iter().map(|n| n["node-name"].clone()).collect())
+        .unwrap_or_default();
+    seen.push(json!(names));
+    Ok(seen)
+}
+
+#[test]
+fn fleecing_flow_matches_qemu() -> Result<()> {
+    let dir = ScratchDir::new("backup")?;
+    let mut results = Vec::new();
+    for qsd in [false, true] {
+        let mut p = Peer::start(&dir, qsd)?;
+        let seen = flow(&mut p).with_context(|| p.name)?;
+        results.push((p.name, seen));
+    }
+    let (ours, theirs) = (&results[0], &results[1]);
+    for (i, (a, b)) in ours.1.iter().zip(&theirs.1).enumerate() {
+        ensure!(a == b, "step {i}: vubd {a} vs qsd {b}");
+    }
+    ensure!(ours.1.len() == theirs.1.len(), "step count");
+    Ok(())
+}
