@@ -214,14 +214,90 @@ fn job_events_until_null(q: &mut QmpClient) -> Result<Vec<String>> {
 
 /// The issue's flow on one peer; returns what must equal the other
 /// peer's (replies, job fields, events).
+fn backup_args(extra: Value) -> Value {
+    let mut a = json!({"job-id": "fl0", "device": "disk0", "target": "tmp0",
+                       "sync": "none", "filter-node-name": "cbw0"});
+    if let (Some(m), Some(e)) = (a.as_object_mut(), extra.as_object()) {
+        m.extend(e.clone());
+    }
+    a
+}
+
+/// `block-export-del`, `blockdev-del acc0`, `block-job-cancel`,
+/// `blockdev-del tmp0`, with the replies and the job's events.
+fn teardown(p: &mut Peer, seen: &mut Vec<Value>) -> Result<()> {
+    seen.push(p.reply("block-export-del", json!({"id": "x0"}))?);
+    p.qmp
+        .wait_event("BLOCK_EXPORT_DELETED", TIMEOUT, |d| d["id"] == "x0")?;
+    seen.push(p.reply("blockdev-del", json!({"node-name": "acc0"}))?);
+    p.qmp.take_events()?;
+    seen.push(p.reply("block-job-cancel", json!({"device": "fl0"}))?);
+    seen.push(json!(job_events_until_null(&mut p.qmp)?));
+    seen.push(p.reply("blockdev-del", json!({"node-name": "tmp0"}))?);
+    Ok(())
+}
+
+/// Requires the file at `path` to equal `want`.
+fn same(p: &Peer, path: &Path, want: &[u8], what: &str) -> Result<()> {
+    let got = std::fs::read(path)?;
+    ensure!(got.len() == want.len(), "{}: {what}: size", p.name);
+    if let Some(i) = (0..got.len()).find(|&i| got[i] != want[i]) {
+        bail!(
+            "{}: {what} differs from the image at the transaction at byte {i}",
+            p.name
+        );
+    }
+    Ok(())
+}
+
+/// The full backup: b0 starts at the snapshot's instant; the export is
+/// copied with `nbdcopy` while the writer writes. Returns the blocks
+/// written after the instant.
+fn full_backup(p: &mut Peer, seen: &mut Vec<Value>, full: &Path) -> Result<BTreeSet<u64>> {
+    let persistent = p.name == "vubd";
+    let instant = std::fs::read(&p.image)?;
+    std::fs::File::create(&p.tmp)?.set_len(SIZE)?;
+    seen.push(p.reply(
+        "blockdev-add",
+        json!({"driver": "file", "node-name": "tmp0", "filename": p.tmp}),
+    )?);
+    seen.push(p.reply(
+        "transaction",
+        json!({"actions": [
+            {"type": "block-dirty-bitmap-add",
+             "data": {"node": "disk0", "name": "b0", "persistent": persistent}},
+            {"type": "blockdev-backup", "data": backup_args(json!({}))}]}),
+    )?);
+    let w = Writer::start(&p.vhost, 3)?;
+    seen.push(p.reply(
+        "blockdev-add",
+        json!({"driver": "snapshot-access", "node-name": "acc0", "file": "cbw0"}),
+    )?);
+    seen.push(p.reply(
+        "nbd-server-start",
+        json!({"addr": {"type": "unix", "data": {"path": p.nbd}}}),
+    )?);
+    seen.push(p.reply(
+        "block-export-add",
+        json!({"type": "nbd", "id": "x0", "node-name": "acc0", "name": "backup"}),
+    )?);
+    w.wait_writes(20)?;
+    run("nbdcopy", &[&p.uri("backup"), &full.to_string_lossy()])?;
+    w.wait_writes(20)?;
+    same(p, full, &instant, "the full backup")?;
+    let written = w.stop()?;
+    teardown(p, seen)?;
+    Ok(written)
+}
+
+/// The issue's flow on one peer, full then incremental; returns what
+/// must equal the other peer's (replies, job fields, events).
 fn flow(p: &mut Peer) -> Result<Vec<Value>> {
     let mut seen = Vec::new();
-    p.qmp.ok(
-        "block-dirty-bitmap-add",
-        json!({"node": "disk0", "name": "b0"}),
-    )?;
-    // Writes between the checkpoints: some before, some across the setup.
-    let mut between = BTreeSet::new();
+    let full = p.tmp.with_extension("full");
+    // Writes between the checkpoints: during the full backup, then some
+    // by hand, then a writer up to the next checkpoint.
+    let mut between = full_backup(p, &mut seen, &full)?;
     {
         let mut c = Client::connect(&p.vhost, 1, false)?;
         for (off, len) in [(0, 512), (GRANULARITY - 512, 4096), (40 * MIB, 4096)] {
@@ -235,14 +311,7 @@ fn flow(p: &mut Peer) -> Result<Vec<Value>> {
         "blockdev-add",
         json!({"driver": "file", "node-name": "tmp0", "filename": p.tmp}),
     )?);
-    let backup = |extra: Value| {
-        let mut a = json!({"job-id": "fl0", "device": "disk0", "target": "tmp0",
-                           "sync": "none", "filter-node-name": "cbw0"});
-        if let (Some(m), Some(e)) = (a.as_object_mut(), extra.as_object()) {
-            m.extend(e.clone());
-        }
-        a
-    };
+    let backup = backup_args;
     // Refusals, each leaving nothing behind.
     for extra in [
         json!({"compress": true}),
@@ -289,10 +358,6 @@ fn flow(p: &mut Peer) -> Result<Vec<Value>> {
         json!({"driver": "snapshot-access", "node-name": "acc0", "file": "cbw0"}),
     )?);
     seen.push(p.reply(
-        "nbd-server-start",
-        json!({"addr": {"type": "unix", "data": {"path": p.nbd}}}),
-    )?);
-    seen.push(p.reply(
         "block-export-add",
         json!({"type": "nbd", "id": "x0", "node-name": "acc0", "name": "backup",
                "bitmaps": [{"node": "disk0", "name": "b0"}]}),
@@ -300,28 +365,27 @@ fn flow(p: &mut Peer) -> Result<Vec<Value>> {
     // The target and the filter belong to the job.
     seen.push(p.reply("blockdev-del", json!({"node-name": "tmp0"}))?);
     seen.push(p.reply("blockdev-del", json!({"node-name": "cbw0"}))?);
+    // The copy, while the writer keeps writing.
+    w.wait_writes(20)?;
     let mut jobs = p.qmp.ok("query-block-jobs", json!({}))?;
     if let Some(j) = jobs.get_mut(0).and_then(Value::as_object_mut) {
         // Whether the job's coroutine/thread is on a CPU right now.
         j.remove("busy");
+        // Bytes copied before writes so far: a job of the writer's pace.
+        let offset = j.remove("offset").and_then(|o| o.as_u64()).unwrap_or(0);
+        ensure!(
+            offset >= GRANULARITY && offset % GRANULARITY == 0,
+            "{}: offset {offset} after the writer's first writes",
+            p.name
+        );
     }
     seen.push(jobs);
-
-    // The copy, while the writer keeps writing.
-    w.wait_writes(20)?;
     let before = w.count.load(Ordering::Relaxed);
     let out = p.tmp.with_extension("copy");
     run("nbdcopy", &[&p.uri("backup"), &out.to_string_lossy()])?;
     w.wait_writes(20)?;
     let during = w.count.load(Ordering::Relaxed) - before;
-    let copy = std::fs::read(&out)?;
-    ensure!(copy.len() == instant.len(), "{}: size", p.name);
-    if let Some(i) = (0..copy.len()).find(|&i| copy[i] != instant[i]) {
-        bail!(
-            "{}: the export differs from the image at the transaction at byte {i}",
-            p.name
-        );
-    }
+    same(p, &out, &instant, "the export")?;
     ensure!(
         std::fs::read(&p.image)? != instant,
         "{}: the guest's writes did not reach the disk",
@@ -352,6 +416,23 @@ fn flow(p: &mut Peer) -> Result<Vec<Value>> {
             );
         }
     }
+    // The incremental backup, as docs/backup.md has it: the dirty
+    // extents of b0 copied from the export into the full backup.
+    let recipe = r#"nbdinfo --map=qemu:dirty-bitmap:b0 "$URI" |
+        while read -r off len type _; do
+          [ "$type" = 1 ] || continue
+          nbdcopy -- [ nbdkit -r nbd socket="$SOCK" export=backup \
+                       --filter=offset offset=$off range=$len ] - |
+            dd of="$FULL" bs=1M oflag=seek_bytes seek=$off conv=notrunc status=none
+        done"#;
+    let out = Command::new("sh")
+        .args(["-e", "-c", recipe])
+        .env("URI", p.uri("backup"))
+        .env("SOCK", &p.nbd)
+        .env("FULL", &full)
+        .output()?;
+    ensure!(out.status.success(), "{}: recipe: {out:?}", p.name);
+    same(p, &full, &instant, "the full backup plus the increment")?;
     let written_after = w.stop()?;
     eprintln!(
         "{}: {during} guest writes completed during nbdcopy, {} blocks after the checkpoint",
@@ -359,15 +440,7 @@ fn flow(p: &mut Peer) -> Result<Vec<Value>> {
         written_after.len()
     );
 
-    // Teardown.
-    seen.push(p.reply("block-export-del", json!({"id": "x0"}))?);
-    p.qmp
-        .wait_event("BLOCK_EXPORT_DELETED", TIMEOUT, |d| d["id"] == "x0")?;
-    seen.push(p.reply("blockdev-del", json!({"node-name": "acc0"}))?);
-    p.qmp.take_events()?;
-    seen.push(p.reply("block-job-cancel", json!({"device": "fl0"}))?);
-    seen.push(json!(job_events_until_null(&mut p.qmp)?));
-    seen.push(p.reply("blockdev-del", json!({"node-name": "tmp0"}))?);
+    teardown(p, &mut seen)?;
     seen.push(p.reply("query-block-jobs", json!({}))?);
     let nodes = p.qmp.ok("query-named-block-nodes", json!({"flat": true}))?;
     let names: Vec<Value> = nodes

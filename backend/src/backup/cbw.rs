@@ -108,6 +108,8 @@ pub struct CopyBeforeWrite {
     unlocked: Condvar,
     waiting: AtomicU64,
     copied: AtomicU64,
+    /// Told the bytes of each copy (the job's progress).
+    on_copy: Mutex<Option<ProgressFn>>,
     /// errno of the copy that broke the snapshot (0: none).
     broken: AtomicI32,
     detached: AtomicBool,
@@ -122,6 +124,9 @@ impl std::fmt::Debug for CopyBeforeWrite {
             .finish()
     }
 }
+
+/// Where the bytes of each copy are reported.
+pub type ProgressFn = Box<dyn Fn(u64) + Send + Sync>;
 
 /// A held cluster range; dropping it wakes the waiters.
 struct RangeLock<'a> {
@@ -197,6 +202,7 @@ impl CopyBeforeWrite {
             unlocked: Condvar::new(),
             waiting: AtomicU64::new(0),
             copied: AtomicU64::new(0),
+            on_copy: Mutex::new(None),
             broken: AtomicI32::new(0),
             detached: AtomicBool::new(false),
         })
@@ -231,6 +237,12 @@ impl CopyBeforeWrite {
     /// test see that a request is blocked without guessing a time.
     pub fn waiting(&self) -> u64 {
         self.waiting.load(Ordering::SeqCst)
+    }
+
+    /// Reports the bytes of every copy to `f` from now on (`None`: stop);
+    /// QEMU's fleecing job counts them as its progress.
+    pub fn set_progress(&self, f: Option<ProgressFn>) {
+        *self.on_copy.lock().unwrap_or_else(|p| p.into_inner()) = f;
     }
 
     /// The filter left the guest's path (its job ended): the snapshot
@@ -317,6 +329,14 @@ impl CopyBeforeWrite {
             }
             self.to_copy.reset_chunks(a, b - 1);
             self.copied.fetch_add(b - a, Ordering::Relaxed);
+            if let Some(f) = self
+                .on_copy
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+            {
+                f(len);
+            }
             c = b;
         }
         Ok(())

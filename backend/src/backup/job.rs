@@ -31,9 +31,20 @@ impl FleecingJob {
         let hook: Arc<dyn WriteHook> = self.cbw.clone();
         self.disk.remove_hook(&hook);
         self.cbw.detach();
+        // The callback holds the job: drop it with the filter.
+        self.cbw.set_progress(None);
         self.graph.drop_node(&self.filter_node);
         self.graph
             .release(&self.target_node, &User::BackupJob(job_id.to_string()));
+    }
+
+    /// The progress of a fleecing job is the bytes its filter copied
+    /// (QEMU's `offset`), out of the disk's size (`len`). Set up before
+    /// the filter goes in, so no copy goes uncounted.
+    pub fn track_progress(&self, ctx: JobContext) {
+        ctx.progress_set_remaining(self.cbw.size());
+        self.cbw
+            .set_progress(Some(Box::new(move |bytes| ctx.progress_update(bytes))));
     }
 }
 
@@ -43,7 +54,6 @@ impl JobDriver for FleecingJob {
     }
 
     fn run(&self, ctx: &JobContext) -> Result<(), String> {
-        ctx.progress_set_remaining(self.cbw.size());
         loop {
             ctx.pause_point();
             if ctx.is_cancelled() {

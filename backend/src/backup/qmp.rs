@@ -103,7 +103,7 @@ fn not_found(name: &str) -> QmpError {
 /// What a prepared action made, for its commit or abort.
 struct Prepared {
     job: Arc<Job>,
-    cbw: Arc<CopyBeforeWrite>,
+    driver: Arc<FleecingJob>,
     started: bool,
 }
 
@@ -288,7 +288,7 @@ impl BackupAction {
         let job = svc.jobs.create(opts, driver.clone())?;
         self.prepared = Some(Prepared {
             job,
-            cbw: driver.cbw.clone(),
+            driver: driver.clone(),
             started: false,
         });
         Ok(())
@@ -305,7 +305,10 @@ impl Action for BackupAction {
             return;
         };
         p.started = true;
-        self.svc.disk.add_hook(p.cbw.clone());
+        if let Some(ctx) = p.job.context() {
+            p.driver.track_progress(ctx);
+        }
+        self.svc.disk.add_hook(p.driver.cbw.clone());
         // A job thread that cannot start fails the job, which removes
         // the filter again.
         if let Err(e) = p.job.start() {
