@@ -495,3 +495,230 @@ fn snapshot_discard_and_block_status() {
     let want: Vec<u8> = (2 * CL..2 * CL + 512).map(pattern).collect();
     assert_eq!(snap(&view, 2 * CL, 512).unwrap(), want);
 }
+
+mod qmp {
+    //! `transaction` with `blockdev-backup` on the real engine: the filter
+    //! goes into the guest's path at the commit instant, with the bitmap
+    //! changes; a failed transaction and a cancelled job leave no filter.
+
+    use super::*;
+    use crate::dirty::{DirtyTracker, TrackerConfig};
+    use crate::graph::qmp::{graph_for_disk, register_graph_commands};
+    use crate::jobs::JobRegistry;
+    use crate::qmp::{
+        standard_dispatcher, DirtyBitmaps, DiskInfo, Dispatcher, EventBus, ManagementContext,
+        QmpError,
+    };
+    use serde_json::{json, Value};
+
+    struct Ctx {
+        disk: Arc<Disk>,
+        tracker: Arc<DirtyTracker>,
+    }
+
+    impl ManagementContext for Ctx {
+        fn node_name(&self) -> String {
+            "disk0".into()
+        }
+        fn disk_info(&self) -> DiskInfo {
+            DiskInfo {
+                image: self.disk.image().path().to_path_buf(),
+                size: SIZE,
+                read_only: false,
+                direct: false,
+                writeback: true,
+            }
+        }
+        fn bitmaps(&self) -> Option<Arc<dyn DirtyBitmaps>> {
+            Some(self.tracker.clone())
+        }
+        fn quit(&self) {}
+        fn with_guest_io_held(&self, f: &mut dyn FnMut()) -> Result<(), QmpError> {
+            let _pause = self.disk.gate().pause();
+            f();
+            Ok(())
+        }
+    }
+
+    struct Setup {
+        _dir: Dir,
+        disk: Arc<Disk>,
+        tracker: Arc<DirtyTracker>,
+        graph: Arc<crate::graph::Graph>,
+        d: Arc<Dispatcher>,
+        tmp: PathBuf,
+        before: Vec<u8>,
+    }
+
+    fn setup(tag: &str) -> Setup {
+        let dir = Dir::new(tag);
+        let src = dir.file("src", pattern);
+        let tmp = dir.sparse("tmp");
+        let before = std::fs::read(&src).unwrap();
+        let disk = Arc::new(Disk::new(Box::new(raw(&src)), false));
+        let tracker = Arc::new(DirtyTracker::open(TrackerConfig::new(SIZE)).unwrap());
+        disk.add_hook(tracker.clone());
+        let ctx = Arc::new(Ctx {
+            disk: disk.clone(),
+            tracker: tracker.clone(),
+        });
+        let events = EventBus::new();
+        let d = standard_dispatcher(ctx.clone(), events.clone());
+        let graph = Arc::new(graph_for_disk(&disk, "disk0", false));
+        register_graph_commands(&d, graph.clone(), ctx.clone());
+        let jobs = JobRegistry::new(events);
+        crate::jobs::qmp::register_job_commands(&d, jobs.clone());
+        let svc = Arc::new(qmp::BackupService {
+            disk: disk.clone(),
+            graph: graph.clone(),
+            jobs,
+            ctx,
+        });
+        qmp::register_backup_commands(&d, svc);
+        exec(
+            &d,
+            "blockdev-add",
+            json!({"driver": "file", "node-name": "tmp0", "filename": tmp}),
+        )
+        .unwrap();
+        Setup {
+            _dir: dir,
+            disk,
+            tracker,
+            graph,
+            d,
+            tmp,
+            before,
+        }
+    }
+
+    use super::super::qmp;
+
+    fn exec(d: &Dispatcher, cmd: &str, args: Value) -> Result<Value, QmpError> {
+        match args {
+            Value::Object(m) => d.execute(cmd, m),
+            _ => d.execute(cmd, Default::default()),
+        }
+    }
+
+    fn backup() -> Value {
+        json!({"type": "blockdev-backup", "data": {"job-id": "fl0", "device": "disk0",
+               "target": "tmp0", "sync": "none", "filter-node-name": "cbw0"}})
+    }
+
+    fn read_node(graph: &crate::graph::Graph, node: &str, offset: u64, len: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; len];
+        graph
+            .lookup(node)
+            .unwrap()
+            .image()
+            .read_at(&[IoBuf::from_slice(&mut buf)], offset)
+            .unwrap();
+        buf
+    }
+
+    /// A guest write that starts after the transaction's prepare and
+    /// before its commit (it holds the gate the commit waits for): it is
+    /// before the instant for the bitmaps (in b0, not in b1), so it must
+    /// be in the snapshot too: not copied by a filter already in the path.
+    #[test]
+    fn the_filter_goes_in_at_the_commit_instant() {
+        let s = setup("instant");
+        exec(
+            &s.d,
+            "block-dirty-bitmap-add",
+            json!({"node": "disk0", "name": "b0"}),
+        )
+        .unwrap();
+        let (entered, in_gate) = std::sync::mpsc::channel();
+        let writer = {
+            let disk = s.disk.clone();
+            std::thread::spawn(move || {
+                let _batch = disk.gate().enter();
+                let _ = entered.send(());
+                // The transaction is prepared and waits for this batch.
+                wait_until("the commit to wait for guest I/O", || {
+                    disk.gate().is_paused()
+                });
+                write(&disk, 3 * CL, 4096, 0xee)
+            })
+        };
+        in_gate.recv().unwrap();
+        let txn = json!({"actions": [
+            {"type": "block-dirty-bitmap-disable", "data": {"node": "disk0", "name": "b0"}},
+            {"type": "block-dirty-bitmap-add", "data": {"node": "disk0", "name": "b1"}},
+            backup()]});
+        exec(&s.d, "transaction", txn).unwrap();
+        writer.join().unwrap().unwrap();
+        let b0 = s.tracker.bitmap("b0").unwrap();
+        let b1 = s.tracker.bitmap("b1").unwrap();
+        assert!(
+            b0.get(3 * CL) && !b1.get(3 * CL),
+            "the write is before the instant"
+        );
+        exec(
+            &s.d,
+            "blockdev-add",
+            json!({"driver": "snapshot-access", "node-name": "acc0", "file": "cbw0"}),
+        )
+        .unwrap();
+        assert!(
+            read_node(&s.graph, "acc0", 3 * CL, 4096) == vec![0xee; 4096],
+            "the snapshot is older than the bitmaps' instant"
+        );
+        // A write after the instant: in b1, not in the snapshot.
+        write(&s.disk, 5 * CL, 512, 0xef).unwrap();
+        assert!(b1.get(5 * CL));
+        let o = (5 * CL) as usize;
+        assert!(read_node(&s.graph, "acc0", 5 * CL, 512) == s.before[o..o + 512]);
+    }
+
+    /// A transaction whose last action fails leaves no filter in the
+    /// path and no node; a cancelled job takes its filter out (writes no
+    /// longer copy, the snapshot fails with EIO) and frees the target.
+    #[test]
+    fn abort_and_cancel_leave_no_filter() {
+        let s = setup("abort");
+        let e = exec(
+            &s.d,
+            "transaction",
+            json!({"actions": [backup(), {"type": "abort", "data": {}}]}),
+        )
+        .unwrap_err();
+        assert_eq!(e.desc, "Transaction aborted using Abort action");
+        assert!(s.graph.lookup("cbw0").is_none());
+        write(&s.disk, 0, 4096, 1).unwrap();
+        let unallocated = |p: &Path| {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata(p).unwrap().blocks() == 0
+        };
+        assert!(unallocated(&s.tmp), "a write was copied after the abort");
+
+        exec(&s.d, "transaction", json!({"actions": [backup()]})).unwrap();
+        exec(
+            &s.d,
+            "blockdev-add",
+            json!({"driver": "snapshot-access", "node-name": "acc0", "file": "cbw0"}),
+        )
+        .unwrap();
+        let acc = s.graph.lookup("acc0").unwrap();
+        write(&s.disk, CL, 4096, 2).unwrap();
+        assert!(!unallocated(&s.tmp), "the write was not copied");
+        exec(&s.d, "block-job-cancel", json!({"device": "fl0"})).unwrap();
+        wait_until("the job to end", || s.graph.lookup("cbw0").is_none());
+        let copied = std::fs::read(&s.tmp).unwrap();
+        write(&s.disk, 7 * CL, 4096, 3).unwrap();
+        assert_eq!(
+            std::fs::read(&s.tmp).unwrap(),
+            copied,
+            "copied after cancel"
+        );
+        let mut buf = vec![0u8; 512];
+        assert!(acc
+            .image()
+            .read_at(&[IoBuf::from_slice(&mut buf)], 0)
+            .is_err());
+        exec(&s.d, "blockdev-del", json!({"node-name": "acc0"})).unwrap();
+        exec(&s.d, "blockdev-del", json!({"node-name": "tmp0"})).unwrap();
+    }
+}
