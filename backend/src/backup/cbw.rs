@@ -93,6 +93,17 @@ impl SnapshotError {
     }
 }
 
+/// A copy that failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopyError {
+    /// The OS error number.
+    pub errno: i32,
+    /// Reading the source failed (else writing the target, or waiting).
+    pub on_source: bool,
+    /// What failed.
+    pub message: String,
+}
+
 /// The copy-before-write state of one filter (see the module docs).
 pub struct CopyBeforeWrite {
     source: Arc<dyn Image>,
@@ -297,11 +308,22 @@ impl CopyBeforeWrite {
         (start, end - start)
     }
 
-    /// Copies the clusters of `[first, last]` still to copy, under a lock.
-    fn copy_clusters(&self, first: u64, last: u64) -> Result<(), (i32, String)> {
+    /// Number of clusters.
+    pub fn clusters(&self) -> u64 {
+        self.size.div_ceil(self.opts.cluster)
+    }
+
+    /// Copies the clusters of `[first, last]` still to copy, under a lock:
+    /// a guest write's copy-before-write, or a push backup's background
+    /// copy (both copy each cluster once, whichever comes first).
+    pub fn copy_clusters(&self, first: u64, last: u64) -> Result<(), CopyError> {
         let deadline = self.opts.timeout.map(|t| Instant::now() + t);
         let Some(_lock) = self.lock(first, last + 1, deadline) else {
-            return Err((libc::ETIMEDOUT, "copy-before-write timed out".into()));
+            return Err(CopyError {
+                errno: libc::ETIMEDOUT,
+                on_source: false,
+                message: "copy-before-write timed out".into(),
+            });
         };
         let piece_clusters = (COPY_PIECE / self.opts.cluster).max(1);
         let mut buf = Vec::new();
@@ -315,10 +337,17 @@ impl CopyBeforeWrite {
             let (offset, len) = self.bytes(a, b);
             let len_usize = usize::try_from(len).unwrap_or(usize::MAX);
             buf.resize(len_usize, 0);
-            let io = |e: ImageError| (crate::mirror::image_errno(&e), e.to_string());
+            let err = |on_source| {
+                move |e: ImageError| CopyError {
+                    errno: crate::mirror::image_errno(&e),
+                    on_source,
+                    message: e.to_string(),
+                }
+            };
+            let io = err(false);
             self.source
                 .read_at(&[IoBuf::from_slice(&mut buf)], offset)
-                .map_err(io)?;
+                .map_err(err(true))?;
             if buf.iter().all(|&x| x == 0) {
                 // Keeps the target sparse where the snapshot reads zeroes.
                 self.target.write_zeroes(offset, len, true).map_err(io)?;
@@ -464,14 +493,17 @@ impl WriteHook for CopyBeforeWrite {
         }
         match self.copy_clusters(first, last) {
             Ok(()) => Ok(()),
-            Err((_, msg)) if self.opts.on_error == OnCbwError::BreakGuestWrite => {
-                Err(DiskError::Hook(format!("copy-before-write: {msg}")))
+            Err(e) if self.opts.on_error == OnCbwError::BreakGuestWrite => {
+                Err(DiskError::Hook(format!("copy-before-write: {}", e.message)))
             }
-            Err((errno, msg)) => {
-                log::warn!("copy-before-write failed, the snapshot is now invalid: {msg}");
+            Err(e) => {
+                log::warn!(
+                    "copy-before-write failed, the snapshot is now invalid: {}",
+                    e.message
+                );
                 let _ = self.broken.compare_exchange(
                     0,
-                    errno.max(1),
+                    e.errno.max(1),
                     Ordering::SeqCst,
                     Ordering::SeqCst,
                 );

@@ -1,7 +1,8 @@
 //! `blockdev-backup` as a command and as a `transaction` action, with
-//! QEMU 7.2's arguments (schema order), checks and texts. vubd does the
-//! fleecing mode (`sync: none` with a copy-before-write filter); the push
-//! modes (`full`, `top`, `bitmap`, `incremental`) are refused by name.
+//! QEMU 7.2's arguments (schema order), checks and texts. vubd does
+//! fleecing (`sync: none` with a copy-before-write filter) and the full
+//! push backup (`sync: full`); `top`, `bitmap` and `incremental` are
+//! refused by name.
 //!
 //! The action follows QEMU's phases: `prepare` checks everything, builds
 //! the filter, adds its node to the graph and creates the job; `commit`,
@@ -11,7 +12,7 @@
 //! on every write; `abort` undoes the prepare.
 
 use super::cbw::{CbwOptions, CopyBeforeWrite};
-use super::job::FleecingJob;
+use super::job::{BackupJob, Push};
 use crate::disk::Disk;
 use crate::graph::{Driver, Graph, GraphError, Node, NodeOptions, User};
 use crate::image::Image;
@@ -46,6 +47,8 @@ struct BackupArgs {
     bitmap: Option<String>,
     bitmap_mode: Option<String>,
     compress: bool,
+    on_source_error: OnError,
+    on_target_error: OnError,
     auto_finalize: bool,
     auto_dismiss: bool,
     filter_node_name: Option<String>,
@@ -60,9 +63,14 @@ fn parse(mut args: Args) -> Result<BackupArgs, QmpError> {
     let bitmap = args.opt_str("bitmap")?;
     let bitmap_mode = args.opt_enum("bitmap-mode", BITMAP_MODES)?;
     let compress = args.opt_bool("compress")?.unwrap_or(false);
-    // Only the push modes read or write data as a job.
-    let _ = args.opt_enum("on-source-error", &OnError::NAMES)?;
-    let _ = args.opt_enum("on-target-error", &OnError::NAMES)?;
+    let on_error = |args: &mut Args, name| -> Result<OnError, QmpError> {
+        Ok(args
+            .opt_enum(name, &OnError::NAMES)?
+            .and_then(|s| OnError::parse(&s))
+            .unwrap_or(OnError::Report))
+    };
+    let on_source_error = on_error(&mut args, "on-source-error")?;
+    let on_target_error = on_error(&mut args, "on-target-error")?;
     let auto_finalize = args.opt_bool("auto-finalize")?.unwrap_or(true);
     let auto_dismiss = args.opt_bool("auto-dismiss")?.unwrap_or(true);
     let filter_node_name = args.opt_str("filter-node-name")?;
@@ -83,6 +91,8 @@ fn parse(mut args: Args) -> Result<BackupArgs, QmpError> {
         bitmap,
         bitmap_mode,
         compress,
+        on_source_error,
+        on_target_error,
         auto_finalize,
         auto_dismiss,
         filter_node_name,
@@ -103,7 +113,7 @@ fn not_found(name: &str) -> QmpError {
 /// What a prepared action made, for its commit or abort.
 struct Prepared {
     job: Arc<Job>,
-    driver: Arc<FleecingJob>,
+    driver: Arc<BackupJob>,
     started: bool,
 }
 
@@ -114,7 +124,7 @@ struct BackupAction {
     /// The job id (`job-id`, or the device name as in QEMU).
     job_id: String,
     /// The filter node and the claimed target, once made.
-    partial: Option<Arc<FleecingJob>>,
+    partial: Option<Arc<BackupJob>>,
     prepared: Option<Prepared>,
 }
 
@@ -213,9 +223,9 @@ impl BackupAction {
                 j.job_type()
             )));
         }
-        if a.sync != "none" {
+        if a.sync != "none" && a.sync != "full" {
             return Err(generic(format!(
-                "vubd supports blockdev-backup with sync 'none' (image fleecing) only, not '{}'",
+                "vubd supports blockdev-backup with sync 'none' and 'full' only, not '{}'",
                 a.sync
             )));
         }
@@ -264,12 +274,16 @@ impl BackupAction {
         let holder = User::BackupJob(job_id.clone());
         let _ = svc.graph.claim(&filter_name, User::Disk);
         let _ = svc.graph.claim(&filter_name, holder.clone());
-        let driver = Arc::new(FleecingJob {
+        let driver = Arc::new(BackupJob {
             disk: svc.disk.clone(),
             graph: svc.graph.clone(),
             cbw,
             filter_node: filter_name,
             target_node: a.target.clone(),
+            push: (a.sync == "full").then_some(Push {
+                on_source_error: a.on_source_error,
+                on_target_error: a.on_target_error,
+            }),
         });
         if let Err(e) = svc.graph.claim(&a.target, holder) {
             svc.graph.drop_node(&driver.filter_node);
