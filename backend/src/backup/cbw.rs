@@ -78,6 +78,9 @@ pub enum SnapshotError {
     /// the view is no longer the point-in-time image.
     #[error("the snapshot is invalid: {0}")]
     Invalid(String),
+    /// The range is not inside the snapshot.
+    #[error("Invalid argument")]
+    OutOfRange,
     /// Reading the source or the target failed.
     #[error(transparent)]
     Image(#[from] ImageError),
@@ -88,6 +91,7 @@ impl SnapshotError {
     pub fn errno(&self) -> i32 {
         match self {
             SnapshotError::Access => libc::EACCES,
+            SnapshotError::OutOfRange => libc::EINVAL,
             SnapshotError::Invalid(_) | SnapshotError::Image(_) => libc::EIO,
         }
     }
@@ -376,6 +380,9 @@ impl CopyBeforeWrite {
     /// source while holding them against copy-before-write.
     pub fn read_snapshot(&self, bufs: &[IoBuf], offset: u64) -> Result<(), SnapshotError> {
         let len = crate::iobuf::total_len(bufs);
+        if offset.checked_add(len).is_none_or(|end| end > self.size) {
+            return Err(SnapshotError::OutOfRange);
+        }
         let Some((first, last)) = self.to_copy.chunk_range(offset, len) else {
             return Ok(());
         };
@@ -418,6 +425,9 @@ impl CopyBeforeWrite {
     /// [`Image::allocation`]: the source's where the data is still there,
     /// the target's where it was copied (a zero cluster is copied as a hole).
     pub fn snapshot_allocation(&self, offset: u64) -> Result<(bool, u64), SnapshotError> {
+        if offset >= self.size {
+            return Err(SnapshotError::OutOfRange);
+        }
         let c = offset / self.opts.cluster;
         self.check_valid()?;
         if !self.access.get_chunk(c) {
@@ -433,7 +443,10 @@ impl CopyBeforeWrite {
             let copied_end = self.to_copy.next_dirty(c).unwrap_or(u64::MAX);
             copied_end.min(self.access.next_clean(c))
         };
-        let limit = run_end.saturating_mul(self.opts.cluster).min(self.size) - offset;
+        let limit = run_end
+            .saturating_mul(self.opts.cluster)
+            .min(self.size)
+            .saturating_sub(offset);
         let image = if on_source {
             &self.source
         } else {

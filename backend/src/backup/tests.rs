@@ -482,6 +482,10 @@ fn snapshot_discard_and_block_status() {
     assert!(!view.allocation(1 << 20).unwrap().0);
     assert!(snap(&view, 1 << 20, 4096).unwrap().iter().all(|&b| b == 0));
     assert!(view.allocation(0).unwrap().0);
+    // Outside the snapshot: refused, not a panic.
+    assert!(snap(&view, SIZE - 512, 1024).is_err());
+    assert!(view.read_at(&[], u64::MAX).is_err());
+    assert!(view.allocation(SIZE).is_err());
     view.discard(0, 2 * CL + 100).unwrap();
     let e = snap(&view, CL, 512).unwrap_err();
     assert!(
