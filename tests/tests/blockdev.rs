@@ -272,6 +272,7 @@ fn blockdev_add_del_and_query_match_qemu() -> Result<()> {
             json!({"driver": "raw", "node-name": "r9", "file": 5}),
             json!({"driver": "raw", "node-name": "r9", "file": "nosuch"}),
             json!({"driver": "raw", "node-name": "r9", "file": {"driver": "file", "filename": p.path("missing.img")}}),
+            json!({"driver": "raw", "node-name": "r8", "file": {"driver": "file", "node-name": "r8", "filename": a}}),
             // And what works.
             json!({"driver": "file", "node-name": &"n".repeat(31), "filename": a}),
             json!({"driver": "file", "node-name": "f1", "filename": a, "aio": "threads",

@@ -156,21 +156,30 @@ impl Graph {
         if g.entries.len() + 1 + usize::from(child.is_some()) > MAX_NODES {
             return Err(GraphError::TooMany);
         }
+        // Every check before any change: a refused add leaves nothing.
         if let Some(c) = &child {
             self.check_free(&g, c.name())?;
+            if c.name() == node.name() {
+                return Err(GraphError::Duplicate(node.name().to_string()));
+            }
         }
         self.check_free(&g, node.name())?;
+        if let Some(name) = node.child() {
+            let inline = child.as_ref().is_some_and(|c| c.name() == name);
+            if !inline && !g.entries.iter().any(|e| e.node.name() == name) {
+                return Err(GraphError::NotFound(name.to_string()));
+            }
+        }
         if let Some(c) = child {
             g.entries.push(Entry {
                 node: c,
                 users: Vec::new(),
             });
         }
-        if let Some(c) = node.child() {
+        if let Some(name) = node.child() {
             let parent = User::Parent(node.name().to_string());
-            match g.entries.iter_mut().find(|e| e.node.name() == c) {
-                Some(e) => e.users.push(parent),
-                None => return Err(GraphError::NotFound(c.to_string())),
+            if let Some(e) = g.entries.iter_mut().find(|e| e.node.name() == name) {
+                e.users.push(parent);
             }
         }
         let node = Arc::new(node);
@@ -405,6 +414,14 @@ mod tests {
         );
         assert_eq!(g.lookup("f1").unwrap().name(), "f1");
         assert!(g.lookup("f2").is_none());
+        // A raw node and its inline child may not share a name.
+        let child = Arc::new(node("r8", Driver::File, None, true));
+        assert_eq!(
+            g.add(node("r8", Driver::Raw, Some("r8"), true), Some(child))
+                .unwrap_err(),
+            GraphError::Duplicate("r8".into())
+        );
+        assert!(g.lookup("r8").is_none(), "a refused add left a node");
         // Newest first.
         assert_eq!(names(&g), ["f1", "disk0"]);
         assert_eq!(
