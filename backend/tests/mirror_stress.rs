@@ -55,7 +55,13 @@ fn stress_with(
     } else {
         Rig::new(&src)?
     };
-    let load = Writers::start(&rig.disk, model, writers, 4096, size, true, None);
+    // In background mode a mirror is READY only once its copier has
+    // caught up: unpaced writers on a loaded 2-core machine can re-dirty
+    // 4 KiB chunks faster than it copies them, for as long as the
+    // scheduler favours them. A short pause between each writer's writes
+    // keeps the copier ahead; the writes still race every copy.
+    let pace = (copy_mode == "background").then(|| Duration::from_micros(100));
+    let load = Writers::start(&rig.disk, model, writers, 4096, size, true, pace);
     load.wait_writes(20, T)?;
     rig.qmp(
         "drive-mirror",

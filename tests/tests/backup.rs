@@ -390,6 +390,20 @@ fn flow(p: &mut Peer) -> Result<Vec<Value>> {
     // The target and the filter belong to the job.
     seen.push(p.reply("blockdev-del", json!({"node-name": "tmp0"}))?);
     seen.push(p.reply("blockdev-del", json!({"node-name": "cbw0"}))?);
+    // The export holds its node; the disk is busy with the backup: a
+    // mirror's pivot would swap the image under the filter.
+    seen.push(p.reply("blockdev-del", json!({"node-name": "acc0"}))?);
+    let mirror_target = p.tmp.with_extension("mt");
+    std::fs::File::create(&mirror_target)?.set_len(SIZE)?;
+    seen.push(p.reply(
+        "blockdev-add",
+        json!({"driver": "file", "node-name": "mt0", "filename": mirror_target}),
+    )?);
+    seen.push(p.reply(
+        "blockdev-mirror",
+        json!({"job-id": "m0", "device": "disk0", "target": "mt0", "sync": "full"}),
+    )?);
+    seen.push(p.reply("blockdev-del", json!({"node-name": "mt0"}))?);
     // The copy, while the writer keeps writing.
     w.wait_writes(20)?;
     let mut jobs = p.qmp.ok("query-block-jobs", json!({}))?;

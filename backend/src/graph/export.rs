@@ -2,11 +2,11 @@
 //! guest's disk (writes go through its hooks), any other node exports its
 //! image read-only (a `snapshot-access` node: the point-in-time view).
 
-use super::registry::Graph;
+use super::registry::{Graph, User};
 use crate::image::Image;
 use crate::iobuf::IoBuf;
-use crate::nbd::{Allocation, DiskNode, ExportSource, NodeLookup, SourceError};
-use crate::qmp::DirtyBitmaps;
+use crate::nbd::{Allocation, DiskNode, ExportSource, NodeLookup, NodeRelease, SourceError};
+use crate::qmp::{DirtyBitmaps, QmpError};
 use std::sync::Arc;
 
 /// Finds export sources in the graph.
@@ -39,6 +39,19 @@ impl NodeLookup for GraphNodes {
             return self.disk.bitmaps(&self.disk.name);
         }
         None
+    }
+
+    fn hold(&self, node: &str, export: &str) -> Result<Option<NodeRelease>, QmpError> {
+        let name = match self.graph.disk_node() {
+            Some(d) if self.is_disk(node) => d.name().to_string(),
+            _ => node.to_string(),
+        };
+        let user = User::Export(export.to_string());
+        self.graph
+            .claim(&name, user.clone())
+            .map_err(|e| QmpError::generic(e.to_string()))?;
+        let graph = self.graph.clone();
+        Ok(Some(Box::new(move || graph.release(&name, &user))))
     }
 }
 

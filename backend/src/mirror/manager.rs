@@ -14,7 +14,7 @@ use super::{CopyMode, MirrorConfig, MirrorError, SyncMode, DEFAULT_BUF_SIZE, DEF
 use crate::disk::{Disk, WriteHook};
 use crate::graph::{Graph, Node, User};
 use crate::image::{file_identity, Image, RawImage, RawImageOptions};
-use crate::jobs::{id_wellformed, Job, JobError, JobOptions, JobRegistry, OnError};
+use crate::jobs::{id_wellformed, Job, JobError, JobOptions, JobRegistry, JobStatus, OnError};
 use crate::qmp::QmpError;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
@@ -513,6 +513,17 @@ impl MirrorManager {
                 "Node '{}' is busy: block device is in use by block job: mirror ({active})",
                 self.node_name
             )));
+        }
+        // Another kind of job on the disk: a backup's copy-before-write
+        // filter reads the image a pivot would swap away. In QEMU's graph
+        // the filter sits above the disk's node, hence QEMU's words.
+        if self
+            .registry
+            .list()
+            .into_iter()
+            .any(|j| !matches!(j.status(), JobStatus::Concluded | JobStatus::Null))
+        {
+            return Err(generic("Need a root block node"));
         }
         // The job holds its target node from here; every failure below
         // lets go of it (and once the job exists, its end does).

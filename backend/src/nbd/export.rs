@@ -37,6 +37,8 @@ pub struct ExportConfig {
     pub source: Arc<dyn ExportSource>,
     /// The exported bitmaps, already marked busy.
     pub bitmaps: Vec<ExportBitmap>,
+    /// Lets go of the exported node when the export is gone.
+    pub release: Option<super::qmp::NodeRelease>,
 }
 
 /// One export.
@@ -198,6 +200,9 @@ impl Exports {
             if let Err(e) = b.engine.set_busy(&b.name, false) {
                 log::warn!("NBD: cannot release bitmap {}: {e}", b.name);
             }
+        }
+        if let Some(release) = &export.config.release {
+            release();
         }
         self.events
             .emit("BLOCK_EXPORT_DELETED", json!({"id": export.config.id}));

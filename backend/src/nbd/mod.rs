@@ -20,7 +20,7 @@ pub mod server;
 pub mod source;
 pub mod transmission;
 
-pub use qmp::{register_nbd_commands, DiskNode, NbdService, NodeLookup};
+pub use qmp::{register_nbd_commands, DiskNode, NbdService, NodeLookup, NodeRelease};
 pub use source::{Allocation, DiskSource, ExportSource, SourceError};
 
 #[cfg(test)]

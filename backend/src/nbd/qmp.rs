@@ -22,7 +22,15 @@ pub trait NodeLookup: Send + Sync {
     fn source(&self, node: &str) -> Option<Arc<dyn ExportSource>>;
     /// The dirty bitmaps of node `node`, if it has any.
     fn bitmaps(&self, node: &str) -> Option<Arc<dyn DirtyBitmaps>>;
+    /// Marks `node` as used by export `export` (so it cannot be deleted
+    /// under the export) and returns what lets go of it again.
+    fn hold(&self, _node: &str, _export: &str) -> Result<Option<NodeRelease>, QmpError> {
+        Ok(None)
+    }
 }
+
+/// Lets go of an exported node once its export is gone.
+pub type NodeRelease = Box<dyn Fn() + Send + Sync>;
 
 /// The daemon's one node today: the guest's disk under its node name.
 pub struct DiskNode {
@@ -178,6 +186,15 @@ impl NbdService {
                 return Err(QmpError::generic(e.to_string()));
             }
         }
+        let release = match self.nodes.hold(&req.node, &req.id) {
+            Ok(r) => r,
+            Err(e) => {
+                for b in &bitmaps {
+                    let _ = b.engine.set_busy(&b.name, false);
+                }
+                return Err(e);
+            }
+        };
         self.exports.add(ExportConfig {
             id: req.id,
             name,
@@ -188,6 +205,7 @@ impl NbdService {
             allocation_depth: req.allocation_depth,
             source,
             bitmaps,
+            release,
         });
         Ok(json!({}))
     }

@@ -109,6 +109,7 @@ fn exports_with_source(writable: bool) -> (Exports, Arc<DirtyTracker>, Arc<MemSo
         allocation_depth: true,
         source: source.clone(),
         bitmaps,
+        release: None,
     });
     (e, tracker, source)
 }
@@ -448,6 +449,7 @@ fn removal_waits_for_clients_and_emits_the_event_last() {
         allocation_depth: false,
         source: Arc::new(MemSource::new()),
         bitmaps: Vec::new(),
+        release: None,
     });
     let export = e.by_name("e").unwrap();
     let (ours, mut theirs) = std::os::unix::net::UnixStream::pair().unwrap();
