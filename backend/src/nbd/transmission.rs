@@ -238,7 +238,8 @@ impl<R: TimedRead, W: Write> Conn<'_, R, W> {
         }
         let size = self.export.config.source.size();
         if req.offset > size || u64::from(req.len) > size - req.offset {
-            // The NBD spec's SHOULD, and QEMU's reply: writes get ENOSPC.
+            // The NBD spec's SHOULD. QEMU 7.2 picks ENOSPC as well, then
+            // sends every request error as EINVAL.
             let errno = match req.kind {
                 CMD_WRITE | CMD_WRITE_ZEROES => ENOSPC,
                 _ => EINVAL,
