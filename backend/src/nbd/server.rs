@@ -41,6 +41,8 @@ pub struct Timeouts {
     pub handshake: Duration,
     /// A WRITE's payload, from its header on.
     pub payload: Duration,
+    /// One blocked reply write (a client not reading).
+    pub write: Duration,
 }
 
 impl Default for Timeouts {
@@ -48,6 +50,7 @@ impl Default for Timeouts {
         Timeouts {
             handshake: HANDSHAKE_TIMEOUT,
             payload: PAYLOAD_TIMEOUT,
+            write: WRITE_TIMEOUT,
         }
     }
 }
@@ -106,18 +109,22 @@ impl Stream {
     }
 }
 
-/// The read side of a connection, with a deadline for all reads together
-/// (a per-read time-out alone lets a client trickle one byte at a time).
-struct Reader {
-    stream: Stream,
-    deadline: Option<Instant>,
-    /// A read time-out is set on the socket.
-    bounded: bool,
+/// A deadline for a run of reads or writes together (a per-call
+/// time-out alone lets a client trickle one byte at a time), kept as the
+/// socket time-out: the time left before each call, at most `cap`.
+struct Deadline {
+    at: Option<Instant>,
+    /// The time-out without a deadline (`None`: wait forever).
+    cap: Option<Duration>,
+    /// The socket's time-out is the deadline's, not `cap`.
+    armed: bool,
 }
 
-impl Read for Reader {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self.deadline {
+impl Deadline {
+    /// Sets the socket time-out with `set` before a call, or fails if the
+    /// deadline has passed. No system call while no deadline is set.
+    fn arm(&mut self, set: impl FnOnce(Option<Duration>) -> io::Result<()>) -> io::Result<()> {
+        match self.at {
             Some(d) => {
                 let left = d.saturating_duration_since(Instant::now());
                 if left.is_zero() {
@@ -126,22 +133,54 @@ impl Read for Reader {
                         "time limit reached",
                     ));
                 }
-                self.stream.set_read_timeout(Some(left))?;
-                self.bounded = true;
+                set(Some(self.cap.map_or(left, |c| c.min(left))))?;
+                self.armed = true;
             }
-            None if self.bounded => {
-                self.stream.set_read_timeout(None)?;
-                self.bounded = false;
+            None if self.armed => {
+                set(self.cap)?;
+                self.armed = false;
             }
             None => {}
         }
+        Ok(())
+    }
+}
+
+/// The read side of a connection.
+struct Reader {
+    stream: Stream,
+    deadline: Deadline,
+}
+
+impl Read for Reader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let s = &self.stream;
+        self.deadline.arm(|t| s.set_read_timeout(t))?;
         self.stream.read(buf)
+    }
+}
+
+/// The write side of a connection.
+struct Writer {
+    stream: Stream,
+    deadline: Deadline,
+}
+
+impl Write for Writer {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let s = &self.stream;
+        self.deadline.arm(|t| s.set_write_timeout(t))?;
+        self.stream.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
     }
 }
 
 impl TimedRead for BufReader<Reader> {
     fn set_deadline(&mut self, deadline: Option<Instant>) -> io::Result<()> {
-        self.get_mut().deadline = deadline;
+        self.get_mut().deadline.at = deadline;
         Ok(())
     }
 }
@@ -376,15 +415,28 @@ fn accept_loop(listener: &Listener, shared: &Arc<Shared>) {
 }
 
 fn client(shared: &Shared, id: u64, stream: Stream) -> io::Result<()> {
-    stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
-    let deadline = Instant::now() + shared.timeouts.handshake;
+    let t = shared.timeouts;
+    stream.set_write_timeout(Some(t.write))?;
+    // The handshake's deadline covers its reads and its replies' writes.
+    let deadline = Instant::now() + t.handshake;
     let reader = Reader {
         stream: stream.try_clone()?,
-        deadline: Some(deadline),
-        bounded: false,
+        deadline: Deadline {
+            at: Some(deadline),
+            cap: None,
+            armed: false,
+        },
+    };
+    let writer = Writer {
+        stream: stream.try_clone()?,
+        deadline: Deadline {
+            at: Some(deadline),
+            cap: Some(t.write),
+            armed: false,
+        },
     };
     let mut r = BufReader::with_capacity(IO_BUFFER, reader);
-    let mut w = BufWriter::with_capacity(IO_BUFFER, stream.try_clone()?);
+    let mut w = BufWriter::with_capacity(IO_BUFFER, writer);
     let exports = &shared.exports;
     let attach = |e: &Arc<super::export::Export>| match stream.try_clone() {
         Ok(s) => exports.attach(e, id, s),
@@ -393,9 +445,11 @@ fn client(shared: &Shared, id: u64, stream: Stream) -> io::Result<()> {
     let result = negotiate(&mut r, &mut w, exports, deadline, &attach).and_then(|n| match n {
         // An idle client in transmission is legitimate; only writes and
         // payloads time out.
-        Some(n) => r
-            .set_deadline(None)
-            .and_then(|()| serve(&mut r, &mut w, &n, shared.timeouts.payload)),
+        Some(n) => {
+            w.get_mut().deadline.at = None;
+            r.set_deadline(None)
+                .and_then(|()| serve(&mut r, &mut w, &n, t.payload))
+        }
         None => Ok(()),
     });
     // Whichever way it ended, even mid-handshake after attaching.

@@ -678,6 +678,28 @@ fn the_handshake_deadline_covers_a_trickling_client() {
     wait_for("the connection to end", || srv.connections() == 0);
 }
 
+/// The deadline covers the handshake's replies too: a client sending
+/// options but reading no reply is dropped at the deadline, not after each
+/// blocked write's own time-out (a slow reader renews that one forever).
+#[test]
+fn the_handshake_deadline_covers_a_client_not_reading_replies() {
+    let (e, _t) = exports(true);
+    let e = Arc::new(e);
+    let timeouts = Timeouts {
+        handshake: Duration::from_secs(1),
+        write: Duration::from_secs(600),
+        ..Timeouts::default()
+    };
+    let (srv, path) = server("deaf", &e, timeouts);
+    let mut s = connect(&path);
+    s.set_write_timeout(Some(Duration::from_secs(60))).unwrap();
+    // Far more replies than the socket buffers hold, asked in one write.
+    let lists: Vec<u8> = (0..20000).flat_map(|_| option(OPT_LIST, &[])).collect();
+    // Fails once the server hangs up.
+    let _ = s.write_all(&lists);
+    wait_for("the connection to end", || srv.connections() == 0);
+}
+
 /// Once a WRITE header has come, its payload has a time limit: a client
 /// stalling in it is dropped (it pinned a 32 MiB buffer), while another
 /// client is served meanwhile.
