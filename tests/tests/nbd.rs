@@ -525,6 +525,52 @@ fn garbage_and_lying_lengths_get_errors_or_a_disconnect() -> Result<()> {
     Ok(())
 }
 
+/// Writes past the end get ENOSPC (the NBD spec's SHOULD), WRITE with
+/// its payload read and dropped, other requests EINVAL; the connection
+/// goes on. qemu-storage-daemon 7.2 differs in the errno only: its
+/// `nbd_co_receive_request` picks ENOSPC, but `nbd_trip` sends every
+/// request error as EINVAL. Checked here so that a change on either side
+/// shows.
+#[test]
+fn writes_past_the_end_get_enospc_where_qemu_sends_einval() -> Result<()> {
+    let dir = ScratchDir::new("nbd-enospc")?;
+    let mut seen = Vec::new();
+    for qsd in [false, true] {
+        let mut p = Peer::start(&dir, qsd, &["write -P 3 0 1M"])?;
+        p.start_unix_server(json!({}))?;
+        p.qmp.ok(
+            "block-export-add",
+            json!({"type": "nbd", "id": "x0", "node-name": "disk0", "writable": true}),
+        )?;
+        let mut r = Raw::go(&p.nbd, "disk0")?;
+        let mut got = Vec::new();
+        r.request(1, 1, SIZE - 4096, MIB as u32)?;
+        r.0.write_all(&vec![9u8; MIB as usize])?;
+        got.push(r.simple_reply()?);
+        r.request(6, 2, SIZE, 4096)?;
+        got.push(r.simple_reply()?);
+        r.request(4, 3, SIZE - 512, 4096)?;
+        got.push(r.simple_reply()?);
+        r.request(0, 4, 0, 4096)?;
+        got.push(r.simple_reply()?);
+        let mut data = vec![0u8; 4096];
+        r.0.read_exact(&mut data)?;
+        ensure!(
+            data.iter().all(|&b| b == 3),
+            "{}: read returned wrong data",
+            p.name
+        );
+        seen.push(got);
+    }
+    assert_eq!(seen[0], [(28, 1), (28, 2), (22, 3), (0, 4)], "vubd");
+    assert_eq!(
+        seen[1],
+        [(22, 1), (22, 2), (22, 3), (0, 4)],
+        "qemu-storage-daemon"
+    );
+    Ok(())
+}
+
 #[test]
 fn connection_cap_and_a_client_that_stops_reading_block_no_one() -> Result<()> {
     let dir = ScratchDir::new("nbd-cap")?;

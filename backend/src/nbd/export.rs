@@ -7,6 +7,7 @@ use super::source::ExportSource;
 use crate::qmp::{DirtyBitmaps, EventBus};
 use serde_json::json;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// A dirty bitmap an export offers as `qemu:dirty-bitmap:NAME`.
@@ -84,6 +85,9 @@ pub enum RemoveError {
 pub struct Exports {
     list: Mutex<Vec<Arc<Export>>>,
     events: EventBus,
+    /// Connection ids: they live as long as the exports, not one server
+    /// run, since a client of a stopped server may still detach later.
+    next_conn: AtomicU64,
 }
 
 impl Exports {
@@ -92,11 +96,17 @@ impl Exports {
         Exports {
             list: Mutex::new(Vec::new()),
             events,
+            next_conn: AtomicU64::new(0),
         }
     }
 
     fn list(&self) -> MutexGuard<'_, Vec<Arc<Export>>> {
         self.list.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A connection id never handed out before by this registry.
+    pub fn connection_id(&self) -> u64 {
+        self.next_conn.fetch_add(1, Ordering::Relaxed)
     }
 
     /// Every export, oldest first.

@@ -158,8 +158,10 @@ struct Haggle<'a, R, W> {
     exports: &'a Exports,
     attach: &'a dyn Fn(&Arc<Export>) -> bool,
     structured: bool,
-    /// The export and contexts chosen by the last SET_META_CONTEXT.
-    meta: Option<(String, Vec<Context>)>,
+    /// The export and contexts chosen by the last SET_META_CONTEXT: the
+    /// export itself, since the contexts are indices into its bitmaps and
+    /// one re-added under the same name may have others.
+    meta: Option<(Arc<Export>, Vec<Context>)>,
     no_zeroes: bool,
 }
 
@@ -205,8 +207,9 @@ pub fn negotiate<R: Read, W: Write>(
             Step::Next => {}
             Step::Close => return Ok(None),
             Step::Go(export) => {
+                // The NBD spec: contexts set for another export are void.
                 let contexts = match h.meta.take() {
-                    Some((name, c)) if name == export.config.name => c,
+                    Some((e, c)) if Arc::ptr_eq(&e, &export) => c,
                     _ => Vec::new(),
                 };
                 return Ok(Some(Negotiated {
@@ -448,7 +451,7 @@ impl<R: Read, W: Write> Haggle<'_, R, W> {
             self.reply(opt, REP_META_CONTEXT, &v)?;
         }
         if !list {
-            self.meta = Some((name, chosen));
+            self.meta = Some((export, chosen));
         }
         self.ack(opt)
     }

@@ -1,19 +1,20 @@
 //! The NBD server's sockets: a listener (unix or TCP) with an accept
 //! thread, one thread per connection, a cap on simultaneous connections,
 //! and time-outs where a client could otherwise hold a thread forever
-//! (the whole handshake, and every reply write: a client that stops
-//! reading is dropped instead of being waited for).
+//! (the whole handshake, a WRITE's payload once its header has come, and
+//! every reply write: a client that stops reading is dropped instead of
+//! being waited for).
 
 use super::export::Exports;
 use super::handshake::negotiate;
-use super::transmission::serve;
+use super::transmission::{serve, TimedRead};
 use std::collections::HashMap;
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -24,12 +25,35 @@ use std::time::{Duration, Instant};
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 128;
 /// Time a client has for the whole handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time a WRITE's payload (at most 32 MiB) has to arrive after its header.
+pub const PAYLOAD_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longest a reply write may block before the client is dropped.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest `stop` waits for the connections' threads to end.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Socket buffer sizes: reads and writes of a whole request per call.
 const IO_BUFFER: usize = 256 << 10;
+
+/// How long a client may take where it holds a thread and memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// The whole handshake, from accept to the end of `NBD_OPT_GO`.
+    pub handshake: Duration,
+    /// A WRITE's payload, from its header on.
+    pub payload: Duration,
+    /// One blocked reply write (a client not reading).
+    pub write: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            handshake: HANDSHAKE_TIMEOUT,
+            payload: PAYLOAD_TIMEOUT,
+            write: WRITE_TIMEOUT,
+        }
+    }
+}
 
 /// Where the server listens (QEMU's `SocketAddress`, unix and inet).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,17 +94,94 @@ impl Stream {
         };
     }
 
-    fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()> {
+    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         match self {
-            Stream::Unix(s) => {
-                s.set_read_timeout(read)?;
-                s.set_write_timeout(write)
-            }
-            Stream::Tcp(s) => {
-                s.set_read_timeout(read)?;
-                s.set_write_timeout(write)
-            }
+            Stream::Unix(s) => s.set_read_timeout(t),
+            Stream::Tcp(s) => s.set_read_timeout(t),
         }
+    }
+
+    fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.set_write_timeout(t),
+            Stream::Tcp(s) => s.set_write_timeout(t),
+        }
+    }
+}
+
+/// A deadline for a run of reads or writes together (a per-call
+/// time-out alone lets a client trickle one byte at a time), kept as the
+/// socket time-out: the time left before each call, at most `cap`.
+struct Deadline {
+    at: Option<Instant>,
+    /// The time-out without a deadline (`None`: wait forever).
+    cap: Option<Duration>,
+    /// The socket's time-out is the deadline's, not `cap`.
+    armed: bool,
+}
+
+impl Deadline {
+    /// Sets the socket time-out with `set` before a call, or fails if the
+    /// deadline has passed. No system call while no deadline is set.
+    fn arm(&mut self, set: impl FnOnce(Option<Duration>) -> io::Result<()>) -> io::Result<()> {
+        match self.at {
+            Some(d) => {
+                let left = d.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "time limit reached",
+                    ));
+                }
+                set(Some(self.cap.map_or(left, |c| c.min(left))))?;
+                self.armed = true;
+            }
+            None if self.armed => {
+                set(self.cap)?;
+                self.armed = false;
+            }
+            None => {}
+        }
+        Ok(())
+    }
+}
+
+/// The read side of a connection.
+struct Reader {
+    stream: Stream,
+    deadline: Deadline,
+}
+
+impl Read for Reader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let s = &self.stream;
+        self.deadline.arm(|t| s.set_read_timeout(t))?;
+        self.stream.read(buf)
+    }
+}
+
+/// The write side of a connection.
+struct Writer {
+    stream: Stream,
+    deadline: Deadline,
+}
+
+impl Write for Writer {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let s = &self.stream;
+        self.deadline.arm(|t| s.set_write_timeout(t))?;
+        self.stream.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl TimedRead for BufReader<Reader> {
+    fn set_deadline(&mut self, deadline: Option<Instant>) -> io::Result<()> {
+        self.get_mut().deadline.at = deadline;
+        Ok(())
     }
 }
 
@@ -135,9 +236,9 @@ struct Shared {
     exports: Arc<Exports>,
     /// Every open connection (handshake or transmission), by id.
     conns: Mutex<HashMap<u64, Stream>>,
-    next_id: AtomicU64,
     closing: AtomicBool,
     max_connections: usize,
+    timeouts: Timeouts,
 }
 
 impl Shared {
@@ -162,6 +263,16 @@ impl NbdServer {
         addr: &Address,
         exports: Arc<Exports>,
         max_connections: u32,
+    ) -> Result<NbdServer, String> {
+        NbdServer::start_with(addr, exports, max_connections, Timeouts::default())
+    }
+
+    /// As [`NbdServer::start`], with other time-outs.
+    pub fn start_with(
+        addr: &Address,
+        exports: Arc<Exports>,
+        max_connections: u32,
+        timeouts: Timeouts,
     ) -> Result<NbdServer, String> {
         let (listener, unix_path) = match addr {
             Address::Unix(path) => {
@@ -189,9 +300,9 @@ impl NbdServer {
         let shared = Arc::new(Shared {
             exports,
             conns: Mutex::new(HashMap::new()),
-            next_id: AtomicU64::new(0),
             closing: AtomicBool::new(false),
             max_connections: max as usize,
+            timeouts,
         });
         let listener = Arc::new(listener);
         let (s, l) = (shared.clone(), listener.clone());
@@ -273,7 +384,7 @@ fn accept_loop(listener: &Listener, shared: &Arc<Shared>) {
         if shared.closing.load(Ordering::SeqCst) {
             return;
         }
-        let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let id = shared.exports.connection_id();
         {
             let mut conns = shared.conns();
             if conns.len() >= shared.max_connections {
@@ -304,20 +415,41 @@ fn accept_loop(listener: &Listener, shared: &Arc<Shared>) {
 }
 
 fn client(shared: &Shared, id: u64, stream: Stream) -> io::Result<()> {
-    stream.set_timeouts(Some(HANDSHAKE_TIMEOUT), Some(WRITE_TIMEOUT))?;
-    let mut r = BufReader::with_capacity(IO_BUFFER, stream.try_clone()?);
-    let mut w = BufWriter::with_capacity(IO_BUFFER, stream.try_clone()?);
+    let t = shared.timeouts;
+    stream.set_write_timeout(Some(t.write))?;
+    // The handshake's deadline covers its reads and its replies' writes.
+    let deadline = Instant::now() + t.handshake;
+    let reader = Reader {
+        stream: stream.try_clone()?,
+        deadline: Deadline {
+            at: Some(deadline),
+            cap: None,
+            armed: false,
+        },
+    };
+    let writer = Writer {
+        stream: stream.try_clone()?,
+        deadline: Deadline {
+            at: Some(deadline),
+            cap: Some(t.write),
+            armed: false,
+        },
+    };
+    let mut r = BufReader::with_capacity(IO_BUFFER, reader);
+    let mut w = BufWriter::with_capacity(IO_BUFFER, writer);
     let exports = &shared.exports;
-    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
     let attach = |e: &Arc<super::export::Export>| match stream.try_clone() {
         Ok(s) => exports.attach(e, id, s),
         Err(_) => false,
     };
     let result = negotiate(&mut r, &mut w, exports, deadline, &attach).and_then(|n| match n {
-        // An idle client in transmission is legitimate; only writes time out.
-        Some(n) => stream
-            .set_timeouts(None, Some(WRITE_TIMEOUT))
-            .and_then(|()| serve(&mut r, &mut w, &n)),
+        // An idle client in transmission is legitimate; only writes and
+        // payloads time out.
+        Some(n) => {
+            w.get_mut().deadline.at = None;
+            r.set_deadline(None)
+                .and_then(|()| serve(&mut r, &mut w, &n, t.payload))
+        }
         None => Ok(()),
     });
     // Whichever way it ended, even mid-handshake after attaching.

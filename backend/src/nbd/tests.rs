@@ -3,12 +3,16 @@
 //! the real disk) and the real dirty-bitmap engine.
 
 use super::export::{ExportBitmap, ExportConfig, Exports};
-use super::handshake::{negotiate, Context, Negotiated};
+use super::handshake::{negotiate, Context, Negotiated, MAX_OPTION};
 use super::proto::*;
+use super::server::{Address, NbdServer, Timeouts};
 use super::source::{Allocation, ExportSource, SourceError};
-use super::transmission::serve;
+use super::transmission::{serve, TimedRead};
 use crate::dirty::{DirtyTracker, TrackerConfig};
 use crate::qmp::{DirtyBitmaps, EventBus};
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -258,6 +262,15 @@ fn go_enters_transmission_with_the_contexts_set_for_that_export() {
     assert_eq!(&info[9].2[2..], &[0, 0, 0, 1, 0, 0, 16, 0, 2, 0, 0, 0]);
 }
 
+/// In-memory requests have no time to run out.
+impl TimedRead for &[u8] {
+    fn set_deadline(&mut self, _: Option<Instant>) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+const PAYLOAD: Duration = Duration::from_secs(60);
+
 fn request(kind: u16, flags: u16, handle: u64, offset: u64, len: u32) -> Vec<u8> {
     Request {
         flags,
@@ -306,7 +319,7 @@ fn sparse_reads_and_block_status_chunks() {
     input.extend(request(CMD_READ, 0, 5, SIZE - 4096, 8192));
     input.extend(request(CMD_DISC, 0, 6, 0, 0));
     let mut out = Vec::new();
-    serve(&input[..], &mut out, &n).unwrap();
+    serve(&input[..], &mut out, &n, PAYLOAD).unwrap();
     let c = chunks(&out);
     // READ 4096+12288: hole, data (8192..16384), DONE on the last.
     assert_eq!((c[0].0, c[0].1, c[0].2), (0, REPLY_TYPE_OFFSET_HOLE, 1));
@@ -353,7 +366,7 @@ fn writes_on_a_read_only_export_and_bad_flags_are_refused_in_step() {
     input.extend(request(CMD_BLOCK_STATUS, 0, 3, 0, 4096));
     input.extend(request(CMD_READ, 0, 4, 8192, 4));
     let mut out = Vec::new();
-    serve(&input[..], &mut out, &n).unwrap();
+    serve(&input[..], &mut out, &n, PAYLOAD).unwrap();
     assert_eq!(&out[..16], simple_reply(EPERM, 1));
     assert_eq!(
         &out[16..32],
@@ -422,7 +435,7 @@ fn reads_do_not_ask_the_source_for_allocation() {
     let mut input = request(CMD_READ, 0, 1, 0, 65536);
     input.extend(request(CMD_READ, 0, 2, 8192, 4096));
     let mut out = Vec::new();
-    serve(&input[..], &mut out, &n).unwrap();
+    serve(&input[..], &mut out, &n, PAYLOAD).unwrap();
     assert_eq!(chunks(&out).len(), 4, "hole, data, hole; data");
     let calls = source
         .status_calls
@@ -474,4 +487,268 @@ fn removal_waits_for_clients_and_emits_the_event_last() {
     assert_eq!(ev.name, "BLOCK_EXPORT_DELETED");
     assert_eq!(ev.data, Some(serde_json::json!({"id": "x0"})));
     assert!(!e.id_in_use("x0"));
+}
+
+/// Client input in two parts, with `between` run once the first is used
+/// up: the registry changes at an exact point of the negotiation.
+struct Staged<F: FnMut()> {
+    first: Vec<u8>,
+    second: Vec<u8>,
+    at: usize,
+    between: Option<F>,
+}
+
+impl<F: FnMut()> Read for Staged<F> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.at < self.first.len() {
+            let n = (&self.first[self.at..]).read(buf)?;
+            self.at += n;
+            return Ok(n);
+        }
+        if let Some(mut f) = self.between.take() {
+            f();
+        }
+        let n = (&self.second[self.at - self.first.len()..]).read(buf)?;
+        self.at += n;
+        Ok(n)
+    }
+}
+
+/// Contexts are indices into the export's bitmaps: set for `e` (b0), then
+/// `e` removed and re-added exporting b1 only; GO on the new `e` must not
+/// carry id 2 over (it would report b1's bits as b0's). The NBD spec: a
+/// negotiation for another export is void.
+#[test]
+fn contexts_set_for_a_replaced_export_are_void_at_go() {
+    let (e, tracker) = exports(true);
+    let mut first = 3u32.to_be_bytes().to_vec();
+    first.extend(option(OPT_STRUCTURED_REPLY, &[]));
+    first.extend(option(
+        OPT_SET_META_CONTEXT,
+        &meta_query("e", &["qemu:dirty-bitmap:b0"]),
+    ));
+    let second = option(OPT_GO, &[0, 0, 0, 1, b'e', 0, 0]);
+    let replace = || {
+        e.remove("x0", true).unwrap();
+        e.add(ExportConfig {
+            id: "x1".into(),
+            name: "e".into(),
+            description: None,
+            node: "disk0".into(),
+            writable: true,
+            writethrough: false,
+            allocation_depth: false,
+            source: Arc::new(MemSource::new()),
+            bitmaps: vec![ExportBitmap {
+                name: "b1".into(),
+                engine: tracker.clone() as Arc<dyn DirtyBitmaps>,
+            }],
+        });
+    };
+    let input = Staged {
+        first,
+        second,
+        at: 0,
+        between: Some(replace),
+    };
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let n = negotiate(input, &mut out, &e, deadline, &|_| true)
+        .unwrap()
+        .expect("GO succeeded");
+    assert_eq!(n.export.config.id, "x1");
+    assert_eq!(n.contexts, [], "contexts of the removed export kept");
+}
+
+/// Refused WRITEs (read-only, past the end) have their payload skipped
+/// and the connection goes on; writes past the end get ENOSPC as in QEMU
+/// (the NBD spec's SHOULD), other requests past the end EINVAL.
+#[test]
+fn refused_writes_skip_their_payload_and_past_the_end_is_enospc() {
+    let big = SIZE as u32;
+    let (e, _t) = exports(false);
+    let mut n = negotiated(&e, vec![]);
+    n.structured = false;
+    let mut input = request(CMD_WRITE, 0, 1, 0, big);
+    input.extend(vec![9u8; big as usize]);
+    input.extend(request(CMD_READ, 0, 2, 8192, 4));
+    let mut out = Vec::new();
+    serve(&input[..], &mut out, &n, PAYLOAD).unwrap();
+    assert_eq!(&out[..16], simple_reply(EPERM, 1));
+    assert_eq!(&out[16..32], simple_reply(0, 2));
+    assert_eq!(&out[32..], [7, 7, 7, 7]);
+
+    let (e, _t) = exports(true);
+    let mut n = negotiated(&e, vec![]);
+    n.structured = false;
+    let mut input = request(CMD_WRITE, 0, 1, SIZE - 4096, big);
+    input.extend(vec![9u8; big as usize]);
+    input.extend(request(CMD_WRITE_ZEROES, 0, 2, SIZE, 1));
+    input.extend(request(CMD_TRIM, 0, 3, SIZE, 1));
+    input.extend(request(CMD_READ, 0, 4, SIZE - 4, 4));
+    let mut out = Vec::new();
+    serve(&input[..], &mut out, &n, PAYLOAD).unwrap();
+    assert_eq!(&out[..16], simple_reply(ENOSPC, 1), "WRITE past the end");
+    assert_eq!(&out[16..32], simple_reply(ENOSPC, 2), "WRITE_ZEROES");
+    assert_eq!(&out[32..48], simple_reply(EINVAL, 3), "TRIM");
+    assert_eq!(&out[48..64], simple_reply(0, 4));
+    assert_eq!(&out[64..], [0, 0, 0, 0], "the refused write was applied");
+}
+
+/// A server on a fresh unix socket path.
+fn server(tag: &str, exports: &Arc<Exports>, timeouts: Timeouts) -> (NbdServer, PathBuf) {
+    let path = std::env::temp_dir().join(format!("vubd-nbd-unit-{tag}-{}", std::process::id()));
+    let s =
+        NbdServer::start_with(&Address::Unix(path.clone()), exports.clone(), 0, timeouts).unwrap();
+    (s, path)
+}
+
+/// Connects and sends the client flags; the greeting is read.
+fn connect(path: &PathBuf) -> UnixStream {
+    let mut s = UnixStream::connect(path).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut g = [0u8; 18];
+    s.read_exact(&mut g).unwrap();
+    s.write_all(&3u32.to_be_bytes()).unwrap();
+    s
+}
+
+/// Connects and opens export `e` (simple replies).
+fn go(path: &PathBuf) -> UnixStream {
+    let mut s = connect(path);
+    s.write_all(&option(OPT_GO, &[0, 0, 0, 1, b'e', 0, 0]))
+        .unwrap();
+    loop {
+        let mut h = [0u8; 20];
+        s.read_exact(&mut h).unwrap();
+        let mut data = vec![0u8; be32(&h[16..20]) as usize];
+        s.read_exact(&mut data).unwrap();
+        match be32(&h[12..16]) {
+            REP_ACK => return s,
+            REP_INFO => {}
+            k => panic!("GO failed: {k:#x}"),
+        }
+    }
+}
+
+/// True once the server has closed `s` (waits up to its read time-out).
+fn closed(s: &mut UnixStream) -> bool {
+    let mut b = [0u8; 1];
+    match s.read(&mut b) {
+        Ok(n) => n == 0,
+        Err(e) => !matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+    }
+}
+
+/// Waits (generously, against hangs only) for `f`.
+fn wait_for(what: &str, f: impl Fn() -> bool) {
+    let end = Instant::now() + Duration::from_secs(30);
+    while !f() {
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A client trickling an option's bytes, each well within any per-read
+/// time-out, is still dropped at the handshake's deadline: otherwise a
+/// 64 KiB option at one byte per 9 s holds a connection for a week.
+#[test]
+fn the_handshake_deadline_covers_a_trickling_client() {
+    let (e, _t) = exports(true);
+    let e = Arc::new(e);
+    let timeouts = Timeouts {
+        handshake: Duration::from_secs(1),
+        ..Timeouts::default()
+    };
+    let (srv, path) = server("trickle", &e, timeouts);
+    let mut s = connect(&path);
+    let mut head = IHAVEOPT.to_be_bytes().to_vec();
+    head.extend(OPT_GO.to_be_bytes());
+    head.extend(MAX_OPTION.to_be_bytes());
+    s.write_all(&head).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    // 300 bytes at one per ~100 ms: 30 s, far beyond the deadline.
+    let dropped = (0..300).any(|_| s.write_all(&[0]).is_err() || closed(&mut s));
+    assert!(
+        dropped,
+        "a trickling client outlived the handshake deadline"
+    );
+    wait_for("the connection to end", || srv.connections() == 0);
+}
+
+/// The deadline covers the handshake's replies too: a client sending
+/// options but reading no reply is dropped at the deadline, not after each
+/// blocked write's own time-out (a slow reader renews that one forever).
+#[test]
+fn the_handshake_deadline_covers_a_client_not_reading_replies() {
+    let (e, _t) = exports(true);
+    let e = Arc::new(e);
+    let timeouts = Timeouts {
+        handshake: Duration::from_secs(1),
+        write: Duration::from_secs(600),
+        ..Timeouts::default()
+    };
+    let (srv, path) = server("deaf", &e, timeouts);
+    let mut s = connect(&path);
+    s.set_write_timeout(Some(Duration::from_secs(60))).unwrap();
+    // Far more replies than the socket buffers hold, asked in one write.
+    let lists: Vec<u8> = (0..20000).flat_map(|_| option(OPT_LIST, &[])).collect();
+    // Fails once the server hangs up.
+    let _ = s.write_all(&lists);
+    wait_for("the connection to end", || srv.connections() == 0);
+}
+
+/// Once a WRITE header has come, its payload has a time limit: a client
+/// stalling in it is dropped (it pinned a 32 MiB buffer), while another
+/// client is served meanwhile.
+#[test]
+fn a_client_stalling_in_a_write_payload_is_dropped() {
+    let (e, _t) = exports(true);
+    let e = Arc::new(e);
+    let timeouts = Timeouts {
+        payload: Duration::from_secs(1),
+        ..Timeouts::default()
+    };
+    let (srv, path) = server("stall", &e, timeouts);
+    let mut staller = go(&path);
+    staller
+        .write_all(&request(CMD_WRITE, 0, 1, 0, 1 << 20))
+        .unwrap();
+    staller.write_all(&[1u8; 10]).unwrap();
+    let mut other = go(&path);
+    other.write_all(&request(CMD_READ, 0, 2, 8192, 4)).unwrap();
+    let mut reply = [0u8; 20];
+    other.read_exact(&mut reply).unwrap();
+    assert_eq!(&reply[..16], simple_reply(0, 2));
+    assert_eq!(&reply[16..], [7, 7, 7, 7]);
+    assert!(closed(&mut staller), "the stalled write was not dropped");
+    drop(other);
+    wait_for("the connections to end", || srv.connections() == 0);
+}
+
+/// Connection ids come from the registry, which outlives a server: a
+/// client of an earlier server leaving must not detach a client of a
+/// later one (it had the same id when each server counted from 0).
+#[test]
+fn connection_ids_are_not_reused_by_another_server() {
+    use super::export::RemoveError;
+    let (e, _t) = exports(true);
+    let e = Arc::new(e);
+    let (first, p1) = server("ids1", &e, Timeouts::default());
+    let old = go(&p1);
+    let (second, p2) = server("ids2", &e, Timeouts::default());
+    let new = go(&p2);
+    drop(old);
+    wait_for("the old client to leave", || first.connections() == 0);
+    assert_eq!(
+        e.remove("x0", false),
+        Err(RemoveError::InUse("x0".into())),
+        "the remaining client was detached with the one that left"
+    );
+    drop(new);
+    drop(second);
 }

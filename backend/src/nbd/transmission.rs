@@ -5,14 +5,19 @@
 //!
 //! Memory per connection is bounded by one request's payload
 //! ([`MAX_PAYLOAD`]) plus the extent lists (at most [`MAX_EXTENTS`] per
-//! context). A WRITE header announcing more than [`MAX_PAYLOAD`] cannot be
-//! skipped cheaply: it gets an error and the connection is closed.
+//! context). A WRITE is checked before its payload buffer exists: a
+//! refused one has its payload skipped in small pieces, and one announcing
+//! more than [`MAX_PAYLOAD`] gets an error and the connection is closed
+//! (skipping gigabytes is not worth it). Once a WRITE header has arrived,
+//! its payload must follow within the payload time-out; the idle time
+//! between requests is not bounded (as in QEMU).
 
 use super::export::Export;
 use super::handshake::{Context, Negotiated};
 use super::proto::*;
 use super::source::{Allocation, SourceError};
 use std::io::{self, Read, Write};
+use std::time::{Duration, Instant};
 
 /// Most extents in one BLOCK_STATUS chunk (QEMU's 1 MiB of extents).
 pub const MAX_EXTENTS: usize = (1 << 20) / 8;
@@ -84,8 +89,23 @@ enum Reply {
     Status(Vec<Vec<u8>>),
 }
 
+/// A request stream whose reads can be given a deadline.
+pub trait TimedRead: Read {
+    /// Reads fail (`TimedOut` or `WouldBlock`) once `deadline` has
+    /// passed; `None`: they wait as long as it takes.
+    fn set_deadline(&mut self, deadline: Option<Instant>) -> io::Result<()>;
+}
+
+impl<T: TimedRead + ?Sized> TimedRead for &mut T {
+    fn set_deadline(&mut self, deadline: Option<Instant>) -> io::Result<()> {
+        (**self).set_deadline(deadline)
+    }
+}
+
 struct Conn<'a, R, W> {
     r: R,
+    /// Time a WRITE's payload has to arrive, once its header has.
+    payload_timeout: Duration,
     w: W,
     export: &'a Export,
     structured: bool,
@@ -98,10 +118,17 @@ struct Conn<'a, R, W> {
 /// Largest buffer kept between requests (a 32 MiB one is given back).
 const KEEP_BUFFER: usize = 4 << 20;
 
-/// Serves requests until the client disconnects (or breaks the protocol).
-pub fn serve<R: Read, W: Write>(r: R, w: W, n: &Negotiated) -> io::Result<()> {
+/// Serves requests until the client disconnects (or breaks the protocol,
+/// or does not send a WRITE's payload within `payload_timeout`).
+pub fn serve<R: TimedRead, W: Write>(
+    r: R,
+    w: W,
+    n: &Negotiated,
+    payload_timeout: Duration,
+) -> io::Result<()> {
     let mut c = Conn {
         r,
+        payload_timeout,
         w,
         export: &n.export,
         structured: n.structured,
@@ -129,25 +156,30 @@ pub fn serve<R: Read, W: Write>(r: R, w: W, n: &Negotiated) -> io::Result<()> {
     }
 }
 
-impl<R: Read, W: Write> Conn<'_, R, W> {
+impl<R: TimedRead, W: Write> Conn<'_, R, W> {
     /// Handles one request; false: close the connection.
     fn request(&mut self, req: Request) -> io::Result<bool> {
+        if req.kind == CMD_WRITE && req.len > MAX_PAYLOAD {
+            let msg = format!("len ({}) is larger than max len ({MAX_PAYLOAD})", req.len);
+            self.fail(&req, Failure(EINVAL, msg))?;
+            return Ok(false);
+        }
+        let checked = self.check(&req);
         let mut payload = Vec::new();
         if req.kind == CMD_WRITE {
-            if req.len > MAX_PAYLOAD {
-                let msg = format!("len ({}) is larger than max len ({MAX_PAYLOAD})", req.len);
-                self.fail(&req, Failure(EINVAL, msg))?;
-                return Ok(false);
+            self.r
+                .set_deadline(Some(Instant::now() + self.payload_timeout))?;
+            if checked.is_ok() {
+                payload = self.buffer(req.len as usize);
+                self.r.read_exact(&mut payload)?;
+            } else {
+                self.skip(req.len)?;
             }
-            payload = self.buffer(req.len as usize);
-            self.r.read_exact(&mut payload)?;
-        } else if req.kind == CMD_READ && req.len <= MAX_PAYLOAD {
+            self.r.set_deadline(None)?;
+        } else if req.kind == CMD_READ && checked.is_ok() {
             payload = self.buffer(req.len as usize);
         }
-        match self
-            .check(&req)
-            .and_then(|()| self.execute(&req, &mut payload))
-        {
+        match checked.and_then(|()| self.execute(&req, &mut payload)) {
             Ok(reply) => self.send(&req, reply)?,
             Err(f) => self.fail(&req, f)?,
         }
@@ -162,6 +194,16 @@ impl<R: Read, W: Write> Conn<'_, R, W> {
         let mut b = std::mem::take(&mut self.spare);
         b.resize(len, 0);
         b
+    }
+
+    /// Reads and drops the payload of a refused WRITE, through a small
+    /// buffer: a refusal costs no memory.
+    fn skip(&mut self, len: u32) -> io::Result<()> {
+        let skipped = io::copy(&mut (&mut self.r).take(u64::from(len)), &mut io::sink())?;
+        if skipped < u64::from(len) {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        Ok(())
     }
 
     fn recycle(&mut self, buf: Vec<u8>) {
@@ -196,7 +238,13 @@ impl<R: Read, W: Write> Conn<'_, R, W> {
         }
         let size = self.export.config.source.size();
         if req.offset > size || u64::from(req.len) > size - req.offset {
-            return Err(Failure(EINVAL, "operation past EOF".into()));
+            // The NBD spec's SHOULD. QEMU 7.2 picks ENOSPC as well, then
+            // sends every request error as EINVAL.
+            let errno = match req.kind {
+                CMD_WRITE | CMD_WRITE_ZEROES => ENOSPC,
+                _ => EINVAL,
+            };
+            return Err(Failure(errno, "operation past EOF".into()));
         }
         if matches!(req.kind, CMD_READ | CMD_CACHE) && req.len > MAX_PAYLOAD {
             return Err(Failure(
