@@ -543,6 +543,7 @@ fn contexts_set_for_a_replaced_export_are_void_at_go() {
                 name: "b1".into(),
                 engine: tracker.clone() as Arc<dyn DirtyBitmaps>,
             }],
+            release: None,
         });
     };
     let input = Staged {
