@@ -390,3 +390,41 @@ impl MetaStore for MemStore {
         "memory".to_string()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    static FAIL: AtomicBool = AtomicBool::new(false);
+
+    fn flaky_dir_sync(dir: &Path) -> io::Result<()> {
+        if FAIL.load(Ordering::SeqCst) {
+            return Err(io::Error::from_raw_os_error(5));
+        }
+        fsync_dir(dir)
+    }
+
+    /// After a rename whose directory sync failed, the store uses the new
+    /// file and refuses to call anything durable until the directory is.
+    #[test]
+    fn replace_with_failed_directory_sync_takes_effect_and_blocks_sync() {
+        let dir = std::env::temp_dir().join(format!("vubd-store-dirsync-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("s");
+        let store = FileStore::with_dir_sync(&path, flaky_dir_sync);
+        store.replace(b"old!").expect("first replace");
+        FAIL.store(true, Ordering::SeqCst);
+        let err = store.replace(b"new!").expect_err("directory sync fails");
+        assert!(took_effect(&err), "not reported as in place: {err}");
+        store.write_at(0, b"N").expect("write");
+        assert_eq!(
+            std::fs::read(&path).expect("read"),
+            b"New!",
+            "wrote elsewhere"
+        );
+        assert!(store.sync().is_err(), "synced before the rename is durable");
+        FAIL.store(false, Ordering::SeqCst);
+        store.sync().expect("sync once the directory syncs");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
