@@ -738,3 +738,99 @@ fn prepared_relocation_holds_marks_made_after_staging() -> Result<()> {
     assert_lacks(&rec, "p", &after, "old sidecar")?;
     Ok(())
 }
+
+/// Fails every directory sync of the store below while set.
+static FAIL_DIR_SYNC: AtomicBool = AtomicBool::new(false);
+
+fn flaky_dir_sync(dir: &std::path::Path) -> io::Result<()> {
+    if FAIL_DIR_SYNC.load(Ordering::SeqCst) {
+        return Err(io::Error::from_raw_os_error(5)); // EIO
+    }
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// A transaction (and a plain add) whose new sidecar was renamed into place
+/// but whose directory sync failed is committed, not reverted: the tracker
+/// then writes to the file at the path (not to the unlinked old one), so a
+/// guest write after it is in the bitmaps after a kill -9 and a restart,
+/// and the restart finds the state that was reported.
+#[test]
+fn failed_directory_sync_after_the_rename_commits() -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("vubd-dirty-dirsync-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    struct Cleanup(std::path::PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            FAIL_DIR_SYNC.store(false, Ordering::SeqCst);
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _cleanup = Cleanup(dir.clone());
+    let path = sidecar_path(&dir.join("disk.img"));
+    let open_at = |flaky: bool| {
+        let store = if flaky {
+            FileStore::with_dir_sync(&path, flaky_dir_sync)
+        } else {
+            FileStore::new(&path)
+        };
+        let mut cfg = TrackerConfig::new(DISK);
+        cfg.sidecar = Some(Arc::new(store));
+        cfg.extent_size = EXTENT;
+        cfg.flush_interval = Duration::from_secs(3600);
+        DirtyTracker::open(cfg)
+    };
+
+    let t = open_at(true)?;
+    t.add("b0", None, true, false)?;
+    t.mark(0, 512)?;
+    FAIL_DIR_SYNC.store(true, Ordering::SeqCst);
+    let mut txn = t.transaction();
+    txn.disable("b0")?;
+    txn.add("b1", None, true, false)?;
+    let answer = txn.commit();
+    FAIL_DIR_SYNC.store(false, Ordering::SeqCst);
+    ensure!(
+        answer.is_ok(),
+        "transaction reported failed although its sidecar is in place: {answer:?}"
+    );
+    t.mark(2 * MIB, 512)?;
+    drop(t); // kill -9
+
+    let t = open_at(true)?;
+    let (b0, b1) = (t.bitmap("b0")?, t.bitmap("b1")?);
+    ensure!(
+        !b0.is_recording() && b1.is_recording(),
+        "restart found another state than the transaction reported: {:?}",
+        t.list()
+    );
+    ensure!(
+        b0.get(0) && !b0.get(2 * MIB) && b1.get(2 * MIB),
+        "a guest write after the transaction was lost: b0 {} {}, b1 {}",
+        b0.get(0),
+        b0.get(2 * MIB),
+        b1.get(2 * MIB)
+    );
+
+    // A plain add, the same way.
+    FAIL_DIR_SYNC.store(true, Ordering::SeqCst);
+    let added = t.add("b2", None, true, false);
+    FAIL_DIR_SYNC.store(false, Ordering::SeqCst);
+    ensure!(
+        added.is_ok(),
+        "add reported failed although its sidecar is in place: {added:?}"
+    );
+    t.mark(4 * MIB, 512)?;
+    drop(t); // kill -9
+
+    let t = open_at(false)?;
+    let (b1, b2) = (t.bitmap("b1")?, t.bitmap("b2")?);
+    ensure!(
+        b1.get(2 * MIB) && b1.get(4 * MIB) && b2.get(4 * MIB),
+        "a guest write after the add was lost: b1 {} {}, b2 {}",
+        b1.get(2 * MIB),
+        b1.get(4 * MIB),
+        b2.get(4 * MIB)
+    );
+    t.shutdown()?;
+    Ok(())
+}

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 use vhost_glue::config_space::AioEngine;
-use vhost_glue::management::{DaemonContext, ShutdownReason};
+use vhost_glue::management::{DaemonContext, ShutdownReason, HOLD_FIRST_TIMEOUT};
 use vhost_glue::server::{bind_socket, Server};
 use vhost_glue::DeviceConfig;
 use vubd_backend::dirty::{sidecar_path, DirtyTracker, FileStore, MetaStore, TrackerConfig};
@@ -324,6 +324,7 @@ fn run(mut opts: Options) -> Result<()> {
                 direct: opts.direct,
                 bitmaps: Some(tracker.clone()),
                 shutdown: Mutex::new(shutdown_tx.clone()),
+                hold_first_timeout: HOLD_FIRST_TIMEOUT,
             });
             let dispatcher = standard_dispatcher(ctx.clone(), events.clone());
             graph_qmp::register_graph_commands(&dispatcher, graph.clone(), ctx.clone());

@@ -11,7 +11,7 @@ use vubd_backend::Disk;
 /// How long a command that must act at one instant with respect to guest
 /// writes (`transaction`) first waits for the requests in flight; each
 /// further attempt waits twice as long (100 ms .. 3.2 s, as a pivot does).
-const HOLD_FIRST_TIMEOUT: Duration = Duration::from_millis(100);
+pub const HOLD_FIRST_TIMEOUT: Duration = Duration::from_millis(100);
 const HOLD_ATTEMPTS: u32 = 6;
 
 /// Why the daemon is shutting down.
@@ -35,6 +35,10 @@ pub struct DaemonContext {
     pub bitmaps: Option<Arc<dyn DirtyBitmaps>>,
     /// Where shutdown requests go (the main thread's shutdown handler).
     pub shutdown: Mutex<Sender<ShutdownReason>>,
+    /// The first attempt's wait for guest requests in flight when a command
+    /// holds guest I/O ([`HOLD_FIRST_TIMEOUT`]; a test that parks a request
+    /// on purpose sets it long so that no attempt expires under load).
+    pub hold_first_timeout: Duration,
 }
 
 impl ManagementContext for DaemonContext {
@@ -60,7 +64,7 @@ impl ManagementContext for DaemonContext {
     fn with_guest_io_held(&self, f: &mut dyn FnMut()) -> Result<(), QmpError> {
         // Each attempt is bounded, so a request stuck in storage stalls the
         // guest's other queues only briefly and finally fails the command.
-        let mut timeout = HOLD_FIRST_TIMEOUT;
+        let mut timeout = self.hold_first_timeout;
         for _ in 0..HOLD_ATTEMPTS {
             if let Some(_pause) = self.disk.gate().pause_timeout(timeout) {
                 let held = std::time::Instant::now();
@@ -188,6 +192,9 @@ mod tests {
             direct: false,
             bitmaps: Some(tracker.clone()),
             shutdown: Mutex::new(tx),
+            // The interleaving is forced by the parked write A: the
+            // commit must wait for it however slowly B arrives.
+            hold_first_timeout: HANG * 10,
         };
         let d = standard_dispatcher(Arc::new(ctx), EventBus::new());
         let run = move |cmd: &str, args: serde_json::Value| {

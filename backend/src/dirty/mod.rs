@@ -25,7 +25,7 @@ mod tracker;
 pub use bitmap::{check_granularity, hex, qemu_words, DirtyBitmap, DirtyRanges, PAGE_BYTES};
 pub use format::{recover, sidecar_path, RecoveredBitmap, Recovery, FORMAT_VERSION};
 pub use inflight::InFlightBitmap;
-pub use store::{FileStore, MemStore, MetaStore};
+pub use store::{took_effect, FileStore, MemStore, MetaStore, NotDurable};
 pub use tracker::{
     BitmapInfo, BitmapTxn, DirtyTracker, PreparedRelocation, TrackerConfig, TrackerStats,
 };

@@ -8,6 +8,7 @@ use std::io;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, RwLock};
 
 /// Positional storage for one sidecar file.
@@ -20,7 +21,13 @@ use std::sync::{Mutex, RwLock};
 ///   content) and durable when it returns;
 /// - [`MetaStore::remove`] is durable when it returns;
 /// - [`MetaStore::stage`] changes nothing a recovery reads;
-///   [`MetaStore::commit_staged`] is a [`MetaStore::replace`].
+///   [`MetaStore::commit_staged`] is a [`MetaStore::replace`];
+/// - a [`MetaStore::replace`] or [`MetaStore::remove`] that fails with an
+///   error [`took_effect`] says so did happen, only not durably: the store
+///   reads and writes the new content from then on, a crash may bring back
+///   the old one until a later [`MetaStore::sync`] (or replacement, or
+///   removal) succeeds, and no [`MetaStore::sync`] succeeds before it is
+///   durable.
 pub trait MetaStore: Send + Sync {
     /// Current size in bytes, or `None` if the file does not exist.
     fn size(&self) -> io::Result<Option<u64>>;
@@ -55,6 +62,35 @@ pub trait MetaStore: Send + Sync {
     fn describe(&self) -> String;
 }
 
+/// The error of a replacement or removal that took effect (the file at the
+/// path is the new one) but could not be made durable: the directory sync
+/// after the rename or unlink failed.
+#[derive(Debug)]
+pub struct NotDurable(pub io::Error);
+
+impl std::fmt::Display for NotDurable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "done but not durable: {}", self.0)
+    }
+}
+
+impl std::error::Error for NotDurable {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
+    }
+}
+
+/// Whether a failed [`MetaStore::replace`], [`MetaStore::commit_staged`] or
+/// [`MetaStore::remove`] nevertheless took effect ([`NotDurable`]).
+pub fn took_effect(err: &io::Error) -> bool {
+    err.get_ref().is_some_and(|e| e.is::<NotDurable>())
+}
+
+/// Syncs a directory (the default of [`FileStore::with_dir_sync`]).
+fn fsync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
 /// Reads the whole content (or `None` if the file does not exist).
 pub(crate) fn read_all(store: &dyn MetaStore) -> io::Result<Option<Vec<u8>>> {
     let Some(size) = store.size()? else {
@@ -82,15 +118,27 @@ pub struct FileStore {
     file: RwLock<Option<File>>,
     /// `PATH.tmp`, written and synced by `stage`.
     staged: Mutex<Option<File>>,
+    /// A rename or unlink in the directory is not durable yet: the next
+    /// `sync` syncs the directory first.
+    dir_pending: AtomicBool,
+    sync_dir_op: fn(&Path) -> io::Result<()>,
 }
 
 impl FileStore {
     /// A store for the file at `path` (which need not exist yet).
     pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self::with_dir_sync(path, fsync_dir)
+    }
+
+    /// A store whose directory syncs go through `sync_dir` (a test injects
+    /// failures there).
+    pub fn with_dir_sync(path: impl Into<PathBuf>, sync_dir: fn(&Path) -> io::Result<()>) -> Self {
         FileStore {
             path: path.into(),
             file: RwLock::new(None),
             staged: Mutex::new(None),
+            dir_pending: AtomicBool::new(false),
+            sync_dir_op: sync_dir,
         }
     }
 
@@ -112,12 +160,26 @@ impl FileStore {
         Ok(file)
     }
 
-    /// Puts the synced `PATH.tmp` in place, durably.
+    /// Puts the synced `PATH.tmp` in place, durably. Once renamed, the new
+    /// file is the one in use even if the directory sync fails
+    /// ([`NotDurable`]): writes to the old, unlinked file would be lost.
     fn install(&self, file: File) -> io::Result<()> {
         std::fs::rename(self.tmp_path(), &self.path)?;
-        self.sync_dir()?;
         *self.file.write().unwrap_or_else(|e| e.into_inner()) = Some(file);
-        Ok(())
+        self.dir_pending.store(true, Ordering::SeqCst);
+        self.sync_dir_pending()
+    }
+
+    /// Syncs the directory after a rename or unlink; on failure the change
+    /// stays pending for the next [`MetaStore::sync`].
+    fn sync_dir_pending(&self) -> io::Result<()> {
+        match self.sync_dir() {
+            Ok(()) => {
+                self.dir_pending.store(false, Ordering::SeqCst);
+                Ok(())
+            }
+            Err(e) => Err(io::Error::new(e.kind(), NotDurable(e))),
+        }
     }
 
     /// The file's path.
@@ -147,7 +209,7 @@ impl FileStore {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
         };
-        File::open(dir)?.sync_all()
+        (self.sync_dir_op)(&dir)
     }
 }
 
@@ -169,6 +231,11 @@ impl MetaStore for FileStore {
     }
 
     fn sync(&self) -> io::Result<()> {
+        // Data synced into a file whose name may still vanish is not durable.
+        if self.dir_pending.load(Ordering::SeqCst) {
+            self.sync_dir()?;
+            self.dir_pending.store(false, Ordering::SeqCst);
+        }
         self.with_file(|f| f.sync_data())
     }
 
@@ -231,7 +298,10 @@ impl MetaStore for FileStore {
     fn remove(&self) -> io::Result<()> {
         *self.file.write().unwrap_or_else(|e| e.into_inner()) = None;
         match std::fs::remove_file(&self.path) {
-            Ok(()) => self.sync_dir(),
+            Ok(()) => {
+                self.dir_pending.store(true, Ordering::SeqCst);
+                self.sync_dir_pending()
+            }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(e),
         }
@@ -318,5 +388,43 @@ impl MetaStore for MemStore {
 
     fn describe(&self) -> String {
         "memory".to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    static FAIL: AtomicBool = AtomicBool::new(false);
+
+    fn flaky_dir_sync(dir: &Path) -> io::Result<()> {
+        if FAIL.load(Ordering::SeqCst) {
+            return Err(io::Error::from_raw_os_error(5));
+        }
+        fsync_dir(dir)
+    }
+
+    /// After a rename whose directory sync failed, the store uses the new
+    /// file and refuses to call anything durable until the directory is.
+    #[test]
+    fn replace_with_failed_directory_sync_takes_effect_and_blocks_sync() {
+        let dir = std::env::temp_dir().join(format!("vubd-store-dirsync-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("s");
+        let store = FileStore::with_dir_sync(&path, flaky_dir_sync);
+        store.replace(b"old!").expect("first replace");
+        FAIL.store(true, Ordering::SeqCst);
+        let err = store.replace(b"new!").expect_err("directory sync fails");
+        assert!(took_effect(&err), "not reported as in place: {err}");
+        store.write_at(0, b"N").expect("write");
+        assert_eq!(
+            std::fs::read(&path).expect("read"),
+            b"New!",
+            "wrote elsewhere"
+        );
+        assert!(store.sync().is_err(), "synced before the rename is durable");
+        FAIL.store(false, Ordering::SeqCst);
+        store.sync().expect("sync once the directory syncs");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -47,7 +47,7 @@
 use super::bitmap::{DirtyBitmap, PAGE_BYTES};
 use super::format::{recover, Layout, BITMAP_RECORDING, PAGE, STATE_CLEAN};
 use super::inflight::InFlightBitmap;
-use super::store::{FileStore, MetaStore};
+use super::store::{took_effect, FileStore, MetaStore};
 use super::{
     check_granularity, DirtyError, DEFAULT_EXTENT_SIZE, DEFAULT_FLUSH_INTERVAL,
     DEFAULT_GRANULARITY, MAX_NAME_LEN,
@@ -1394,6 +1394,9 @@ impl Persist {
     /// one ([`DirtyTracker::relocate`]): on success it becomes the current
     /// one; on failure nothing changes but the forced full write-out (the
     /// changed-page marks were consumed), and the old file stays in use.
+    /// A replacement of the current file that took effect without being
+    /// durable ([`super::store::took_effect`]) is a success: the store
+    /// makes it durable before any later mark is (its next sync).
     ///
     /// With `staged` (a file staged by [`DirtyTracker::prepare_relocation`]
     /// for the same bitmaps), only what differs from it is written. With
@@ -1417,9 +1420,27 @@ impl Persist {
                 prev.retire();
             }
         };
+        // A replacement of the file in use that took effect but is not
+        // durable is adopted: reverting would leave the tracker writing to
+        // an unlinked file while the path holds the new content. A new
+        // sidecar elsewhere ([`DirtyTracker::relocate`]) is given up instead:
+        // the old one is still intact at its own path.
+        let in_use = ctl
+            .store
+            .as_ref()
+            .is_some_and(|o| Arc::ptr_eq(o, store) || o.describe() == store.describe());
+        let adopt = |e: std::io::Error, what: &str| {
+            if in_use && took_effect(&e) {
+                log::warn!("bitmap sidecar {}: {what}: {e}", store.describe());
+                Ok(())
+            } else {
+                Err(e)
+            }
+        };
         if members.is_empty() {
             store
                 .remove()
+                .or_else(|e| adopt(e, "removed"))
                 .map_err(|e| DirtyError::io(format!("removing {}", store.describe()), e))?;
             self.al.store(Arc::new(AlEpoch::new(
                 next_epoch,
@@ -1465,7 +1486,7 @@ impl Persist {
             }
             _ => store.replace(&file),
         };
-        match written {
+        match written.or_else(|e| adopt(e, "replaced")) {
             Ok(()) => {
                 for (i, w) in prepop.iter().enumerate() {
                     next.durable[i].fetch_or(*w, Ordering::AcqRel);
