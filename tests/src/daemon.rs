@@ -111,6 +111,40 @@ impl Daemon {
         Self::spawn(cmd, socket, "qemu-storage-daemon")
     }
 
+    /// Starts qemu-storage-daemon 7.2 as the reference peer of the QMP and
+    /// NBD tests: IMAGE as the `file` node `disk0` (`file_opts`, e.g.
+    /// `discard=unmap`, appended to its options), exported over
+    /// vhost-user-blk at `vhost` (writable or not), and a QMP monitor at
+    /// `qmp`. Returns once both sockets accept connections.
+    pub fn qsd_with_monitor(
+        vhost: &Path,
+        qmp: &Path,
+        image: &Path,
+        file_opts: &str,
+        writable: bool,
+    ) -> Result<Daemon> {
+        let mut node = format!("driver=file,node-name=disk0,filename={}", image.display());
+        if !file_opts.is_empty() {
+            node = format!("{node},{file_opts}");
+        }
+        let writable = if writable { "on" } else { "off" };
+        let mut cmd = Command::new("qemu-storage-daemon");
+        cmd.arg("--blockdev")
+            .arg(node)
+            .arg("--export")
+            .arg(format!(
+                "type=vhost-user-blk,id=e0,node-name=disk0,addr.type=unix,addr.path={},writable={writable}",
+                vhost.display()
+            ))
+            .arg("--chardev")
+            .arg(format!("socket,id=m,path={},server=on,wait=off", qmp.display()))
+            .arg("--monitor")
+            .arg("chardev=m");
+        let daemon = Self::spawn(cmd, vhost, "qemu-storage-daemon")?;
+        crate::qmp_client::wait_for_socket(qmp, Duration::from_secs(30))?;
+        Ok(daemon)
+    }
+
     /// Starts any command that will listen on `socket`, and waits for it.
     ///
     /// qemu-storage-daemon is told to write a pid file and is ready when it

@@ -62,22 +62,7 @@ impl Peer {
         let vhost = dir.join(&format!("{name}-vhost.sock"));
         let qmp = dir.join(&format!("{name}-qmp.sock"));
         let daemon = if qsd {
-            let mut cmd = Command::new("qemu-storage-daemon");
-            cmd.arg("--blockdev")
-                .arg(format!(
-                    "driver=file,node-name=disk0,filename={},discard=unmap",
-                    image.display()
-                ))
-                .arg("--export")
-                .arg(format!(
-                    "type=vhost-user-blk,id=e0,node-name=disk0,addr.type=unix,addr.path={},writable=on",
-                    vhost.display()
-                ))
-                .arg("--chardev")
-                .arg(format!("socket,id=m,path={},server=on,wait=off", qmp.display()))
-                .arg("--monitor")
-                .arg("chardev=m");
-            Daemon::spawn(cmd, &vhost, "qemu-storage-daemon")?
+            Daemon::qsd_with_monitor(&vhost, &qmp, &image, "discard=unmap", true)?
         } else {
             let q = qmp.to_string_lossy().into_owned();
             Daemon::vubd(&vhost, &image, &["--qmp", &q])?

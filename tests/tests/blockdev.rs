@@ -10,12 +10,11 @@ use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 use tests::bench_mirror::{make_image, LoadConfig, MirrorDaemon, WriteLoad};
 use tests::client::Client;
 use tests::daemon::{create_image, Daemon, ScratchDir};
-use tests::qmp_client::{wait_for_socket, QmpClient};
+use tests::qmp_client::QmpClient;
 
 const MIB: u64 = 1 << 20;
 const T: Duration = Duration::from_secs(60);
@@ -27,33 +26,6 @@ struct Peer {
     q: QmpClient,
     socket: PathBuf,
     dir: PathBuf,
-}
-
-/// qemu-storage-daemon serving `image` as node `disk0` over vhost-user.
-fn start_qsd(dir: &Path, image: &Path) -> Result<(Daemon, PathBuf, PathBuf)> {
-    let vhost = dir.join("vhost.sock");
-    let qmp = dir.join("qmp.sock");
-    let mut cmd = Command::new("qemu-storage-daemon");
-    cmd.arg("--blockdev")
-        .arg(format!(
-            "driver=file,node-name=disk0,filename={}",
-            image.display()
-        ))
-        .arg("--export")
-        .arg(format!(
-            "type=vhost-user-blk,id=e0,node-name=disk0,addr.type=unix,addr.path={},writable=on",
-            vhost.display()
-        ))
-        .arg("--chardev")
-        .arg(format!(
-            "socket,id=m,path={},server=on,wait=off",
-            qmp.display()
-        ))
-        .arg("--monitor")
-        .arg("chardev=m");
-    let d = Daemon::spawn(cmd, &vhost, "qemu-storage-daemon")?;
-    wait_for_socket(&qmp, T)?;
-    Ok((d, qmp, vhost))
 }
 
 /// Both daemons, each on its own `disk.img` of `size` (from `make_image`)
@@ -70,7 +42,8 @@ fn start_pair(tag: &str, size: u64) -> Result<Pair> {
     let vdir = ScratchDir::new_in("/dev/shm", &format!("{tag}-vubd"))?;
     let model = make_image(&qdir.join("disk.img"), size, 2)?;
     std::fs::copy(qdir.join("disk.img"), vdir.join("disk.img"))?;
-    let (qsd, qsd_qmp, qsd_vhost) = start_qsd(qdir.path(), &qdir.join("disk.img"))?;
+    let (qsd_qmp, qsd_vhost) = (qdir.join("qmp.sock"), qdir.join("vhost.sock"));
+    let qsd = Daemon::qsd_with_monitor(&qsd_vhost, &qsd_qmp, &qdir.join("disk.img"), "", true)?;
     let vubd = MirrorDaemon::start(vdir.path(), &vdir.join("disk.img"), &[])?;
     let peers = vec![
         Peer {

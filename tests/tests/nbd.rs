@@ -60,24 +60,11 @@ impl Peer {
         let vhost = dir.join(&format!("{tag}-vhost.sock"));
         let qmp = dir.join(&format!("{tag}-qmp.sock"));
         let daemon = if qsd {
-            let mut cmd = Command::new("qemu-storage-daemon");
-            cmd.arg("--blockdev")
-                .arg(format!(
-                    "driver=file,node-name=disk0,filename={},discard=unmap,read-only={}",
-                    image.display(),
-                    if readonly { "on" } else { "off" }
-                ))
-                .arg("--export")
-                .arg(format!(
-                    "type=vhost-user-blk,id=e0,node-name=disk0,addr.type=unix,addr.path={},writable={}",
-                    vhost.display(),
-                    if readonly { "off" } else { "on" }
-                ))
-                .arg("--chardev")
-                .arg(format!("socket,id=m,path={},server=on,wait=off", qmp.display()))
-                .arg("--monitor")
-                .arg("chardev=m");
-            Daemon::spawn(cmd, &vhost, "qemu-storage-daemon")?
+            let opts = format!(
+                "discard=unmap,read-only={}",
+                if readonly { "on" } else { "off" }
+            );
+            Daemon::qsd_with_monitor(&vhost, &qmp, &image, &opts, !readonly)?
         } else {
             let q = qmp.to_string_lossy().into_owned();
             let mut args = vec!["--qmp", &q];

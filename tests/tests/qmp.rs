@@ -664,33 +664,6 @@ fn dirty_bitmap_commands() -> Result<()> {
     v.alive()
 }
 
-/// qemu-storage-daemon 7.2 with a vhost-user export and a QMP monitor.
-fn start_qsd(dir: &ScratchDir, image: &Path) -> Result<(Daemon, PathBuf)> {
-    let vhost = dir.join("qsd-vhost.sock");
-    let qmp = dir.join("qsd-qmp.sock");
-    let mut cmd = Command::new("qemu-storage-daemon");
-    cmd.arg("--blockdev")
-        .arg(format!(
-            "driver=file,node-name=disk0,filename={},discard=unmap",
-            image.display()
-        ))
-        .arg("--export")
-        .arg(format!(
-            "type=vhost-user-blk,id=e0,node-name=disk0,addr.type=unix,addr.path={},writable=on",
-            vhost.display()
-        ))
-        .arg("--chardev")
-        .arg(format!(
-            "socket,id=m,path={},server=on,wait=off",
-            qmp.display()
-        ))
-        .arg("--monitor")
-        .arg("chardev=m");
-    let d = Daemon::spawn(cmd, &vhost, "qemu-storage-daemon")?;
-    wait_for_socket(&qmp, TIMEOUT)?;
-    Ok((d, qmp))
-}
-
 /// The same bitmaps, the same writes, on vubd and on qemu-storage-daemon:
 /// `count` and `x-debug-block-dirty-bitmap-sha256` must agree with QEMU's.
 #[test]
@@ -700,7 +673,14 @@ fn bitmap_count_and_sha256_match_qemu() -> Result<()> {
     let dir = ScratchDir::new("qmp-qsd")?;
     let qsd_image = dir.join("qsd.img");
     create_image(&qsd_image, size)?;
-    let (_qsd, qsd_qmp) = start_qsd(&dir, &qsd_image)?;
+    let qsd_qmp = dir.join("qsd-qmp.sock");
+    let _qsd = Daemon::qsd_with_monitor(
+        &dir.join("qsd-vhost.sock"),
+        &qsd_qmp,
+        &qsd_image,
+        "discard=unmap",
+        true,
+    )?;
     let vhost_qsd = dir.join("qsd-vhost.sock");
     let vhost_vubd = v.daemon.socket().to_path_buf();
     let mut ours = Qmp::negotiated(&v.qmp)?;

@@ -29,32 +29,6 @@ fn start_vubd(dir: &ScratchDir, image: &Path, tag: &str) -> Result<(Daemon, Path
     Ok((d, qmp, vhost))
 }
 
-fn start_qsd(dir: &ScratchDir, image: &Path) -> Result<(Daemon, PathBuf, PathBuf)> {
-    let vhost = dir.join("qsd-vhost.sock");
-    let qmp = dir.join("qsd-qmp.sock");
-    let mut cmd = Command::new("qemu-storage-daemon");
-    cmd.arg("--blockdev")
-        .arg(format!(
-            "driver=file,node-name=disk0,filename={}",
-            image.display()
-        ))
-        .arg("--export")
-        .arg(format!(
-            "type=vhost-user-blk,id=e0,node-name=disk0,addr.type=unix,addr.path={},writable=on",
-            vhost.display()
-        ))
-        .arg("--chardev")
-        .arg(format!(
-            "socket,id=m,path={},server=on,wait=off",
-            qmp.display()
-        ))
-        .arg("--monitor")
-        .arg("chardev=m");
-    let d = Daemon::spawn(cmd, &vhost, "qemu-storage-daemon")?;
-    wait_for_socket(&qmp, TIMEOUT)?;
-    Ok((d, qmp, vhost))
-}
-
 fn act(kind: &str, data: Value) -> Value {
     json!({"type": kind, "data": data})
 }
@@ -314,7 +288,8 @@ fn transaction_replies_and_bitmaps_match_qemu() -> Result<()> {
     create_image(&ours_img, SIZE)?;
     create_image(&theirs_img, SIZE)?;
     let (mut vubd, vubd_qmp, vubd_vhost) = start_vubd(&dir, &ours_img, "vubd")?;
-    let (_qsd, qsd_qmp, qsd_vhost) = start_qsd(&dir, &theirs_img)?;
+    let (qsd_qmp, qsd_vhost) = (dir.join("qsd-qmp.sock"), dir.join("qsd-vhost.sock"));
+    let _qsd = Daemon::qsd_with_monitor(&qsd_vhost, &qsd_qmp, &theirs_img, "", true)?;
     let mut ours = QmpClient::connect(&vubd_qmp, TIMEOUT)?;
     let mut theirs = QmpClient::connect(&qsd_qmp, TIMEOUT)?;
     let mut failures = 0;
