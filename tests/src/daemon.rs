@@ -267,6 +267,42 @@ impl Drop for Daemon {
     }
 }
 
+/// The files process `pid` holds open (the targets of `/proc/PID/fd`).
+pub fn open_files(pid: u32) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
+        // An fd closed while we look has no link left to read.
+        if let Ok(target) = std::fs::read_link(entry?.path()) {
+            files.push(target);
+        }
+    }
+    Ok(files)
+}
+
+/// Waits until process `pid` holds no open file that `watched` selects
+/// (a daemon closes a file when its last user lets go, e.g. a queue
+/// thread going idle); gives up after `timeout`, a bound against hangs.
+pub fn wait_files_closed(
+    pid: u32,
+    timeout: Duration,
+    watched: impl Fn(&Path) -> bool,
+) -> Result<()> {
+    let start = Instant::now();
+    loop {
+        let open: Vec<PathBuf> = open_files(pid)?
+            .into_iter()
+            .filter(|f| watched(f))
+            .collect();
+        if open.is_empty() {
+            return Ok(());
+        }
+        if start.elapsed() > timeout {
+            bail!("still open after {timeout:?}: {open:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// CPU time (utime + stime) of process `pid`, all threads, from /proc/PID/stat.
 pub fn process_cpu_time(pid: u32) -> Result<Duration> {
     let (user, system) = process_cpu_times(pid)?;

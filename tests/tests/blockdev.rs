@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tests::bench_mirror::{make_image, LoadConfig, MirrorDaemon, WriteLoad};
 use tests::client::Client;
-use tests::daemon::{create_image, Daemon, ScratchDir};
+use tests::daemon::{create_image, wait_files_closed, Daemon, ScratchDir};
 use tests::qmp_client::QmpClient;
 
 const MIB: u64 = 1 << 20;
@@ -108,23 +108,12 @@ impl Peer {
 /// Waits until process `pid` has no file under `dir` open but `keep`
 /// (a node's file is closed when `blockdev-del` removes it).
 fn wait_only_open(pid: u32, dir: &Path, keep: &[&str]) -> Result<()> {
-    let t0 = std::time::Instant::now();
-    loop {
-        let mut open = Vec::new();
-        for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
-            if let Ok(target) = std::fs::read_link(entry?.path()) {
-                let name = target.file_name().map(|n| n.to_string_lossy().into_owned());
-                if target.starts_with(dir) && !name.is_some_and(|n| keep.contains(&n.as_str())) {
-                    open.push(target);
-                }
-            }
-        }
-        if open.is_empty() {
-            return Ok(());
-        }
-        ensure!(t0.elapsed() < T, "still open: {open:?}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_files_closed(pid, T, |f| {
+        f.starts_with(dir)
+            && !f
+                .file_name()
+                .is_some_and(|n| keep.contains(&n.to_string_lossy().as_ref()))
+    })
 }
 
 /// Runs `script` on both peers and fails on the first difference.

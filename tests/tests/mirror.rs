@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tests::bench_mirror::{make_image, pattern, LoadConfig, LoadReport, MirrorDaemon, WriteLoad};
 use tests::client::{Client, Queue};
-use tests::daemon::{Daemon, ScratchDir};
+use tests::daemon::{open_files, wait_files_closed, Daemon, ScratchDir};
 use tests::qmp_client::{QmpClient, QmpErrorReply};
 
 const MIB: u64 = 1 << 20;
@@ -167,27 +167,14 @@ fn complete_under_load_switches_the_guest_to_the_target() -> Result<()> {
 /// True if process `pid` has `path` open.
 fn has_open(pid: u32, path: &Path) -> Result<bool> {
     let path = path.canonicalize()?;
-    for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
-        if std::fs::read_link(entry?.path()).is_ok_and(|p| p == path) {
-            return Ok(true);
-        }
-    }
-    Ok(false)
+    Ok(open_files(pid)?.contains(&path))
 }
 
 /// Waits (up to 10 s, against hangs) until process `pid` no longer has
 /// `path` open.
 fn wait_closed(pid: u32, path: &Path) -> Result<()> {
-    let t0 = Instant::now();
-    while has_open(pid, path)? {
-        ensure!(
-            t0.elapsed() < Duration::from_secs(10),
-            "{} is still open",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(())
+    let path = path.canonicalize()?;
+    wait_files_closed(pid, Duration::from_secs(10), |f| f == path)
 }
 
 #[test]
