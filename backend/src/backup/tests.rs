@@ -179,43 +179,13 @@ fn fleece(
     target: Arc<dyn Image>,
     opts: CbwOptions,
 ) -> (Arc<Disk>, Arc<CopyBeforeWrite>) {
-    let disk = Arc::new(Disk::new(Box::new(ArcImage(source.clone())), false));
+    let disk = Arc::new(Disk::new(
+        Box::new(crate::mirror::SharedImage(source.clone())),
+        false,
+    ));
     let cbw = Arc::new(CopyBeforeWrite::new(source, target, opts, None).unwrap());
     disk.add_hook(cbw.clone());
     (disk, cbw)
-}
-
-/// An `Arc`'d image as the disk's boxed one.
-struct ArcImage(Arc<dyn Image>);
-
-impl Image for ArcImage {
-    fn size(&self) -> u64 {
-        self.0.size()
-    }
-    fn path(&self) -> &Path {
-        self.0.path()
-    }
-    fn read_at(&self, bufs: &[IoBuf], offset: u64) -> Result<(), ImageError> {
-        self.0.read_at(bufs, offset)
-    }
-    fn write_at(&self, bufs: &[IoBuf], offset: u64, fua: bool) -> Result<(), ImageError> {
-        self.0.write_at(bufs, offset, fua)
-    }
-    fn flush(&self) -> Result<(), ImageError> {
-        self.0.flush()
-    }
-    fn discard(&self, offset: u64, len: u64) -> Result<(), ImageError> {
-        self.0.discard(offset, len)
-    }
-    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<(), ImageError> {
-        self.0.write_zeroes(offset, len, unmap)
-    }
-    fn allocated_bytes(&self) -> u64 {
-        self.0.allocated_bytes()
-    }
-    fn allocation(&self, offset: u64) -> Result<(bool, u64), ImageError> {
-        self.0.allocation(offset)
-    }
 }
 
 fn write(disk: &Disk, offset: u64, len: usize, byte: u8) -> Result<(), DiskError> {
