@@ -159,6 +159,32 @@ struct Named {
     busy: AtomicBool,
 }
 
+impl Named {
+    /// A new, empty bitmap as `block-dirty-bitmap-add` creates it (checked
+    /// for a name that already exists by the caller).
+    fn new_empty(
+        name: &str,
+        disk_size: u64,
+        granularity: u64,
+        persistent: bool,
+        disabled: bool,
+    ) -> Result<Arc<Named>, DirtyError> {
+        if name.len() > MAX_NAME_LEN {
+            return Err(DirtyError::NameTooLong(name.to_string()));
+        }
+        let bitmap = DirtyBitmap::new(disk_size, granularity, persistent)?;
+        bitmap.set_recording(!disabled);
+        Ok(Arc::new(Named {
+            name: name.to_string(),
+            bitmap: Arc::new(bitmap),
+            persistent,
+            inconsistent: false,
+            readonly: false,
+            busy: AtomicBool::new(false),
+        }))
+    }
+}
+
 const AL_LIVE: u8 = 0;
 const AL_NO_FILE: u8 = 1;
 const AL_CLOSED: u8 = 2;
@@ -656,19 +682,7 @@ impl DirtyTracker {
         if self.find(name).is_ok() {
             return Err(DirtyError::AlreadyExists(name.to_string()));
         }
-        if name.len() > MAX_NAME_LEN {
-            return Err(DirtyError::NameTooLong(name.to_string()));
-        }
-        let bitmap = DirtyBitmap::new(inner.disk_size, granularity, persistent)?;
-        bitmap.set_recording(!disabled);
-        let entry = Arc::new(Named {
-            name: name.to_string(),
-            bitmap: Arc::new(bitmap),
-            persistent,
-            inconsistent: false,
-            readonly: false,
-            busy: AtomicBool::new(false),
-        });
+        let entry = Named::new_empty(name, inner.disk_size, granularity, persistent, disabled)?;
         if let Some(store) = store {
             let mut files = inner.persistent_bitmaps();
             files.push(entry.clone());

@@ -16,12 +16,8 @@
 //! guest changed since, syncs and renames. A staged file a killed process
 //! left is removed at the next open.
 
-use super::{
-    DirtyBitmap, DirtyError, DirtyTracker, MetaStore, Named, Staged, DEFAULT_GRANULARITY,
-    MAX_NAME_LEN,
-};
+use super::{DirtyError, DirtyTracker, MetaStore, Named, Staged, DEFAULT_GRANULARITY};
 use crate::dirty::check_granularity;
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 /// A bitmap as the transaction sees it.
@@ -136,20 +132,8 @@ impl BitmapTxn<'_> {
         if self.entries.iter().any(|e| e.named.name == name) {
             return Err(DirtyError::AlreadyExists(name.to_string()));
         }
-        if name.len() > MAX_NAME_LEN {
-            return Err(DirtyError::NameTooLong(name.to_string()));
-        }
-        let bitmap = DirtyBitmap::new(inner.disk_size, granularity, persistent)?;
         // Not visible before the commit, so its state may be set now.
-        bitmap.set_recording(!disabled);
-        let named = Arc::new(Named {
-            name: name.to_string(),
-            bitmap: Arc::new(bitmap),
-            persistent,
-            inconsistent: false,
-            readonly: false,
-            busy: AtomicBool::new(false),
-        });
+        let named = Named::new_empty(name, inner.disk_size, granularity, persistent, disabled)?;
         self.touch(&named);
         self.entries.push(Entry {
             named,
