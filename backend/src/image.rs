@@ -20,6 +20,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 /// Errors from image I/O.
 #[derive(Debug, thiserror::Error)]
@@ -104,65 +105,75 @@ pub trait Image: Send + Sync {
     }
 }
 
-/// A boxed image is that image: the disk holds its image as a
-/// `Box<dyn Image>`, and the block-node graph shares the very same box
-/// (`Arc<Box<dyn Image>>` is an `Arc<dyn Image>`) without another
-/// forwarding layer on the disk's path. Every method is forwarded,
-/// defaults included: a default here would hide the inner image's own.
-impl<I: Image + ?Sized> Image for Box<I> {
-    #[inline]
-    fn size(&self) -> u64 {
-        (**self).size()
-    }
-    #[inline]
-    fn path(&self) -> &Path {
-        (**self).path()
-    }
-    #[inline]
-    fn read_at(&self, bufs: &[IoBuf], offset: u64) -> Result<(), ImageError> {
-        (**self).read_at(bufs, offset)
-    }
-    #[inline]
-    fn write_at(&self, bufs: &[IoBuf], offset: u64, fua: bool) -> Result<(), ImageError> {
-        (**self).write_at(bufs, offset, fua)
-    }
-    #[inline]
-    fn flush(&self) -> Result<(), ImageError> {
-        (**self).flush()
-    }
-    #[inline]
-    fn discard(&self, offset: u64, len: u64) -> Result<(), ImageError> {
-        (**self).discard(offset, len)
-    }
-    #[inline]
-    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<(), ImageError> {
-        (**self).write_zeroes(offset, len, unmap)
-    }
-    #[inline]
-    fn allocated_bytes(&self) -> u64 {
-        (**self).allocated_bytes()
-    }
-    #[inline]
-    fn allocation(&self, offset: u64) -> Result<(bool, u64), ImageError> {
-        (**self).allocation(offset)
-    }
-    #[inline]
-    fn async_fd(&self, bufs: &[IoBuf]) -> Option<RawFd> {
-        (**self).async_fd(bufs)
-    }
-    #[inline]
-    fn durable_done(&self, op: Durable, result: io::Result<()>) -> io::Result<()> {
-        (**self).durable_done(op, result)
-    }
-    #[inline]
-    fn memory_backed(&self) -> bool {
-        (**self).memory_backed()
-    }
-    #[inline]
-    fn identity(&self) -> Option<(u64, u64)> {
-        (**self).identity()
-    }
+/// Implements [`Image`] for a pointer to an image by forwarding every
+/// method, defaults included: a default here would hide the inner image's own.
+macro_rules! forward_image {
+    ($ptr:ident) => {
+        impl<I: Image + ?Sized> Image for $ptr<I> {
+            #[inline]
+            fn size(&self) -> u64 {
+                (**self).size()
+            }
+            #[inline]
+            fn path(&self) -> &Path {
+                (**self).path()
+            }
+            #[inline]
+            fn read_at(&self, bufs: &[IoBuf], offset: u64) -> Result<(), ImageError> {
+                (**self).read_at(bufs, offset)
+            }
+            #[inline]
+            fn write_at(&self, bufs: &[IoBuf], offset: u64, fua: bool) -> Result<(), ImageError> {
+                (**self).write_at(bufs, offset, fua)
+            }
+            #[inline]
+            fn flush(&self) -> Result<(), ImageError> {
+                (**self).flush()
+            }
+            #[inline]
+            fn discard(&self, offset: u64, len: u64) -> Result<(), ImageError> {
+                (**self).discard(offset, len)
+            }
+            #[inline]
+            fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<(), ImageError> {
+                (**self).write_zeroes(offset, len, unmap)
+            }
+            #[inline]
+            fn allocated_bytes(&self) -> u64 {
+                (**self).allocated_bytes()
+            }
+            #[inline]
+            fn allocation(&self, offset: u64) -> Result<(bool, u64), ImageError> {
+                (**self).allocation(offset)
+            }
+            #[inline]
+            fn async_fd(&self, bufs: &[IoBuf]) -> Option<RawFd> {
+                (**self).async_fd(bufs)
+            }
+            #[inline]
+            fn durable_done(&self, op: Durable, result: io::Result<()>) -> io::Result<()> {
+                (**self).durable_done(op, result)
+            }
+            #[inline]
+            fn memory_backed(&self) -> bool {
+                (**self).memory_backed()
+            }
+            #[inline]
+            fn identity(&self) -> Option<(u64, u64)> {
+                (**self).identity()
+            }
+        }
+    };
 }
+
+// A boxed image is that image: the disk holds its image as a
+// `Box<dyn Image>`, and the block-node graph shares the very same box
+// (`Arc<Box<dyn Image>>` is an `Arc<dyn Image>`) without another
+// forwarding layer on the disk's path.
+forward_image!(Box);
+// A shared image is that image: a mirror target keeps its `Arc` while, after
+// the pivot, the disk serves it as `Box::new(arc)`, both on one open file.
+forward_image!(Arc);
 
 /// The identity of a file: (device, inode); for a block device
 /// (`u64::MAX`, the device number it gives access to), so that two device

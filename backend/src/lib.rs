@@ -4,6 +4,7 @@
 //! `vhost-glue` crate turns virtio requests into calls on [`Disk`].
 
 pub mod backup;
+pub mod bits;
 pub mod dirty;
 pub mod disk;
 pub mod gate;

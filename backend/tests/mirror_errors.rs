@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use util::*;
 use vubd_backend::jobs::{Job, JobStatus, OnError};
 use vubd_backend::mirror::manager::TargetMode;
-use vubd_backend::mirror::{CopyMode, MirrorRequest, SharedImage};
+use vubd_backend::mirror::{CopyMode, MirrorRequest};
 use vubd_backend::{Disk, Image};
 
 const T: Duration = Duration::from_secs(30);
@@ -36,7 +36,7 @@ fn setup(tag: &str) -> Result<Case> {
     let model = make_image(&src, 16 * MIB, 2)?;
     std::fs::File::create(&tgt)?.set_len(16 * MIB)?;
     let source = Arc::new(Flaky::open(&src)?);
-    let disk = Arc::new(Disk::new(Box::new(SharedImage(source.clone())), false));
+    let disk = Arc::new(Disk::new(Box::new(source.clone()), false));
     let rig = Rig::with_disk(disk, &src)?;
     let target = Arc::new(Flaky::open(&tgt)?);
     Ok(Case {

@@ -14,7 +14,6 @@ use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress};
 use vubd_backend::image::ImageError;
-use vubd_backend::mirror::SharedImage;
 use vubd_backend::IoBuf;
 
 const DISK_SIZE: u64 = 1 << 20;
@@ -128,7 +127,7 @@ impl Rig {
                 path: PathBuf::from("/park-image"),
             });
             image = Some(img.clone());
-            Disk::new(Box::new(SharedImage(img)), false)
+            Disk::new(Box::new(img), false)
         });
         let image = image.expect("image built");
         let cfg = DeviceConfig {

@@ -179,10 +179,7 @@ mod tests {
     #[test]
     fn transaction_commits_between_guest_writes() {
         let image = Arc::new(ParkImage::default());
-        let disk = Arc::new(Disk::new(
-            Box::new(vubd_backend::mirror::SharedImage(image.clone())),
-            false,
-        ));
+        let disk = Arc::new(Disk::new(Box::new(image.clone()), false));
         let tracker = Arc::new(DirtyTracker::open(TrackerConfig::new(SIZE)).expect("tracker"));
         disk.add_hook(tracker.clone());
         let (tx, _rx) = mpsc::channel();

@@ -179,10 +179,7 @@ fn fleece(
     target: Arc<dyn Image>,
     opts: CbwOptions,
 ) -> (Arc<Disk>, Arc<CopyBeforeWrite>) {
-    let disk = Arc::new(Disk::new(
-        Box::new(crate::mirror::SharedImage(source.clone())),
-        false,
-    ));
+    let disk = Arc::new(Disk::new(Box::new(source.clone()), false));
     let cbw = Arc::new(CopyBeforeWrite::new(source, target, opts, None).unwrap());
     disk.add_hook(cbw.clone());
     (disk, cbw)

@@ -1,37 +1,24 @@
-//! [`DirtyBitmap`]: one bit per chunk of the disk, stored as `AtomicU64`
-//! words so that every queue thread can mark it without a lock.
+//! [`DirtyBitmap`]: one bit per chunk of the disk, over the crate's one
+//! lock-free bitmap ([`AtomicBits`]), so that every queue thread can mark
+//! it without a lock.
 //!
-//! The word array is laid out exactly like the last (finest) level of
-//! QEMU's `HBitmap` on a 64-bit little-endian host: bit `i % 64` of word
-//! `i / 64` is chunk `i`, and there are `max(ceil(chunks / 64), 1)` words.
-//! That is what makes [`DirtyBitmap::sha256_hex`] equal to QEMU's
+//! The words are laid out exactly like the last (finest) level of QEMU's
+//! `HBitmap` on a 64-bit little-endian host (see `bits.rs`). That is what
+//! makes [`DirtyBitmap::sha256_hex`] equal to QEMU's
 //! `x-debug-block-dirty-bitmap-sha256`, and it is also the on-disk layout
-//! of a persistent bitmap's fine level (docs/bitmap-format.md).
-//!
-//! Two helper structures ride along:
-//! - a summary level (one bit per word: "this word may be non-zero"), so
-//!   that finding the next dirty chunk skips 4096 clean chunks per summary
-//!   bit read;
-//! - for persistent bitmaps, a "changed page" level (one bit per 4 KiB of
-//!   words) so that a checkpoint writes out only the pages that changed.
-//!
-//! Counts are exact once writers are quiescent: every set or reset adjusts
-//! the counter by the number of bits its atomic read-modify-write actually
-//! changed.
+//! of a persistent bitmap's fine level (docs/bitmap-format.md). This type
+//! adds what QMP bitmaps have on top of the bits: a granularity, a disk
+//! size, byte ranges and the recording flag.
 
 use super::{DirtyError, MAX_GRANULARITY, MIN_GRANULARITY};
+pub use crate::bits::PAGE_BYTES;
+use crate::bits::{words_for, AtomicBits};
 use sha2::{Digest, Sha256};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-
-/// Bytes of words covered by one bit of the changed-page level: the unit in
-/// which a persistent bitmap's fine level is written to its sidecar.
-pub const PAGE_BYTES: u64 = 4096;
-/// Words per changed-page bit.
-const WORDS_PER_PAGE: usize = (PAGE_BYTES / 8) as usize;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Number of 64-bit words QEMU allocates for `chunks` bits (at least one).
 pub fn qemu_words(chunks: u64) -> u64 {
-    chunks.div_ceil(64).max(1)
+    words_for(chunks) as u64
 }
 
 /// Checks a granularity the way QEMU's `block-dirty-bitmap-add` does, plus
@@ -46,26 +33,12 @@ pub fn check_granularity(granularity: u64) -> Result<(), DirtyError> {
     Ok(())
 }
 
-fn new_atomic_vec(len: usize) -> Box<[AtomicU64]> {
-    (0..len).map(|_| AtomicU64::new(0)).collect()
-}
-
 /// A dirty bitmap over a disk of a fixed size, at a power-of-two
 /// granularity: bit *i* set means "bytes `[i*g, (i+1)*g)` may have changed".
 pub struct DirtyBitmap {
     disk_size: u64,
     shift: u32,
-    chunks: u64,
-    words: Box<[AtomicU64]>,
-    /// Bit `w` set: word `w` may be non-zero (never clear while it is non-zero,
-    /// except transiently inside a reset, which re-checks).
-    summary: Box<[AtomicU64]>,
-    /// Bit `p` set: words `[p*512, (p+1)*512)` changed since the last
-    /// [`DirtyBitmap::take_changed_pages`]. Only kept for persistent bitmaps.
-    pages: Option<Box<[AtomicU64]>>,
-    /// Number of set bits, kept with wrapping arithmetic (a reset racing the
-    /// set of the same bit may run its decrement first).
-    count: AtomicU64,
+    bits: AtomicBits,
     recording: AtomicBool,
 }
 
@@ -85,21 +58,19 @@ impl DirtyBitmap {
     /// keeps the changed-page level that persistence needs.
     pub fn new(disk_size: u64, granularity: u64, track_pages: bool) -> Result<Self, DirtyError> {
         check_granularity(granularity)?;
-        let shift = granularity.trailing_zeros();
         let chunks = disk_size.div_ceil(granularity);
-        let nwords = usize::try_from(qemu_words(chunks)).map_err(|_| DirtyError::TooLarge)?;
-        let pages =
-            track_pages.then(|| new_atomic_vec(nwords.div_ceil(WORDS_PER_PAGE).div_ceil(64)));
+        usize::try_from(qemu_words(chunks)).map_err(|_| DirtyError::TooLarge)?;
         Ok(DirtyBitmap {
             disk_size,
-            shift,
-            chunks,
-            words: new_atomic_vec(nwords),
-            summary: new_atomic_vec(nwords.div_ceil(64)),
-            pages,
-            count: AtomicU64::new(0),
+            shift: granularity.trailing_zeros(),
+            bits: AtomicBits::new(chunks, track_pages),
             recording: AtomicBool::new(true),
         })
+    }
+
+    /// The bits themselves, one per chunk (word access for persistence).
+    pub fn bits(&self) -> &AtomicBits {
+        &self.bits
     }
 
     /// Bytes per bit.
@@ -114,12 +85,7 @@ impl DirtyBitmap {
 
     /// Number of chunks (bits) covering the disk; the last one may be partial.
     pub fn chunks(&self) -> u64 {
-        self.chunks
-    }
-
-    /// Number of 64-bit words (QEMU's level size).
-    pub fn word_count(&self) -> usize {
-        self.words.len()
+        self.bits.len()
     }
 
     /// Whether guest writes mark this bitmap (QMP `recording`).
@@ -134,17 +100,7 @@ impl DirtyBitmap {
 
     /// Number of dirty chunks.
     pub fn dirty_chunks(&self) -> u64 {
-        // Wrapping counter: a transiently "negative" value reads as 0.
-        let c = self.count.load(Ordering::Relaxed);
-        if c > self.chunks {
-            if (c as i64) < 0 {
-                0
-            } else {
-                self.chunks
-            }
-        } else {
-            c
-        }
+        self.bits.count()
     }
 
     /// Dirty bytes as QEMU reports them in `query-block`: dirty chunks times
@@ -166,13 +122,15 @@ impl DirtyBitmap {
 
     /// Marks every chunk that bytes `[offset, offset+len)` touch (regardless
     /// of recording; see [`DirtyBitmap::mark_if_recording`]).
+    #[inline]
     pub fn set_range(&self, offset: u64, len: u64) {
         if let Some((first, last)) = self.chunk_range(offset, len) {
-            self.set_chunks(first, last);
+            self.bits.set(first, last);
         }
     }
 
     /// Marks the range if the bitmap is recording; returns whether it was.
+    #[inline]
     pub fn mark_if_recording(&self, offset: u64, len: u64) -> bool {
         if !self.is_recording() {
             return false;
@@ -184,34 +142,23 @@ impl DirtyBitmap {
     /// Clears every chunk that bytes `[offset, offset+len)` touch.
     pub fn reset_range(&self, offset: u64, len: u64) {
         if let Some((first, last)) = self.chunk_range(offset, len) {
-            self.reset_chunks(first, last);
+            self.bits.clear(first, last);
         }
     }
 
     /// Sets chunks `first..=last` (clipped to the bitmap).
     pub fn set_chunks(&self, first: u64, last: u64) {
-        let last = last.min(self.chunks.saturating_sub(1));
-        if first > last || self.chunks == 0 {
-            return;
-        }
-        for_each_word(first, last, |w, mask| self.set_word_bits(w, mask));
+        self.bits.set(first, last);
     }
 
     /// Clears chunks `first..=last` (clipped to the bitmap).
     pub fn reset_chunks(&self, first: u64, last: u64) {
-        let last = last.min(self.chunks.saturating_sub(1));
-        if first > last || self.chunks == 0 {
-            return;
-        }
-        for_each_word(first, last, |w, mask| self.reset_word_bits(w, mask));
+        self.bits.clear(first, last);
     }
 
     /// Whether chunk `chunk` is dirty.
     pub fn get_chunk(&self, chunk: u64) -> bool {
-        if chunk >= self.chunks {
-            return false;
-        }
-        self.words[(chunk / 64) as usize].load(Ordering::Acquire) & (1 << (chunk % 64)) != 0
+        self.bits.get(chunk)
     }
 
     /// Whether the chunk containing byte `offset` is dirty.
@@ -221,114 +168,17 @@ impl DirtyBitmap {
 
     /// Clears the whole bitmap.
     pub fn clear(&self) {
-        for w in 0..self.words.len() {
-            if self.words[w].load(Ordering::Relaxed) != 0 {
-                self.reset_word_bits(w, u64::MAX);
-            }
-        }
+        self.bits.clear_all();
     }
 
-    fn set_word_bits(&self, w: usize, mask: u64) {
-        let word = &self.words[w];
-        // Acquire: a bit already set by another marker must be visible to
-        // whoever our own later SeqCst fence synchronises with (see
-        // tracker.rs, "Why a mark is never lost").
-        if word.load(Ordering::Acquire) & mask == mask {
-            return;
-        }
-        let old = word.fetch_or(mask, Ordering::AcqRel);
-        let new = mask & !old;
-        if new == 0 {
-            return;
-        }
-        self.count
-            .fetch_add(u64::from(new.count_ones()), Ordering::Relaxed);
-        if old == 0 {
-            self.summary[w / 64].fetch_or(1 << (w % 64), Ordering::AcqRel);
-        }
-        self.note_page(w);
-    }
-
-    fn reset_word_bits(&self, w: usize, mask: u64) {
-        let word = &self.words[w];
-        if word.load(Ordering::Acquire) & mask == 0 {
-            return;
-        }
-        let old = word.fetch_and(!mask, Ordering::AcqRel);
-        let gone = old & mask;
-        if gone == 0 {
-            return;
-        }
-        self.count
-            .fetch_sub(u64::from(gone.count_ones()), Ordering::Relaxed);
-        if old & !mask == 0 {
-            // The word became zero: drop its summary bit, then re-check, since
-            // a concurrent setter that saw the zero word may have set the
-            // summary bit just before we cleared it.
-            let bit = 1u64 << (w % 64);
-            self.summary[w / 64].fetch_and(!bit, Ordering::AcqRel);
-            if word.load(Ordering::Acquire) != 0 {
-                self.summary[w / 64].fetch_or(bit, Ordering::AcqRel);
-            }
-        }
-        self.note_page(w);
-    }
-
-    fn note_page(&self, w: usize) {
-        if let Some(pages) = &self.pages {
-            let p = w / WORDS_PER_PAGE;
-            let bit = 1u64 << (p % 64);
-            let slot = &pages[p / 64];
-            if slot.load(Ordering::Relaxed) & bit == 0 {
-                slot.fetch_or(bit, Ordering::AcqRel);
-            }
-        }
-    }
-
-    /// The first dirty chunk at or after `from`, using the summary level to
-    /// skip clean words.
+    /// The first dirty chunk at or after `from`.
     pub fn next_dirty(&self, from: u64) -> Option<u64> {
-        if from >= self.chunks {
-            return None;
-        }
-        let mut w = (from / 64) as usize;
-        let first = self.words[w].load(Ordering::Acquire) & (u64::MAX << (from % 64));
-        if first != 0 {
-            return self.within(w as u64 * 64 + u64::from(first.trailing_zeros()));
-        }
-        w += 1;
-        while w < self.words.len() {
-            let s = w / 64;
-            let mut sum = self.summary[s].load(Ordering::Acquire) & (u64::MAX << (w % 64));
-            while sum != 0 {
-                let cand = s * 64 + sum.trailing_zeros() as usize;
-                let word = self.words[cand].load(Ordering::Acquire);
-                if word != 0 {
-                    return self.within(cand as u64 * 64 + u64::from(word.trailing_zeros()));
-                }
-                sum &= sum - 1;
-            }
-            w = (s + 1) * 64;
-        }
-        None
-    }
-
-    fn within(&self, chunk: u64) -> Option<u64> {
-        (chunk < self.chunks).then_some(chunk)
+        self.bits.next_set(from)
     }
 
     /// The first clean chunk at or after `from` (or `chunks()` if none).
     pub fn next_clean(&self, from: u64) -> u64 {
-        let mut c = from;
-        while c < self.chunks {
-            let w = (c / 64) as usize;
-            let inv = !self.words[w].load(Ordering::Acquire) & (u64::MAX << (c % 64));
-            if inv != 0 {
-                return (w as u64 * 64 + u64::from(inv.trailing_zeros())).min(self.chunks);
-            }
-            c = (w as u64 + 1) * 64;
-        }
-        self.chunks
+        self.bits.next_clear(from)
     }
 
     /// The bitmap over `offset..offset + len` (clipped to the disk) as
@@ -344,7 +194,7 @@ impl DirtyBitmap {
             let next = if dirty {
                 self.next_clean(chunk + 1)
             } else {
-                self.next_dirty(chunk + 1).unwrap_or(self.chunks)
+                self.next_dirty(chunk + 1).unwrap_or(self.chunks())
             };
             let run_end = (next << self.shift).min(end);
             out.push((run_end - pos, dirty));
@@ -367,13 +217,8 @@ impl DirtyBitmap {
     /// (as QEMU's `hbitmap_sparse_merge`), so a coarse source marks every fine
     /// chunk it covers and a fine source marks the coarse chunk containing it.
     pub fn merge_from(&self, other: &DirtyBitmap) {
-        if other.shift == self.shift && other.words.len() == self.words.len() {
-            for (w, word) in other.words.iter().enumerate() {
-                let bits = word.load(Ordering::Acquire);
-                if bits != 0 {
-                    self.set_word_bits(w, bits);
-                }
-            }
+        if other.shift == self.shift && other.chunks() == self.chunks() {
+            self.bits.or_from(&other.bits);
             return;
         }
         for (offset, len) in other.dirty_ranges() {
@@ -385,119 +230,21 @@ impl DirtyBitmap {
     /// QEMU's `hbitmap_sha256` hashes.
     pub fn sha256_hex(&self) -> String {
         let mut hasher = Sha256::new();
-        let mut buf = Vec::with_capacity(WORDS_PER_PAGE * 8);
-        for chunk in self.words.chunks(WORDS_PER_PAGE) {
-            buf.clear();
-            for w in chunk {
-                buf.extend_from_slice(&w.load(Ordering::Acquire).to_le_bytes());
-            }
-            hasher.update(&buf);
+        let mut buf = vec![0u8; PAGE_BYTES as usize];
+        let words = self.bits.word_count();
+        for first in (0..words).step_by(buf.len() / 8) {
+            let n = (words - first).min(buf.len() / 8) * 8;
+            self.bits.read_words_le(first, &mut buf[..n]);
+            hasher.update(&buf[..n]);
         }
         hex(&hasher.finalize())
     }
 
-    /// Copies words `[first, first + out.len()/8)` as little-endian bytes
-    /// into `out` (words past the end read as zero).
-    pub fn read_words_le(&self, first: usize, out: &mut [u8]) {
-        for (i, dst) in out.chunks_mut(8).enumerate() {
-            let v = self
-                .words
-                .get(first + i)
-                .map_or(0, |w| w.load(Ordering::Acquire));
-            let bytes = v.to_le_bytes();
-            dst.copy_from_slice(&bytes[..dst.len()]);
-        }
-    }
-
     /// The words as little-endian bytes (QEMU's serialization of the level).
     pub fn to_le_bytes(&self) -> Vec<u8> {
-        let mut out = vec![0u8; self.words.len() * 8];
-        self.read_words_le(0, &mut out);
+        let mut out = vec![0u8; self.bits.word_count() * 8];
+        self.bits.read_words_le(0, &mut out);
         out
-    }
-
-    /// ORs little-endian words from `bytes` into the bitmap, ignoring bits
-    /// past the last chunk (a damaged or foreign file cannot set them).
-    pub fn or_le_bytes(&self, bytes: &[u8]) {
-        let tail_bits = self.chunks % 64;
-        let last_word = (self.chunks.div_ceil(64)) as usize;
-        for (w, chunk) in bytes.chunks(8).enumerate().take(last_word) {
-            let mut b = [0u8; 8];
-            b[..chunk.len()].copy_from_slice(chunk);
-            let mut v = u64::from_le_bytes(b);
-            if w + 1 == last_word && tail_bits != 0 {
-                v &= (1u64 << tail_bits) - 1;
-            }
-            if v != 0 {
-                self.set_word_bits(w, v);
-            }
-        }
-    }
-
-    /// Number of 4 KiB pages of words (the persistence unit).
-    pub fn page_count(&self) -> usize {
-        self.words.len().div_ceil(WORDS_PER_PAGE)
-    }
-
-    /// Takes (and resets) the set of pages changed since the last call.
-    /// Without page tracking, every page is reported.
-    pub fn take_changed_pages(&self) -> Vec<usize> {
-        let Some(pages) = &self.pages else {
-            return (0..self.page_count()).collect();
-        };
-        let mut out = Vec::new();
-        for (i, slot) in pages.iter().enumerate() {
-            if slot.load(Ordering::Relaxed) == 0 {
-                continue;
-            }
-            let mut bits = slot.swap(0, Ordering::AcqRel);
-            while bits != 0 {
-                let p = i * 64 + bits.trailing_zeros() as usize;
-                if p < self.page_count() {
-                    out.push(p);
-                }
-                bits &= bits - 1;
-            }
-        }
-        out
-    }
-
-    /// Whether any page changed since the last [`DirtyBitmap::take_changed_pages`].
-    pub fn has_changed_pages(&self) -> bool {
-        self.pages
-            .as_ref()
-            .is_some_and(|p| p.iter().any(|s| s.load(Ordering::Relaxed) != 0))
-    }
-
-    /// Marks every page as changed (forces a full write-out).
-    pub fn mark_all_pages_changed(&self) {
-        if let Some(pages) = &self.pages {
-            for (i, slot) in pages.iter().enumerate() {
-                let n = self.page_count().saturating_sub(i * 64).min(64);
-                let bits = if n == 64 { u64::MAX } else { (1u64 << n) - 1 };
-                slot.fetch_or(bits, Ordering::AcqRel);
-            }
-        }
-    }
-
-    /// Recounts the set bits from the words (for tests and consistency
-    /// checks; O(size)).
-    pub fn popcount(&self) -> u64 {
-        self.words
-            .iter()
-            .map(|w| u64::from(w.load(Ordering::Acquire).count_ones()))
-            .sum()
-    }
-}
-
-/// Calls `f(word_index, mask)` for each word overlapping chunks `first..=last`.
-fn for_each_word(first: u64, last: u64, mut f: impl FnMut(usize, u64)) {
-    let (fw, lw) = (first / 64, last / 64);
-    for w in fw..=lw {
-        let lo = if w == fw { first % 64 } else { 0 };
-        let hi = if w == lw { last % 64 } else { 63 };
-        let mask = (u64::MAX >> (63 - hi)) & (u64::MAX << lo);
-        f(w as usize, mask);
     }
 }
 
@@ -597,7 +344,7 @@ mod tests {
         assert_eq!(b.count_bytes(), 128 * KIB);
         b.set_range(0, MIB + 512);
         assert_eq!(b.count_bytes(), 17 * 64 * KIB);
-        assert_eq!(b.popcount(), 17);
+        assert_eq!(b.bits().popcount(), 17);
     }
 
     #[test]
@@ -701,7 +448,7 @@ mod tests {
         a.set_range(3 * MIB, 8192);
         a.merge_from(&fine);
         assert_eq!(a.dirty_chunks(), 16 + 1);
-        assert_eq!(a.popcount(), a.dirty_chunks());
+        assert_eq!(a.bits().popcount(), a.dirty_chunks());
     }
 
     #[test]
@@ -722,66 +469,5 @@ mod tests {
             b.sha256_hex(),
             DirtyBitmap::new(MIB, 4096, false).unwrap().sha256_hex()
         );
-    }
-
-    #[test]
-    fn summary_survives_concurrent_set_and_reset() {
-        let b = std::sync::Arc::new(DirtyBitmap::new(64 * MIB, 512, false).unwrap());
-        let threads: Vec<_> = (0..4)
-            .map(|t| {
-                let b = b.clone();
-                std::thread::spawn(move || {
-                    let mut x = 0x9e3779b97f4a7c15u64 ^ t;
-                    for i in 0..20000u64 {
-                        x ^= x << 13;
-                        x ^= x >> 7;
-                        x ^= x << 17;
-                        let chunk = x % b.chunks();
-                        if i % 3 == 0 {
-                            b.reset_chunks(chunk, chunk);
-                        } else {
-                            b.set_chunks(chunk, chunk);
-                        }
-                    }
-                })
-            })
-            .collect();
-        for t in threads {
-            t.join().unwrap();
-        }
-        assert_eq!(b.dirty_chunks(), b.popcount());
-        // Every dirty chunk is found by the summary-driven iteration.
-        let mut found = 0;
-        let mut c = 0;
-        while let Some(d) = b.next_dirty(c) {
-            assert!(b.get_chunk(d));
-            found += 1;
-            c = d + 1;
-        }
-        assert_eq!(found, b.popcount());
-    }
-
-    #[test]
-    fn changed_pages_track_writes() {
-        let b = DirtyBitmap::new(4096 * 512 * 40, 512, true).unwrap();
-        // One page of words covers 32768 chunks.
-        assert_eq!(b.take_changed_pages(), Vec::<usize>::new());
-        b.set_chunks(5, 5);
-        b.set_chunks(32768 * 3 + 1, 32768 * 3 + 1);
-        assert_eq!(b.take_changed_pages(), vec![0, 3]);
-        b.set_chunks(5, 5); // no change, no page
-        assert!(!b.has_changed_pages());
-        b.mark_all_pages_changed();
-        assert_eq!(b.take_changed_pages().len(), b.page_count());
-    }
-
-    #[test]
-    fn or_le_bytes_ignores_bits_past_the_end() {
-        let b = DirtyBitmap::new(70 * 512, 512, false).unwrap();
-        let mut bytes = vec![0xffu8; 16];
-        bytes.extend_from_slice(&[0xff; 8]); // a third word that does not exist
-        b.or_le_bytes(&bytes);
-        assert_eq!(b.dirty_chunks(), 70);
-        assert_eq!(b.popcount(), 70);
     }
 }

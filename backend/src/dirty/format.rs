@@ -549,7 +549,7 @@ pub fn recover(store: &dyn MetaStore, disk_size: u64) -> Result<Recovery, DirtyE
                     "bitmap sidecar {what}: activity-log slot {slot} has a damaged header; applying it anyway"
                 ),
             }
-            ext.or_le_bytes(bits);
+            ext.bits().or_le_bytes(bits);
         }
         rec.log_extents = ext.dirty_chunks();
         extents = Some(ext);
@@ -598,7 +598,7 @@ pub fn recover(store: &dyn MetaStore, disk_size: u64) -> Result<Recovery, DirtyE
         }
         // Page tracking on: the tracker keeps using this bitmap after open.
         let bitmap = DirtyBitmap::new(disk_size, e.granularity, true)?;
-        bitmap.or_le_bytes(data);
+        bitmap.bits().or_le_bytes(data);
         let before = bitmap.dirty_chunks();
         if let (true, Some(ext)) = (recording, &extents) {
             for (off, len) in ext.dirty_ranges() {

@@ -4,10 +4,9 @@
 //!
 //! - [`DirtyBitmap`]: the bits (QEMU's layout, so counts and SHA-256 match
 //!   QEMU's `query-block` and `x-debug-block-dirty-bitmap-sha256`).
-//! - [`InFlightBitmap`]: the mirror's volatile "copy in progress" bits.
 //! - [`DirtyTracker`]: all bitmaps of one disk, the data-path calls
-//!   ([`DirtyTracker::mark`] before each write, [`DirtyTracker::write_completed`]
-//!   after it) and the management operations (QMP's `block-dirty-bitmap-*`).
+//!   ([`DirtyTracker::mark`] before each write) and the management operations
+//!   (QMP's `block-dirty-bitmap-*`).
 //! - [`MetaStore`]: the only way sidecar bytes reach storage, so that tests can
 //!   substitute a store that loses unsynced writes.
 //!
@@ -18,13 +17,11 @@
 mod bitmap;
 mod format;
 mod hook;
-mod inflight;
 mod store;
 mod tracker;
 
 pub use bitmap::{check_granularity, hex, qemu_words, DirtyBitmap, DirtyRanges, PAGE_BYTES};
 pub use format::{recover, sidecar_path, RecoveredBitmap, Recovery, FORMAT_VERSION};
-pub use inflight::InFlightBitmap;
 pub use store::{took_effect, FileStore, MemStore, MetaStore, NotDurable};
 pub use tracker::{
     BitmapInfo, BitmapTxn, DirtyTracker, PreparedRelocation, TrackerConfig, TrackerStats,
@@ -99,14 +96,6 @@ pub enum DirtyError {
     /// The bitmap would not fit in memory on this host.
     #[error("disk too large for a dirty bitmap at this granularity")]
     TooLarge,
-    /// An in-flight bitmap was attached to a dirty bitmap of another granularity.
-    #[error("in-flight bitmap granularity {inflight} differs from its dirty bitmap's {dirty}")]
-    GranularityMismatch {
-        /// The in-flight bitmap's granularity.
-        inflight: u64,
-        /// The dirty bitmap's granularity.
-        dirty: u64,
-    },
 }
 
 impl DirtyError {

@@ -46,7 +46,6 @@
 
 use super::bitmap::{DirtyBitmap, PAGE_BYTES};
 use super::format::{recover, Layout, BITMAP_RECORDING, PAGE, STATE_CLEAN};
-use super::inflight::InFlightBitmap;
 use super::store::{took_effect, FileStore, MetaStore};
 use super::{
     check_granularity, DirtyError, DEFAULT_EXTENT_SIZE, DEFAULT_FLUSH_INTERVAL,
@@ -345,7 +344,6 @@ struct Inner {
     disk_size: u64,
     read_only: bool,
     bitmaps: ArcSwap<Vec<Arc<Named>>>,
-    inflight: ArcSwap<Vec<(Arc<InFlightBitmap>, Arc<DirtyBitmap>)>>,
     persist: Persist,
     control: Mutex<Control>,
 }
@@ -463,7 +461,6 @@ impl DirtyTracker {
             disk_size,
             read_only: config.read_only,
             bitmaps: ArcSwap::from_pointee(named.clone()),
-            inflight: ArcSwap::from_pointee(Vec::new()),
             persist,
             control: Mutex::new(Control {
                 store: config.sidecar.clone(),
@@ -533,7 +530,7 @@ impl DirtyTracker {
 
     /// Called before a guest write, discard or write-zeroes of `len` bytes at
     /// `offset` is issued to the image. Marks every recording bitmap for every
-    /// chunk touched and clears the in-flight bits; for persistent bitmaps it
+    /// chunk touched; for persistent bitmaps it
     /// returns only once the mark is recoverable after a crash (the extents
     /// are durable in the activity log). Lock-free and syscall-free when the
     /// extents are already logged. An error means the guarantee could not be
@@ -544,10 +541,6 @@ impl DirtyTracker {
             return Ok(());
         }
         let len = len.min(inner.disk_size - offset);
-        for (inflight, dirty) in inner.inflight.load().iter() {
-            inflight.clear_range(offset, len);
-            dirty.set_range(offset, len);
-        }
         let mut log = false;
         for b in inner.bitmaps.load().iter() {
             if b.bitmap.mark_if_recording(offset, len) && b.persistent {
@@ -561,55 +554,12 @@ impl DirtyTracker {
         }
     }
 
-    /// Called after a guest write's data reached the image (before the request
-    /// completes): clears the in-flight bits again and re-marks the mirror's
-    /// dirty bitmaps, in that order (see [`InFlightBitmap`]). Nothing to do
-    /// and no cost while no mirror is attached.
-    pub fn write_completed(&self, offset: u64, len: u64) {
-        let list = self.inner.inflight.load();
-        for (inflight, dirty) in list.iter() {
-            inflight.clear_range(offset, len);
-            dirty.set_range(offset, len);
-        }
-    }
-
     /// Called after a guest FLUSH made the image durable. The crash guarantee
     /// does not depend on flushes (each mark is durable before its write is
     /// issued), so a flush never waits for bitmap I/O: this returns at once.
     /// The fine level is written by the background thread every flush interval.
     pub fn after_guest_flush(&self) -> Result<(), DirtyError> {
         Ok(())
-    }
-
-    /// Attaches a mirror's in-flight bitmap and its dirty bitmap (same
-    /// granularity): guest writes then clear the one and mark the other.
-    pub fn attach_inflight(
-        &self,
-        inflight: Arc<InFlightBitmap>,
-        dirty: Arc<DirtyBitmap>,
-    ) -> Result<(), DirtyError> {
-        if inflight.granularity() != dirty.granularity() {
-            return Err(DirtyError::GranularityMismatch {
-                inflight: inflight.granularity(),
-                dirty: dirty.granularity(),
-            });
-        }
-        self.inner.inflight.rcu(|v| {
-            let mut v = Vec::clone(v);
-            v.push((inflight.clone(), dirty.clone()));
-            v
-        });
-        Ok(())
-    }
-
-    /// Detaches an in-flight bitmap attached with [`DirtyTracker::attach_inflight`].
-    pub fn detach_inflight(&self, inflight: &Arc<InFlightBitmap>) {
-        self.inner.inflight.rcu(|v| {
-            v.iter()
-                .filter(|(i, _)| !Arc::ptr_eq(i, inflight))
-                .cloned()
-                .collect::<Vec<_>>()
-        });
     }
 
     // ------------------------------------------------------------------
@@ -1255,7 +1205,7 @@ impl Persist {
                 .bitmaps
                 .load()
                 .iter()
-                .any(|b| b.persistent && b.bitmap.has_changed_pages())
+                .any(|b| b.persistent && b.bitmap.bits().has_changed_pages())
     }
 
     /// The persistent bitmaps of the current file, in file order.
@@ -1370,13 +1320,13 @@ impl Persist {
                 continue;
             }
             let pages = if full {
-                b.bitmap.take_changed_pages();
-                (0..b.bitmap.page_count()).collect()
+                b.bitmap.bits().take_changed_pages();
+                (0..b.bitmap.bits().page_count()).collect()
             } else {
-                b.bitmap.take_changed_pages()
+                b.bitmap.bits().take_changed_pages()
             };
             for p in pages {
-                b.bitmap.read_words_le(p * words_per_page, &mut buf);
+                b.bitmap.bits().read_words_le(p * words_per_page, &mut buf);
                 let off = p as u64 * PAGE_BYTES;
                 let n = (e.data_len - off).min(PAGE_BYTES) as usize;
                 store
@@ -1517,7 +1467,7 @@ impl Persist {
                 next.set_kind(AL_FAILED);
                 self.al.store(cur.clone());
                 for b in members {
-                    b.bitmap.mark_all_pages_changed();
+                    b.bitmap.bits().mark_all_pages_changed();
                 }
                 ctl.full_writeout = true;
                 Err(DirtyError::io(format!("replacing {}", store.describe()), e))
@@ -1597,11 +1547,11 @@ fn build_file(
             continue;
         }
         if take_changed {
-            b.bitmap.take_changed_pages();
+            b.bitmap.bits().take_changed_pages();
         }
-        let n = b.bitmap.word_count() * 8;
+        let n = b.bitmap.bits().word_count() * 8;
         let off = e.data_off as usize;
-        b.bitmap.read_words_le(0, &mut file[off..off + n]);
+        b.bitmap.bits().read_words_le(0, &mut file[off..off + n]);
     }
     file
 }
@@ -1827,34 +1777,6 @@ mod tests {
         assert!(!off.recording);
         let on = info.iter().find(|b| b.name == "on").unwrap();
         assert!(on.count >= 65536 && on.recording);
-    }
-
-    #[test]
-    fn guest_writes_clear_inflight_and_redirty_the_mirror_bitmap() {
-        let t = DirtyTracker::open(TrackerConfig::new(16 * MIB)).unwrap();
-        let dirty = Arc::new(DirtyBitmap::new(16 * MIB, 65536, false).unwrap());
-        let inflight = Arc::new(InFlightBitmap::new(16 * MIB, 65536).unwrap());
-        let other = Arc::new(InFlightBitmap::new(16 * MIB, 4096).unwrap());
-        assert!(t.attach_inflight(other, dirty.clone()).is_err());
-        t.attach_inflight(inflight.clone(), dirty.clone()).unwrap();
-        dirty.set_chunks(0, 3);
-        // The mirror copies chunk 2; a guest write lands meanwhile.
-        inflight.begin_copy(2);
-        t.mark(2 * 65536 + 512, 512).unwrap();
-        assert!(!inflight.is_set(2));
-        t.write_completed(2 * 65536 + 512, 512);
-        assert!(
-            !inflight.finish_copy(2, &dirty),
-            "raced copy must stay dirty"
-        );
-        assert!(dirty.get_chunk(2));
-        // Chunk 3 copied undisturbed: clean.
-        inflight.begin_copy(3);
-        assert!(inflight.finish_copy(3, &dirty));
-        assert!(!dirty.get_chunk(3));
-        t.detach_inflight(&inflight);
-        t.mark(3 * 65536, 1).unwrap();
-        assert!(!dirty.get_chunk(3), "detached: no longer marked");
     }
 
     #[test]

@@ -63,9 +63,10 @@
 //! Guest writes also set the persistent bitmap P before the data is issued
 //! (see `state_file.rs`).
 
-use super::chunks::{ChunkBits, RangeLock, Stripes};
+use super::chunks::{RangeLock, Stripes};
 use super::state_file::StateFile;
 use super::{image_errno, CopyMode};
+use crate::bits::AtomicBits;
 use crate::disk::{Disk, DiskError, WriteHook, WriteOp};
 use crate::image::Image;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
@@ -83,9 +84,9 @@ pub struct MirrorState {
     /// log2 of the granularity.
     pub shift: u32,
     /// D: chunks the target may lack.
-    pub dirty: ChunkBits,
+    pub dirty: AtomicBits,
     /// I: chunks whose copy is in flight and not yet raced by a guest write.
-    pub inflight: ChunkBits,
+    pub inflight: AtomicBits,
     /// P: the persistent superset of D (absent on a read-only disk).
     pub persist: Option<Arc<StateFile>>,
     /// Guest writes between before_write and after_write, per chunk.
@@ -136,8 +137,8 @@ impl MirrorState {
             target,
             size,
             shift: granularity.trailing_zeros(),
-            dirty: ChunkBits::new(chunks),
-            inflight: ChunkBits::new(chunks),
+            dirty: AtomicBits::new(chunks, false),
+            inflight: AtomicBits::new(chunks, false),
             persist,
             stripes: Stripes::default(),
             ranges: RangeLock::default(),
@@ -160,7 +161,7 @@ impl MirrorState {
 
     /// Number of chunks.
     pub fn chunks(&self) -> u64 {
-        self.dirty.chunks()
+        self.dirty.len()
     }
 
     /// Byte range of chunks `first..=last`, clipped to the disk.

@@ -23,7 +23,7 @@
 
 use super::engine::Engine;
 use super::hook::MirrorState;
-use super::{strerror, CopyMode, MirrorConfig, SharedImage, SyncMode};
+use super::{strerror, CopyMode, MirrorConfig, SyncMode};
 use crate::disk::WriteHook;
 use crate::gate::PauseGuard;
 use crate::jobs::{ErrorAction, IoOperation, JobContext, JobDriver, JobError};
@@ -584,10 +584,7 @@ impl JobDriver for MirrorJob {
             return Err(e);
         }
         s.disk.remove_hook(&self.hook);
-        let old = pivot.then(|| {
-            s.disk
-                .replace_image(Box::new(SharedImage(s.target.clone())))
-        });
+        let old = pivot.then(|| s.disk.replace_image(Box::new(s.target.clone())));
         drop(pause);
         let stall = paused_at.elapsed();
         {

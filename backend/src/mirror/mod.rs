@@ -30,11 +30,8 @@ pub mod state_file;
 
 pub use manager::{MirrorManager, MirrorRequest};
 
-use crate::image::{Image, ImageError};
-use crate::iobuf::IoBuf;
+use crate::image::ImageError;
 use crate::jobs::OnError;
-use std::path::Path;
-use std::sync::Arc;
 
 /// Default bytes per dirty bit (QEMU's default for a raw target).
 pub const DEFAULT_GRANULARITY: u64 = 64 << 10;
@@ -140,55 +137,5 @@ pub fn image_errno(e: &ImageError) -> i32 {
         ImageError::Open { cause, .. } | ImageError::Io { cause, .. } => {
             cause.raw_os_error().unwrap_or(libc::EIO)
         }
-    }
-}
-
-/// An image shared between the mirror and, after the pivot, the disk: the
-/// disk takes a `Box<dyn Image>`, the mirror keeps using the same open file.
-pub struct SharedImage(pub Arc<dyn Image>);
-
-impl Image for SharedImage {
-    fn size(&self) -> u64 {
-        self.0.size()
-    }
-    fn path(&self) -> &Path {
-        self.0.path()
-    }
-    fn read_at(&self, bufs: &[IoBuf], offset: u64) -> Result<(), ImageError> {
-        self.0.read_at(bufs, offset)
-    }
-    fn write_at(&self, bufs: &[IoBuf], offset: u64, fua: bool) -> Result<(), ImageError> {
-        self.0.write_at(bufs, offset, fua)
-    }
-    fn flush(&self) -> Result<(), ImageError> {
-        self.0.flush()
-    }
-    fn discard(&self, offset: u64, len: u64) -> Result<(), ImageError> {
-        self.0.discard(offset, len)
-    }
-    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<(), ImageError> {
-        self.0.write_zeroes(offset, len, unmap)
-    }
-    fn allocated_bytes(&self) -> u64 {
-        self.0.allocated_bytes()
-    }
-    fn allocation(&self, offset: u64) -> Result<(bool, u64), ImageError> {
-        self.0.allocation(offset)
-    }
-    // Forwarded so that after a pivot guest I/O keeps going through the
-    // queue workers' io_uring engine instead of its synchronous fallback.
-    fn async_fd(&self, bufs: &[IoBuf]) -> Option<std::os::fd::RawFd> {
-        self.0.async_fd(bufs)
-    }
-    fn identity(&self) -> Option<(u64, u64)> {
-        self.0.identity()
-    }
-    // Forwarded so that the engine's syncs reach the image's flush latch.
-    fn durable_done(
-        &self,
-        op: crate::image::Durable,
-        result: std::io::Result<()>,
-    ) -> std::io::Result<()> {
-        self.0.durable_done(op, result)
     }
 }

@@ -17,8 +17,8 @@
 //! an earlier boot makes the whole disk dirty again (a full copy, never a
 //! silently incomplete one).
 
-use super::chunks::{words_for, ChunkBits};
 use super::MirrorError;
+use crate::bits::{words_for, AtomicBits};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
@@ -146,7 +146,7 @@ impl Drop for Mapping {
 /// An open sidecar: its header and its persistent bitmap P.
 pub struct StateFile {
     // Declared before `map`: dropped before the mapping it points into.
-    bits: ChunkBits,
+    bits: AtomicBits,
     map: Mapping,
     file: File,
     path: PathBuf,
@@ -203,7 +203,7 @@ impl StateFile {
             std::slice::from_raw_parts(map.ptr.add(HEADER).cast::<AtomicU64>(), words_for(chunks))
         };
         Ok(StateFile {
-            bits: ChunkBits::over(chunks, words),
+            bits: AtomicBits::over(chunks, words),
             map,
             file,
             path,
@@ -273,7 +273,7 @@ impl StateFile {
     }
 
     /// The persistent bitmap P.
-    pub fn bits(&self) -> &ChunkBits {
+    pub fn bits(&self) -> &AtomicBits {
         &self.bits
     }
 
@@ -323,7 +323,7 @@ mod tests {
             boot_id: boot_id(),
         };
         let s = StateFile::create(&path, header.clone()).unwrap();
-        assert_eq!(s.bits().chunks(), 161);
+        assert_eq!(s.bits().len(), 161);
         s.bits().set(3, 5);
         s.bits().set(160, 160);
         drop(s);

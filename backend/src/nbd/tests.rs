@@ -91,7 +91,6 @@ fn exports_with_source(writable: bool) -> (Exports, Arc<DirtyTracker>, Arc<MemSo
         DirtyBitmaps::add(tracker.as_ref(), name, 65536, false, false).unwrap();
     }
     tracker.mark(65536 + 10, 100).unwrap();
-    tracker.write_completed(65536 + 10, 100);
     let e = Exports::new(EventBus::new());
     let source = Arc::new(MemSource::new());
     let mut block = vec![7u8; 8192];

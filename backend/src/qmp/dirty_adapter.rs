@@ -189,7 +189,6 @@ mod tests {
             "38723a2e5e8a17aa7950dc008209944e898f69a7bd10a23c839d341e935fd5ca"
         );
         tracker.mark(65536 - 512, 1024).unwrap();
-        tracker.write_completed(65536 - 512, 1024);
         let q = run("query-block", json!({})).unwrap();
         assert_eq!(q[0]["inserted"]["dirty-bitmaps"][0]["count"], 2 * 65536);
         let e = run(

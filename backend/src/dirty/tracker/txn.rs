@@ -308,7 +308,7 @@ impl BitmapTxn<'_> {
                         match u {
                             Undo::Bits(b, bytes) => {
                                 b.bitmap.clear();
-                                b.bitmap.or_le_bytes(&bytes);
+                                b.bitmap.bits().or_le_bytes(&bytes);
                             }
                             Undo::Recording(b, on) => b.bitmap.set_recording(on),
                         }
