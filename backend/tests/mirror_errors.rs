@@ -10,7 +10,7 @@ mod util;
 use anyhow::{ensure, Context, Result};
 use serde_json::json;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use util::*;
 use vubd_backend::jobs::{Job, JobStatus, OnError};
@@ -335,67 +335,6 @@ fn a_write_through_error_beats_the_jobs_in_sync_flag() -> Result<()> {
     Ok(())
 }
 
-/// A target whose writes all fail with ENOSPC; a data write at `park_at`
-/// first reports that it is under way and waits for a release, so a test
-/// can hold a write-through between its suspension check and its failure.
-struct ParkingFailTarget {
-    inner: Flaky,
-    park_at: u64,
-    parked: std::sync::Mutex<std::sync::mpsc::Sender<()>>,
-    release: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
-}
-
-impl Image for ParkingFailTarget {
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-    fn path(&self) -> &std::path::Path {
-        self.inner.path()
-    }
-    fn read_at(
-        &self,
-        bufs: &[vubd_backend::IoBuf],
-        offset: u64,
-    ) -> std::result::Result<(), vubd_backend::ImageError> {
-        self.inner.read_at(bufs, offset)
-    }
-    fn write_at(
-        &self,
-        bufs: &[vubd_backend::IoBuf],
-        offset: u64,
-        fua: bool,
-    ) -> std::result::Result<(), vubd_backend::ImageError> {
-        if offset == self.park_at {
-            let _ = self.parked.lock().map(|tx| tx.send(()));
-            let _ = self
-                .release
-                .lock()
-                .map(|rx| rx.recv_timeout(Duration::from_secs(30)));
-        }
-        self.inner.write_at(bufs, offset, fua)
-    }
-    fn flush(&self) -> std::result::Result<(), vubd_backend::ImageError> {
-        self.inner.flush()
-    }
-    fn discard(&self, offset: u64, len: u64) -> std::result::Result<(), vubd_backend::ImageError> {
-        self.inner.discard(offset, len)
-    }
-    fn write_zeroes(
-        &self,
-        offset: u64,
-        len: u64,
-        unmap: bool,
-    ) -> std::result::Result<(), vubd_backend::ImageError> {
-        self.inner.write_zeroes(offset, len, unmap)
-    }
-    fn allocated_bytes(&self) -> u64 {
-        self.inner.allocated_bytes()
-    }
-    fn identity(&self) -> Option<(u64, u64)> {
-        self.inner.identity()
-    }
-}
-
 /// Two write-blocking guest writes fail on the target: B has passed the
 /// suspension check and is parked in the target when A fails; the job takes
 /// A's error and stops; B then fails too. B's error belongs to the error
@@ -415,14 +354,18 @@ fn a_write_through_failing_while_the_job_handles_an_earlier_one_does_not_stop_it
     let disk = open_disk(&src)?;
     let (parked_tx, parked_rx) = std::sync::mpsc::channel();
     let (release_tx, release_rx) = std::sync::mpsc::channel();
-    let inner = Flaky::open(&tgt)?;
-    inner.fail_writes.store(true, Ordering::SeqCst);
-    let target = Arc::new(ParkingFailTarget {
-        inner,
-        park_at: CHUNK,
-        parked: std::sync::Mutex::new(parked_tx),
-        release: std::sync::Mutex::new(release_rx),
-    });
+    // Every target write fails with ENOSPC; the data write into chunk 1
+    // first says it is under way and waits for a release, so the test holds
+    // a write-through between its suspension check and its failure.
+    let (parked_tx, release_rx) = (Mutex::new(parked_tx), Mutex::new(release_rx));
+    let target = Flaky::with_hook(&tgt, move |op, offset| {
+        if op == Op::Write && offset == CHUNK {
+            let _ = parked_tx.lock().map(|tx| tx.send(()));
+            let _ = release_rx.lock().map(|rx| rx.recv_timeout(T));
+        }
+    })?;
+    target.fail_writes.store(true, Ordering::SeqCst);
+    let target = Arc::new(target);
     let state = Arc::new(MirrorState::new(
         disk,
         target,

@@ -26,7 +26,7 @@ use vubd_backend::dirty::{sidecar_path, DirtyTracker, FileStore, MetaStore, Trac
 use vubd_backend::jobs::JobStatus;
 use vubd_backend::mirror::manager::TargetMode;
 use vubd_backend::mirror::{MirrorManager, MirrorRequest};
-use vubd_backend::{Disk, Image, ImageError, IoBuf, RawImage, RawImageOptions};
+use vubd_backend::{Disk, Image, IoBuf};
 
 const T: Duration = Duration::from_secs(60);
 /// A slow target's flush (a remote or busy device).
@@ -53,84 +53,39 @@ enum Ev {
 
 type Action = Box<dyn FnOnce() + Send>;
 
-/// A raw target whose flush sleeps and whose writes may be slowed; it logs
-/// every write and flush, and can run an action at the start of a flush.
-struct SlowTarget {
-    inner: RawImage,
+/// What the slow target saw: every write and flush (whether the disk's gate
+/// was paused when it started), and an action to run at the start of the
+/// next flush.
+#[derive(Default)]
+struct TargetLog {
     gate: GateProbe,
-    write_delay: Duration,
     log: Mutex<Vec<Ev>>,
     on_flush: Mutex<Option<Action>>,
 }
 
-impl SlowTarget {
-    fn open(path: &Path, write_delay: Duration) -> Result<SlowTarget> {
-        Ok(SlowTarget {
-            inner: RawImage::open(path, RawImageOptions::default())?,
-            gate: GateProbe::default(),
-            write_delay,
-            log: Mutex::new(Vec::new()),
-            on_flush: Mutex::new(None),
-        })
-    }
-
+impl TargetLog {
     fn events(&self) -> Vec<Ev> {
         self.log.lock().unwrap().clone()
     }
-
-    fn record(&self, ev: Ev) {
-        self.log.lock().unwrap().push(ev);
-    }
-
-    fn wrote(&self) {
-        self.record(Ev::Write {
-            paused: self.gate.paused(),
-        });
-        if !self.write_delay.is_zero() {
-            std::thread::sleep(self.write_delay);
-        }
-    }
 }
 
-impl Image for SlowTarget {
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-    fn path(&self) -> &Path {
-        self.inner.path()
-    }
-    fn read_at(&self, bufs: &[IoBuf], offset: u64) -> Result<(), ImageError> {
-        self.inner.read_at(bufs, offset)
-    }
-    fn write_at(&self, bufs: &[IoBuf], offset: u64, fua: bool) -> Result<(), ImageError> {
-        self.wrote();
-        self.inner.write_at(bufs, offset, fua)
-    }
-    fn flush(&self) -> Result<(), ImageError> {
-        self.record(Ev::Flush {
-            paused: self.gate.paused(),
-        });
-        let action = self.on_flush.lock().unwrap().take();
-        if let Some(f) = action {
-            f();
+/// A raw target whose flush sleeps and whose writes may be slowed, logging
+/// into `log`.
+fn slow_target(path: &Path, write_delay: Duration, log: Arc<TargetLog>) -> Result<Flaky> {
+    Flaky::with_hook(path, move |op, _| {
+        let paused = log.gate.paused();
+        if op.writes() {
+            log.log.lock().unwrap().push(Ev::Write { paused });
+            std::thread::sleep(write_delay);
+        } else if op == Op::Flush {
+            log.log.lock().unwrap().push(Ev::Flush { paused });
+            let action = log.on_flush.lock().unwrap().take();
+            if let Some(f) = action {
+                f();
+            }
+            std::thread::sleep(FLUSH_DELAY);
         }
-        std::thread::sleep(FLUSH_DELAY);
-        self.inner.flush()
-    }
-    fn discard(&self, offset: u64, len: u64) -> Result<(), ImageError> {
-        self.wrote();
-        self.inner.discard(offset, len)
-    }
-    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<(), ImageError> {
-        self.wrote();
-        self.inner.write_zeroes(offset, len, unmap)
-    }
-    fn allocated_bytes(&self) -> u64 {
-        self.inner.allocated_bytes()
-    }
-    fn allocation(&self, offset: u64) -> Result<(bool, u64), ImageError> {
-        self.inner.allocation(offset)
-    }
+    })
 }
 
 /// A sidecar file that logs (operation, bytes written, paused).
@@ -203,7 +158,8 @@ struct Case {
     rig: Rig,
     src: std::path::PathBuf,
     tgt: std::path::PathBuf,
-    target: Arc<SlowTarget>,
+    target: Arc<Flaky>,
+    target_log: Arc<TargetLog>,
     sidecar: Arc<SidecarProbe>,
     _tracker: Arc<DirtyTracker>,
 }
@@ -223,8 +179,9 @@ fn setup(tag: &str, size: u64, write_delay: Duration) -> Result<Case> {
     tracker.add("b0", Some(4096), true, false)?;
     disk.add_hook(tracker.clone());
     let rig = Rig::with_disk(disk.clone(), &src)?;
-    let target = Arc::new(SlowTarget::open(&tgt, write_delay)?);
-    let _ = target.gate.0.set(Arc::downgrade(&disk));
+    let target_log = Arc::new(TargetLog::default());
+    let _ = target_log.gate.0.set(Arc::downgrade(&disk));
+    let target = Arc::new(slow_target(&tgt, write_delay, target_log.clone())?);
     let sidecar = Arc::new(SidecarProbe::new(&sidecar_path(&tgt)));
     let _ = sidecar.gate.0.set(Arc::downgrade(&disk));
     let (t, store) = (tracker.clone(), sidecar.clone());
@@ -243,6 +200,7 @@ fn setup(tag: &str, size: u64, write_delay: Duration) -> Result<Case> {
         src,
         tgt,
         target,
+        target_log,
         sidecar,
         _tracker: tracker,
     })
@@ -291,7 +249,7 @@ fn guest_write(disk: &Disk, offset: u64, len: usize, byte: u8) {
 fn pivot_pause_excludes_target_flush_and_sidecar_rewrite() -> Result<()> {
     let c = setup("quiet", 64 * MIB, Duration::ZERO)?;
     let stats = mirror_and_complete(&c, || {})?;
-    let events = c.target.events();
+    let events = c.target_log.events();
     let flushes_in = events
         .iter()
         .filter(|e| **e == Ev::Flush { paused: true })
@@ -342,7 +300,7 @@ fn pivot_pause_excludes_target_flush_and_sidecar_rewrite() -> Result<()> {
 fn chunks_copied_under_the_pause_are_flushed_under_it() -> Result<()> {
     let c = setup("copied", 16 * MIB, Duration::ZERO)?;
     let disk = c.rig.disk.clone();
-    let target = c.target.clone();
+    let target = c.target_log.clone();
     let stats = mirror_and_complete(&c, || {
         // The guest writes while the target is flushed before the pause:
         // the pause finds those chunks dirty and copies them.
@@ -354,7 +312,7 @@ fn chunks_copied_under_the_pause_are_flushed_under_it() -> Result<()> {
         stats.pivot_bytes > 0,
         "nothing was dirty at the pause: {stats:?}"
     );
-    let events = c.target.events();
+    let events = c.target_log.events();
     let last_write_in = events
         .iter()
         .rposition(|e| *e == Ev::Write { paused: true });
@@ -376,7 +334,7 @@ fn a_pause_that_finds_too_much_dirty_is_given_up_and_retried() -> Result<()> {
     // pivot accepts to copy while paused (a few MiB at most here).
     let c = setup("bound", 16 * MIB, Duration::from_millis(10))?;
     let disk = c.rig.disk.clone();
-    let target = c.target.clone();
+    let target = c.target_log.clone();
     let burst = 8 * MIB;
     let stats = mirror_and_complete(&c, || {
         // A burst of guest writes right before the first pause.

@@ -49,7 +49,7 @@ fn stress_with(
     let model = make_image(&src, size, 3)?;
     let rig = if slow {
         Rig::with_disk(
-            Arc::new(Disk::new(Box::new(Slow::open(&src)?), false)),
+            Arc::new(Disk::new(Box::new(Flaky::slow(&src)?), false)),
             &src,
         )?
     } else {

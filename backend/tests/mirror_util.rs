@@ -422,14 +422,38 @@ pub fn elapsed_ms(t: Instant) -> u128 {
     t.elapsed().as_millis()
 }
 
-/// A raw image that fails on demand, for error-policy tests: writes (and
-/// write-zeroes and flushes) with ENOSPC while `fail_writes`, reads with EIO
-/// while `fail_reads`.
+/// What a [`Flaky`] image is about to do, for its hook.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Read,
+    Write,
+    Discard,
+    WriteZeroes,
+    Flush,
+}
+
+impl Op {
+    /// Whether the operation changes data.
+    pub fn writes(self) -> bool {
+        matches!(self, Op::Write | Op::Discard | Op::WriteZeroes)
+    }
+}
+
+/// Called with each operation and its offset before a [`Flaky`] image
+/// does it: may sleep, park or record.
+pub type OpHook = Box<dyn Fn(Op, u64) + Send + Sync>;
+
+/// The test image: a raw image with faults on demand. Before each
+/// operation it runs its hook; then writes (and write-zeroes and flushes)
+/// fail with ENOSPC while `fail_writes`, reads with EIO while `fail_reads`.
+/// Identity is forwarded (mirrors tell images apart by it: a wrapper is
+/// the file it wraps).
 pub struct Flaky {
     pub inner: RawImage,
     pub fail_writes: AtomicBool,
     pub fail_reads: AtomicBool,
     pub failures: AtomicU64,
+    hook: Option<OpHook>,
 }
 
 impl Flaky {
@@ -439,23 +463,53 @@ impl Flaky {
             fail_writes: AtomicBool::new(false),
             fail_reads: AtomicBool::new(false),
             failures: AtomicU64::new(0),
+            hook: None,
         })
     }
 
-    fn fail(
+    /// With a hook run before every operation.
+    pub fn with_hook(path: &Path, hook: impl Fn(Op, u64) + Send + Sync + 'static) -> Result<Flaky> {
+        Ok(Flaky {
+            hook: Some(Box::new(hook)),
+            ..Flaky::open(path)?
+        })
+    }
+
+    /// On slow storage: every write-type request waits 100 us before it is
+    /// issued, so the guest's data lands a while after the mirror's mark
+    /// (the window the after-write mark closes).
+    pub fn slow(path: &Path) -> Result<Flaky> {
+        Flaky::with_hook(path, |op, _| {
+            if op.writes() {
+                std::thread::sleep(Duration::from_micros(100));
+            }
+        })
+    }
+
+    fn before(&self, op: Op, offset: u64) {
+        if let Some(hook) = &self.hook {
+            hook(op, offset);
+        }
+    }
+
+    fn check(
         &self,
+        flag: &AtomicBool,
         op: &'static str,
         offset: u64,
         len: u64,
         errno: i32,
-    ) -> vubd_backend::ImageError {
+    ) -> std::result::Result<(), vubd_backend::ImageError> {
+        if !flag.load(Ordering::SeqCst) {
+            return Ok(());
+        }
         self.failures.fetch_add(1, Ordering::Relaxed);
-        vubd_backend::ImageError::Io {
+        Err(vubd_backend::ImageError::Io {
             op,
             offset,
             len,
             cause: std::io::Error::from_raw_os_error(errno),
-        }
+        })
     }
 }
 
@@ -471,9 +525,8 @@ impl vubd_backend::Image for Flaky {
         bufs: &[IoBuf],
         offset: u64,
     ) -> std::result::Result<(), vubd_backend::ImageError> {
-        if self.fail_reads.load(Ordering::SeqCst) {
-            return Err(self.fail("read", offset, 0, libc_eio()));
-        }
+        self.before(Op::Read, offset);
+        self.check(&self.fail_reads, "read", offset, 0, libc_eio())?;
         self.inner.read_at(bufs, offset)
     }
     fn write_at(
@@ -482,18 +535,17 @@ impl vubd_backend::Image for Flaky {
         offset: u64,
         fua: bool,
     ) -> std::result::Result<(), vubd_backend::ImageError> {
-        if self.fail_writes.load(Ordering::SeqCst) {
-            return Err(self.fail("write", offset, 0, ENOSPC));
-        }
+        self.before(Op::Write, offset);
+        self.check(&self.fail_writes, "write", offset, 0, ENOSPC)?;
         self.inner.write_at(bufs, offset, fua)
     }
     fn flush(&self) -> std::result::Result<(), vubd_backend::ImageError> {
-        if self.fail_writes.load(Ordering::SeqCst) {
-            return Err(self.fail("flush", 0, 0, ENOSPC));
-        }
+        self.before(Op::Flush, 0);
+        self.check(&self.fail_writes, "flush", 0, 0, ENOSPC)?;
         self.inner.flush()
     }
     fn discard(&self, offset: u64, len: u64) -> std::result::Result<(), vubd_backend::ImageError> {
+        self.before(Op::Discard, offset);
         self.inner.discard(offset, len)
     }
     fn write_zeroes(
@@ -502,9 +554,8 @@ impl vubd_backend::Image for Flaky {
         len: u64,
         unmap: bool,
     ) -> std::result::Result<(), vubd_backend::ImageError> {
-        if self.fail_writes.load(Ordering::SeqCst) {
-            return Err(self.fail("write-zeroes", offset, len, ENOSPC));
-        }
+        self.before(Op::WriteZeroes, offset);
+        self.check(&self.fail_writes, "write-zeroes", offset, len, ENOSPC)?;
         self.inner.write_zeroes(offset, len, unmap)
     }
     fn allocated_bytes(&self) -> u64 {
@@ -514,87 +565,17 @@ impl vubd_backend::Image for Flaky {
         &self,
         offset: u64,
     ) -> std::result::Result<(bool, u64), vubd_backend::ImageError> {
-        if self.fail_reads.load(Ordering::SeqCst) {
-            return Err(self.fail("seek", offset, 0, libc_eio()));
-        }
+        self.check(&self.fail_reads, "seek", offset, 0, libc_eio())?;
         self.inner.allocation(offset)
     }
-    // A wrapper is the file it wraps: mirrors tell images apart by this.
     fn identity(&self) -> Option<(u64, u64)> {
         self.inner.identity()
     }
+    // `async_fd` stays the default (none): every request then comes through
+    // the methods above, so the hook and the faults see it.
 }
 
 pub const ENOSPC: i32 = 28;
-
-/// A raw image on slow storage: every write-type request waits 100 us
-/// before it is issued, so the guest's data lands a while after the
-/// mirror's mark (the window the after-write mark closes).
-pub struct Slow(pub RawImage);
-
-impl Slow {
-    pub fn open(path: &Path) -> Result<Slow> {
-        Ok(Slow(RawImage::open(path, RawImageOptions::default())?))
-    }
-
-    fn delay() {
-        std::thread::sleep(Duration::from_micros(100));
-    }
-}
-
-impl vubd_backend::Image for Slow {
-    fn size(&self) -> u64 {
-        self.0.size()
-    }
-    fn path(&self) -> &Path {
-        self.0.path()
-    }
-    fn read_at(
-        &self,
-        bufs: &[IoBuf],
-        offset: u64,
-    ) -> std::result::Result<(), vubd_backend::ImageError> {
-        self.0.read_at(bufs, offset)
-    }
-    fn write_at(
-        &self,
-        bufs: &[IoBuf],
-        offset: u64,
-        fua: bool,
-    ) -> std::result::Result<(), vubd_backend::ImageError> {
-        Slow::delay();
-        self.0.write_at(bufs, offset, fua)
-    }
-    fn flush(&self) -> std::result::Result<(), vubd_backend::ImageError> {
-        self.0.flush()
-    }
-    fn discard(&self, offset: u64, len: u64) -> std::result::Result<(), vubd_backend::ImageError> {
-        Slow::delay();
-        self.0.discard(offset, len)
-    }
-    fn write_zeroes(
-        &self,
-        offset: u64,
-        len: u64,
-        unmap: bool,
-    ) -> std::result::Result<(), vubd_backend::ImageError> {
-        Slow::delay();
-        self.0.write_zeroes(offset, len, unmap)
-    }
-    fn allocated_bytes(&self) -> u64 {
-        self.0.allocated_bytes()
-    }
-    fn allocation(
-        &self,
-        offset: u64,
-    ) -> std::result::Result<(bool, u64), vubd_backend::ImageError> {
-        self.0.allocation(offset)
-    }
-    // A wrapper is the file it wraps: mirrors tell images apart by this.
-    fn identity(&self) -> Option<(u64, u64)> {
-        self.0.identity()
-    }
-}
 
 fn libc_eio() -> i32 {
     5
