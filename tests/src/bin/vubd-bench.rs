@@ -67,6 +67,10 @@ struct Args {
     /// The vubd binary (default: target/release/vubd).
     #[arg(long)]
     vubd: Option<PathBuf>,
+    /// Another vubd binary (e.g. a build of the previous main) measured in
+    /// the same alternation, with vubd/base ratios: a regression check.
+    #[arg(long)]
+    baseline: Option<PathBuf>,
     /// qemu-storage-daemon's aio mode (io_uring, threads, native).
     #[arg(long, default_value = "io_uring")]
     qsd_aio: String,
@@ -124,6 +128,8 @@ enum Kind {
     Vubd,
     Qsd,
     VubdPoll(u32),
+    /// The `--baseline` binary.
+    Base,
 }
 
 impl Kind {
@@ -132,6 +138,7 @@ impl Kind {
             Kind::Vubd => "vubd".into(),
             Kind::Qsd => "qsd".into(),
             Kind::VubdPoll(us) => format!("vubd poll{us}*"),
+            Kind::Base => "vubd base".into(),
         }
     }
 }
@@ -139,6 +146,7 @@ impl Kind {
 /// Everything a daemon start needs.
 struct Env {
     vubd: PathBuf,
+    baseline: Option<PathBuf>,
     image: PathBuf,
     socket: PathBuf,
     direct: bool,
@@ -147,8 +155,12 @@ struct Env {
 
 fn start_daemon(env: &Env, kind: &Kind, queues: usize) -> Result<Daemon> {
     let (mut cmd, name) = match kind {
-        Kind::Vubd | Kind::VubdPoll(_) => {
-            let mut cmd = Command::new(&env.vubd);
+        Kind::Vubd | Kind::VubdPoll(_) | Kind::Base => {
+            let binary = match (kind, &env.baseline) {
+                (Kind::Base, Some(base)) => base,
+                _ => &env.vubd,
+            };
+            let mut cmd = Command::new(binary);
             cmd.arg("--socket")
                 .arg(&env.socket)
                 .arg("--image")
@@ -405,6 +417,7 @@ fn run_standard(
     let sock_scratch = ScratchDir::new("bench-sock")?;
     let env = Env {
         vubd: vubd.to_path_buf(),
+        baseline: args.baseline.clone(),
         image: image_scratch.join("bench.img"),
         socket: sock_scratch.join("vhost.sock"),
         direct: args.direct,
@@ -426,6 +439,9 @@ fn run_standard(
 
     let kinds_for = |w: &Workload| {
         let mut k = vec![Kind::Vubd, Kind::Qsd];
+        if args.baseline.is_some() {
+            k.push(Kind::Base);
+        }
         if args.poll_us > 0 && w.queue_depth == 1 {
             k.push(Kind::VubdPoll(args.poll_us));
         }
@@ -484,6 +500,7 @@ fn run_standard(
     let doc = json!({
         "config": {
             "vubd": env.vubd.display().to_string(),
+            "baseline": env.baseline.as_ref().map(|b| b.display().to_string()),
             "image_dir": image_dir.display().to_string(),
             "image_size": size,
             "direct": args.direct,
@@ -503,13 +520,24 @@ fn run_standard(
     Ok((all_ok, doc))
 }
 
+impl Ratio {
+    fn label(&self) -> &'static str {
+        match self.against {
+            Kind::Base => "vubd/base",
+            _ => "vubd/qsd",
+        }
+    }
+}
+
 /// Medians per row and paired ratios per (workload, queues).
 struct Report {
     ratios: Vec<Ratio>,
 }
 
-/// vubd/qsd, median over repetitions of the per-repetition ratios.
+/// vubd over another daemon (qsd, or the baseline build), median over
+/// repetitions of the per-repetition ratios.
 struct Ratio {
+    against: Kind,
     workload: &'static str,
     queues: usize,
     pairs: usize,
@@ -530,10 +558,13 @@ impl Report {
     ) -> Report {
         let mut ratios = Vec::new();
         for (wi, w) in workloads.iter().enumerate() {
-            for &q in queues {
+            for (&q, against) in queues
+                .iter()
+                .flat_map(|q| [(q, Kind::Qsd), (q, Kind::Base)])
+            {
                 let (Some(v), Some(s)) = (
                     results.get(&(wi, q, Kind::Vubd)),
-                    results.get(&(wi, q, Kind::Qsd)),
+                    results.get(&(wi, q, against.clone())),
                 ) else {
                     continue;
                 };
@@ -548,6 +579,7 @@ impl Report {
                     }
                 }
                 ratios.push(Ratio {
+                    against,
                     workload: w.name,
                     queues: q,
                     pairs: ri.len(),
@@ -627,23 +659,29 @@ impl Report {
                         }
                     );
                 }
-                if let Some(r) = self
+                for r in self
                     .ratios
                     .iter()
-                    .find(|r| r.workload == w.name && r.queues == q)
+                    .filter(|r| r.workload == w.name && r.queues == q && r.pairs > 0)
                 {
-                    if r.pairs > 0 {
-                        println!(
-                            "{:<18} {:>8} {:<14} {:>9.2}x {:>8} {:>8.2}x {:>9} {:>10.2}x {:>11}",
-                            w.name, qd, "vubd/qsd", r.iops, "", r.p50, "", r.cpu_per_io, ""
-                        );
-                    }
+                    println!(
+                        "{:<18} {:>8} {:<14} {:>9.2}x {:>8} {:>8.2}x {:>9} {:>10.2}x {:>11}",
+                        w.name,
+                        qd,
+                        r.label(),
+                        r.iops,
+                        "",
+                        r.p50,
+                        "",
+                        r.cpu_per_io,
+                        ""
+                    );
                 }
             }
         }
         println!("{}", "-".repeat(107));
         println!(
-            "medians of the runs; vubd/qsd rows: median of per-repetition ratios (IOPS, p50, daemon CPU per I/O)"
+            "medians of the runs; vubd/qsd (and vubd/base) rows: median of per-repetition ratios (IOPS, p50, daemon CPU per I/O)"
         );
         println!("queues(n x d): n queues, one client thread each, d requests in flight per queue");
         if results
@@ -695,6 +733,7 @@ impl Report {
             .ratios
             .iter()
             .map(|r| json!({
+                "against": r.against.label(),
                 "workload": r.workload,
                 "queues": r.queues,
                 "pairs": r.pairs,
