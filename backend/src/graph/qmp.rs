@@ -351,31 +351,15 @@ fn blockdev_add(graph: &Graph, args: &mut Args) -> Result<Value, QmpError> {
 /// QEMU's `BlockDeviceInfo` of a node that is not the disk's.
 fn node_info(node: &Node) -> Value {
     let image = node.image();
-    let file = image.path().to_string_lossy().into_owned();
-    let drv = node.driver().name();
-    json!({
-        "file": file,
-        "node-name": node.name(),
-        "ro": node.options().read_only,
-        "drv": drv,
-        "backing_file_depth": 0,
-        "encrypted": false,
-        "detect_zeroes": "off",
-        "bps": 0,
-        "bps_rd": 0,
-        "bps_wr": 0,
-        "iops": 0,
-        "iops_rd": 0,
-        "iops_wr": 0,
-        "image": {
-            "filename": file,
-            "format": drv,
-            "dirty-flag": false,
-            "actual-size": image.allocated_bytes(),
-            "virtual-size": image.size(),
-        },
-        "cache": {"writeback": true, "direct": node.options().direct, "no-flush": false},
-        "write_threshold": 0,
+    commands::node_device_info(&commands::NodeDescription {
+        node_name: node.name(),
+        driver: node.driver().name(),
+        file: image.path(),
+        size: image.size(),
+        allocated: Some(image.allocated_bytes()),
+        read_only: node.options().read_only,
+        writeback: true,
+        direct: node.options().direct,
     })
 }
 

@@ -10,6 +10,7 @@ use super::dispatch::{Call, Dispatcher};
 use super::error::QmpError;
 use serde_json::{json, Value};
 use std::os::unix::fs::MetadataExt;
+use std::path::Path;
 use std::sync::Arc;
 
 /// Smallest bitmap granularity (QEMU's minimum too).
@@ -92,30 +93,43 @@ fn bitmap_json(b: &BitmapInfo) -> Value {
     })
 }
 
-/// QEMU's `BlockDeviceInfo` for the disk (the `inserted` member of
-/// `query-block`, and an element of `query-named-block-nodes`).
-pub fn block_device_info(ctx: &dyn ManagementContext) -> Value {
-    let disk = ctx.disk_info();
-    let file = disk.image.to_string_lossy().into_owned();
+/// What QEMU's `BlockDeviceInfo` says about one node.
+pub struct NodeDescription<'a> {
+    /// The node's name.
+    pub node_name: &'a str,
+    /// The driver (`drv`, and the image's `format`).
+    pub driver: &'a str,
+    /// The file the node reads and writes.
+    pub file: &'a Path,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Bytes allocated (optional in QEMU's schema: omitted when unknown).
+    pub allocated: Option<u64>,
+    /// `ro`.
+    pub read_only: bool,
+    /// `cache.writeback`.
+    pub writeback: bool,
+    /// `cache.direct`.
+    pub direct: bool,
+}
+
+/// QEMU's `BlockDeviceInfo` of a node (vubd has no I/O throttling,
+/// encryption, backing chains or zero detection: those members are fixed).
+pub fn node_device_info(n: &NodeDescription<'_>) -> Value {
+    let file = n.file.to_string_lossy().into_owned();
     let mut image = serde_json::Map::new();
     image.insert("filename".into(), json!(file));
-    image.insert("format".into(), json!("raw"));
+    image.insert("format".into(), json!(n.driver));
     image.insert("dirty-flag".into(), json!(false));
-    // Allocated bytes, as `qemu-img info` reports "disk size"; optional in
-    // QEMU's schema, so omitted if the file cannot be examined.
-    if let Ok(meta) = std::fs::metadata(&disk.image) {
-        image.insert("actual-size".into(), json!(meta.blocks() * 512));
+    if let Some(bytes) = n.allocated {
+        image.insert("actual-size".into(), json!(bytes));
     }
-    image.insert("virtual-size".into(), json!(disk.size));
-    let bitmaps: Vec<Value> = ctx
-        .bitmaps()
-        .map(|b| b.list().iter().map(bitmap_json).collect())
-        .unwrap_or_default();
+    image.insert("virtual-size".into(), json!(n.size));
     json!({
         "file": file,
-        "node-name": ctx.node_name(),
-        "ro": disk.read_only,
-        "drv": "raw",
+        "node-name": n.node_name,
+        "ro": n.read_only,
+        "drv": n.driver,
         "backing_file_depth": 0,
         "encrypted": false,
         "detect_zeroes": "off",
@@ -126,11 +140,35 @@ pub fn block_device_info(ctx: &dyn ManagementContext) -> Value {
         "iops_rd": 0,
         "iops_wr": 0,
         "image": Value::Object(image),
-        "cache": {"writeback": disk.writeback, "direct": disk.direct, "no-flush": false},
+        "cache": {"writeback": n.writeback, "direct": n.direct, "no-flush": false},
         "write_threshold": 0,
-        // QEMU omits an empty list; an empty list is easier on clients.
-        "dirty-bitmaps": bitmaps,
     })
+}
+
+/// QEMU's `BlockDeviceInfo` for the disk (`query-block`'s `inserted`), with
+/// its dirty bitmaps.
+pub fn block_device_info(ctx: &dyn ManagementContext) -> Value {
+    let disk = ctx.disk_info();
+    let mut info = node_device_info(&NodeDescription {
+        node_name: &ctx.node_name(),
+        driver: "raw",
+        file: &disk.image,
+        size: disk.size,
+        // As `qemu-img info` reports "disk size".
+        allocated: std::fs::metadata(&disk.image)
+            .ok()
+            .map(|m| m.blocks() * 512),
+        read_only: disk.read_only,
+        writeback: disk.writeback,
+        direct: disk.direct,
+    });
+    let bitmaps: Vec<Value> = ctx
+        .bitmaps()
+        .map(|b| b.list().iter().map(bitmap_json).collect())
+        .unwrap_or_default();
+    // QEMU omits an empty list; an empty list is easier on clients.
+    info["dirty-bitmaps"] = Value::Array(bitmaps);
+    info
 }
 
 /// QEMU's `BlockInfo` for the disk (one element of `query-block`). The
