@@ -103,6 +103,10 @@ pub trait Image: Send + Sync {
     fn identity(&self) -> Option<(u64, u64)> {
         None
     }
+    /// Releases the QEMU-compatible locks the image holds, if any (a job
+    /// that ends without the image becoming the disk's gives them up, as
+    /// QEMU does when its job lets go of the target).
+    fn unlock(&self) {}
 }
 
 /// Implements [`Image`] for a pointer to an image by forwarding every
@@ -161,6 +165,10 @@ macro_rules! forward_image {
             #[inline]
             fn identity(&self) -> Option<(u64, u64)> {
                 (**self).identity()
+            }
+            #[inline]
+            fn unlock(&self) {
+                (**self).unlock()
             }
         }
     };
@@ -274,6 +282,16 @@ impl RawImage {
 
     fn fd(&self) -> libc::c_int {
         self.file.as_raw_fd()
+    }
+
+    /// Takes QEMU-compatible locks on the image (see [`crate::lock`]) for
+    /// as long as it stays open.
+    pub fn lock(
+        &self,
+        take: crate::lock::Perms,
+        share: crate::lock::Perms,
+    ) -> Result<(), crate::lock::LockError> {
+        crate::lock::lock_image(&self.file, take, share)
     }
 
     /// O_DIRECT's alignment for this image: (buffer address, offset and
@@ -666,6 +684,10 @@ impl Image for RawImage {
 
     fn identity(&self) -> Option<(u64, u64)> {
         self.file.metadata().ok().map(|m| file_identity(&m))
+    }
+
+    fn unlock(&self) {
+        crate::lock::unlock_image(&self.file);
     }
 
     fn allocation(&self, offset: u64) -> Result<(bool, u64), ImageError> {

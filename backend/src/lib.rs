@@ -12,6 +12,7 @@ pub mod graph;
 pub mod image;
 pub mod iobuf;
 pub mod jobs;
+pub mod lock;
 pub mod mirror;
 pub mod nbd;
 pub mod qmp;

@@ -392,14 +392,19 @@ fn live_socket_is_not_stolen() -> Result<()> {
     drop(listener);
     std::fs::remove_file(&sock)?;
 
-    // A second vubd on the socket of a running one is refused too, and the
-    // first keeps serving.
+    // A second vubd on the socket of a running one is refused too (with an
+    // image of its own: the first one's is locked), and the first keeps
+    // serving.
     let _first = Daemon::vubd(Path::new(&sock), Path::new(&img), &[])?;
-    assert_refused(
+    let other = env.dir.join("other.img");
+    create_image(&other, 8 * MIB)?;
+    let other = other.display().to_string();
+    let out = assert_refused(
         "socket held by another vubd",
-        &env.args(&img, &sock, &[]),
+        &env.args(&other, &sock, &[]),
         &[],
     )?;
+    ensure!(!out.contains("lock"), "refused for its image: {out}");
     check_serves(Path::new(&sock), 8 * MIB)
 }
 

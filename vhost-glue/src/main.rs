@@ -187,6 +187,15 @@ fn run(mut opts: Options) -> Result<()> {
             direct: opts.direct,
         },
     )?;
+    // A guest's disk, as QEMU's own devices lock one: QEMU, qemu-img and
+    // another vubd see the image is in use.
+    let (take, share) = vubd_backend::lock::guest_disk_perms(opts.readonly);
+    image.lock(take, share).with_context(|| {
+        format!(
+            "cannot use image {}: is another process using it?",
+            opts.image.display()
+        )
+    })?;
     let size = vubd_backend::Image::size(&image);
     let lbs = u64::from(opts.logical_block_size);
     if size == 0 || size % lbs != 0 {

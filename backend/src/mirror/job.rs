@@ -585,6 +585,9 @@ impl JobDriver for MirrorJob {
         }
         s.disk.remove_hook(&self.hook);
         let old = pivot.then(|| s.disk.replace_image(Box::new(s.target.clone())));
+        if !pivot {
+            s.target.unlock();
+        }
         drop(pause);
         let stall = paused_at.elapsed();
         {
@@ -617,6 +620,7 @@ impl JobDriver for MirrorJob {
             engine.shutdown();
         }
         self.state.disk.remove_hook(&self.hook);
+        self.state.target.unlock();
         self.remove_state_file();
         log::info!("mirror '{}': stopped without switching", ctx.id());
     }

@@ -198,6 +198,17 @@ fn canonical(path: &Path) -> PathBuf {
     }
 }
 
+/// Locks a target as the guest's disk it may become (QEMU-compatible
+/// locks, see [`crate::lock`]): nobody else may write it, and a second
+/// mirror or a QEMU cannot take it.
+fn lock_target(image: RawImage) -> Result<Arc<dyn Image>, QmpError> {
+    let (take, share) = crate::lock::guest_disk_perms(false);
+    image
+        .lock(take, share)
+        .map_err(|e| generic(e.to_string()))?;
+    Ok(Arc::new(image))
+}
+
 impl MirrorManager {
     /// The mirror slot for `disk` (whose image file was opened as
     /// `image_path`, and whose node name QMP commands use). Call before
@@ -397,9 +408,9 @@ impl MirrorManager {
             let image = RawImage::open(path, opts)
                 .map_err(|e| generic(format!("Could not open '{shown}': {e}")))?;
             self.refuse_active(image.identity())?;
-            return Ok(Arc::new(image));
+            return lock_target(image);
         }
-        Ok(Arc::new(image))
+        lock_target(image)
     }
 
     /// Starts a mirror (QEMU's checks in QEMU's order, QEMU's messages).
