@@ -166,11 +166,32 @@ struct Writer {
     deadline: Deadline,
 }
 
+impl Writer {
+    /// A failed write ends the connection in both directions: the reader,
+    /// possibly waiting for a request that never comes, must stop too.
+    fn check<T>(&self, r: io::Result<T>) -> io::Result<T> {
+        if r.as_ref()
+            .is_err_and(|e| e.kind() != io::ErrorKind::Interrupted)
+        {
+            self.stream.shutdown();
+        }
+        r
+    }
+}
+
 impl Write for Writer {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let s = &self.stream;
         self.deadline.arm(|t| s.set_write_timeout(t))?;
-        self.stream.write(buf)
+        let r = self.stream.write(buf);
+        self.check(r)
+    }
+
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        let s = &self.stream;
+        self.deadline.arm(|t| s.set_write_timeout(t))?;
+        let r = self.stream.write_vectored(bufs);
+        self.check(r)
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -199,6 +220,13 @@ impl Write for Stream {
         match self {
             Stream::Unix(s) => s.write(buf),
             Stream::Tcp(s) => s.write(buf),
+        }
+    }
+
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.write_vectored(bufs),
+            Stream::Tcp(s) => s.write_vectored(bufs),
         }
     }
 
@@ -446,9 +474,11 @@ fn client(shared: &Shared, id: u64, stream: Stream) -> io::Result<()> {
         // An idle client in transmission is legitimate; only writes and
         // payloads time out.
         Some(n) => {
+            // Replies are written whole by vectored writes, unbuffered.
+            w.flush()?;
             w.get_mut().deadline.at = None;
             r.set_deadline(None)
-                .and_then(|()| serve(&mut r, &mut w, &n, t.payload))
+                .and_then(|()| serve(&mut r, w.get_mut(), &n, t.payload))
         }
         None => Ok(()),
     });
