@@ -33,6 +33,9 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Socket buffer sizes: reads and writes of a whole request per call.
 const IO_BUFFER: usize = 256 << 10;
+/// The kernel's send buffer per connection: a few 256 KiB READ replies
+/// (nbdcopy's size) fit without the writer blocking midway.
+const SEND_BUFFER: usize = 1 << 20;
 
 /// How long a client may take where it holds a thread and memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,6 +94,28 @@ impl Stream {
         let _ = match self {
             Stream::Unix(s) => s.shutdown(Shutdown::Both),
             Stream::Tcp(s) => s.shutdown(Shutdown::Both),
+        };
+    }
+
+    /// Asks for a send buffer of `bytes` (the kernel caps it at
+    /// `net.core.wmem_max`); a failure leaves the default, which only
+    /// costs speed.
+    fn set_send_buffer(&self, bytes: usize) {
+        let fd = match self {
+            Stream::Unix(s) => s.as_raw_fd(),
+            Stream::Tcp(s) => s.as_raw_fd(),
+        };
+        let v = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+        // SAFETY: setsockopt on a socket we own, with a c_int option value
+        // of the size given.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_SNDBUF,
+                (&v as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
         };
     }
 
@@ -444,6 +469,7 @@ fn accept_loop(listener: &Listener, shared: &Arc<Shared>) {
 
 fn client(shared: &Shared, id: u64, stream: Stream) -> io::Result<()> {
     let t = shared.timeouts;
+    stream.set_send_buffer(SEND_BUFFER);
     stream.set_write_timeout(Some(t.write))?;
     // The handshake's deadline covers its reads and its replies' writes.
     let deadline = Instant::now() + t.handshake;

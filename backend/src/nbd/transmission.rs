@@ -121,9 +121,11 @@ pub const MAX_IN_FLIGHT: usize = 16;
 pub const MAX_IN_FLIGHT_BYTES: usize = MAX_PAYLOAD as usize;
 /// Threads running one connection's requests, at most; started only when
 /// requests wait and every running one is busy.
-pub const MAX_WORKERS: usize = 4;
+pub const MAX_WORKERS: usize = 2;
 /// Largest buffer kept between requests (a 32 MiB one is given back).
 const KEEP_BUFFER: usize = 4 << 20;
+/// Buffers kept between requests: one per worker and one for the reader.
+const SPARES: usize = MAX_WORKERS + 1;
 
 /// What a connection's requests are checked and run against.
 struct Conn<'a> {
@@ -153,6 +155,8 @@ struct Flow {
     workers: usize,
     /// Workers waiting for a job.
     idle: usize,
+    /// The reader waits for room for a request of this cost.
+    wanted: Option<usize>,
     /// No more requests come: workers leave once the queue is empty.
     closed: bool,
     /// A reply could not be written: nothing more is run or sent.
@@ -252,9 +256,9 @@ impl<'a, W: Write + Send> Pipeline<'a, W> {
                 CMD_READ | CMD_WRITE if checked.is_ok() => req.len as usize,
                 _ => 0,
             };
-            let Some(spare) = self.admit(cost) else {
+            if !self.admit(cost) {
                 return Ok(());
-            };
+            }
             let mut job = Job {
                 req,
                 checked,
@@ -262,33 +266,33 @@ impl<'a, W: Write + Send> Pipeline<'a, W> {
                 cost,
             };
             if req.kind == CMD_WRITE {
-                if let Err(e) = self.read_payload(r, &mut job, spare, payload_timeout) {
+                if let Err(e) = self.read_payload(r, &mut job, payload_timeout) {
                     self.finish(cost, Vec::new());
                     return Err(e);
                 }
-            } else if let Some(b) = spare {
-                job.payload = b;
             }
             self.queue(job, s)?;
         }
     }
 
-    /// Waits for room for a request holding `cost` bytes; its buffer (a
-    /// spare one, if any), or `None` if the connection broke.
-    fn admit(&self, cost: usize) -> Option<Option<Vec<u8>>> {
+    /// Waits for room for a request holding `cost` bytes; false if the
+    /// connection broke.
+    fn admit(&self, cost: usize) -> bool {
         let mut f = self.flow();
         while f.broken.is_none()
             && f.in_flight > 0
             && (f.in_flight >= MAX_IN_FLIGHT || f.bytes + cost > MAX_IN_FLIGHT_BYTES)
         {
+            f.wanted = Some(cost);
             f = self.room.wait(f).unwrap_or_else(|e| e.into_inner());
         }
+        f.wanted = None;
         if f.broken.is_some() {
-            return None;
+            return false;
         }
         f.in_flight += 1;
         f.bytes += cost;
-        Some(if cost > 0 { f.spares.pop() } else { None })
+        true
     }
 
     /// Reads a WRITE's payload (dropping it in small pieces if the WRITE
@@ -297,12 +301,11 @@ impl<'a, W: Write + Send> Pipeline<'a, W> {
         &self,
         r: &mut R,
         job: &mut Job,
-        spare: Option<Vec<u8>>,
         timeout: Duration,
     ) -> io::Result<()> {
         r.set_deadline(Some(Instant::now() + timeout))?;
         if job.checked.is_ok() {
-            job.payload = sized(spare.unwrap_or_default(), job.req.len as usize);
+            job.payload = self.buffer(job.req.len as usize);
             r.read_exact(&mut job.payload)?;
         } else {
             let len = u64::from(job.req.len);
@@ -316,16 +319,19 @@ impl<'a, W: Write + Send> Pipeline<'a, W> {
 
     /// Queues `job`, starting a worker if none is free to take it.
     fn queue<'s>(&'s self, job: Job, s: &'s Scope<'s, '_>) -> io::Result<()> {
-        let start = {
+        let (start, wake) = {
             let mut f = self.flow();
             f.queue.push_back(job);
             let start = f.queue.len() > f.idle && f.workers < MAX_WORKERS;
             if start {
                 f.workers += 1;
             }
-            start
+            (start, f.idle > 0)
         };
-        self.work.notify_one();
+        // Only a waiting worker needs a wake-up (a system call each).
+        if wake {
+            self.work.notify_one();
+        }
         if start {
             let spawned = std::thread::Builder::new()
                 .name("vubd-nbd-io".into())
@@ -379,7 +385,7 @@ impl<'a, W: Write + Send> Pipeline<'a, W> {
             ..
         } = job;
         if req.kind == CMD_READ && checked.is_ok() {
-            payload = sized(payload, req.len as usize);
+            payload = self.buffer(req.len as usize);
         }
         let result = checked.and_then(|()| self.conn.execute(&req, &mut payload));
         let buf = self.answer(&req, result);
@@ -417,25 +423,35 @@ impl<'a, W: Write + Send> Pipeline<'a, W> {
         buf
     }
 
+    /// A buffer of `len` bytes, a spare one if there is one (a fresh
+    /// large allocation costs page faults on every request). Its old bytes
+    /// are not cleared: every user fills it completely (a READ from the
+    /// source, a WRITE from the socket) or fails without sending it.
+    fn buffer(&self, len: usize) -> Vec<u8> {
+        let mut b = self.flow().spares.pop().unwrap_or_default();
+        b.resize(len, 0);
+        b
+    }
+
     /// A request is answered (or dropped): its room and buffer are free.
     fn finish(&self, cost: usize, buf: Vec<u8>) {
         let mut f = self.flow();
         f.in_flight -= 1;
         f.bytes -= cost;
-        if buf.capacity() > 0 && buf.capacity() <= KEEP_BUFFER && f.spares.len() < MAX_WORKERS {
+        if buf.capacity() > 0 && buf.capacity() <= KEEP_BUFFER && f.spares.len() < SPARES {
             f.spares.push(buf);
         }
+        // A waiting reader is woken once half the requests are answered,
+        // not after each: it then reads a batch of them (fewer switches).
+        let wake = f.wanted.is_some_and(|cost| {
+            f.in_flight == 0
+                || (f.in_flight <= MAX_IN_FLIGHT / 2 && f.bytes + cost <= MAX_IN_FLIGHT_BYTES)
+        });
         drop(f);
-        self.room.notify_one();
+        if wake {
+            self.room.notify_one();
+        }
     }
-}
-
-/// `buf` holding exactly `len` bytes. Its old bytes are not cleared: every
-/// user fills it completely (a READ from the source, a WRITE from the
-/// socket) or fails without sending it.
-fn sized(mut buf: Vec<u8>, len: usize) -> Vec<u8> {
-    buf.resize(len, 0);
-    buf
 }
 
 /// Writes all of `bufs`, as few calls as the writer takes (one `writev`
