@@ -317,7 +317,7 @@ fn simple_replies(mut rest: &[u8], read_len: &[(u64, usize)]) -> Vec<(u64, u32, 
         v.push((handle, error, rest[16..16 + len].to_vec()));
         rest = &rest[16 + len..];
     }
-    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v.sort_by_key(|r| r.0);
     v
 }
 
