@@ -1,5 +1,7 @@
 //! The NBD server's sockets: a listener (unix or TCP) with an accept
-//! thread, one thread per connection, a cap on simultaneous connections,
+//! thread, one thread per connection (with at most
+//! [`super::transmission::MAX_WORKERS`] more running its requests), a cap
+//! on simultaneous connections,
 //! and time-outs where a client could otherwise hold a thread forever
 //! (the whole handshake, a WRITE's payload once its header has come, and
 //! every reply write: a client that stops reading is dropped instead of
