@@ -1,5 +1,7 @@
 //! The NBD server's sockets: a listener (unix or TCP) with an accept
-//! thread, one thread per connection, a cap on simultaneous connections,
+//! thread, one thread per connection (with at most
+//! [`super::transmission::MAX_WORKERS`] more running its requests), a cap
+//! on simultaneous connections,
 //! and time-outs where a client could otherwise hold a thread forever
 //! (the whole handshake, a WRITE's payload once its header has come, and
 //! every reply write: a client that stops reading is dropped instead of
@@ -33,6 +35,9 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Socket buffer sizes: reads and writes of a whole request per call.
 const IO_BUFFER: usize = 256 << 10;
+/// The kernel's send buffer per connection: a few 256 KiB READ replies
+/// (nbdcopy's size) fit without the writer blocking midway.
+const SEND_BUFFER: usize = 1 << 20;
 
 /// How long a client may take where it holds a thread and memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,6 +96,28 @@ impl Stream {
         let _ = match self {
             Stream::Unix(s) => s.shutdown(Shutdown::Both),
             Stream::Tcp(s) => s.shutdown(Shutdown::Both),
+        };
+    }
+
+    /// Asks for a send buffer of `bytes` (the kernel caps it at
+    /// `net.core.wmem_max`); a failure leaves the default, which only
+    /// costs speed.
+    fn set_send_buffer(&self, bytes: usize) {
+        let fd = match self {
+            Stream::Unix(s) => s.as_raw_fd(),
+            Stream::Tcp(s) => s.as_raw_fd(),
+        };
+        let v = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+        // SAFETY: setsockopt on a socket we own, with a c_int option value
+        // of the size given.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_SNDBUF,
+                (&v as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
         };
     }
 
@@ -166,11 +193,32 @@ struct Writer {
     deadline: Deadline,
 }
 
+impl Writer {
+    /// A failed write ends the connection in both directions: the reader,
+    /// possibly waiting for a request that never comes, must stop too.
+    fn check<T>(&self, r: io::Result<T>) -> io::Result<T> {
+        if r.as_ref()
+            .is_err_and(|e| e.kind() != io::ErrorKind::Interrupted)
+        {
+            self.stream.shutdown();
+        }
+        r
+    }
+}
+
 impl Write for Writer {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let s = &self.stream;
         self.deadline.arm(|t| s.set_write_timeout(t))?;
-        self.stream.write(buf)
+        let r = self.stream.write(buf);
+        self.check(r)
+    }
+
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        let s = &self.stream;
+        self.deadline.arm(|t| s.set_write_timeout(t))?;
+        let r = self.stream.write_vectored(bufs);
+        self.check(r)
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -199,6 +247,13 @@ impl Write for Stream {
         match self {
             Stream::Unix(s) => s.write(buf),
             Stream::Tcp(s) => s.write(buf),
+        }
+    }
+
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.write_vectored(bufs),
+            Stream::Tcp(s) => s.write_vectored(bufs),
         }
     }
 
@@ -416,6 +471,7 @@ fn accept_loop(listener: &Listener, shared: &Arc<Shared>) {
 
 fn client(shared: &Shared, id: u64, stream: Stream) -> io::Result<()> {
     let t = shared.timeouts;
+    stream.set_send_buffer(SEND_BUFFER);
     stream.set_write_timeout(Some(t.write))?;
     // The handshake's deadline covers its reads and its replies' writes.
     let deadline = Instant::now() + t.handshake;
@@ -446,9 +502,11 @@ fn client(shared: &Shared, id: u64, stream: Stream) -> io::Result<()> {
         // An idle client in transmission is legitimate; only writes and
         // payloads time out.
         Some(n) => {
+            // Replies are written whole by vectored writes, unbuffered.
+            w.flush()?;
             w.get_mut().deadline.at = None;
             r.set_deadline(None)
-                .and_then(|()| serve(&mut r, &mut w, &n, t.payload))
+                .and_then(|()| serve(&mut r, w.get_mut(), &n, t.payload))
         }
         None => Ok(()),
     });

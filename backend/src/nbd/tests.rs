@@ -282,7 +282,9 @@ fn request(kind: u16, flags: u16, handle: u64, offset: u64, len: u32) -> Vec<u8>
     .to_vec()
 }
 
-/// Structured chunks: (flags, type, handle, payload).
+/// Structured chunks: (flags, type, handle, payload), grouped by handle
+/// in handle order (replies of pipelined requests come in any order; the
+/// chunks of one reply keep theirs).
 fn chunks(mut rest: &[u8]) -> Vec<(u16, u16, u64, Vec<u8>)> {
     let mut v = Vec::new();
     while !rest.is_empty() {
@@ -296,6 +298,25 @@ fn chunks(mut rest: &[u8]) -> Vec<(u16, u16, u64, Vec<u8>)> {
         ));
         rest = &rest[20 + len..];
     }
+    v.sort_by_key(|c| c.2);
+    v
+}
+
+/// Simple replies (handle, error, data) in handle order; `read_len`
+/// gives the data length that follows a successful reply to a READ.
+fn simple_replies(mut rest: &[u8], read_len: &[(u64, usize)]) -> Vec<(u64, u32, Vec<u8>)> {
+    let mut v = Vec::new();
+    while !rest.is_empty() {
+        assert_eq!(be32(&rest[..4]), SIMPLE_REPLY_MAGIC, "not a simple reply");
+        let (error, handle) = (be32(&rest[4..8]), be64(&rest[8..16]));
+        let len = match read_len.iter().find(|(h, _)| *h == handle) {
+            Some((_, n)) if error == 0 => *n,
+            _ => 0,
+        };
+        v.push((handle, error, rest[16..16 + len].to_vec()));
+        rest = &rest[16 + len..];
+    }
+    v.sort_by_key(|r| r.0);
     v
 }
 
@@ -366,19 +387,15 @@ fn writes_on_a_read_only_export_and_bad_flags_are_refused_in_step() {
     input.extend(request(CMD_READ, 0, 4, 8192, 4));
     let mut out = Vec::new();
     serve(&input[..], &mut out, &n, PAYLOAD).unwrap();
-    assert_eq!(&out[..16], simple_reply(EPERM, 1));
     assert_eq!(
-        &out[16..32],
-        simple_reply(EINVAL, 2),
-        "DF without structured replies"
+        simple_replies(&out, &[(4, 4)]),
+        [
+            (1, EPERM, vec![]),
+            (2, EINVAL, vec![]), // DF without structured replies
+            (3, EINVAL, vec![]), // no context negotiated
+            (4, 0, vec![7, 7, 7, 7])
+        ]
     );
-    assert_eq!(
-        &out[32..48],
-        simple_reply(EINVAL, 3),
-        "no context negotiated"
-    );
-    assert_eq!(&out[48..64], simple_reply(0, 4));
-    assert_eq!(&out[64..], [7, 7, 7, 7]);
 }
 
 /// Records whether GO's ACK was written before the client was attached.
@@ -574,9 +591,10 @@ fn refused_writes_skip_their_payload_and_past_the_end_is_enospc() {
     input.extend(request(CMD_READ, 0, 2, 8192, 4));
     let mut out = Vec::new();
     serve(&input[..], &mut out, &n, PAYLOAD).unwrap();
-    assert_eq!(&out[..16], simple_reply(EPERM, 1));
-    assert_eq!(&out[16..32], simple_reply(0, 2));
-    assert_eq!(&out[32..], [7, 7, 7, 7]);
+    assert_eq!(
+        simple_replies(&out, &[(2, 4)]),
+        [(1, EPERM, vec![]), (2, 0, vec![7, 7, 7, 7])]
+    );
 
     let (e, _t) = exports(true);
     let mut n = negotiated(&e, vec![]);
@@ -588,11 +606,15 @@ fn refused_writes_skip_their_payload_and_past_the_end_is_enospc() {
     input.extend(request(CMD_READ, 0, 4, SIZE - 4, 4));
     let mut out = Vec::new();
     serve(&input[..], &mut out, &n, PAYLOAD).unwrap();
-    assert_eq!(&out[..16], simple_reply(ENOSPC, 1), "WRITE past the end");
-    assert_eq!(&out[16..32], simple_reply(ENOSPC, 2), "WRITE_ZEROES");
-    assert_eq!(&out[32..48], simple_reply(EINVAL, 3), "TRIM");
-    assert_eq!(&out[48..64], simple_reply(0, 4));
-    assert_eq!(&out[64..], [0, 0, 0, 0], "the refused write was applied");
+    assert_eq!(
+        simple_replies(&out, &[(4, 4)]),
+        [
+            (1, ENOSPC, vec![]),      // WRITE past the end
+            (2, ENOSPC, vec![]),      // WRITE_ZEROES
+            (3, EINVAL, vec![]),      // TRIM
+            (4, 0, vec![0, 0, 0, 0])  // the refused write was not applied
+        ]
+    );
 }
 
 /// A server on a fresh unix socket path.
@@ -751,4 +773,220 @@ fn connection_ids_are_not_reused_by_another_server() {
     );
     drop(new);
     drop(second);
+}
+
+/// Test source: reads at offset 0 park until `out` holds a reply (or an
+/// anti-hang limit passes); every other call goes to a [`MemSource`].
+struct ParkingSource {
+    inner: MemSource,
+    out: Arc<Replies>,
+}
+
+/// What the server has written, shared with the test.
+#[derive(Default)]
+struct Replies {
+    bytes: Mutex<Vec<u8>>,
+    grew: std::sync::Condvar,
+}
+
+/// A writer into [`Replies`].
+struct RepliesWriter(Arc<Replies>);
+
+impl Write for RepliesWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.bytes.lock().unwrap().extend_from_slice(buf);
+        self.0.grew.notify_all();
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl ExportSource for ParkingSource {
+    fn size(&self) -> u64 {
+        SIZE
+    }
+    fn writable(&self) -> bool {
+        true
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
+        if offset == 0 {
+            let end = Instant::now() + Duration::from_secs(20);
+            let mut out = self.out.bytes.lock().unwrap();
+            while out.is_empty() && Instant::now() < end {
+                out = self
+                    .out
+                    .grew
+                    .wait_timeout(out, Duration::from_secs(1))
+                    .unwrap()
+                    .0;
+            }
+        }
+        self.inner.read(offset, buf)
+    }
+    fn block_status(&self, offset: u64, len: u64) -> Result<(Allocation, u64), SourceError> {
+        self.inner.block_status(offset, len)
+    }
+    fn write(&self, offset: u64, data: &mut [u8], fua: bool) -> Result<(), SourceError> {
+        self.inner.write(offset, data, fua)
+    }
+    fn flush(&self) -> Result<(), SourceError> {
+        self.inner.flush()
+    }
+    fn trim(&self, offset: u64, len: u64) -> Result<(), SourceError> {
+        self.inner.trim(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<(), SourceError> {
+        self.inner.write_zeroes(offset, len, unmap)
+    }
+}
+
+/// Exports `source` as `e` (read-only, no bitmaps).
+fn export_of(source: Arc<dyn ExportSource>) -> Exports {
+    let e = Exports::new(EventBus::new());
+    e.add(ExportConfig {
+        id: "x0".into(),
+        name: "e".into(),
+        description: None,
+        node: "disk0".into(),
+        writable: false,
+        writethrough: false,
+        allocation_depth: false,
+        source,
+        bitmaps: Vec::new(),
+        release: None,
+    });
+    e
+}
+
+/// Requests of one connection run concurrently: while a READ is parked
+/// in the source, the next request on the same connection is answered;
+/// DISC still waits for the parked one's reply.
+#[test]
+fn a_parked_read_does_not_hold_up_the_next_request() {
+    let out = Arc::new(Replies::default());
+    let source = ParkingSource {
+        inner: MemSource::new(),
+        out: out.clone(),
+    };
+    let mut data = vec![7u8; 4096];
+    source.inner.write(8192, &mut data, false).unwrap();
+    let e = export_of(Arc::new(source));
+    let mut n = negotiated(&e, vec![]);
+    n.structured = false;
+    let mut input = request(CMD_READ, 0, 1, 0, 4);
+    input.extend(request(CMD_READ, 0, 2, 8192, 4));
+    input.extend(request(CMD_DISC, 0, 3, 0, 0));
+    serve(&input[..], RepliesWriter(out.clone()), &n, PAYLOAD).unwrap();
+    let out = out.bytes.lock().unwrap();
+    assert_eq!(
+        be64(&out[8..16]),
+        2,
+        "the second request waited for the parked one"
+    );
+    assert_eq!(
+        simple_replies(&out, &[(1, 4), (2, 4)]),
+        [(1, 0, vec![0; 4]), (2, 0, vec![7; 4])],
+        "DISC did not wait for the request in flight"
+    );
+}
+
+/// A large source of zeroes counting its reads.
+struct ZeroSource {
+    reads: std::sync::atomic::AtomicUsize,
+}
+
+impl ExportSource for ZeroSource {
+    fn size(&self) -> u64 {
+        1 << 40
+    }
+    fn writable(&self) -> bool {
+        false
+    }
+    fn read(&self, _offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
+        self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        buf.fill(0);
+        Ok(())
+    }
+    fn block_status(&self, _offset: u64, len: u64) -> Result<(Allocation, u64), SourceError> {
+        Ok((Allocation::Hole, len))
+    }
+    fn write(&self, _offset: u64, _data: &mut [u8], _fua: bool) -> Result<(), SourceError> {
+        Err(SourceError::ReadOnly)
+    }
+    fn flush(&self) -> Result<(), SourceError> {
+        Ok(())
+    }
+    fn trim(&self, _offset: u64, _len: u64) -> Result<(), SourceError> {
+        Err(SourceError::ReadOnly)
+    }
+    fn write_zeroes(&self, _offset: u64, _len: u64, _unmap: bool) -> Result<(), SourceError> {
+        Err(SourceError::ReadOnly)
+    }
+}
+
+/// A client that takes no reply: every write fails, as the server's
+/// writer does once its time-out has passed.
+struct Deaf;
+
+impl Write for Deaf {
+    fn write(&mut self, _buf: &[u8]) -> std::io::Result<usize> {
+        Err(std::io::ErrorKind::TimedOut.into())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Requests as bytes, counting how many were taken.
+struct Counted<'a> {
+    data: &'a [u8],
+    taken: usize,
+}
+
+impl Read for Counted<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.data.read(buf)?;
+        self.taken += n;
+        Ok(n)
+    }
+}
+
+impl TimedRead for Counted<'_> {
+    fn set_deadline(&mut self, _: Option<Instant>) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A client pipelining hundreds of 32 MiB READs and reading no reply
+/// gets one READ run: the second would pass the per-connection byte cap,
+/// so the reader waits, and the failed reply ends the connection. Without
+/// the cap, every header would be taken and the workers would each hold
+/// 32 MiB.
+#[test]
+fn a_client_not_reading_replies_gets_no_more_than_the_byte_cap() {
+    let source = Arc::new(ZeroSource {
+        reads: Default::default(),
+    });
+    let e = export_of(source.clone());
+    let n = negotiated(&e, vec![]);
+    let input: Vec<u8> = (0..200)
+        .flat_map(|h| request(CMD_READ, 0, h, h << 25, MAX_PAYLOAD))
+        .collect();
+    let mut r = Counted {
+        data: &input,
+        taken: 0,
+    };
+    let served = serve(&mut r, Deaf, &n, PAYLOAD);
+    assert!(
+        served.is_err(),
+        "the failed reply did not end the connection"
+    );
+    assert_eq!(
+        source.reads.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "READs beyond the byte cap were run"
+    );
+    assert_eq!(r.taken, 2 * REQUEST_LEN, "requests read past the cap");
 }
