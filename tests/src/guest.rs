@@ -303,6 +303,9 @@ impl Guest {
         }
         let stderr_path = scratch.join("qemu.stderr");
         let mut cmd = self.qemu_command(&images, &initrd);
+        // A test that fails while its guest runs on a thread of its own
+        // (`spawn`) ends without waiting for it: QEMU must not outlive it.
+        crate::bench::die_with_parent(&mut cmd);
         cmd.stdin(Stdio::null())
             .stdout(File::create(&log_path)?)
             .stderr(File::create(&stderr_path)?);
