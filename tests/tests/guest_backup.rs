@@ -267,9 +267,14 @@ impl NbdWriter {
         self.state.1.notify_all();
     }
 
+    /// The writes completed so far.
+    fn count(&self) -> u64 {
+        lock(&self.state.0).count
+    }
+
     /// Waits until `n` more writes have completed.
     fn wait_writes(&self, n: u64) -> Result<()> {
-        let target = lock(&self.state.0).count + n;
+        let target = self.count() + n;
         self.wait_for("progress", |s| s.count >= target)
     }
 
@@ -382,7 +387,14 @@ impl Scene<'_> {
         )?;
         wait_guest_writes(self.p, &reference, self.guest()?)?;
         self.writer.wait_writes(20)?;
+        let (before, started) = (self.writer.count(), Instant::now());
         run("nbdcopy", &[&self.p.uri("backup"), &copy.to_string_lossy()])?;
+        eprintln!(
+            "{}: nbdcopy took {:?}; {} NBD writes completed meanwhile",
+            self.p.name,
+            started.elapsed(),
+            self.writer.count() - before
+        );
         same(copy, &reference, "the copy of the export")?;
         Ok(reference)
     }
