@@ -6,10 +6,11 @@
 //! vubd and on qemu-storage-daemon 7.2 with the same commands and checks.
 //!
 //! The checkpoint instant is made knowable byte for byte the way a backup
-//! tool that quiesces does it: QMP `stop` on QEMU (vhost-user stops the
-//! rings; the daemon finishes what it had taken from them), the NBD writer
-//! paused between two writes, the `transaction`, the image read as the
-//! reference, then `cont` and the writer resumed. Both write again before
+//! tool that quiesces does it: QMP `stop` on QEMU (QEMU stops the
+//! vhost-user rings; vubd answers only with nothing from them in flight,
+//! qemu-storage-daemon's `transaction` drains what it still has), the NBD
+//! writer paused between two writes, the `transaction`, the image read as
+//! the reference, then `cont` and the writer resumed. Both write again before
 //! and during the copy, so the copy-before-write filter is exercised by
 //! both. Checks: the full copy equals reference 1; the full copy plus the
 //! extents `qemu:dirty-bitmap:b0` marks dirty, read from the second export
