@@ -147,6 +147,9 @@ pub struct Guest {
     /// If false (default) QEMU exits when the guest reboots (`-no-reboot`);
     /// if true a reboot restarts the guest, which runs /test.sh again.
     pub allow_reboot: bool,
+    /// A QMP socket QEMU listens on (`-qmp unix:PATH,server=on,wait=off`),
+    /// for a test that stops and resumes the VM.
+    pub qmp: Option<PathBuf>,
 }
 
 impl Guest {
@@ -162,6 +165,7 @@ impl Guest {
             memory_mib: 512,
             cpus: 2,
             allow_reboot: false,
+            qmp: None,
         }
     }
 
@@ -196,6 +200,12 @@ impl Guest {
     /// Lets the guest reboot instead of making QEMU exit.
     pub fn allow_reboot(mut self, on: bool) -> Self {
         self.allow_reboot = on;
+        self
+    }
+
+    /// Makes QEMU listen for QMP on the unix socket `path`.
+    pub fn qmp(mut self, path: impl Into<PathBuf>) -> Self {
+        self.qmp = Some(path.into());
         self
     }
 
@@ -234,6 +244,10 @@ impl Guest {
         if !self.allow_reboot {
             cmd.arg("-no-reboot");
         }
+        if let Some(qmp) = &self.qmp {
+            cmd.arg("-qmp")
+                .arg(format!("unix:{},server=on,wait=off", qmp.display()));
+        }
         cmd.arg("-kernel").arg(&images.kernel);
         cmd.arg("-initrd").arg(initrd);
         // panic=-1 + oops=panic: a guest crash (say, a driver choking on a
@@ -245,6 +259,17 @@ impl Guest {
             "console=ttyS0 loglevel=4 panic=-1 oops=panic reboot=t",
         ]);
         cmd
+    }
+
+    /// Runs the guest ([`Guest::run`]) on a thread of its own, for a test
+    /// that acts on the host meanwhile. A log left by an earlier run is
+    /// removed first, so that [`wait_for_marker`] reads this run's only.
+    pub fn spawn(self) -> Result<std::thread::JoinHandle<Result<GuestOutput>>> {
+        match std::fs::remove_file(log_path(&self.name)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+            _ => {}
+        }
+        Ok(std::thread::spawn(move || self.run()))
     }
 
     /// Boots the guest, waits for it to power off (or the time-out), and
@@ -272,11 +297,15 @@ impl Guest {
             out.write_all(&newc_archive(&files)?)?;
         }
 
-        let log_dir = workspace_root().join("target/guest-logs");
-        std::fs::create_dir_all(&log_dir)?;
-        let log_path = log_dir.join(format!("{}.log", self.name));
+        let log_path = log_path(&self.name);
+        if let Some(dir) = log_path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
         let stderr_path = scratch.join("qemu.stderr");
         let mut cmd = self.qemu_command(&images, &initrd);
+        // A test that fails while its guest runs on a thread of its own
+        // (`spawn`) ends without waiting for it: QEMU must not outlive it.
+        crate::bench::die_with_parent(&mut cmd);
         cmd.stdin(Stdio::null())
             .stdout(File::create(&log_path)?)
             .stderr(File::create(&stderr_path)?);
@@ -336,6 +365,37 @@ impl Guest {
         }
         log::info!("guest {} finished in {duration:?}", self.name);
         Ok(output)
+    }
+}
+
+/// Where the serial log of the guest `name` is kept.
+pub fn log_path(name: &str) -> PathBuf {
+    workspace_root().join(format!("target/guest-logs/{name}.log"))
+}
+
+/// Waits until the serial log of the guest `name` (being run by `guest`)
+/// contains `marker`; fails if the guest ends first or after `timeout`, a
+/// bound against hangs.
+pub fn wait_for_marker(
+    name: &str,
+    marker: &str,
+    timeout: Duration,
+    guest: &std::thread::JoinHandle<Result<GuestOutput>>,
+) -> Result<()> {
+    let log = log_path(name);
+    let t0 = Instant::now();
+    loop {
+        let text = std::fs::read(&log).unwrap_or_default();
+        if String::from_utf8_lossy(&text).contains(marker) {
+            return Ok(());
+        }
+        if guest.is_finished() {
+            bail!("the guest ended before printing {marker:?}");
+        }
+        if t0.elapsed() > timeout {
+            bail!("no {marker:?} in {} within {timeout:?}", log.display());
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 

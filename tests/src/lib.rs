@@ -7,6 +7,7 @@ pub mod bench_mirror;
 pub mod client;
 pub mod daemon;
 pub mod guest;
+pub mod nbd_tools;
 pub mod qmp_client;
 pub mod raw_frontend;
 pub mod rng;

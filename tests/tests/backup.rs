@@ -15,12 +15,12 @@ use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tests::client::Client;
 use tests::daemon::{Daemon, ScratchDir};
+use tests::nbd_tools::{apply_dirty_extents, dirty_extents, map, run};
 use tests::qmp_client::{event_label, QmpClient};
 
 const MIB: u64 = 1 << 20;
@@ -151,31 +151,6 @@ impl Writer {
             Err(_) => bail!("writer panicked"),
         }
     }
-}
-
-fn run(program: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .with_context(|| format!("cannot run {program}"))?;
-    ensure!(
-        out.status.success(),
-        "{program} {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// `nbdinfo --map` lines as (offset, length, type).
-fn map(uri: &str, context: &str) -> Result<Vec<(u64, u64, u32)>> {
-    let out = run("nbdinfo", &[&format!("--map={context}"), uri])?;
-    out.lines()
-        .map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            ensure!(f.len() >= 3, "bad map line {l:?}");
-            Ok((f[0].parse()?, f[1].parse()?, f[2].parse()?))
-        })
-        .collect()
 }
 
 /// The job events up to its `null`; QEMU's drained sections pause and
@@ -418,11 +393,7 @@ fn flow(p: &mut Peer) -> Result<Vec<Value>> {
         p.name
     );
     // Every block written between the checkpoints is dirty in b0.
-    let dirty: Vec<(u64, u64)> = map(&p.uri("backup"), "qemu:dirty-bitmap:b0")?
-        .into_iter()
-        .filter(|m| m.2 & 1 == 1)
-        .map(|m| (m.0, m.0 + m.1))
-        .collect();
+    let dirty = dirty_extents(&p.uri("backup"), "b0")?;
     for b in &between {
         let (s, e) = (b * BLOCK, (b + 1) * BLOCK);
         ensure!(
@@ -444,20 +415,7 @@ fn flow(p: &mut Peer) -> Result<Vec<Value>> {
     }
     // The incremental backup, as docs/backup.md has it: the dirty
     // extents of b0 copied from the export into the full backup.
-    let recipe = r#"nbdinfo --map=qemu:dirty-bitmap:b0 "$URI" |
-        while read -r off len type _; do
-          [ "$type" = 1 ] || continue
-          nbdcopy -- [ nbdkit -r nbd socket="$SOCK" export=backup \
-                       --filter=offset offset=$off range=$len ] - |
-            dd of="$FULL" bs=1M oflag=seek_bytes seek=$off conv=notrunc status=none
-        done"#;
-    let out = Command::new("sh")
-        .args(["-e", "-c", recipe])
-        .env("URI", p.uri("backup"))
-        .env("SOCK", &p.nbd)
-        .env("FULL", &full)
-        .output()?;
-    ensure!(out.status.success(), "{}: recipe: {out:?}", p.name);
+    apply_dirty_extents(&p.nbd, "backup", "b0", &full).context(p.name)?;
     same(p, &full, &instant, "the full backup plus the increment")?;
     let written_after = w.stop()?;
     eprintln!(

@@ -11,10 +11,10 @@ use anyhow::{ensure, Context, Result};
 use serde_json::json;
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tests::bench_mirror::MirrorDaemon;
-use tests::daemon::{create_image, workspace_root, ScratchDir};
-use tests::guest::Guest;
+use tests::daemon::{create_image, ScratchDir};
+use tests::guest::{log_path, wait_for_marker, Guest};
 
 const MIB: u64 = 1 << 20;
 
@@ -29,32 +29,6 @@ fn md5(path: &Path) -> Result<String> {
         .next()
         .context("empty md5sum output")?
         .to_string())
-}
-
-/// Waits until the guest's serial log contains `marker`.
-fn wait_log(
-    log: &Path,
-    marker: &str,
-    timeout: Duration,
-    guest: &std::thread::JoinHandle<Result<tests::guest::GuestOutput>>,
-) -> Result<()> {
-    let t0 = Instant::now();
-    loop {
-        let text = std::fs::read(log).unwrap_or_default();
-        if String::from_utf8_lossy(&text).contains(marker) {
-            return Ok(());
-        }
-        ensure!(
-            !guest.is_finished(),
-            "the guest ended before printing {marker:?}"
-        );
-        ensure!(
-            t0.elapsed() < timeout,
-            "no {marker:?} in {} within {timeout:?}",
-            log.display()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 #[test]
@@ -81,13 +55,12 @@ sync
 result md5 "$(md5sum /dev/vda | cut -d' ' -f1)"
 "#;
     let name = "guest_mirror_fio_pivot";
-    let log = workspace_root().join(format!("target/guest-logs/{name}.log"));
-    let _ = std::fs::remove_file(&log);
-    let guest = Guest::new(name, &d.socket, script).timeout(Duration::from_secs(240));
-    let runner = std::thread::spawn(move || guest.run());
-
-    wait_log(
-        &log,
+    let log = log_path(name);
+    let runner = Guest::new(name, &d.socket, script)
+        .timeout(Duration::from_secs(240))
+        .spawn()?;
+    wait_for_marker(
+        name,
         "VUBD-RESULT phase=writing",
         Duration::from_secs(120),
         &runner,
