@@ -86,9 +86,20 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Starts `vubd --socket SOCKET --image IMAGE EXTRA...` and waits until
-    /// its socket accepts connections.
+    /// Starts `vubd --socket SOCKET --image IMAGE --allow-unsealed-memory
+    /// EXTRA...` and waits until its socket accepts connections. The flag is
+    /// there for the tests' libblkio clients: libblkio creates its memfds
+    /// without MFD_ALLOW_SEALING, so they can never be sealed.
     pub fn vubd(socket: &Path, image: &Path, extra: &[&str]) -> Result<Daemon> {
+        let mut args = vec!["--allow-unsealed-memory"];
+        args.extend_from_slice(extra);
+        Self::vubd_sealed_only(socket, image, &args)
+    }
+
+    /// Starts `vubd --socket SOCKET --image IMAGE EXTRA...`: by default it
+    /// serves only memory sealed against shrinking (QEMU's memfds, the
+    /// hostile frontend's).
+    pub fn vubd_sealed_only(socket: &Path, image: &Path, extra: &[&str]) -> Result<Daemon> {
         let mut cmd = Command::new(vubd_binary());
         cmd.arg("--socket").arg(socket).arg("--image").arg(image);
         cmd.args(extra);

@@ -154,6 +154,9 @@ pub struct Options {
     /// Feature bits not to negotiate even if offered (a driver without
     /// FLUSH, say).
     pub withhold: u64,
+    /// Offer guest memory in a memfd not sealed against shrinking (QEMU
+    /// seals its memfds by default; libblkio cannot seal its own).
+    pub unsealed_memory: bool,
 }
 
 impl Default for Options {
@@ -165,6 +168,7 @@ impl Default for Options {
             indirect: true,
             mem_mode: None,
             withhold: 0,
+            unsealed_memory: false,
         }
     }
 }
@@ -274,7 +278,7 @@ impl RawFrontend {
             (1..=MAX_QUEUES).contains(&opts.num_queues),
             "1..={MAX_QUEUES} queues supported"
         );
-        let mem = GuestMemory::new()?;
+        let mem = GuestMemory::new(!opts.unsealed_memory)?;
         let mut fe = Frontend::connect(socket, u64::from(opts.num_queues))
             .with_context(|| format!("connect to {}", socket.display()))?;
         fe.set_owner().context("SET_OWNER")?;

@@ -146,7 +146,14 @@ impl Env {
 
     /// Arguments for a valid start plus `extra`.
     fn args<'a>(&'a self, image: &'a str, socket: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
-        let mut v = vec!["--socket", socket, "--image", image];
+        // libblkio's memfds cannot be sealed (see `Daemon::vubd`).
+        let mut v = vec![
+            "--socket",
+            socket,
+            "--image",
+            image,
+            "--allow-unsealed-memory",
+        ];
         v.extend_from_slice(extra);
         v
     }

@@ -59,6 +59,11 @@ pub struct DeviceConfig {
     /// Worker threads serving the queues (clamped to 1..=num_queues): queue
     /// `q` is served by thread `q % threads`.
     pub threads: u16,
+    /// Accept guest memory in files not sealed against shrinking: a
+    /// frontend that then cuts its file kills the daemon with SIGBUS, so
+    /// only for trusted frontends that cannot seal (libblkio, hugetlbfs
+    /// files).
+    pub allow_unsealed_memory: bool,
 }
 
 impl DeviceConfig {
@@ -190,6 +195,7 @@ mod tests {
             poll_us: 0,
             aio: AioEngine::Sync,
             threads: 1,
+            allow_unsealed_memory: false,
         }
     }
 

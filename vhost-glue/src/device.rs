@@ -185,8 +185,8 @@ pub struct BlockDevice {
     acked: AtomicU64,
     stopping: Arc<AtomicBool>,
     /// The frontend offered memory we must not touch (a region running past
-    /// the end of its file would kill us with SIGBUS): serve nothing more
-    /// in this session.
+    /// the end of its file, or in a file it may still shrink, would kill us
+    /// with SIGBUS): serve nothing more in this session.
     memory_refused: AtomicBool,
 }
 
@@ -936,7 +936,7 @@ impl VhostUserBackend for BlockDevice {
     }
 
     fn update_memory(&self, mem: GuestMemory) -> io::Result<()> {
-        if let Err(e) = check_regions(&mem.memory()) {
+        if let Err(e) = check_regions(&mem.memory(), self.cfg.allow_unsealed_memory) {
             warn!("refusing the frontend's memory table: {e}; this session is not served");
             self.memory_refused.store(true, Ordering::Release);
             return Err(e);
@@ -992,13 +992,28 @@ impl VhostUserBackend for BlockDevice {
 }
 
 /// Checks that every region of the frontend's memory lies inside its file:
-/// mmap accepts a range past the end, but touching it raises SIGBUS.
-fn check_regions(mem: &GuestMemoryMmap) -> io::Result<()> {
+/// mmap accepts a range past the end, but touching it raises SIGBUS. Unless
+/// `allow_unsealed`, the file must also be sealed against shrinking, or the
+/// frontend could cut it off later (seals are checked first: once sealed,
+/// the length checked next can no longer drop).
+fn check_regions(mem: &GuestMemoryMmap, allow_unsealed: bool) -> io::Result<()> {
     use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
     for region in mem.iter() {
         let Some(fo) = region.file_offset() else {
             continue;
         };
+        if !allow_unsealed && !sealed_against_shrinking(fo.file()) {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "memory region at guest address {:#x} is in a file not sealed against \
+                     shrinking (F_SEAL_SHRINK), which the frontend could cut off under us; \
+                     QEMU's memory-backend-memfd seals by default, --allow-unsealed-memory \
+                     accepts such memory from a trusted frontend",
+                    region.start_addr().0
+                ),
+            ));
+        }
         let file_len = fo.file().metadata()?.len();
         let end = fo.start().checked_add(region.len());
         if end.is_none_or(|end| end > file_len) {
@@ -1015,6 +1030,15 @@ fn check_regions(mem: &GuestMemoryMmap) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Whether `file` carries F_SEAL_SHRINK (which can never be removed). Files
+/// that cannot be sealed at all (not a memfd) answer no.
+fn sealed_against_shrinking(file: &std::fs::File) -> bool {
+    // SAFETY: F_GET_SEALS takes no argument and only reads the seals of an
+    // open descriptor.
+    let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+    seals >= 0 && seals & libc::F_SEAL_SHRINK != 0
 }
 
 #[cfg(test)]

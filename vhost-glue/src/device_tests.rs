@@ -141,6 +141,7 @@ impl Rig {
             poll_us: 0,
             aio,
             threads: 1,
+            allow_unsealed_memory: false,
         };
         let device = Arc::new(BlockDevice::new(
             disk.clone(),

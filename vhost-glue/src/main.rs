@@ -44,6 +44,12 @@ struct Options {
     /// Offer a read-only disk (VIRTIO_BLK_F_RO).
     #[arg(long)]
     readonly: bool,
+    /// Accept guest memory in files the frontend has not sealed against
+    /// shrinking (F_SEAL_SHRINK; QEMU's memory-backend-memfd seals by
+    /// default, libblkio and memory-backend-file do not). Such a frontend
+    /// can kill vubd with SIGBUS by cutting its file: trusted frontends only.
+    #[arg(long)]
+    allow_unsealed_memory: bool,
     /// Open the image with O_DIRECT (bypass the host page cache).
     #[arg(long)]
     direct: bool,
@@ -246,6 +252,7 @@ fn run(mut opts: Options) -> Result<()> {
         read_only: opts.readonly,
         serial: opts.serial.clone(),
         poll_us: opts.poll_us,
+        allow_unsealed_memory: opts.allow_unsealed_memory,
         aio: match opts.aio {
             AioOpt::Sync => AioEngine::Sync,
             // Probe once: an explicit request must not degrade silently.

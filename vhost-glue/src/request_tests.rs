@@ -50,6 +50,7 @@ impl Fixture {
                 poll_us: 0,
                 aio: AioEngine::Sync,
                 threads: 1,
+                allow_unsealed_memory: false,
             },
             path,
         }

@@ -78,8 +78,9 @@ unsafe impl Sync for GuestMemory {}
 impl GuestMemory {
     /// Creates the memfd with the standard layout (two regions, a hole
     /// between them, guard areas in the file around both) and fills the
-    /// guard areas.
-    pub fn new() -> Result<Self> {
+    /// guard areas. `sealed`: sealed against growing and shrinking, as
+    /// QEMU's memory-backend-memfd creates its memory by default.
+    pub fn new(sealed: bool) -> Result<Self> {
         let regions = vec![
             MemRegion {
                 gpa: REGION0_GPA,
@@ -94,13 +95,21 @@ impl GuestMemory {
         ];
         // SAFETY: memfd_create with a NUL-terminated name; the result is
         // checked before use and then owned by a File.
-        let fd = unsafe { libc::memfd_create(c"vubd-hostile-guest".as_ptr(), libc::MFD_CLOEXEC) };
+        let flags = libc::MFD_CLOEXEC | if sealed { libc::MFD_ALLOW_SEALING } else { 0 };
+        let fd = unsafe { libc::memfd_create(c"vubd-hostile-guest".as_ptr(), flags) };
         if fd < 0 {
             bail!("memfd_create: {}", std::io::Error::last_os_error());
         }
         // SAFETY: fd is a fresh descriptor nobody else owns.
         let file = unsafe { File::from_raw_fd(fd) };
         file.set_len(FILE_SIZE).context("ftruncate memfd")?;
+        if sealed {
+            let seals = libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL;
+            // SAFETY: F_ADD_SEALS on a descriptor we own, with an int argument.
+            if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
+                bail!("seal memfd: {}", std::io::Error::last_os_error());
+            }
+        }
         let size = FILE_SIZE as usize;
         // SAFETY: mapping a file we own, shared, with a length equal to its
         // size; the result is checked against MAP_FAILED.
