@@ -19,6 +19,7 @@ vubd is serving $IMAGE on $SOCKET (management: $QMP). Attach a QEMU guest with:
     -chardev socket,id=c0,path=$SOCKET,reconnect=1 \\
     -device vhost-user-blk-pci,chardev=c0,num-queues=2 ...
 
-or with libblkio (driver virtio-blk-vhost-user, path=$SOCKET). Ctrl-C stops vubd.
+or with libblkio (driver virtio-blk-vhost-user, path=$SOCKET; libblkio cannot
+seal its memory, so this demo passes --allow-unsealed-memory). Ctrl-C stops vubd.
 MSG
-exec target/release/vubd --socket "$SOCKET" --image "$IMAGE" --queues 2 --qmp "$QMP"
+exec target/release/vubd --socket "$SOCKET" --image "$IMAGE" --queues 2 --qmp "$QMP" --allow-unsealed-memory

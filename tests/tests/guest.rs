@@ -77,7 +77,10 @@ fn setup_with(
             let q = queues.to_string();
             let mut args = vec!["--queues", &q, "--serial", SERIAL];
             args.extend_from_slice(vubd_extra);
-            Daemon::vubd(&socket, &image, &args)?
+            // vubd's own memory policy: QEMU's memory-backend-memfd seals
+            // its memory by default, so the guest must be served without
+            // --allow-unsealed-memory.
+            Daemon::vubd_sealed_only(&socket, &image, &args)?
         }
         Backend::Qsd => Daemon::qsd(&socket, &image, queues, false)?,
     };

@@ -415,7 +415,9 @@ fn start_vubd_command(
         .arg("--queues")
         .arg(queues.to_string())
         .arg("--qmp")
-        .arg(&socks.qmp);
+        .arg(&socks.qmp)
+        // libblkio's memfds cannot be sealed.
+        .arg("--allow-unsealed-memory");
     if img.direct {
         cmd.arg("--direct");
     }

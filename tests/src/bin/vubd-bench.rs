@@ -167,6 +167,11 @@ fn start_daemon(env: &Env, kind: &Kind, queues: usize) -> Result<Daemon> {
                 .arg(&env.image)
                 .arg("--queues")
                 .arg(queues.to_string());
+            // libblkio's memfds cannot be sealed; a baseline older than the
+            // flag accepts them anyway.
+            if !matches!(kind, Kind::Base) || knows_flag(binary, "--allow-unsealed-memory") {
+                cmd.arg("--allow-unsealed-memory");
+            }
             if env.direct {
                 cmd.arg("--direct");
             }
@@ -226,6 +231,14 @@ fn parse_size(s: &str) -> Result<u64> {
     };
     let n: u64 = num.parse().with_context(|| format!("bad size {s:?}"))?;
     n.checked_mul(mult).context("size overflows")
+}
+
+/// Whether `binary --help` lists `flag`.
+fn knows_flag(binary: &Path, flag: &str) -> bool {
+    Command::new(binary)
+        .arg("--help")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(flag))
 }
 
 fn resolve_vubd(arg: &Option<PathBuf>) -> Result<PathBuf> {
