@@ -2269,3 +2269,78 @@ fn write_cache_follows_the_negotiated_features() -> Result<()> {
     );
     h.finish("write cache mode")
 }
+
+/// One queue's huge WRITE_ZEROES must not hold up another queue served by
+/// the same thread (`--threads 1 --queues 2`). 1 GiB without UNMAP on a
+/// sparse tmpfs image (tmpfs has no FALLOC_FL_ZERO_RANGE, so zeroes are
+/// written): the image's allocation shows how far it got. Once it is under
+/// way, the daemon is frozen (SIGSTOP) with most of the zeroing left, a
+/// read is queued on the other queue, and the daemon resumed: the read must
+/// complete while the zeroing is still in progress. No timing decides: a
+/// thread that finishes the zeroing before looking at the other queue fails
+/// however fast it is.
+#[test]
+fn huge_write_zeroes_does_not_hold_up_another_queue() -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    const SIZE: u64 = 1 << 30;
+    let dir = ScratchDir::new_in("/dev/shm", "hostile-zeroes")?;
+    let image = dir.join("disk.img");
+    tests::daemon::create_image(&image, SIZE)?;
+    let socket = dir.join("vhost.sock");
+    let mut daemon = match target() {
+        Target::Vubd => {
+            Daemon::vubd_sealed_only(&socket, &image, &["--queues", "2", "--threads", "1"])?
+        }
+        Target::Qsd => Daemon::qsd(&socket, &image, 2, false)?,
+    };
+    let mut fe = RawFrontend::connect(
+        &socket,
+        Options {
+            num_queues: 2,
+            ..Options::default()
+        },
+    )?;
+    let allocated = || -> Result<u64> { Ok(std::fs::metadata(&image)?.blocks() * 512) };
+    let segment = Segment::new(0, (SIZE / SECTOR_SIZE) as u32);
+    let zeroes = fe.submit_request(0, VIRTIO_BLK_T_WRITE_ZEROES, 0, &segment.bytes(), 0)?;
+    // Against hangs only.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while allocated()? == 0 {
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "the WRITE_ZEROES never started"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    daemon.signal(libc::SIGSTOP)?;
+    let frozen_at = allocated()?;
+    let read = fe.submit_read(1, 0, 512);
+    daemon.signal(libc::SIGCONT)?;
+    let read = read?;
+    ensure!(
+        frozen_at < SIZE / 2,
+        "inconclusive: {frozen_at} of {SIZE} bytes were zeroed before the daemon could be stopped"
+    );
+    let o = fe.outcome(&read, Duration::from_secs(60))?;
+    ensure!(o.status() == Some(OK), "read on queue 1: {o}");
+    let progress = allocated()?;
+    let z = fe.outcome(&zeroes, Duration::ZERO)?;
+    eprintln!(
+        "[{:?}] read on queue 1 done with {progress} of {SIZE} bytes zeroed on queue 0 ({frozen_at} when queued); WRITE_ZEROES: {z}",
+        target()
+    );
+    ensure!(
+        z == Outcome::NotUsed,
+        "the read on queue 1 waited for queue 0's whole WRITE_ZEROES ({frozen_at} of {SIZE} bytes were zeroed when it was queued)"
+    );
+    let z = fe.outcome(&zeroes, Duration::from_secs(120))?;
+    ensure!(z.status() == Some(OK), "WRITE_ZEROES: {z}");
+    ensure!(
+        fe.read(0, 4096)? == vec![0u8; 4096],
+        "the zeroed range does not read back as zeroes"
+    );
+    if let Some(status) = daemon.try_wait()? {
+        bail!("{:?} died: {status}", target());
+    }
+    Ok(())
+}

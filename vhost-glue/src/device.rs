@@ -44,7 +44,7 @@
 //! until they complete.
 
 use crate::config_space::{AioEngine, DeviceConfig};
-use crate::request::{Completion, GuestBuf, GuestMemoryMmap, Prepared, RequestParser};
+use crate::request::{Completion, GuestBuf, GuestMemoryMmap, Prepared, RequestParser, Zeroes};
 use log::{debug, warn};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -106,6 +106,19 @@ struct Pending {
     mem: PinId,
 }
 
+/// A DISCARD or WRITE_ZEROES too large for one go, done a step per round
+/// of the io_uring engine's loop, so that the thread's other requests are
+/// taken and completed between its steps. It counts as in flight.
+struct Zeroing {
+    /// Position of its queue among the thread's queues.
+    queue: usize,
+    head: u16,
+    status: GuestBuf,
+    job: Zeroes,
+    /// The guest memory snapshot its status byte points into.
+    mem: PinId,
+}
+
 /// A fixed-capacity slab: the token of a pending request is its index.
 #[derive(Default)]
 struct Slab {
@@ -152,6 +165,8 @@ struct Worker {
     mem: Option<GuestMemory>,
     engine: Engine,
     pending: Slab,
+    /// Zeroings under way, oldest turn first.
+    zeroing: Vec<Zeroing>,
     /// Guest memory snapshots that requests in flight point into.
     snapshots: Pins<Arc<GuestMemoryMmap>>,
 }
@@ -204,6 +219,7 @@ impl BlockDevice {
                         AioEngine::IoUring { .. } => Engine::Untried,
                     },
                     pending: Slab::default(),
+                    zeroing: Vec::new(),
                     snapshots: Pins::default(),
                 })
             })
@@ -419,6 +435,7 @@ impl BlockDevice {
             mem: atomic,
             engine,
             pending,
+            zeroing,
             snapshots,
         } = worker;
         let (Some(atomic), Engine::Uring(engine)) = (atomic.as_ref(), engine) else {
@@ -508,7 +525,7 @@ impl BlockDevice {
                         q.state.get_queue_mut(),
                         &mem,
                         count,
-                        (parser, engine, pending, snapshots),
+                        (parser, engine, pending, zeroing, snapshots),
                     );
                     taken += t;
                     q.finished += f;
@@ -517,6 +534,7 @@ impl BlockDevice {
             }
             engine.submit();
             self.reap(&mut queues, &mem, engine, pending, snapshots);
+            self.step_zeroing(&mut queues, &mem, zeroing, snapshots);
             for fd in engine.take_kicks() {
                 if let Some(q) = queues.iter_mut().find(|q| q.kick == Some(fd)) {
                     if q.may_drain {
@@ -531,11 +549,11 @@ impl BlockDevice {
                 signal_if_needed(q.index, &mut q.state, &mem);
                 finished += std::mem::take(&mut q.finished);
             }
-            if engine.in_flight() == 0 {
+            if engine.in_flight() == 0 && zeroing.is_empty() {
                 // A pause may go ahead now.
                 batch = None;
             }
-            if taken > 0 || finished > 0 {
+            if taken > 0 || finished > 0 || !zeroing.is_empty() {
                 last_work = Instant::now();
                 continue;
             }
@@ -609,7 +627,7 @@ impl BlockDevice {
         queue: &mut Queue,
         mem: &Arc<GuestMemoryMmap>,
         count: u16,
-        (parser, engine, pending, snapshots): WorkerParts<'_>,
+        (parser, engine, pending, zeroing, snapshots): WorkerParts<'_>,
     ) -> (usize, usize, bool) {
         let mem: &GuestMemoryMmap = mem;
         let disk = &*self.disk;
@@ -637,6 +655,19 @@ impl BlockDevice {
             taken += 1;
             let head = chain.head_index();
             let mut prepared = parser.prepare(chain, mem, disk, &self.cfg);
+            if let Prepared::Zeroes { job, status } = prepared {
+                let Some(pin) = snapshots.pin() else {
+                    break;
+                };
+                zeroing.push(Zeroing {
+                    queue: pos,
+                    head,
+                    status,
+                    job,
+                    mem: pin,
+                });
+                continue;
+            }
             if inline_lone && count == 1 && engine.in_flight() == 0 {
                 // Nothing to overlap with: skip the ring (see AioEngine).
                 prepared = Prepared::Done(run_inline(prepared, parser, disk));
@@ -648,7 +679,9 @@ impl BlockDevice {
                     continue;
                 }
                 Prepared::Read { status, len, .. } => (status, len),
-                Prepared::Write { status, .. } | Prepared::Flush { status } => (status, 0),
+                Prepared::Write { status, .. }
+                | Prepared::Flush { status }
+                | Prepared::Zeroes { status, .. } => (status, 0),
             };
             let Some(pin) = snapshots.pin() else {
                 break;
@@ -672,10 +705,38 @@ impl BlockDevice {
                 Prepared::Write { offset, .. } => unsafe {
                     engine.write(disk, offset, parser.data(), token)
                 },
-                Prepared::Flush { .. } | Prepared::Done(_) => engine.flush(disk, token),
+                Prepared::Flush { .. } | Prepared::Done(_) | Prepared::Zeroes { .. } => {
+                    engine.flush(disk, token)
+                }
             }
         }
         (taken, finished, true)
+    }
+
+    /// Does one step of the zeroing whose turn it is, and completes it
+    /// (counted in its queue's `finished`) when that was its last.
+    fn step_zeroing(
+        &self,
+        queues: &mut [ServedQueue<'_>],
+        mem: &GuestMemoryMmap,
+        zeroing: &mut Vec<Zeroing>,
+        snapshots: &mut Pins<Arc<GuestMemoryMmap>>,
+    ) {
+        let Some(z) = zeroing.first_mut() else {
+            return;
+        };
+        let Some(result) = z.job.step(&self.disk) else {
+            zeroing.rotate_left(1);
+            return;
+        };
+        let z = zeroing.remove(0);
+        // Status first, while the request's snapshot is still pinned.
+        let done = RequestParser::finish(z.status, result, 0);
+        snapshots.unpin(z.mem);
+        if let Some(q) = queues.get_mut(z.queue) {
+            complete(q.index, q.state.get_queue_mut(), mem, z.head, done);
+            q.finished += 1;
+        }
     }
 
     /// Completes every request the engine has finished, counting them in
@@ -728,6 +789,7 @@ type WorkerParts<'a> = (
     &'a mut RequestParser,
     &'a mut UringEngine,
     &'a mut Slab,
+    &'a mut Vec<Zeroing>,
     &'a mut Pins<Arc<GuestMemoryMmap>>,
 );
 
@@ -756,6 +818,7 @@ fn run_inline(prepared: Prepared, parser: &RequestParser, disk: &Disk) -> Comple
             RequestParser::finish(status, disk.write(offset, parser.data()), 0)
         }
         Prepared::Flush { status } => RequestParser::finish(status, disk.flush(), 0),
+        Prepared::Zeroes { mut job, status } => RequestParser::finish(status, job.run(disk), 0),
     }
 }
 

@@ -76,6 +76,7 @@ fn guest_memory_outlives_an_engine_that_cannot_wait_for_its_requests() {
         mem: None,
         engine: Engine::Uring(Box::new(engine)),
         pending: Slab::default(),
+        zeroing: Vec::new(),
         snapshots,
     };
     // The ring is single-issuer: on another thread the engine cannot wait

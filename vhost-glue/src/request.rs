@@ -13,7 +13,9 @@
 //! the cheap or rare request types on the spot; reads, writes and flushes
 //! come back as `Prepared` for the caller to run, synchronously
 //! (`RequestParser::process`) or on an asynchronous engine, and to finish
-//! with `RequestParser::finish`.
+//! with `RequestParser::finish`. So does a DISCARD or WRITE_ZEROES larger
+//! than `ZEROES_STEP` (up to 32 GiB): it runs in steps (`Zeroes`), so that a
+//! worker can serve its other requests between them.
 
 use crate::config_space::{DeviceConfig, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS};
 use log::{debug, warn};
@@ -29,6 +31,61 @@ use vubd_backend::{Disk, DiskError, IoBuf};
 
 const HEADER_LEN: usize = 16;
 const SEGMENT_LEN: usize = 16;
+
+/// The most bytes of a DISCARD or WRITE_ZEROES done in one go (on tmpfs,
+/// where zeroes are written, tens of milliseconds).
+pub const ZEROES_STEP: u64 = 64 << 20;
+
+/// A validated DISCARD or WRITE_ZEROES, done in steps of at most
+/// `ZEROES_STEP` bytes, each a complete disk operation of its own.
+#[derive(Clone, Copy)]
+pub struct Zeroes {
+    discard: bool,
+    /// (byte offset, length, unmap) per segment.
+    segments: [(u64, u64, bool); MAX_DISCARD_SEGMENTS as usize],
+    count: usize,
+    /// The segment under way, and how much of it is done.
+    next: usize,
+    done: u64,
+}
+
+impl Zeroes {
+    /// Total bytes of the request.
+    fn bytes(&self) -> u64 {
+        self.segments[..self.count].iter().map(|s| s.1).sum()
+    }
+
+    /// Does the next step; the result once the request is finished (or has
+    /// failed: the rest is not attempted).
+    pub fn step(&mut self, disk: &Disk) -> Option<Result<(), DiskError>> {
+        let &(offset, len, unmap) = self.segments[..self.count].get(self.next)?;
+        let n = (len - self.done).min(ZEROES_STEP);
+        let at = offset + self.done;
+        let result = if self.discard {
+            disk.discard(at, n)
+        } else {
+            disk.write_zeroes(at, n, unmap)
+        };
+        if result.is_err() {
+            return Some(result);
+        }
+        self.done += n;
+        if self.done == len {
+            self.next += 1;
+            self.done = 0;
+        }
+        (self.next == self.count).then_some(Ok(()))
+    }
+
+    /// Does every remaining step.
+    pub fn run(&mut self, disk: &Disk) -> Result<(), DiskError> {
+        loop {
+            if let Some(result) = self.step(disk) {
+                return result;
+            }
+        }
+    }
+}
 
 /// The outcome of one request: the status byte and the used length.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,6 +128,13 @@ pub enum Prepared {
         /// Where the status byte goes.
         status: GuestBuf,
     },
+    /// A DISCARD or WRITE_ZEROES too large for one go: run its steps.
+    Zeroes {
+        /// The validated request.
+        job: Zeroes,
+        /// Where the status byte goes.
+        status: GuestBuf,
+    },
 }
 
 /// Reusable scratch space for parsing, so the steady state allocates nothing.
@@ -92,6 +156,8 @@ enum Exec {
     Write(u64),
     /// A validated flush.
     Flush,
+    /// A validated DISCARD or WRITE_ZEROES.
+    Zeroes(Zeroes),
 }
 
 /// Why a chain could not be parsed.
@@ -226,6 +292,7 @@ impl RequestParser {
                 Self::finish(status, disk.write(offset, &self.readable), 0)
             }
             Prepared::Flush { status } => Self::finish(status, disk.flush(), 0),
+            Prepared::Zeroes { mut job, status } => Self::finish(status, job.run(disk), 0),
         }
     }
 
@@ -264,7 +331,7 @@ impl RequestParser {
                 consume_front(&mut self.readable, HEADER_LEN);
                 let req_type = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
                 let sector = u64::from_le_bytes(header[8..16].try_into().unwrap_or([0; 8]));
-                match self.execute(req_type, sector, disk, cfg) {
+                match self.execute(req_type, sector, cfg) {
                     Exec::Status(status, written) => (status, written),
                     Exec::Read(offset) => {
                         self.data_is_writable = true;
@@ -283,6 +350,16 @@ impl RequestParser {
                         };
                     }
                     Exec::Flush => return Prepared::Flush { status: status_buf },
+                    Exec::Zeroes(job) if job.bytes() > ZEROES_STEP => {
+                        return Prepared::Zeroes {
+                            job,
+                            status: status_buf,
+                        }
+                    }
+                    Exec::Zeroes(mut job) => match job.run(disk) {
+                        Ok(()) => (VIRTIO_BLK_S_OK as u8, 0),
+                        Err(e) => (io_status(&e), 0),
+                    },
                 }
             }
         };
@@ -326,7 +403,7 @@ impl RequestParser {
 
     /// Validates one parsed request; runs the types that are not reads,
     /// writes or flushes.
-    fn execute(&mut self, req_type: u32, sector: u64, disk: &Disk, cfg: &DeviceConfig) -> Exec {
+    fn execute(&mut self, req_type: u32, sector: u64, cfg: &DeviceConfig) -> Exec {
         let ok = VIRTIO_BLK_S_OK as u8;
         let ioerr = Exec::Status(VIRTIO_BLK_S_IOERR as u8, 0);
         let unsupp = VIRTIO_BLK_S_UNSUPP as u8;
@@ -374,8 +451,10 @@ impl RequestParser {
                 if writable_len != 0 || cfg.read_only {
                     return ioerr;
                 }
-                let (status, written) = self.discard_or_zero(discard, disk, cfg);
-                Exec::Status(status, written)
+                match self.discard_or_zero(discard, cfg) {
+                    Ok(job) => Exec::Zeroes(job),
+                    Err(status) => Exec::Status(status, 0),
+                }
             }
             other => {
                 debug!("unsupported request type {other}");
@@ -384,19 +463,19 @@ impl RequestParser {
         }
     }
 
-    fn discard_or_zero(&mut self, discard: bool, disk: &Disk, cfg: &DeviceConfig) -> (u8, u32) {
+    /// Validates every segment of a DISCARD or WRITE_ZEROES before any is
+    /// done, so a bad segment fails the request without half of it done.
+    fn discard_or_zero(&mut self, discard: bool, cfg: &DeviceConfig) -> Result<Zeroes, u8> {
         let ioerr = VIRTIO_BLK_S_IOERR as u8;
         let len = total_len(&self.readable) as usize;
         if len == 0
             || !len.is_multiple_of(SEGMENT_LEN)
             || len / SEGMENT_LEN > MAX_DISCARD_SEGMENTS as usize
         {
-            return (ioerr, 0);
+            return Err(ioerr);
         }
         let mut raw = [0u8; SEGMENT_LEN * MAX_DISCARD_SEGMENTS as usize];
         copy_out(&self.readable, &mut raw[..len]);
-        // Validate every segment before touching the disk, so a bad segment
-        // fails the request without half of it done.
         let mut segments = [(0u64, 0u64, false); MAX_DISCARD_SEGMENTS as usize];
         for (i, seg) in raw[..len].chunks_exact(SEGMENT_LEN).enumerate() {
             let sector = u64::from_le_bytes(seg[0..8].try_into().unwrap_or([0; 8]));
@@ -405,29 +484,25 @@ impl RequestParser {
             let unmap = flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0;
             let reserved = flags & !VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0;
             if reserved || (discard && unmap) {
-                return (VIRTIO_BLK_S_UNSUPP as u8, 0);
+                return Err(VIRTIO_BLK_S_UNSUPP as u8);
             }
             if num == 0 || num > MAX_DISCARD_SECTORS {
-                return (ioerr, 0);
+                return Err(ioerr);
             }
             // The segment limit is max_discard_sectors (checked above), not
             // the read/write transfer limit.
             let Some(offset) = check_range(sector, u64::from(num) * 512, cfg) else {
-                return (ioerr, 0);
+                return Err(ioerr);
             };
             segments[i] = (offset, u64::from(num) * 512, unmap);
         }
-        for &(offset, bytes, unmap) in &segments[..len / SEGMENT_LEN] {
-            let result = if discard {
-                disk.discard(offset, bytes)
-            } else {
-                disk.write_zeroes(offset, bytes, unmap)
-            };
-            if let Err(e) = result {
-                return (io_status(&e), 0);
-            }
-        }
-        (VIRTIO_BLK_S_OK as u8, 0)
+        Ok(Zeroes {
+            discard,
+            segments,
+            count: len / SEGMENT_LEN,
+            next: 0,
+            done: 0,
+        })
     }
 }
 
