@@ -107,16 +107,27 @@ struct Pending {
 }
 
 /// A DISCARD or WRITE_ZEROES too large for one go, done a step per round
-/// of the io_uring engine's loop, so that the thread's other requests are
-/// taken and completed between its steps. It counts as in flight.
+/// of the worker's loop, so that the thread's other requests are taken and
+/// completed between its steps. It counts as in flight: the worker does
+/// not leave its handler (nor lets a pause start) before it is done.
 struct Zeroing {
     /// Position of its queue among the thread's queues.
     queue: usize,
     head: u16,
     status: GuestBuf,
     job: Zeroes,
-    /// The guest memory snapshot its status byte points into.
-    mem: PinId,
+    /// The guest memory snapshot its status byte points into, held to
+    /// keep it mapped.
+    _mem: Arc<GuestMemoryMmap>,
+}
+
+impl Zeroing {
+    /// Does the next step; the completion once the request is finished.
+    fn step(&mut self, disk: &Disk) -> Option<Completion> {
+        let result = self.job.step(disk)?;
+        // The status byte lies in `self.mem`, mapped while we hold it.
+        Some(RequestParser::finish(self.status, result, 0))
+    }
 }
 
 /// A fixed-capacity slab: the token of a pending request is its index.
@@ -320,7 +331,10 @@ impl BlockDevice {
             .map(|(pos, state)| (self.cfg.queue_of(thread, pos), state))
             .unzip();
         let mut usable = vec![true; states.len()];
+        // Held while zeroings are under way: a pause waits for them.
+        let mut batch: Option<BatchGuard<'_>> = None;
         loop {
+            let mut paused = false;
             for (pos, state) in states.iter_mut().enumerate() {
                 let index = indices[pos];
                 // Suppress kicks while we are looking at the ring anyway.
@@ -329,11 +343,31 @@ impl BlockDevice {
                         debug!("queue {index}: cannot disable notifications: {e}");
                     }
                 }
-                match self.drain_sync(index, state, atomic, &mut worker.parser) {
+                let parts = (&mut worker.parser, &mut worker.zeroing, &mut batch);
+                match self.drain_sync((index, pos), state, atomic, parts) {
                     Drain::Empty => usable[pos] = true,
                     Drain::Unusable => usable[pos] = false,
-                    Drain::Paused => return Served::Paused,
+                    Drain::Paused => paused = true,
                 }
+            }
+            if let Some((pos, head, done)) = step_zeroing(&mut worker.zeroing, &self.disk) {
+                if let Some(state) = states.get_mut(pos) {
+                    let mem = atomic.memory();
+                    if let Err(e) = state.get_queue_mut().add_used(&*mem, head, done.used_len) {
+                        warn!(
+                            "queue {}: cannot complete request {head}: {e}",
+                            indices[pos]
+                        );
+                    }
+                    signal_if_needed(indices[pos], state, &mem);
+                }
+            }
+            if !worker.zeroing.is_empty() {
+                continue;
+            }
+            batch = None;
+            if paused {
+                return Served::Paused;
             }
             if self.stopping.load(Ordering::Acquire) {
                 return Served::Done;
@@ -379,12 +413,15 @@ impl BlockDevice {
     /// block job's pause (mirror pivot, checkpoint) waits for at most the
     /// request under way, not for the ring to run dry, which a busy guest
     /// may never let happen (while the other queues wait at the gate).
-    fn drain_sync(
-        &self,
-        index: usize,
+    /// A DISCARD or WRITE_ZEROES too large for one go is only taken here
+    /// (into `zeroing`, with its gate batch moved to `batch`): the caller
+    /// does its steps between drains.
+    fn drain_sync<'g>(
+        &'g self,
+        (index, pos): (usize, usize),
         state: &mut VringState<'_>,
         atomic: &GuestMemory,
-        parser: &mut RequestParser,
+        (parser, zeroing, batch): SyncParts<'_, 'g>,
     ) -> Drain {
         let gate = self.disk.gate();
         loop {
@@ -404,7 +441,7 @@ impl BlockDevice {
                 if self.stopping.load(Ordering::Acquire) {
                     return Drain::Empty;
                 }
-                let Some(_batch) = gate.try_enter() else {
+                let Some(request_batch) = gate.try_enter() else {
                     return Drain::Paused;
                 };
                 let chain = match state.get_queue_mut().iter(&*mem) {
@@ -418,7 +455,19 @@ impl BlockDevice {
                     break;
                 };
                 let head = chain.head_index();
-                let done = parser.process(chain, &mem, &self.disk, &self.cfg);
+                let prepared = parser.prepare(chain, &mem, &self.disk, &self.cfg);
+                if let Prepared::Zeroes { job, status } = prepared {
+                    zeroing.push(Zeroing {
+                        queue: pos,
+                        head,
+                        status,
+                        job,
+                        _mem: mem.clone().into_inner(),
+                    });
+                    batch.get_or_insert(request_batch);
+                    continue;
+                }
+                let done = parser.run(prepared, &self.disk);
                 if let Err(e) = state.get_queue_mut().add_used(&*mem, head, done.used_len) {
                     warn!("queue {index}: cannot complete request {head}: {e}");
                     continue;
@@ -534,7 +583,7 @@ impl BlockDevice {
             }
             engine.submit();
             self.reap(&mut queues, &mem, engine, pending, snapshots);
-            self.step_zeroing(&mut queues, &mem, zeroing, snapshots);
+            self.step_zeroing(&mut queues, &mem, zeroing);
             for fd in engine.take_kicks() {
                 if let Some(q) = queues.iter_mut().find(|q| q.kick == Some(fd)) {
                     if q.may_drain {
@@ -629,6 +678,7 @@ impl BlockDevice {
         count: u16,
         (parser, engine, pending, zeroing, snapshots): WorkerParts<'_>,
     ) -> (usize, usize, bool) {
+        let snapshot = mem;
         let mem: &GuestMemoryMmap = mem;
         let disk = &*self.disk;
         let inline_lone = matches!(
@@ -656,21 +706,18 @@ impl BlockDevice {
             let head = chain.head_index();
             let mut prepared = parser.prepare(chain, mem, disk, &self.cfg);
             if let Prepared::Zeroes { job, status } = prepared {
-                let Some(pin) = snapshots.pin() else {
-                    break;
-                };
                 zeroing.push(Zeroing {
                     queue: pos,
                     head,
                     status,
                     job,
-                    mem: pin,
+                    _mem: snapshot.clone(),
                 });
                 continue;
             }
             if inline_lone && count == 1 && engine.in_flight() == 0 {
                 // Nothing to overlap with: skip the ring (see AioEngine).
-                prepared = Prepared::Done(run_inline(prepared, parser, disk));
+                prepared = Prepared::Done(parser.run(prepared, disk));
             }
             let (status, data_len) = match prepared {
                 Prepared::Done(done) => {
@@ -720,21 +767,12 @@ impl BlockDevice {
         queues: &mut [ServedQueue<'_>],
         mem: &GuestMemoryMmap,
         zeroing: &mut Vec<Zeroing>,
-        snapshots: &mut Pins<Arc<GuestMemoryMmap>>,
     ) {
-        let Some(z) = zeroing.first_mut() else {
+        let Some((queue, head, done)) = step_zeroing(zeroing, &self.disk) else {
             return;
         };
-        let Some(result) = z.job.step(&self.disk) else {
-            zeroing.rotate_left(1);
-            return;
-        };
-        let z = zeroing.remove(0);
-        // Status first, while the request's snapshot is still pinned.
-        let done = RequestParser::finish(z.status, result, 0);
-        snapshots.unpin(z.mem);
-        if let Some(q) = queues.get_mut(z.queue) {
-            complete(q.index, q.state.get_queue_mut(), mem, z.head, done);
+        if let Some(q) = queues.get_mut(queue) {
+            complete(q.index, q.state.get_queue_mut(), mem, head, done);
             q.finished += 1;
         }
     }
@@ -784,6 +822,14 @@ struct ServedQueue<'a> {
     count: Option<u16>,
 }
 
+/// The parts of a worker that `drain_sync` uses, and the gate batch that
+/// its zeroings hold.
+type SyncParts<'a, 'g> = (
+    &'a mut RequestParser,
+    &'a mut Vec<Zeroing>,
+    &'a mut Option<BatchGuard<'g>>,
+);
+
 /// The parts of a worker that `take_requests` uses.
 type WorkerParts<'a> = (
     &'a mut RequestParser,
@@ -805,21 +851,16 @@ fn available(queue: &Queue, mem: &GuestMemoryMmap) -> Option<u16> {
     (count <= queue.size()).then_some(count)
 }
 
-/// Runs a prepared request synchronously.
-fn run_inline(prepared: Prepared, parser: &RequestParser, disk: &Disk) -> Completion {
-    match prepared {
-        Prepared::Done(done) => done,
-        Prepared::Read {
-            offset,
-            len,
-            status,
-        } => RequestParser::finish(status, disk.read(offset, parser.data()), len),
-        Prepared::Write { offset, status } => {
-            RequestParser::finish(status, disk.write(offset, parser.data()), 0)
-        }
-        Prepared::Flush { status } => RequestParser::finish(status, disk.flush(), 0),
-        Prepared::Zeroes { mut job, status } => RequestParser::finish(status, job.run(disk), 0),
-    }
+/// Does one step of the zeroing whose turn it is; when that was its last,
+/// removes it and returns its (queue position, head, completion).
+fn step_zeroing(zeroing: &mut Vec<Zeroing>, disk: &Disk) -> Option<(usize, u16, Completion)> {
+    let z = zeroing.first_mut()?;
+    let Some(done) = z.step(disk) else {
+        zeroing.rotate_left(1);
+        return None;
+    };
+    let z = zeroing.remove(0);
+    Some((z.queue, z.head, done))
 }
 
 /// Puts a finished request in the used ring.

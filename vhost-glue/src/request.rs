@@ -281,7 +281,14 @@ impl RequestParser {
     where
         M: Deref<Target = GuestMemoryMmap>,
     {
-        match self.prepare(chain, mem, disk, cfg) {
+        let prepared = self.prepare(chain, mem, disk, cfg);
+        self.run(prepared, disk)
+    }
+
+    /// Runs a request `prepare` returned, synchronously (a large DISCARD or
+    /// WRITE_ZEROES in all its steps), and writes its status byte.
+    pub fn run(&self, prepared: Prepared, disk: &Disk) -> Completion {
+        match prepared {
             Prepared::Done(done) => done,
             Prepared::Read {
                 offset,
