@@ -161,7 +161,7 @@ enum Exec {
 }
 
 /// Why a chain could not be parsed.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Malformed {
     /// Chain loops, runs off the table, or points outside guest memory.
     Broken,
@@ -179,7 +179,10 @@ enum Malformed {
 
 impl RequestParser {
     /// Flattens `chain` into host buffers. Returns the status byte location
-    /// and whether the chain is well formed.
+    /// and whether the chain is well formed. From the first violation on,
+    /// nothing more is mapped or collected: the rest of the chain is only
+    /// followed to its end (at most its length limit), where the status
+    /// byte is, so that the driver still learns of the error.
     fn flatten<M>(
         &mut self,
         chain: DescriptorChain<M>,
@@ -195,6 +198,8 @@ impl RequestParser {
         let mut seen_writable = false;
         let mut last_has_next = false;
         let mut last_writable_ok = false;
+        // The last descriptor seen past the first violation, if writable.
+        let mut tail = None;
         let mut count = 0usize;
         for desc in chain {
             count += 1;
@@ -203,6 +208,10 @@ impl RequestParser {
             }
             last_has_next = desc.has_next();
             last_writable_ok = false;
+            if result.is_err() {
+                tail = (desc.len() > 0 && desc.is_write_only()).then(|| (desc.addr(), desc.len()));
+                continue;
+            }
             if desc.len() == 0 {
                 continue;
             }
@@ -241,6 +250,22 @@ impl RequestParser {
             // The iterator stopped on a loop, an index past the table, or an
             // unreadable descriptor: we cannot know where the chain really ends.
             return (None, Err(Malformed::Broken));
+        }
+        if let (Err(e), Some((addr, len))) = (&result, tail) {
+            use vm_memory::Address;
+            let status = addr
+                .checked_add(u64::from(len) - 1)
+                .and_then(|at| GuestMemoryBackend::get_slices(mem, at, 1).next())
+                .and_then(Result::ok)
+                // SAFETY: one byte inside a mapped guest region, kept mapped
+                // by the memory guard for the request's lifetime.
+                .map(|s| unsafe { IoBuf::new(s.ptr_guard_mut().as_ptr(), 1) });
+            let err = if status.is_some() {
+                *e
+            } else {
+                Malformed::Broken
+            };
+            return (status, Err(err));
         }
         if !last_writable_ok {
             let err = if self.writable.is_empty() {

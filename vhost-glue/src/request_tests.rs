@@ -632,3 +632,34 @@ fn more_segments_than_seg_max_are_refused() {
     assert_eq!(done.status, OK);
     assert!(f.file()[1024..2560].iter().all(|&b| b == 0x77));
 }
+
+/// Past the first violation of a chain nothing more is mapped or collected:
+/// the rest is only followed to its end, for the status byte (IOERR).
+#[test]
+fn descriptor_walk_stops_collecting_at_the_first_violation() {
+    let f = Fixture::new(false, 512);
+    f.header(VIRTIO_BLK_T_IN, 0);
+    // A readable descriptor after a writable one (the violation), then a
+    // dozen more, then the status.
+    let mut descs = vec![(HDR, 16, false), (DATA, 512, true)];
+    descs.extend((1..=12).map(|i| (DATA + i * 512, 512, false)));
+    descs.push((STATUS, 1, true));
+    let raw: Vec<RawDescriptor> = descs
+        .iter()
+        .map(|&(addr, len, w)| {
+            let flags = if w { VRING_DESC_F_WRITE as u16 } else { 0 };
+            RawDescriptor::from(SplitDescriptor::new(addr, len, flags, 0))
+        })
+        .collect();
+    let queue = MockSplitQueue::new(&f.mem, 16);
+    let chain = queue.build_desc_chain(&raw).unwrap();
+    let mut parser = RequestParser::default();
+    let done = parser.process(chain, &f.mem, &f.disk, &f.cfg);
+    assert_eq!(done.status, IOERR);
+    assert_eq!(f.status_byte(), VIRTIO_BLK_S_IOERR as u8);
+    let collected = parser.readable.len() + parser.writable.len();
+    assert!(
+        collected <= 3,
+        "{collected} buffers collected: the walk went on mapping past the violation"
+    );
+}
