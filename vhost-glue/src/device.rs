@@ -115,7 +115,7 @@ struct Zeroing {
     queue: usize,
     head: u16,
     status: GuestBuf,
-    job: Zeroes,
+    job: Box<Zeroes>,
     /// The guest memory snapshot its status byte points into, held to
     /// keep it mapped.
     _mem: Arc<GuestMemoryMmap>,

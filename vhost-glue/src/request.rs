@@ -102,7 +102,7 @@ pub struct Completion {
 pub type GuestBuf = IoBuf<'static>;
 
 /// A parsed, validated request, and what it still needs.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 pub enum Prepared {
     /// Finished (malformed, refused, GET_ID, DISCARD, WRITE_ZEROES): the
     /// status byte is written; put this in the used ring.
@@ -130,8 +130,8 @@ pub enum Prepared {
     },
     /// A DISCARD or WRITE_ZEROES too large for one go: run its steps.
     Zeroes {
-        /// The validated request.
-        job: Zeroes,
+        /// The validated request (boxed: rare, and large).
+        job: Box<Zeroes>,
         /// Where the status byte goes.
         status: GuestBuf,
     },
@@ -147,6 +147,9 @@ pub struct RequestParser {
 }
 
 /// What `execute` decided.
+// Zeroes is large, but an Exec lives only until `prepare` looks at it:
+// boxing would allocate for every DISCARD and WRITE_ZEROES.
+#[allow(clippy::large_enum_variant)]
 enum Exec {
     /// Finished: (status, bytes written to the driver).
     Status(u8, u32),
@@ -384,7 +387,7 @@ impl RequestParser {
                     Exec::Flush => return Prepared::Flush { status: status_buf },
                     Exec::Zeroes(job) if job.bytes() > ZEROES_STEP => {
                         return Prepared::Zeroes {
-                            job,
+                            job: Box::new(job),
                             status: status_buf,
                         }
                     }
