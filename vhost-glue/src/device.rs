@@ -29,6 +29,11 @@
 //!   request that arrives alone runs inline, and on tmpfs, when the queue
 //!   threads take every core, all requests do (see `AioEngine`).
 //!
+//! A DISCARD or WRITE_ZEROES too large for one go (`ZEROES_STEP`) is not
+//! run when popped: both engines keep it as a `Zeroing` and do one step per
+//! round of their loop, taking and completing the thread's other requests
+//! in between; it counts as in flight until its last step.
+//!
 //! Both engines look at the disk's gate (a block job's pause, e.g. the
 //! mirror's pivot) before each request they take, so a pause waits for the
 //! requests under way, not for a busy ring to run dry. A worker that finds
