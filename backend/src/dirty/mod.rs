@@ -27,7 +27,7 @@ pub use format::{recover, sidecar_path, RecoveredBitmap, Recovery, FORMAT_VERSIO
 pub use inflight::InFlightBitmap;
 pub use store::{took_effect, FileStore, MemStore, MetaStore, NotDurable};
 pub use tracker::{
-    BitmapInfo, BitmapTxn, DirtyTracker, PreparedRelocation, TrackerConfig, TrackerStats,
+    BitmapInfo, BitmapTxn, DirtyTracker, Frozen, PreparedRelocation, TrackerConfig, TrackerStats,
 };
 
 /// Smallest granularity (QEMU's lower bound).
