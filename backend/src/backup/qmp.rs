@@ -177,10 +177,12 @@ impl BackupService {
                 ));
             };
             if info.busy {
-                return Err(BitmapOpError::Busy(name.clone()).to_string()).map_err(generic);
+                return Err(generic(BitmapOpError::Busy(name.clone()).to_string()));
             }
             if info.inconsistent {
-                return Err(BitmapOpError::Inconsistent(name.clone()).to_string()).map_err(generic);
+                return Err(generic(
+                    BitmapOpError::Inconsistent(name.clone()).to_string(),
+                ));
             }
             if sync == "none" {
                 return Err(generic(
