@@ -798,4 +798,41 @@ mod qmp {
             assert!(s.tracker.bitmap("b0").unwrap().get(60 * CL));
         }
     }
+
+    /// A transaction whose last action fails after a `sync: bitmap`
+    /// backup leaves no trace: no job, no filter node, the bitmap not busy
+    /// and with its bits; a later backup on it is accepted.
+    #[test]
+    fn a_failed_transaction_releases_the_backup_bitmap() {
+        let s = setup("txnbitmap");
+        exec(
+            &s.d,
+            "block-dirty-bitmap-add",
+            json!({"node": "disk0", "name": "b0", "persistent": true}),
+        )
+        .unwrap();
+        write(&s.disk, 3 * CL, 512, 7).unwrap();
+        let action = json!({"type": "blockdev-backup", "data": {"job-id": "j", "device": "disk0",
+            "target": "tmp0", "sync": "incremental", "bitmap": "b0", "filter-node-name": "f0"}});
+        let e = exec(
+            &s.d,
+            "transaction",
+            json!({"actions": [action.clone(), {"type": "abort", "data": {}}]}),
+        )
+        .unwrap_err();
+        assert_eq!(e.desc, "Transaction aborted using Abort action");
+        assert!(s.graph.lookup("f0").is_none());
+        assert_eq!(exec(&s.d, "query-jobs", json!({})).unwrap(), json!([]));
+        let info = s.tracker.list();
+        assert!(!info[0].busy, "the bitmap stayed busy: {info:?}");
+        assert_eq!(clusters(&s, "b0"), vec![3]);
+        exec(&s.d, "transaction", json!({"actions": [action]})).unwrap();
+        wait_until("the job to end", || {
+            exec(&s.d, "query-jobs", json!({}))
+                .unwrap()
+                .as_array()
+                .is_some_and(|a| a.is_empty())
+        });
+        assert_eq!(clusters(&s, "b0"), Vec::<u64>::new());
+    }
 }
