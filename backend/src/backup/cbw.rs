@@ -223,6 +223,34 @@ impl CopyBeforeWrite {
         })
     }
 
+    /// Narrows the snapshot and the copy to the clusters that touch a bit
+    /// set in `bitmap` (a `sync: bitmap` backup's copy set, known only at
+    /// its start instant). Call before the filter goes into the guest's path.
+    pub fn limit_to(&self, bitmap: &DirtyBitmap) -> Result<(), String> {
+        let keep =
+            DirtyBitmap::new(self.size, self.opts.cluster, false).map_err(|e| e.to_string())?;
+        keep.merge_from(bitmap);
+        let n = self.clusters();
+        let mut c = 0;
+        while c < n {
+            let a = keep.next_clean(c);
+            if a >= n {
+                break;
+            }
+            let b = keep.next_dirty(a).unwrap_or(n).min(n);
+            self.to_copy.reset_chunks(a, b - 1);
+            self.access.reset_chunks(a, b - 1);
+            c = b;
+        }
+        Ok(())
+    }
+
+    /// The clusters still to copy (a failed `bitmap-mode: always` backup
+    /// puts them back into its bitmap).
+    pub fn pending(&self) -> &DirtyBitmap {
+        &self.to_copy
+    }
+
     /// Size of the source (and of the snapshot).
     pub fn size(&self) -> u64 {
         self.size

@@ -3,14 +3,19 @@
 //! it runs until `block-job-cancel`. With `sync: full` (push) it also
 //! copies every cluster the guest has not made the filter copy yet, so
 //! the target ends up as the point-in-time image, and then completes.
-//! Either way, on its way out it takes the filter out of the guest's path
-//! and out of the graph, and releases its target.
+//! With `sync: bitmap` it copies only the clusters its bitmap had set at
+//! its start (`top` copies all: vubd's disks have no backing file). Either
+//! way, on its way out it settles its bitmap (`bitmap-mode`), takes the
+//! filter out of the guest's path and out of the graph, and releases its
+//! target.
 
 use super::cbw::CopyBeforeWrite;
+use crate::dirty::{DirtyBitmap, Frozen};
 use crate::disk::{Disk, WriteHook};
 use crate::graph::{Graph, User};
 use crate::jobs::{ErrorAction, IoOperation, JobContext, JobDriver, OnError};
-use std::sync::Arc;
+use crate::qmp::{DirtyBitmaps, ManagementContext};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// The error policies of a push backup (`sync: full`).
@@ -20,6 +25,30 @@ pub struct Push {
     pub on_source_error: OnError,
     /// `on-target-error`.
     pub on_target_error: OnError,
+}
+
+/// QEMU's `BitmapSyncMode`: what the job's end makes of its bitmap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BitmapMode {
+    /// After a success, the writes since the start; else unchanged.
+    OnSuccess,
+    /// Unchanged (the bits at the start and the writes since).
+    Never,
+    /// The writes since the start and the clusters not copied.
+    Always,
+}
+
+/// A job's bitmap (`bitmap`, `bitmap-mode`) from its start to its end.
+pub struct SyncBitmap {
+    /// The bitmaps, where the bitmap is settled at the end.
+    pub bitmaps: Arc<dyn DirtyBitmaps>,
+    /// Holds guest I/O for the end, so no write falls between the
+    /// successor and the new bits.
+    pub ctx: Arc<dyn ManagementContext>,
+    /// The mode.
+    pub mode: BitmapMode,
+    /// The start's copy set and successor.
+    pub frozen: Frozen,
 }
 
 /// What a backup job holds.
@@ -34,8 +63,10 @@ pub struct BackupJob {
     pub filter_node: String,
     /// The target's node name.
     pub target_node: String,
-    /// `Some` for a push backup, which copies everything.
+    /// `Some` for a push backup (`sync` other than `none`).
     pub push: Option<Push>,
+    /// The bitmap, from the start instant to the end.
+    pub bitmap: Mutex<Option<SyncBitmap>>,
 }
 
 impl BackupJob {
@@ -52,17 +83,64 @@ impl BackupJob {
             .release(&self.target_node, &User::BackupJob(job_id.to_string()));
     }
 
-    /// The progress of a fleecing job is the bytes its filter copied
-    /// (QEMU's `offset`), out of the disk's size (`len`). Set up before
-    /// the filter goes in, so no copy goes uncounted.
+    /// The progress of a backup job is the bytes its filter copied
+    /// (QEMU's `offset`), out of the bytes to copy (`len`): the disk's
+    /// size, or the clusters of a `sync: bitmap` job's copy set. Set up
+    /// before the filter goes in, so no copy goes uncounted.
     pub fn track_progress(&self, ctx: JobContext) {
-        ctx.progress_set_remaining(self.cbw.size());
+        ctx.progress_set_remaining(self.cbw.pending().count_bytes().min(self.cbw.size()));
         self.cbw
             .set_progress(Some(Box::new(move |bytes| ctx.progress_update(bytes))));
     }
 }
 
 impl BackupJob {
+    /// Settles the bitmap at the job's end, as QEMU's
+    /// `backup_cleanup_sync_bitmap`: on success (unless `never`) or with
+    /// `always`, the bitmap becomes the writes since the start, plus, after
+    /// a failure, the clusters not copied; otherwise it is left as it is,
+    /// which is the bits of the start and the writes since.
+    fn settle_bitmap(&self, ok: bool) {
+        let Some(s) = self.bitmap.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+            return;
+        };
+        let replace = (ok || s.mode == BitmapMode::Always) && s.mode != BitmapMode::Never;
+        let copy = &s.frozen.copy;
+        let mut result = Ok(());
+        let mut settle = || {
+            let new = match replace {
+                false => None,
+                true => match DirtyBitmap::new(copy.disk_size(), copy.granularity(), false) {
+                    Ok(new) => {
+                        new.merge_from(&s.frozen.successor);
+                        if !ok {
+                            new.merge_from(self.cbw.pending());
+                        }
+                        Some(new)
+                    }
+                    Err(e) => {
+                        result = Err(e.to_string());
+                        None
+                    }
+                },
+            };
+            if let Err(e) = s.bitmaps.end_backup(&s.frozen, new.as_ref()) {
+                result = Err(e.to_string());
+            }
+        };
+        if let Err(e) = s.ctx.with_guest_io_held(&mut settle) {
+            // Left as it is (a superset of what it should become).
+            result = s
+                .bitmaps
+                .end_backup(&s.frozen, None)
+                .map_err(|e| e.to_string());
+            log::warn!("backup: guest I/O could not be held to settle the bitmap: {e}");
+        }
+        if let Err(e) = result {
+            log::warn!("backup: the bitmap keeps its bits: {e}");
+        }
+    }
+
     /// A push backup's copy: every cluster in order, a piece at a time,
     /// with pause points, the speed limit and the error policies between
     /// pieces. A cluster the guest wrote meanwhile was copied by the filter
@@ -130,10 +208,13 @@ impl JobDriver for BackupJob {
     }
 
     fn commit(&self, _ctx: &JobContext) -> Result<(), String> {
+        self.settle_bitmap(true);
         Ok(())
     }
 
-    fn abort(&self, _ctx: &JobContext) {}
+    fn abort(&self, _ctx: &JobContext) {
+        self.settle_bitmap(false);
+    }
 
     fn clean(&self, ctx: &JobContext) {
         self.remove_filter(ctx.id());

@@ -527,7 +527,7 @@ mod qmp {
         let tmp = dir.sparse("tmp");
         let before = std::fs::read(&src).unwrap();
         let disk = Arc::new(Disk::new(Box::new(raw(&src)), false));
-        let tracker = Arc::new(DirtyTracker::open(TrackerConfig::new(SIZE)).unwrap());
+        let tracker = Arc::new(DirtyTracker::open(TrackerConfig::for_image(&src, SIZE)).unwrap());
         disk.add_hook(tracker.clone());
         let ctx = Arc::new(Ctx {
             disk: disk.clone(),
@@ -691,5 +691,145 @@ mod qmp {
             .is_err());
         exec(&s.d, "blockdev-del", json!({"node-name": "acc0"})).unwrap();
         exec(&s.d, "blockdev-del", json!({"node-name": "tmp0"})).unwrap();
+    }
+
+    /// The job's progress, as `query-block-jobs` shows it.
+    fn offset(s: &Setup) -> u64 {
+        let jobs = exec(&s.d, "query-block-jobs", json!({})).unwrap();
+        jobs[0]["offset"].as_u64().unwrap_or(0)
+    }
+
+    fn clusters(s: &Setup, name: &str) -> Vec<u64> {
+        let b = s.tracker.bitmap(name).unwrap();
+        (0..SIZE / CL).filter(|&c| b.get(c * CL)).collect()
+    }
+
+    /// `sync: bitmap` on a persistent bitmap with the bits {1, 2, 40, 50}
+    /// (the copy set C): the job copies piece 0 (clusters 1, 2), then
+    /// waits (speed); a write on cluster 40 (in C, not copied yet: the
+    /// filter copies it) and one on cluster 5 (not in C) land during the
+    /// job. Cancelled there: `on-success` and `never` keep C and the
+    /// writes, `always` keeps the writes and cluster 50 (not copied). Run to the end: `on-success` and `always`
+    /// keep only the writes since the start, `never` keeps everything.
+    /// The target holds C's clusters as they were at the start, and
+    /// nothing else.
+    #[test]
+    fn bitmap_backup_settles_its_bitmap_by_mode() {
+        for (mode, cancel, want) in [
+            ("on-success", true, vec![1, 2, 5, 40, 50]),
+            ("never", true, vec![1, 2, 5, 40, 50]),
+            ("always", true, vec![5, 40, 50]),
+            ("on-success", false, vec![5, 40]),
+            ("never", false, vec![1, 2, 5, 40, 50]),
+            ("always", false, vec![5, 40]),
+        ] {
+            let s = setup("bitmap");
+            exec(
+                &s.d,
+                "block-dirty-bitmap-add",
+                json!({"node": "disk0", "name": "b0", "persistent": true}),
+            )
+            .unwrap();
+            for c in [1, 2, 40, 50] {
+                write(&s.disk, c * CL + 512, 512, 0xa0 + c as u8).unwrap();
+            }
+            let start = std::fs::read(s.disk.image().path()).unwrap();
+            exec(
+                &s.d,
+                "blockdev-backup",
+                json!({"job-id": "j", "device": "disk0", "target": "tmp0", "sync": "bitmap",
+                       "bitmap": "b0", "bitmap-mode": mode, "speed": 1, "auto-finalize": false}),
+            )
+            .unwrap();
+            wait_until("piece 0 to be copied", || offset(&s) == 2 * CL);
+            let info = s.tracker.list();
+            assert!(info[0].busy && info[0].recording, "{mode}: {info:?}");
+            write(&s.disk, 40 * CL, 4096, 0xee).unwrap();
+            write(&s.disk, 5 * CL, 4096, 0xef).unwrap();
+            // Still recording: what is stored covers C and the writes.
+            assert_eq!(clusters(&s, "b0"), vec![1, 2, 5, 40, 50], "{mode}");
+            if cancel {
+                exec(&s.d, "block-job-cancel", json!({"device": "j"})).unwrap();
+            } else {
+                exec(
+                    &s.d,
+                    "block-job-set-speed",
+                    json!({"device": "j", "speed": 0}),
+                )
+                .unwrap();
+                wait_until("the job to be pending", || {
+                    let jobs = exec(&s.d, "query-jobs", json!({})).unwrap();
+                    jobs[0]["status"] == "pending"
+                });
+                exec(&s.d, "job-finalize", json!({"id": "j"})).unwrap();
+            }
+            wait_until("the job to end", || {
+                s.graph.lookup("j").is_none() && {
+                    exec(&s.d, "query-jobs", json!({}))
+                        .unwrap()
+                        .as_array()
+                        .is_some_and(|a| a.is_empty())
+                }
+            });
+            assert_eq!(clusters(&s, "b0"), want, "{mode}, cancel {cancel}");
+            let info = s.tracker.list();
+            assert!(!info[0].busy && info[0].recording, "{mode}: {info:?}");
+            let target = std::fs::read(&s.tmp).unwrap();
+            for c in 0..SIZE / CL {
+                let r = (c * CL) as usize..((c + 1) * CL) as usize;
+                let copied = [1, 2, 40].contains(&c) || (c == 50 && !cancel);
+                if copied {
+                    assert!(
+                        target[r.clone()] == start[r],
+                        "{mode}: cluster {c} is not the start's"
+                    );
+                } else {
+                    assert!(
+                        target[r].iter().all(|&b| b == 0),
+                        "{mode}: cluster {c} was copied"
+                    );
+                }
+            }
+            // A later write is recorded by the bitmap itself again.
+            write(&s.disk, 60 * CL, 512, 1).unwrap();
+            assert!(s.tracker.bitmap("b0").unwrap().get(60 * CL));
+        }
+    }
+
+    /// A transaction whose last action fails after a `sync: bitmap`
+    /// backup leaves no trace: no job, no filter node, the bitmap not busy
+    /// and with its bits; a later backup on it is accepted.
+    #[test]
+    fn a_failed_transaction_releases_the_backup_bitmap() {
+        let s = setup("txnbitmap");
+        exec(
+            &s.d,
+            "block-dirty-bitmap-add",
+            json!({"node": "disk0", "name": "b0", "persistent": true}),
+        )
+        .unwrap();
+        write(&s.disk, 3 * CL, 512, 7).unwrap();
+        let action = json!({"type": "blockdev-backup", "data": {"job-id": "j", "device": "disk0",
+            "target": "tmp0", "sync": "incremental", "bitmap": "b0", "filter-node-name": "f0"}});
+        let e = exec(
+            &s.d,
+            "transaction",
+            json!({"actions": [action.clone(), {"type": "abort", "data": {}}]}),
+        )
+        .unwrap_err();
+        assert_eq!(e.desc, "Transaction aborted using Abort action");
+        assert!(s.graph.lookup("f0").is_none());
+        assert_eq!(exec(&s.d, "query-jobs", json!({})).unwrap(), json!([]));
+        let info = s.tracker.list();
+        assert!(!info[0].busy, "the bitmap stayed busy: {info:?}");
+        assert_eq!(clusters(&s, "b0"), vec![3]);
+        exec(&s.d, "transaction", json!({"actions": [action]})).unwrap();
+        wait_until("the job to end", || {
+            exec(&s.d, "query-jobs", json!({}))
+                .unwrap()
+                .as_array()
+                .is_some_and(|a| a.is_empty())
+        });
+        assert_eq!(clusters(&s, "b0"), Vec::<u64>::new());
     }
 }

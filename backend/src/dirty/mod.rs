@@ -24,7 +24,7 @@ pub use bitmap::{check_granularity, hex, qemu_words, DirtyBitmap, DirtyRanges, P
 pub use format::{recover, sidecar_path, RecoveredBitmap, Recovery, FORMAT_VERSION};
 pub use store::{took_effect, FileStore, MemStore, MetaStore, NotDurable};
 pub use tracker::{
-    BitmapInfo, BitmapTxn, DirtyTracker, PreparedRelocation, TrackerConfig, TrackerStats,
+    BitmapInfo, BitmapTxn, DirtyTracker, Frozen, PreparedRelocation, TrackerConfig, TrackerStats,
 };
 
 /// Smallest granularity (QEMU's lower bound).

@@ -360,6 +360,24 @@ impl Inner {
     }
 }
 
+/// What a backup job holds on a bitmap between
+/// [`DirtyTracker::begin_backup`] and [`DirtyTracker::end_backup`].
+pub struct Frozen {
+    name: String,
+    /// The bits at the job's start: what a `sync: bitmap` job copies.
+    pub copy: DirtyBitmap,
+    /// The writes since the start (volatile, at the bitmap's granularity).
+    pub successor: Arc<DirtyBitmap>,
+    /// Attaches the successor to the guest path; `None`: not recording.
+    link: Option<Arc<InFlightBitmap>>,
+}
+
+impl std::fmt::Debug for Frozen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Frozen").field("name", &self.name).finish()
+    }
+}
+
 /// All dirty bitmaps of one disk. Share it (`Arc`) between the queue threads
 /// (which call [`DirtyTracker::mark`]) and the management plane.
 pub struct DirtyTracker {
@@ -789,6 +807,54 @@ impl DirtyTracker {
         }
         b.busy.store(busy, Ordering::Release);
         Ok(())
+    }
+
+    /// A backup job's start on bitmap `name` (QEMU's frozen bitmap and its
+    /// successor), called with guest I/O held. The bitmap keeps recording,
+    /// so what is stored never lacks a write; the writes from now on also
+    /// go to a volatile successor, so the job's end can make the bitmap
+    /// exactly "the writes since the start" ([`DirtyTracker::end_backup`]).
+    pub fn begin_backup(&self, name: &str) -> Result<Frozen, DirtyError> {
+        let b = self.find(name)?;
+        let (size, gran) = (self.inner.disk_size, b.bitmap.granularity());
+        let copy = DirtyBitmap::new(size, gran, false)?;
+        copy.merge_from(&b.bitmap);
+        let successor = Arc::new(DirtyBitmap::new(size, gran, false)?);
+        // A disabled bitmap's successor records nothing, as in QEMU. The
+        // mirror's in-flight list marks it: no new cost on the guest path.
+        let link = match b.bitmap.is_recording() {
+            true => {
+                let link = Arc::new(InFlightBitmap::new(size, gran)?);
+                self.attach_inflight(link.clone(), successor.clone())?;
+                Some(link)
+            }
+            false => None,
+        };
+        Ok(Frozen {
+            name: name.to_string(),
+            copy,
+            successor,
+            link,
+        })
+    }
+
+    /// A backup job's end, called with guest I/O held: the successor stops
+    /// recording, the bitmap is released (no longer busy) and, if `new` is
+    /// given (same granularity), its bits become `new`'s, with one atomic
+    /// sidecar replacement if it is persistent. On error the bits are as
+    /// before, a superset of the copy set and the writes since.
+    pub fn end_backup(&self, frozen: &Frozen, new: Option<&DirtyBitmap>) -> Result<(), DirtyError> {
+        if let Some(link) = &frozen.link {
+            self.detach_inflight(link);
+        }
+        self.set_busy(&frozen.name, false)?;
+        let Some(new) = new else {
+            return Ok(());
+        };
+        let mut txn = self.transaction();
+        txn.replace(&frozen.name, new)?;
+        txn.prepare()?;
+        txn.commit()
     }
 
     // ------------------------------------------------------------------

@@ -52,6 +52,7 @@ pub trait ManagementContext: Send + Sync {
 /// One bitmap as `query-block` reports it (QEMU's `BlockDirtyInfo`): the
 /// engine's own description, so nothing is copied field by field.
 pub use crate::dirty::BitmapInfo;
+use crate::dirty::{DirtyBitmap, Frozen};
 
 /// A refusal from the bitmap engine; the `Display` texts are QEMU's.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -120,6 +121,17 @@ pub trait DirtyBitmaps: Send + Sync {
     /// change it), or releases it.
     fn set_busy(&self, name: &str, _busy: bool) -> Result<(), BitmapOpError> {
         Err(BitmapOpError::NotFound(name.to_string()))
+    }
+    /// A backup job's start on `name` (with guest I/O held): see
+    /// [`crate::dirty::DirtyTracker::begin_backup`].
+    fn begin_backup(&self, name: &str) -> Result<Frozen, BitmapOpError> {
+        Err(BitmapOpError::NotFound(name.to_string()))
+    }
+    /// A backup job's end (with guest I/O held): see
+    /// [`crate::dirty::DirtyTracker::end_backup`].
+    fn end_backup(&self, frozen: &Frozen, _new: Option<&DirtyBitmap>) -> Result<(), BitmapOpError> {
+        let _ = frozen;
+        Err(BitmapOpError::Failed("no bitmaps".into()))
     }
     /// Starts a transaction over the bitmaps (QMP `transaction`); `None`
     /// if this engine cannot change several bitmaps at one instant.

@@ -5,7 +5,7 @@
 //! error type onto the QMP layer's.
 
 use super::context::{BitmapInfo, BitmapOpError, BitmapTransaction, DirtyBitmaps};
-use crate::dirty::{BitmapTxn, DirtyError, DirtyTracker};
+use crate::dirty::{BitmapTxn, DirtyBitmap, DirtyError, DirtyTracker, Frozen};
 
 impl From<DirtyError> for BitmapOpError {
     fn from(e: DirtyError) -> Self {
@@ -78,6 +78,14 @@ impl DirtyBitmaps for DirtyTracker {
 
     fn set_busy(&self, name: &str, busy: bool) -> Result<(), BitmapOpError> {
         Ok(DirtyTracker::set_busy(self, name, busy)?)
+    }
+
+    fn begin_backup(&self, name: &str) -> Result<Frozen, BitmapOpError> {
+        Ok(DirtyTracker::begin_backup(self, name)?)
+    }
+
+    fn end_backup(&self, frozen: &Frozen, new: Option<&DirtyBitmap>) -> Result<(), BitmapOpError> {
+        Ok(DirtyTracker::end_backup(self, frozen, new)?)
     }
 
     fn begin_transaction(&self) -> Option<Box<dyn BitmapTransaction + '_>> {

@@ -17,7 +17,7 @@
 //! left is removed at the next open.
 
 use super::{DirtyError, DirtyTracker, MetaStore, Named, Staged, DEFAULT_GRANULARITY};
-use crate::dirty::check_granularity;
+use crate::dirty::{check_granularity, DirtyBitmap};
 use std::sync::Arc;
 
 /// A bitmap as the transaction sees it.
@@ -34,6 +34,8 @@ enum Step {
     Clear(Arc<Named>),
     Merge(Arc<Named>, Vec<Arc<Named>>),
     Recording(Arc<Named>, bool),
+    /// The bits become these (little-endian words).
+    Replace(Arc<Named>, Vec<u8>),
 }
 
 /// What restores a bitmap if the sidecar cannot be written at the commit.
@@ -193,6 +195,21 @@ impl BitmapTxn<'_> {
         Ok(())
     }
 
+    /// Plans setting the bits of `name` to those of `bits` (same size and
+    /// granularity): a backup job's end.
+    pub fn replace(&mut self, name: &str, bits: &DirtyBitmap) -> Result<(), DirtyError> {
+        let (b, _) = self.find(name, true, true)?;
+        if bits.granularity() != b.bitmap.granularity() || bits.chunks() != b.bitmap.chunks() {
+            return Err(DirtyError::GranularityMismatch {
+                inflight: bits.granularity(),
+                dirty: b.bitmap.granularity(),
+            });
+        }
+        self.touch(&b);
+        self.steps.push(Step::Replace(b, bits.to_le_bytes()));
+        Ok(())
+    }
+
     /// The bitmaps after the commit, in list order.
     fn final_list(&self) -> Vec<Arc<Named>> {
         self.entries
@@ -246,7 +263,7 @@ impl BitmapTxn<'_> {
         // A job may have taken a bitmap since it was checked.
         let removed = self.entries.iter().filter(|e| e.removed && !e.new);
         let changed = self.steps.iter().flat_map(|s| match s {
-            Step::Clear(b) | Step::Recording(b, _) => vec![b],
+            Step::Clear(b) | Step::Recording(b, _) | Step::Replace(b, _) => vec![b],
             Step::Merge(t, srcs) => std::iter::once(t).chain(srcs).collect(),
         });
         for b in removed.map(|e| &e.named).chain(changed) {
@@ -269,6 +286,13 @@ impl BitmapTxn<'_> {
                     for s in srcs.iter().filter(|s| !Arc::ptr_eq(s, t)) {
                         t.bitmap.merge_from(&s.bitmap);
                     }
+                }
+                Step::Replace(b, bytes) => {
+                    if file {
+                        undo.push(Undo::Bits(b.clone(), b.bitmap.to_le_bytes()));
+                    }
+                    b.bitmap.clear();
+                    b.bitmap.or_le_bytes(bytes);
                 }
                 Step::Recording(b, on) => {
                     undo.push(Undo::Recording(b.clone(), b.bitmap.is_recording()));
@@ -293,7 +317,7 @@ impl BitmapTxn<'_> {
                 let fresh = self
                     .steps
                     .iter()
-                    .any(|s| matches!(s, Step::Clear(b) if b.persistent));
+                    .any(|s| matches!(s, Step::Clear(b) | Step::Replace(b, _) if b.persistent));
                 let res = inner.persist.relayout(
                     inner,
                     &mut ctl,
