@@ -93,6 +93,14 @@ pub enum DirtyError {
     /// The tracker was shut down; persistent bitmaps take no more marks.
     #[error("dirty tracking is shut down")]
     ShutDown,
+    /// New bits for a bitmap have another size or granularity.
+    #[error("bits of granularity {given} for a bitmap of granularity {bitmap} or another size")]
+    ShapeMismatch {
+        /// The granularity of the bits given.
+        given: u64,
+        /// The bitmap's granularity.
+        bitmap: u64,
+    },
     /// The bitmap would not fit in memory on this host.
     #[error("disk too large for a dirty bitmap at this granularity")]
     TooLarge,

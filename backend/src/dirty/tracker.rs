@@ -344,6 +344,9 @@ struct Inner {
     disk_size: u64,
     read_only: bool,
     bitmaps: ArcSwap<Vec<Arc<Named>>>,
+    /// Volatile bitmaps that guest writes mark beside the named ones: the
+    /// successors of bitmaps a backup job holds ([`Frozen`]).
+    successors: ArcSwap<Vec<Arc<DirtyBitmap>>>,
     persist: Persist,
     control: Mutex<Control>,
 }
@@ -368,8 +371,8 @@ pub struct Frozen {
     pub copy: DirtyBitmap,
     /// The writes since the start (volatile, at the bitmap's granularity).
     pub successor: Arc<DirtyBitmap>,
-    /// Attaches the successor to the guest path; `None`: not recording.
-    link: Option<Arc<InFlightBitmap>>,
+    /// Whether the successor records (a disabled bitmap's does not).
+    recording: bool,
 }
 
 impl std::fmt::Debug for Frozen {
@@ -478,6 +481,7 @@ impl DirtyTracker {
         let inner = Arc::new(Inner {
             disk_size,
             read_only: config.read_only,
+            successors: ArcSwap::from_pointee(Vec::new()),
             bitmaps: ArcSwap::from_pointee(named.clone()),
             persist,
             control: Mutex::new(Control {
@@ -559,6 +563,9 @@ impl DirtyTracker {
             return Ok(());
         }
         let len = len.min(inner.disk_size - offset);
+        for successor in inner.successors.load().iter() {
+            successor.set_range(offset, len);
+        }
         let mut log = false;
         for b in inner.bitmaps.load().iter() {
             if b.bitmap.mark_if_recording(offset, len) && b.persistent {
@@ -820,21 +827,20 @@ impl DirtyTracker {
         let copy = DirtyBitmap::new(size, gran, false)?;
         copy.merge_from(&b.bitmap);
         let successor = Arc::new(DirtyBitmap::new(size, gran, false)?);
-        // A disabled bitmap's successor records nothing, as in QEMU. The
-        // mirror's in-flight list marks it: no new cost on the guest path.
-        let link = match b.bitmap.is_recording() {
-            true => {
-                let link = Arc::new(InFlightBitmap::new(size, gran)?);
-                self.attach_inflight(link.clone(), successor.clone())?;
-                Some(link)
-            }
-            false => None,
-        };
+        // A disabled bitmap's successor records nothing, as in QEMU.
+        let recording = b.bitmap.is_recording();
+        if recording {
+            self.inner.successors.rcu(|v| {
+                let mut v = Vec::clone(v);
+                v.push(successor.clone());
+                v
+            });
+        }
         Ok(Frozen {
             name: name.to_string(),
             copy,
             successor,
-            link,
+            recording,
         })
     }
 
@@ -844,8 +850,13 @@ impl DirtyTracker {
     /// sidecar replacement if it is persistent. On error the bits are as
     /// before, a superset of the copy set and the writes since.
     pub fn end_backup(&self, frozen: &Frozen, new: Option<&DirtyBitmap>) -> Result<(), DirtyError> {
-        if let Some(link) = &frozen.link {
-            self.detach_inflight(link);
+        if frozen.recording {
+            self.inner.successors.rcu(|v| {
+                v.iter()
+                    .filter(|s| !Arc::ptr_eq(s, &frozen.successor))
+                    .cloned()
+                    .collect::<Vec<_>>()
+            });
         }
         self.set_busy(&frozen.name, false)?;
         let Some(new) = new else {

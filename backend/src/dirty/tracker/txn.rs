@@ -200,9 +200,9 @@ impl BitmapTxn<'_> {
     pub fn replace(&mut self, name: &str, bits: &DirtyBitmap) -> Result<(), DirtyError> {
         let (b, _) = self.find(name, true, true)?;
         if bits.granularity() != b.bitmap.granularity() || bits.chunks() != b.bitmap.chunks() {
-            return Err(DirtyError::GranularityMismatch {
-                inflight: bits.granularity(),
-                dirty: b.bitmap.granularity(),
+            return Err(DirtyError::ShapeMismatch {
+                given: bits.granularity(),
+                bitmap: b.bitmap.granularity(),
             });
         }
         self.touch(&b);
@@ -292,7 +292,7 @@ impl BitmapTxn<'_> {
                         undo.push(Undo::Bits(b.clone(), b.bitmap.to_le_bytes()));
                     }
                     b.bitmap.clear();
-                    b.bitmap.or_le_bytes(bytes);
+                    b.bitmap.bits().or_le_bytes(bytes);
                 }
                 Step::Recording(b, on) => {
                     undo.push(Undo::Recording(b.clone(), b.bitmap.is_recording()));
