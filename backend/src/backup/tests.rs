@@ -183,7 +183,7 @@ fn fleece(
         Box::new(crate::mirror::SharedImage(source.clone())),
         false,
     ));
-    let cbw = Arc::new(CopyBeforeWrite::new(source, target, opts, None).unwrap());
+    let cbw = CopyBeforeWrite::new(source, target, opts, None).unwrap();
     disk.add_hook(cbw.clone());
     (disk, cbw)
 }
