@@ -175,7 +175,7 @@ pub struct EngineStats {
     pub retries: u64,
     /// Requests run synchronously: the image could not take them
     /// asynchronously, or it is memory-backed and the engine runs those
-    /// inline.
+    /// inline, or the caller asked (`write_inline`).
     pub synchronous: u64,
 }
 
@@ -325,6 +325,32 @@ impl UringEngine {
     /// Every buffer must stay valid (mapped, readable, unchanged by us)
     /// until this token is reaped: the kernel reads it asynchronously.
     pub unsafe fn write(&mut self, disk: &Disk, offset: u64, bufs: &[IoBuf], token: u64) {
+        // SAFETY: per this function's contract.
+        unsafe { self.write_with(disk, offset, bufs, token, false) }
+    }
+
+    /// `write` for a request that is better run synchronously (a lone
+    /// request on the page cache): the transfer runs at submission, but a
+    /// write whose hooks have work to do first (a copy-before-write) is
+    /// parked like any other instead of blocking the thread.
+    ///
+    /// # Safety
+    /// As `write`.
+    pub unsafe fn write_inline(&mut self, disk: &Disk, offset: u64, bufs: &[IoBuf], token: u64) {
+        // SAFETY: per this function's contract.
+        unsafe { self.write_with(disk, offset, bufs, token, true) }
+    }
+
+    /// # Safety
+    /// As `write`.
+    unsafe fn write_with(
+        &mut self,
+        disk: &Disk,
+        offset: u64,
+        bufs: &[IoBuf],
+        token: u64,
+        inline: bool,
+    ) {
         let len = total_len(bufs);
         let start = match disk.hooks_may_block() {
             false => disk.start_write(offset, len).map(WriteStart::Ready),
@@ -333,7 +359,7 @@ impl UringEngine {
         match start {
             // SAFETY: per this function's contract.
             Ok(WriteStart::Ready(ticket)) => unsafe {
-                self.issue_write(disk, offset, bufs, token, ticket)
+                self.issue_write(disk, (offset, bufs, token), ticket, inline)
             },
             Ok(WriteStart::Waiting(write)) => {
                 self.parked.push_back(Parked {
@@ -364,7 +390,7 @@ impl UringEngine {
                 // SAFETY: `bufs` are valid until the token is reaped, by
                 // `write`'s contract.
                 Ok(WriteStart::Ready(ticket)) => unsafe {
-                    self.issue_write(disk, p.offset, &p.bufs, p.token, ticket)
+                    self.issue_write(disk, (p.offset, &p.bufs, p.token), ticket, false)
                 },
                 Err(e) => self.ready.push_back((p.token, Err(e))),
             }
@@ -387,20 +413,24 @@ impl UringEngine {
         self.parked.iter().filter_map(|p| p.write.deadline()).min()
     }
 
-    /// Issues a write whose hooks have all started.
+    /// Issues a write whose hooks have all started, synchronously if
+    /// `inline` or the image cannot take it asynchronously.
     ///
     /// # Safety
     /// As `write`.
     unsafe fn issue_write(
         &mut self,
         disk: &Disk,
-        offset: u64,
-        bufs: &[IoBuf],
-        token: u64,
+        (offset, bufs, token): (u64, &[IoBuf], u64),
         ticket: WriteTicket,
+        inline: bool,
     ) {
         let fua = !disk.writeback();
-        let Some((fd, image)) = self.pin_image(disk, bufs) else {
+        let pinned = match inline {
+            true => None,
+            false => self.pin_image(disk, bufs),
+        };
+        let Some((fd, image)) = pinned else {
             self.stats.synchronous += 1;
             let result = disk
                 .with_image(|img| img.write_at(bufs, offset, fua))
