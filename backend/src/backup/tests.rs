@@ -441,16 +441,13 @@ struct Req {
     buf: Vec<u8>,
 }
 
+/// Completions a queue thread sends back.
+type Done = std::sync::mpsc::Receiver<(u64, Result<(), DiskError>)>;
+
 /// Runs `reqs` on one engine (one ring, as one queue thread serves all its
 /// queues with), submitted in order, and sends each completion as it is
 /// reaped. The buffers live in the thread until every request is reaped.
-fn queue_thread(
-    disk: Arc<Disk>,
-    mut reqs: Vec<Req>,
-) -> (
-    std::thread::JoinHandle<()>,
-    std::sync::mpsc::Receiver<(u64, Result<(), DiskError>)>,
-) {
+fn queue_thread(disk: Arc<Disk>, mut reqs: Vec<Req>) -> (std::thread::JoinHandle<()>, Done) {
     let (tx, rx) = std::sync::mpsc::channel();
     let thread = std::thread::spawn(move || {
         let mut engine = crate::disk::uring::UringEngine::new(16).expect("io_uring");
