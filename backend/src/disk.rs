@@ -22,6 +22,8 @@ use crate::iobuf::{total_len, IoBuf};
 use arc_swap::ArcSwap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Poll, Waker};
+use std::time::Instant;
 
 /// Errors a guest request can end with.
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +87,67 @@ pub trait WriteHook: Send + Sync {
     fn after_flush(&self) -> Result<(), DiskError> {
         Ok(())
     }
+    /// `before_write` for an engine that must not block its thread: work
+    /// that may take long (a copy to a slow target) is started elsewhere
+    /// and handed back to be polled; `None` means done. The default runs
+    /// `before_write`.
+    fn before_write_nowait(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<Box<dyn HookWork>>, DiskError> {
+        self.before_write(offset, len).map(|()| None)
+    }
+    /// True if `before_write` may block for long: an engine then does not
+    /// run writes synchronously on its thread (it uses `start_write_nowait`).
+    fn may_block(&self) -> bool {
+        false
+    }
+}
+
+/// Work a hook's `before_write_nowait` started and the write waits for.
+pub trait HookWork: Send {
+    /// The outcome once the work is done, or once its deadline passed (the
+    /// hook's policy decides; the work may go on in the background). While
+    /// neither, `Pending`, and `waker` is woken when it is done.
+    fn poll(&mut self, waker: &Waker) -> Poll<Result<(), DiskError>>;
+    /// When `poll` gives its policy's answer if the work is not done.
+    fn deadline(&self) -> Option<Instant>;
+}
+
+/// How `start_write_nowait` left a write.
+pub enum WriteStart {
+    /// Every `before_write` is done: issue the write.
+    Ready(WriteTicket),
+    /// A hook's work is under way: poll it until it is ready.
+    Waiting(PendingWrite),
+}
+
+/// A write waiting for a hook's work before it may be issued.
+pub struct PendingWrite {
+    ticket: WriteTicket,
+    work: Box<dyn HookWork>,
+}
+
+impl PendingWrite {
+    /// When the work's policy applies if it is not done.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.work.deadline()
+    }
+
+    /// Goes on with the write: `Waiting` again while a hook's work is not
+    /// done, `Ready` once every hook has started; an error fails the write
+    /// with nothing written (the hooks already started hear of it).
+    pub fn poll(mut self, waker: &Waker) -> Result<WriteStart, DiskError> {
+        match self.work.poll(waker) {
+            Poll::Pending => Ok(WriteStart::Waiting(self)),
+            Poll::Ready(r) => {
+                r?;
+                self.ticket.started += 1;
+                self.ticket.start_rest(waker)
+            }
+        }
+    }
 }
 
 type HookList = Vec<Arc<dyn WriteHook>>;
@@ -103,6 +166,19 @@ pub struct WriteTicket {
 }
 
 impl WriteTicket {
+    /// Runs `before_write_nowait` on the hooks not started yet, until one
+    /// hands back work (polled once at once, in case it is done already).
+    fn start_rest(mut self, waker: &Waker) -> Result<WriteStart, DiskError> {
+        while let Some(hook) = self.hooks.get(self.started) {
+            // On error the ticket drops: the hooks already started hear of it.
+            if let Some(work) = hook.before_write_nowait(self.offset, self.len)? {
+                return PendingWrite { ticket: self, work }.poll(waker);
+            }
+            self.started += 1;
+        }
+        Ok(WriteStart::Ready(self))
+    }
+
     /// The data has landed on the image: runs every started hook's
     /// `after_write` (all of them, even after one fails; the first error
     /// is returned and fails the guest request).
@@ -136,6 +212,8 @@ pub struct Disk {
     /// durable before they complete.
     writeback: AtomicBool,
     hooks: ArcSwap<HookList>,
+    /// Some hook's `may_block` is true.
+    hooks_may_block: AtomicBool,
     gate: IoGate,
 }
 
@@ -149,6 +227,7 @@ impl Disk {
             read_only,
             writeback: AtomicBool::new(true),
             hooks: ArcSwap::from_pointee(Vec::new()),
+            hooks_may_block: AtomicBool::new(false),
             gate: IoGate::default(),
         }
     }
@@ -196,6 +275,7 @@ impl Disk {
             v.push(hook.clone());
             v
         });
+        self.note_blocking_hooks();
     }
 
     /// Removes a hook added with `add_hook` (compared by pointer).
@@ -207,6 +287,20 @@ impl Disk {
                 .cloned()
                 .collect::<Vec<_>>()
         });
+        self.note_blocking_hooks();
+    }
+
+    fn note_blocking_hooks(&self) {
+        let any = self.hooks.load().iter().any(|h| h.may_block());
+        self.hooks_may_block.store(any, Ordering::Relaxed);
+    }
+
+    /// True if a hook's `before_write` may block for long (a
+    /// copy-before-write filter): an engine that must not block then
+    /// starts writes with `start_write_nowait` instead of running them
+    /// synchronously.
+    pub fn hooks_may_block(&self) -> bool {
+        self.hooks_may_block.load(Ordering::Relaxed)
     }
 
     fn check_range(&self, offset: u64, len: u64) -> Result<(), DiskError> {
@@ -242,6 +336,29 @@ impl Disk {
             ticket.started += 1;
         }
         Ok(ticket)
+    }
+
+    /// `start_write` for an engine that must not block: a hook's long
+    /// work (a copy-before-write) is handed back as `Waiting`, to be
+    /// polled with `PendingWrite::poll` (woken through `waker`). Without
+    /// such work it is `start_write` (no allocation).
+    pub fn start_write_nowait(
+        &self,
+        offset: u64,
+        len: u64,
+        waker: &Waker,
+    ) -> Result<WriteStart, DiskError> {
+        if self.read_only {
+            return Err(DiskError::ReadOnly);
+        }
+        self.check_range(offset, len)?;
+        WriteTicket {
+            hooks: self.hooks.load_full(),
+            started: 0,
+            offset,
+            len,
+        }
+        .start_rest(waker)
     }
 
     /// Calls `f` with the active image without taking a reference count:

@@ -603,3 +603,150 @@ fn incremental_backup_matches_qemu() -> Result<()> {
     );
     Ok(())
 }
+
+/// Set when a figures run is interrupted (never here); `bench::measure`
+/// takes one.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+/// One measurement of `cbw_write_figures`: a fresh daemon on `image`, a
+/// fleecing set-up (filter cbw0 to a new sparse tmp0, acc0 exported), and
+/// 4 KiB random writes at `qd` for the window while `nbdcopy` reads the
+/// export to `null:` over and over. Returns the writes' figures and the
+/// number of full reads that finished.
+fn fleecing_write_load(
+    dir: &ScratchDir,
+    image: &Path,
+    qsd: bool,
+    qd: usize,
+    window: tests::bench::Window,
+) -> Result<(tests::bench::Measurement, u32)> {
+    let name = if qsd { "qsd" } else { "vubd" };
+    let vhost = dir.join(&format!("{name}-vhost.sock"));
+    let qmp_path = dir.join(&format!("{name}-qmp.sock"));
+    let nbd = dir.join(&format!("{name}-nbd.sock"));
+    let tmp = dir.join("tmp.raw");
+    let _ = std::fs::remove_file(&tmp);
+    std::fs::File::create(&tmp)?.set_len(std::fs::metadata(image)?.len())?;
+    let mut daemon = if qsd {
+        Daemon::qsd_with_monitor(&vhost, &qmp_path, image, "aio=io_uring", true)?
+    } else {
+        let q = qmp_path.to_string_lossy().into_owned();
+        Daemon::vubd(&vhost, image, &["--qmp", &q])?
+    };
+    let mut qmp = QmpClient::connect(&qmp_path, TIMEOUT)?;
+    qmp.ok(
+        "blockdev-add",
+        json!({"driver": "file", "node-name": "tmp0", "filename": tmp}),
+    )?;
+    qmp.ok(
+        "transaction",
+        json!({"actions": [{"type": "blockdev-backup", "data": backup_args(json!({}))}]}),
+    )?;
+    qmp.ok(
+        "blockdev-add",
+        json!({"driver": "snapshot-access", "node-name": "acc0", "file": "cbw0"}),
+    )?;
+    qmp.ok(
+        "nbd-server-start",
+        json!({"addr": {"type": "unix", "data": {"path": nbd}}}),
+    )?;
+    qmp.ok(
+        "block-export-add",
+        json!({"type": "nbd", "id": "x0", "node-name": "acc0", "name": "backup"}),
+    )?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (stop, uri) = (
+            stop.clone(),
+            format!("nbd+unix:///backup?socket={}", nbd.display()),
+        );
+        std::thread::spawn(move || -> Result<u32> {
+            let mut reads = 0;
+            while !stop.load(Ordering::Relaxed) {
+                run("nbdcopy", &[&uri, "null:"])?;
+                reads += 1;
+            }
+            Ok(reads)
+        })
+    };
+    let w = tests::bench::Workload {
+        name: "randwrite-4k",
+        pattern: tests::bench::Pattern::RandWrite,
+        block_size: BLOCK as usize,
+        queue_depth: qd,
+    };
+    let m = tests::bench::measure(&vhost, &w, 1, window, daemon.pid(), &STOP);
+    stop.store(true, Ordering::Relaxed);
+    let reads = match reader.join() {
+        Ok(r) => r?,
+        Err(_) => bail!("the nbdcopy loop panicked"),
+    };
+    daemon.kill();
+    Ok((m?, reads))
+}
+
+/// Guest 4 KiB random-write IOPS (libblkio, QD1 and QD16, one queue) while
+/// a copy-before-write filter is in the path and `nbdcopy` reads the
+/// fleecing export to `null:` over and over, vubd and qemu-storage-daemon
+/// (aio=io_uring) alternated in one run on the same 1 GiB fully written
+/// image in /dev/shm, a fresh daemon and target per measurement. CPU per
+/// I/O is the daemon's whole CPU time over the window (the export's reads
+/// included) divided by the guest writes. Prints figures, asserts nothing:
+/// `VUBD_BIN=... cargo test --release -p tests --test backup -- --ignored
+/// --nocapture cbw_write_figures`.
+#[test]
+#[ignore]
+fn cbw_write_figures() -> Result<()> {
+    let reps = 3;
+    let dir = ScratchDir::new_in("/dev/shm", "cbw-bench")?;
+    let image = dir.join("disk.img");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&image)?;
+        let mut block = vec![0u8; 4 << 20];
+        for i in 0..256u32 {
+            block.fill((i % 251) as u8 + 1);
+            f.write_all(&block)?;
+        }
+    }
+    let window = tests::bench::Window {
+        warmup: Duration::from_millis(500),
+        duration: Duration::from_secs(3),
+        request_timeout: TIMEOUT,
+    };
+    println!(
+        "qd  daemon  median IOPS  median CPU us/IO  full reads/window  (each of {reps} runs: IOPS)"
+    );
+    for qd in [1usize, 16] {
+        let mut runs: [Vec<(f64, f64, u32)>; 2] = [Vec::new(), Vec::new()];
+        for _ in 0..reps {
+            for qsd in [false, true] {
+                let (m, reads) = fleecing_write_load(&dir, &image, qsd, qd, window)?;
+                let cpu_us = m.daemon_cpu.as_secs_f64() * 1e6 / m.ios.max(1) as f64;
+                runs[usize::from(qsd)].push((m.iops(), cpu_us, reads));
+            }
+        }
+        let mut medians = Vec::new();
+        for (i, name) in ["vubd", "qsd"].iter().enumerate() {
+            let r = &runs[i];
+            let med = |f: &dyn Fn(&(f64, f64, u32)) -> f64| {
+                let mut v: Vec<f64> = r.iter().map(f).collect();
+                v.sort_by(|a, b| a.total_cmp(b));
+                v[v.len() / 2]
+            };
+            let (iops, cpu, reads) = (med(&|x| x.0), med(&|x| x.1), med(&|x| f64::from(x.2)));
+            let each: Vec<String> = r.iter().map(|x| format!("{:.0}", x.0)).collect();
+            println!(
+                "{qd:<3} {name:6} {iops:12.0} {cpu:16.1} {reads:18.0}  ({})",
+                each.join(", ")
+            );
+            medians.push((iops, cpu));
+        }
+        println!(
+            "{qd:<3} vubd/qsd IOPS {:.2}x, qsd/vubd CPU per I/O {:.2}x",
+            medians[0].0 / medians[1].0,
+            medians[1].1 / medians[0].1
+        );
+    }
+    Ok(())
+}

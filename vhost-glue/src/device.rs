@@ -720,7 +720,11 @@ impl BlockDevice {
                 });
                 continue;
             }
-            if inline_lone && count == 1 && engine.in_flight() == 0 {
+            let lone = inline_lone && count == 1 && engine.in_flight() == 0;
+            // A write that may wait for a filter (a copy-before-write) goes
+            // to the engine, which parks it instead of blocking the thread.
+            let may_block = matches!(prepared, Prepared::Write { .. }) && disk.hooks_may_block();
+            if lone && !may_block {
                 // Nothing to overlap with: skip the ring (see AioEngine).
                 prepared = Prepared::Done(parser.run(prepared, disk));
             }
@@ -752,6 +756,10 @@ impl BlockDevice {
                 // while requests are in flight.
                 Prepared::Read { offset, .. } => unsafe {
                     engine.read(disk, offset, parser.data(), token)
+                },
+                // SAFETY: as above.
+                Prepared::Write { offset, .. } if lone => unsafe {
+                    engine.write_inline(disk, offset, parser.data(), token)
                 },
                 // SAFETY: as above.
                 Prepared::Write { offset, .. } => unsafe {

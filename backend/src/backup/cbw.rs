@@ -15,26 +15,35 @@
 //! in a short list under a mutex held only to check and insert; nobody
 //! holds the mutex during I/O or holds one range while waiting for another.
 //!
-//! Known limitation: the copy runs synchronously inside the guest write's
-//! `before_write`, on the queue thread (also under the io_uring engine),
-//! so a slow target stalls that queue's other requests. `cbw-timeout`
-//! bounds the wait for a cluster another request holds, not a read or
-//! write the storage never answers; doing the copy as ring operations is
-//! the next step (the hook's contract stays: the write is issued after
-//! `before_write` returned).
+//! A guest write's copy never runs on the queue thread: it is handed to a
+//! small pool of copier threads per filter. The synchronous path
+//! (`before_write`, `--aio sync`) waits for it; an engine that must not
+//! block (`before_write_nowait`, the io_uring engine) parks the write and
+//! is woken when the copy is done, serving its other requests meanwhile.
+//! Either way the wait ends at `cbw-timeout`, and `on-cbw-error` applies
+//! then even if the copy's I/O never answers (an abandoned copy goes on in
+//! its thread, with its own buffer, holding its clusters until it ends).
 
 use crate::dirty::DirtyBitmap;
+use crate::disk::HookWork;
 use crate::disk::{DiskError, WriteHook};
 use crate::image::{Image, ImageError};
 use crate::iobuf::IoBuf;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 /// QEMU's default copy-before-write cluster size.
 pub const DEFAULT_CLUSTER: u64 = 64 << 10;
 /// Largest piece copied with one buffer: bounds the memory of one copy.
 const COPY_PIECE: u64 = 1 << 20;
+/// Copier threads per filter: copies of different clusters overlap, and
+/// a copy stuck in a hung target does not hold up all the others.
+const COPIERS: usize = 4;
+/// How long an idle copier thread stays for the next copy.
+const COPIER_IDLE: Duration = Duration::from_secs(5);
 
 /// QEMU's `OnCbwError`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -128,6 +137,192 @@ pub struct CopyBeforeWrite {
     /// errno of the copy that broke the snapshot (0: none).
     broken: AtomicI32,
     detached: AtomicBool,
+    /// The filter itself, for the copier threads and parked writes.
+    me: Weak<CopyBeforeWrite>,
+    copiers: Arc<Copiers>,
+}
+
+/// The copies guest writes wait for, and the threads that run them.
+#[derive(Default)]
+struct Copiers {
+    queue: Mutex<CopierQueue>,
+    work: Condvar,
+}
+
+#[derive(Default)]
+struct CopierQueue {
+    jobs: VecDeque<Arc<CopyJob>>,
+    threads: usize,
+    idle: usize,
+}
+
+/// One guest write's copy of clusters `[first, last]`.
+struct CopyJob {
+    first: u64,
+    last: u64,
+    /// `cbw-timeout` from the write's start.
+    deadline: Option<Instant>,
+    state: Mutex<JobState>,
+    done: Condvar,
+}
+
+#[derive(Default)]
+struct JobState {
+    result: Option<Result<(), CopyError>>,
+    waker: Option<Waker>,
+}
+
+fn timed_out() -> CopyError {
+    CopyError {
+        errno: libc::ETIMEDOUT,
+        on_source: false,
+        message: "copy-before-write timed out".into(),
+    }
+}
+
+impl CopyJob {
+    fn state(&self) -> MutexGuard<'_, JobState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn finish(&self, r: Result<(), CopyError>) {
+        let mut st = self.state();
+        st.result = Some(r);
+        let waker = st.waker.take();
+        drop(st);
+        self.done.notify_all();
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    /// The copy's result, or the time-out once the deadline has passed;
+    /// `None` (and `waker` kept) while neither.
+    fn poll(&self, waker: Option<&Waker>) -> Option<Result<(), CopyError>> {
+        let mut st = self.state();
+        if let Some(r) = st.result.take() {
+            return Some(r);
+        }
+        if self.deadline.is_some_and(|d| Instant::now() >= d) {
+            return Some(Err(timed_out()));
+        }
+        if let Some(w) = waker {
+            if !st.waker.as_ref().is_some_and(|old| old.will_wake(w)) {
+                st.waker = Some(w.clone());
+            }
+        }
+        None
+    }
+
+    /// Blocks until `poll` has an answer.
+    fn wait(&self) -> Result<(), CopyError> {
+        let mut st = self.state();
+        loop {
+            if let Some(r) = st.result.take() {
+                return r;
+            }
+            st = match self.deadline {
+                None => self.done.wait(st).unwrap_or_else(|p| p.into_inner()),
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(timed_out());
+                    }
+                    self.done
+                        .wait_timeout(st, left)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0
+                }
+            };
+        }
+    }
+}
+
+impl Copiers {
+    fn queue(&self) -> MutexGuard<'_, CopierQueue> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues `job`, starting a thread if none is idle for it.
+    fn submit(self: &Arc<Self>, cbw: Weak<CopyBeforeWrite>, job: Arc<CopyJob>) {
+        let mut q = self.queue();
+        q.jobs.push_back(job);
+        if q.idle >= q.jobs.len() || q.threads >= COPIERS {
+            drop(q);
+            self.work.notify_one();
+            return;
+        }
+        q.threads += 1;
+        let me = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("vubd-cbw".into())
+            .spawn(move || me.run(cbw));
+        if let Err(e) = spawned {
+            q.threads -= 1;
+            if q.threads == 0 {
+                let msg = format!("cannot start a copy-before-write thread: {e}");
+                for job in q.jobs.drain(..) {
+                    job.finish(Err(CopyError {
+                        errno: libc::EAGAIN,
+                        on_source: false,
+                        message: msg.clone(),
+                    }));
+                }
+            }
+        }
+    }
+
+    /// A copier thread: runs queued copies, ends after `COPIER_IDLE`
+    /// without one or once the filter is gone.
+    fn run(&self, cbw: Weak<CopyBeforeWrite>) {
+        let mut q = self.queue();
+        loop {
+            let Some(job) = q.jobs.pop_front() else {
+                q.idle += 1;
+                let (next, wait) = self
+                    .work
+                    .wait_timeout(q, COPIER_IDLE)
+                    .unwrap_or_else(|p| p.into_inner());
+                q = next;
+                q.idle -= 1;
+                if wait.timed_out() && q.jobs.is_empty() {
+                    break;
+                }
+                continue;
+            };
+            drop(q);
+            let r = match cbw.upgrade() {
+                Some(cbw) => cbw.copy_until(job.first, job.last, job.deadline),
+                None => Err(CopyError {
+                    errno: libc::EIO,
+                    on_source: false,
+                    message: "the copy-before-write filter is gone".into(),
+                }),
+            };
+            job.finish(r);
+            q = self.queue();
+        }
+        q.threads -= 1;
+    }
+}
+
+/// A guest write parked on its copy (`before_write_nowait`).
+struct CopyWait {
+    cbw: Arc<CopyBeforeWrite>,
+    job: Arc<CopyJob>,
+}
+
+impl HookWork for CopyWait {
+    fn poll(&mut self, waker: &Waker) -> Poll<Result<(), DiskError>> {
+        match self.job.poll(Some(waker)) {
+            Some(r) => Poll::Ready(self.cbw.policy(r)),
+            None => Poll::Pending,
+        }
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        self.job.deadline
+    }
 }
 
 impl std::fmt::Debug for CopyBeforeWrite {
@@ -189,7 +384,7 @@ impl CopyBeforeWrite {
         target: Arc<dyn Image>,
         opts: CbwOptions,
         bitmap: Option<&DirtyBitmap>,
-    ) -> Result<CopyBeforeWrite, String> {
+    ) -> Result<Arc<CopyBeforeWrite>, String> {
         let size = source.size();
         if target.size() != size {
             return Err("Source and target image have different sizes".into());
@@ -206,7 +401,7 @@ impl CopyBeforeWrite {
                 access.set_range(0, size);
             }
         }
-        Ok(CopyBeforeWrite {
+        Ok(Arc::new_cyclic(|me| CopyBeforeWrite {
             source,
             target,
             size,
@@ -220,7 +415,9 @@ impl CopyBeforeWrite {
             on_copy: Mutex::new(None),
             broken: AtomicI32::new(0),
             detached: AtomicBool::new(false),
-        })
+            me: me.clone(),
+            copiers: Arc::default(),
+        }))
     }
 
     /// Narrows the snapshot and the copy to the clusters that touch a bit
@@ -349,13 +546,18 @@ impl CopyBeforeWrite {
     /// a guest write's copy-before-write, or a push backup's background
     /// copy (both copy each cluster once, whichever comes first).
     pub fn copy_clusters(&self, first: u64, last: u64) -> Result<(), CopyError> {
-        let deadline = self.opts.timeout.map(|t| Instant::now() + t);
+        self.copy_until(first, last, self.opts.timeout.map(|t| Instant::now() + t))
+    }
+
+    /// `copy_clusters`, waiting for the clusters until `deadline`.
+    fn copy_until(
+        &self,
+        first: u64,
+        last: u64,
+        deadline: Option<Instant>,
+    ) -> Result<(), CopyError> {
         let Some(_lock) = self.lock(first, last + 1, deadline) else {
-            return Err(CopyError {
-                errno: libc::ETIMEDOUT,
-                on_source: false,
-                message: "copy-before-write timed out".into(),
-            });
+            return Err(timed_out());
         };
         let piece_clusters = (COPY_PIECE / self.opts.cluster).max(1);
         let mut buf = Vec::new();
@@ -522,17 +724,33 @@ impl CopyBeforeWrite {
     }
 }
 
-impl WriteHook for CopyBeforeWrite {
-    fn before_write(&self, offset: u64, len: u64) -> Result<(), DiskError> {
-        let Some((first, last)) = self.to_copy.chunk_range(offset, len) else {
-            return Ok(());
-        };
-        // The common case once the guest has written a cluster: one
-        // atomic scan, no lock.
-        if !self.has_to_copy(first, last) || self.broken.load(Ordering::Relaxed) != 0 {
-            return Ok(());
-        }
-        match self.copy_clusters(first, last) {
+impl CopyBeforeWrite {
+    /// The clusters of a guest write that still need their copy; `None`
+    /// in the common case once the guest has written them (one atomic
+    /// scan, no lock) or once the snapshot is broken.
+    fn clusters_to_copy(&self, offset: u64, len: u64) -> Option<(u64, u64)> {
+        let (first, last) = self.to_copy.chunk_range(offset, len)?;
+        (self.has_to_copy(first, last) && self.broken.load(Ordering::Relaxed) == 0)
+            .then_some((first, last))
+    }
+
+    /// Hands the copy of `[first, last]` to a copier thread.
+    fn start_copy(&self, first: u64, last: u64) -> Arc<CopyJob> {
+        let job = Arc::new(CopyJob {
+            first,
+            last,
+            deadline: self.opts.timeout.map(|t| Instant::now() + t),
+            state: Mutex::default(),
+            done: Condvar::new(),
+        });
+        self.copiers.submit(self.me.clone(), job.clone());
+        job
+    }
+
+    /// What a guest write does after its copy ended with `r`
+    /// (`on-cbw-error`).
+    fn policy(&self, r: Result<(), CopyError>) -> Result<(), DiskError> {
+        match r {
             Ok(()) => Ok(()),
             Err(e) if self.opts.on_error == OnCbwError::BreakGuestWrite => {
                 Err(DiskError::Hook(format!("copy-before-write: {}", e.message)))
@@ -551,5 +769,33 @@ impl WriteHook for CopyBeforeWrite {
                 Ok(())
             }
         }
+    }
+}
+
+impl WriteHook for CopyBeforeWrite {
+    fn before_write(&self, offset: u64, len: u64) -> Result<(), DiskError> {
+        let Some((first, last)) = self.clusters_to_copy(offset, len) else {
+            return Ok(());
+        };
+        self.policy(self.start_copy(first, last).wait())
+    }
+
+    fn before_write_nowait(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<Box<dyn HookWork>>, DiskError> {
+        let Some((first, last)) = self.clusters_to_copy(offset, len) else {
+            return Ok(None);
+        };
+        let Some(cbw) = self.me.upgrade() else {
+            return self.before_write(offset, len).map(|()| None);
+        };
+        let job = self.start_copy(first, last);
+        Ok(Some(Box::new(CopyWait { cbw, job })))
+    }
+
+    fn may_block(&self) -> bool {
+        true
     }
 }

@@ -246,7 +246,6 @@ impl BackupAction {
             None,
         )
         .map_err(generic)?;
-        let cbw = Arc::new(cbw);
         let filter_name = match &a.filter_node_name {
             Some(n) => n.clone(),
             None => svc.graph.auto_name(),

@@ -180,7 +180,7 @@ fn fleece(
     opts: CbwOptions,
 ) -> (Arc<Disk>, Arc<CopyBeforeWrite>) {
     let disk = Arc::new(Disk::new(Box::new(source.clone()), false));
-    let cbw = Arc::new(CopyBeforeWrite::new(source, target, opts, None).unwrap());
+    let cbw = CopyBeforeWrite::new(source, target, opts, None).unwrap();
     disk.add_hook(cbw.clone());
     (disk, cbw)
 }
@@ -425,6 +425,187 @@ fn cbw_timeout_bounds_the_wait_for_a_held_cluster() {
     source.reads.release();
     reader.join().unwrap().unwrap();
     write(&disk, 0, 512, 0xe5).unwrap();
+}
+
+/// Generous, only so that a broken build fails instead of hanging.
+const HANG: Duration = Duration::from_secs(20);
+
+/// A guest request run on an io_uring engine by the "queue thread".
+struct Req {
+    token: u64,
+    write: bool,
+    offset: u64,
+    buf: Vec<u8>,
+}
+
+/// Completions a queue thread sends back.
+type Done = std::sync::mpsc::Receiver<(u64, Result<(), DiskError>)>;
+
+/// Runs `reqs` on one engine (one ring, as one queue thread serves all its
+/// queues with), submitted in order, and sends each completion as it is
+/// reaped. The buffers live in the thread until every request is reaped.
+fn queue_thread(disk: Arc<Disk>, mut reqs: Vec<Req>) -> (std::thread::JoinHandle<()>, Done) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let thread = std::thread::spawn(move || {
+        let mut engine = crate::disk::uring::UringEngine::new(16).expect("io_uring");
+        for r in &mut reqs {
+            let bufs = [IoBuf::from_slice(&mut r.buf)];
+            // SAFETY: the buffers stay in `reqs` until every request is
+            // reaped below.
+            unsafe {
+                match r.write {
+                    true => engine.write(&disk, r.offset, &bufs, r.token),
+                    false => engine.read(&disk, r.offset, &bufs, r.token),
+                }
+            }
+        }
+        let mut left = reqs.len();
+        let deadline = Instant::now() + 3 * HANG;
+        while left > 0 && Instant::now() < deadline {
+            engine.submit();
+            left -= engine.reap(&disk, |t, r| {
+                let _ = tx.send((t, r));
+            });
+            if left > 0 {
+                engine.wait(&[], Some(Duration::from_millis(100)));
+            }
+        }
+    });
+    (thread, rx)
+}
+
+/// One ring (one queue thread, several queues): a guest write whose
+/// copy-before-write is parked in the target does not hold up a read
+/// and a write to an already copied cluster submitted after it on the
+/// same ring; the parked write lands only after its copy.
+#[test]
+fn a_parked_copy_does_not_stall_other_requests_on_the_ring() {
+    let dir = Dir::new("ring");
+    let src = dir.file("src", pattern);
+    let tgt = dir.sparse("tgt");
+    let before = std::fs::read(&src).unwrap();
+    let target = TestImage::new(&tgt);
+    let (disk, cbw) = fleece(Arc::new(raw(&src)), target.clone(), CbwOptions::default());
+    // Cluster 6 is copied already.
+    write(&disk, 6 * CL, 512, 0x66).unwrap();
+    target.writes.arm();
+    let reqs = vec![
+        Req {
+            token: 1,
+            write: true,
+            offset: CL + 512,
+            buf: vec![0xa1; 4096],
+        },
+        Req {
+            token: 2,
+            write: false,
+            offset: 8 * CL,
+            buf: vec![0; 4096],
+        },
+        Req {
+            token: 3,
+            write: true,
+            offset: 6 * CL + 4096,
+            buf: vec![0xa3; 4096],
+        },
+    ];
+    let (thread, rx) = queue_thread(disk.clone(), reqs);
+    target.writes.wait_parked();
+    let mut others = Vec::new();
+    while others.len() < 2 {
+        match rx.recv_timeout(HANG) {
+            Ok(done) => others.push(done),
+            Err(_) => break,
+        }
+    }
+    let now = std::fs::read(&src).unwrap();
+    target.writes.release();
+    let first = rx.recv_timeout(HANG);
+    thread.join().unwrap();
+    let tokens: Vec<u64> = others.iter().map(|(t, _)| *t).collect();
+    assert!(
+        tokens.len() == 2 && !tokens.contains(&1),
+        "while the copy was parked, the ring completed {tokens:?} (wanted 2 and 3)"
+    );
+    for (t, r) in others {
+        assert!(r.is_ok(), "request {t}: {r:?}");
+    }
+    assert!(
+        now[CL as usize..2 * CL as usize] == before[CL as usize..2 * CL as usize],
+        "a write landed before its cluster was copied"
+    );
+    assert!(matches!(first, Ok((1, Ok(())))), "{first:?}");
+    let now = std::fs::read(&src).unwrap();
+    assert_eq!(now[(CL + 512) as usize], 0xa1);
+    assert_eq!(now[(6 * CL + 4096) as usize], 0xa3);
+    let view = SnapshotAccess::new(cbw);
+    assert_eq!(snap(&view, 0, SIZE as usize).unwrap(), before);
+}
+
+/// A target that never answers, `cbw-timeout` 1 s: the guest write ends
+/// by `on-cbw-error` instead of hanging, on the io_uring engine and on
+/// the synchronous path (`--aio sync`): under `break-snapshot` it lands
+/// and the snapshot fails; under `break-guest-write` it fails with
+/// nothing written.
+#[test]
+fn a_hung_target_fails_by_the_policy_after_cbw_timeout() {
+    for uring in [true, false] {
+        for on_error in [OnCbwError::BreakSnapshot, OnCbwError::BreakGuestWrite] {
+            let name = format!("uring={uring} {on_error:?}");
+            let dir = Dir::new("hung");
+            let src = dir.file("src", pattern);
+            let tgt = dir.sparse("tgt");
+            let before = std::fs::read(&src).unwrap();
+            let target = TestImage::new(&tgt);
+            let opts = CbwOptions {
+                on_error,
+                timeout: Some(Duration::from_secs(1)),
+                ..CbwOptions::default()
+            };
+            let (disk, cbw) = fleece(Arc::new(raw(&src)), target.clone(), opts);
+            let view = SnapshotAccess::new(cbw);
+            target.writes.arm();
+            let (thread, rx) = match uring {
+                true => {
+                    let req = Req {
+                        token: 7,
+                        write: true,
+                        offset: 5 * CL,
+                        buf: vec![0xd4; 4096],
+                    };
+                    queue_thread(disk.clone(), vec![req])
+                }
+                false => {
+                    let (tx, rx) = std::sync::mpsc::channel();
+                    let disk = disk.clone();
+                    let t = std::thread::spawn(move || {
+                        let _ = tx.send((7, write(&disk, 5 * CL, 4096, 0xd4)));
+                    });
+                    (t, rx)
+                }
+            };
+            let result = rx.recv_timeout(HANG);
+            let now = std::fs::read(&src).unwrap();
+            let read = snap(&view, 0, 4096);
+            // Let the hung copy go, so that no thread is left behind.
+            target.writes.release();
+            thread.join().unwrap();
+            let Ok((7, result)) = result else {
+                panic!("{name}: the guest write hung on the target");
+            };
+            if on_error == OnCbwError::BreakGuestWrite {
+                assert!(
+                    matches!(&result, Err(DiskError::Hook(m)) if m.contains("timed out")),
+                    "{name}: {result:?}"
+                );
+                assert_eq!(now, before, "{name}: the failed guest write landed");
+            } else {
+                assert!(result.is_ok(), "{name}: {result:?}");
+                assert_eq!(now[(5 * CL) as usize], 0xd4, "{name}");
+                assert!(read.is_err(), "{name}: the snapshot still reads");
+            }
+        }
+    }
 }
 
 /// Discard on the snapshot: the clusters leave it (reads fail with

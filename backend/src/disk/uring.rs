@@ -17,12 +17,18 @@
 //! the others; so does every request on a memory-backed image when the
 //! engine is told to run those inline (`set_inline_memory`).
 //!
+//! A write whose hooks have long work to do first (a copy-before-write
+//! filter's copy, run on the filter's own threads) is parked without a
+//! slot in the ring until the work is done or its deadline passes; an
+//! eventfd polled in the ring wakes the thread for it, so the thread's
+//! other requests go on meanwhile.
+//!
 //! Each request keeps the image it was issued on alive until it completes
 //! (a mirror pivot may switch images; see `Pins`), and its buffers must stay
 //! valid until it is reaped: submission is `unsafe` for that reason.
 
 use super::pins::{PinId, Pins};
-use super::{Disk, DiskError, WriteOp, WriteTicket};
+use super::{Disk, DiskError, PendingWrite, WriteOp, WriteStart, WriteTicket};
 use crate::image::{Durable, Image, ImageError};
 use crate::iobuf::{total_len, IoBuf};
 use io_uring::{opcode, squeue, types, IoUring};
@@ -30,14 +36,17 @@ use log::{error, warn};
 use std::collections::VecDeque;
 use std::io;
 use std::mem::ManuallyDrop;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
-use std::time::Duration;
+use std::task::{Wake, Waker};
+use std::time::{Duration, Instant};
 
 /// Largest number of iovecs one READV/WRITEV takes (UIO_MAXIOV).
 const IOV_MAX: usize = 1024;
 /// Tag of the user_data of the kick poll (the low bits count generations).
 const KICK_TAG: u64 = 1 << 63;
+/// user_data of the poll on the wake-up eventfd of parked writes.
+const PARK_TAG: u64 = 1 << 62;
 /// Resubmissions of one request that made no progress (`EAGAIN`, `EINTR`)
 /// before it fails; a transfer that moves bytes resets the count.
 const MAX_RETRIES: u32 = 100_000;
@@ -98,6 +107,32 @@ impl Slot {
     }
 }
 
+/// A write waiting for its hooks' work before it is issued.
+struct Parked {
+    token: u64,
+    offset: u64,
+    /// Valid until the request is reaped, by `write`'s contract.
+    bufs: Vec<IoBuf<'static>>,
+    write: PendingWrite,
+}
+
+/// Wakes the engine's thread for its parked writes: writes an eventfd
+/// the ring polls.
+struct EventWaker(OwnedFd);
+
+impl Wake for EventWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        let one = 1u64;
+        // SAFETY: writes 8 bytes from a live u64 to an eventfd we own. A
+        // full counter (EAGAIN) is already readable: nothing is lost.
+        unsafe { libc::write(self.0.as_raw_fd(), (&raw const one).cast(), 8) };
+    }
+}
+
 /// A finished request: the caller's token and how it ended.
 pub type Reaped = (u64, Result<(), DiskError>);
 
@@ -122,6 +157,13 @@ pub struct UringEngine {
     /// Run requests on memory-backed images synchronously.
     inline_memory: bool,
     stats: EngineStats,
+    /// Writes waiting for their hooks' work (hold no slot).
+    parked: VecDeque<Parked>,
+    /// Wakes this thread when a parked write's work is done.
+    waker: Waker,
+    wake_fd: RawFd,
+    /// A poll on `wake_fd` is in the ring.
+    wake_armed: bool,
 }
 
 /// Counters of the unusual paths, for logs and tests.
@@ -133,7 +175,7 @@ pub struct EngineStats {
     pub retries: u64,
     /// Requests run synchronously: the image could not take them
     /// asynchronously, or it is memory-backed and the engine runs those
-    /// inline.
+    /// inline, or the caller asked (`write_inline`).
     pub synchronous: u64,
 }
 
@@ -163,6 +205,13 @@ impl UringEngine {
             .setup_cqsize(entries * 2)
             .build(entries)
             .or_else(|_| IoUring::builder().setup_cqsize(entries * 2).build(entries))?;
+        // SAFETY: plain eventfd creation; the fd is owned at once.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a new fd nobody else owns.
+        let wake = Arc::new(EventWaker(unsafe { OwnedFd::from_raw_fd(fd) }));
         Ok(UringEngine {
             ring: ManuallyDrop::new(ring),
             slots: (0..depth).map(|_| Slot::empty()).collect(),
@@ -175,6 +224,10 @@ impl UringEngine {
             cqes: Vec::with_capacity(entries as usize * 2),
             inline_memory: false,
             stats: EngineStats::default(),
+            parked: VecDeque::new(),
+            wake_fd: wake.0.as_raw_fd(),
+            waker: Waker::from(wake),
+            wake_armed: false,
         })
     }
 
@@ -209,7 +262,7 @@ impl UringEngine {
 
     /// Requests submitted and not yet reaped.
     pub fn in_flight(&self) -> usize {
-        self.slots.len() - self.free.len() + self.ready.len()
+        self.slots.len() - self.free.len() + self.ready.len() + self.parked.len()
     }
 
     /// True if another request can be submitted now.
@@ -272,15 +325,112 @@ impl UringEngine {
     /// Every buffer must stay valid (mapped, readable, unchanged by us)
     /// until this token is reaped: the kernel reads it asynchronously.
     pub unsafe fn write(&mut self, disk: &Disk, offset: u64, bufs: &[IoBuf], token: u64) {
-        let ticket = match disk.start_write(offset, total_len(bufs)) {
-            Ok(ticket) => ticket,
-            Err(e) => {
-                self.ready.push_back((token, Err(e)));
-                return;
-            }
+        // SAFETY: per this function's contract.
+        unsafe { self.write_with(disk, offset, bufs, token, false) }
+    }
+
+    /// `write` for a request that is better run synchronously (a lone
+    /// request on the page cache): the transfer runs at submission, but a
+    /// write whose hooks have work to do first (a copy-before-write) is
+    /// parked like any other instead of blocking the thread.
+    ///
+    /// # Safety
+    /// As `write`.
+    pub unsafe fn write_inline(&mut self, disk: &Disk, offset: u64, bufs: &[IoBuf], token: u64) {
+        // SAFETY: per this function's contract.
+        unsafe { self.write_with(disk, offset, bufs, token, true) }
+    }
+
+    /// # Safety
+    /// As `write`.
+    unsafe fn write_with(
+        &mut self,
+        disk: &Disk,
+        offset: u64,
+        bufs: &[IoBuf],
+        token: u64,
+        inline: bool,
+    ) {
+        let len = total_len(bufs);
+        let start = match disk.hooks_may_block() {
+            false => disk.start_write(offset, len).map(WriteStart::Ready),
+            true => disk.start_write_nowait(offset, len, &self.waker),
         };
+        match start {
+            // SAFETY: per this function's contract.
+            Ok(WriteStart::Ready(ticket)) => unsafe {
+                self.issue_write(disk, (offset, bufs, token), ticket, inline)
+            },
+            Ok(WriteStart::Waiting(write)) => {
+                self.parked.push_back(Parked {
+                    token,
+                    offset,
+                    // SAFETY: per this function's contract.
+                    bufs: bufs
+                        .iter()
+                        .map(|b| unsafe { b.extend::<'static>() })
+                        .collect(),
+                    write,
+                });
+                self.arm_wake();
+            }
+            Err(e) => self.ready.push_back((token, Err(e))),
+        }
+    }
+
+    /// Polls the parked writes: those whose hooks are done are issued (or
+    /// fail), the others stay parked.
+    fn resume_parked(&mut self, disk: &Disk) {
+        for _ in 0..self.parked.len() {
+            let Some(p) = self.parked.pop_front() else {
+                break;
+            };
+            match p.write.poll(&self.waker) {
+                Ok(WriteStart::Waiting(write)) => self.parked.push_back(Parked { write, ..p }),
+                // SAFETY: `bufs` are valid until the token is reaped, by
+                // `write`'s contract.
+                Ok(WriteStart::Ready(ticket)) => unsafe {
+                    self.issue_write(disk, (p.offset, &p.bufs, p.token), ticket, false)
+                },
+                Err(e) => self.ready.push_back((p.token, Err(e))),
+            }
+        }
+    }
+
+    /// Puts a poll on the wake-up eventfd in the ring, if none is there.
+    fn arm_wake(&mut self) {
+        if !self.wake_armed {
+            let poll = opcode::PollAdd::new(types::Fd(self.wake_fd), libc::POLLIN as u32)
+                .build()
+                .user_data(PARK_TAG);
+            self.push(poll);
+            self.wake_armed = true;
+        }
+    }
+
+    /// The earliest deadline of the parked writes' hooks.
+    fn parked_deadline(&self) -> Option<Instant> {
+        self.parked.iter().filter_map(|p| p.write.deadline()).min()
+    }
+
+    /// Issues a write whose hooks have all started, synchronously if
+    /// `inline` or the image cannot take it asynchronously.
+    ///
+    /// # Safety
+    /// As `write`.
+    unsafe fn issue_write(
+        &mut self,
+        disk: &Disk,
+        (offset, bufs, token): (u64, &[IoBuf], u64),
+        ticket: WriteTicket,
+        inline: bool,
+    ) {
         let fua = !disk.writeback();
-        let Some((fd, image)) = self.pin_image(disk, bufs) else {
+        let pinned = match inline {
+            true => None,
+            false => self.pin_image(disk, bufs),
+        };
+        let Some((fd, image)) = pinned else {
             self.stats.synchronous += 1;
             let result = disk
                 .with_image(|img| img.write_at(bufs, offset, fua))
@@ -472,6 +622,14 @@ impl UringEngine {
             return;
         }
         self.arm_kicks(kicks);
+        // A parked write's deadline ends the wait too (its policy applies).
+        let timeout = match self.parked_deadline() {
+            None => timeout,
+            Some(d) => {
+                let left = d.saturating_duration_since(Instant::now());
+                Some(timeout.map_or(left, |t| t.min(left)))
+            }
+        };
         let result = match timeout {
             None => self.ring.submit_and_wait(1),
             Some(t) => {
@@ -542,11 +700,8 @@ impl UringEngine {
     /// `after_flush` hooks on the way; resubmits the rest of short
     /// transfers. Returns the number of requests reported.
     pub fn reap(&mut self, disk: &Disk, mut done: impl FnMut(u64, Result<(), DiskError>)) -> usize {
-        let mut reported = 0;
-        while let Some((token, result)) = self.ready.pop_front() {
-            done(token, result);
-            reported += 1;
-        }
+        let mut reported = self.report_ready(disk, &mut done);
+        let mut woken = false;
         let mut cqes = std::mem::take(&mut self.cqes);
         loop {
             cqes.clear();
@@ -555,6 +710,16 @@ impl UringEngine {
                 break;
             }
             for &(user_data, res) in &cqes {
+                if user_data == PARK_TAG {
+                    let mut count = 0u64;
+                    // SAFETY: reads 8 bytes into a live u64 from our
+                    // non-blocking eventfd (empties it; nothing to do on
+                    // EAGAIN).
+                    unsafe { libc::read(self.wake_fd, (&raw mut count).cast(), 8) };
+                    self.wake_armed = false;
+                    woken = true;
+                    continue;
+                }
                 if user_data & KICK_TAG != 0 {
                     if let Some(i) = self
                         .kick_armed
@@ -578,6 +743,31 @@ impl UringEngine {
             self.submit();
         }
         self.cqes = cqes;
+        if woken {
+            reported += self.report_ready(disk, &mut done);
+        }
+        if !self.parked.is_empty() {
+            self.arm_wake();
+        }
+        reported
+    }
+
+    /// Reports the requests finished at submission, after giving the
+    /// parked writes a look (those that fail or run synchronously now are
+    /// among them).
+    fn report_ready(
+        &mut self,
+        disk: &Disk,
+        done: &mut impl FnMut(u64, Result<(), DiskError>),
+    ) -> usize {
+        if !self.parked.is_empty() {
+            self.resume_parked(disk);
+        }
+        let mut reported = 0;
+        while let Some((token, result)) = self.ready.pop_front() {
+            done(token, result);
+            reported += 1;
+        }
         reported
     }
 
