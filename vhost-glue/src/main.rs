@@ -360,6 +360,7 @@ fn run(mut opts: Options) -> Result<()> {
                 Arc::new(nodes),
             ));
             // Image fleecing: `blockdev-backup` and its `transaction` action.
+            let (filter_graph, filter_ctx) = (graph.clone(), ctx.clone());
             let backup = Arc::new(vubd_backend::backup::qmp::BackupService {
                 disk: disk.clone(),
                 graph,
@@ -367,6 +368,16 @@ fn run(mut opts: Options) -> Result<()> {
                 ctx,
             });
             vubd_backend::backup::qmp::register_backup_commands(&dispatcher, backup);
+            // `blockdev-add driver=copy-before-write` over the disk.
+            graph_qmp::register_filter_commands(
+                &dispatcher,
+                filter_graph,
+                vubd_backend::graph::cbw::Filters {
+                    disk: disk.clone(),
+                    ctx: filter_ctx,
+                    jobs: mirrors.registry().clone(),
+                },
+            );
             let server = QmpServer::start(path, dispatcher, ServerConfig::default())
                 .with_context(|| format!("cannot start the QMP monitor on {}", path.display()))?;
             Some(server)

@@ -59,6 +59,11 @@ impl NodeLookup for GraphNodes {
 struct ImageSource(Arc<dyn Image>);
 
 fn io(e: crate::image::ImageError) -> SourceError {
+    // A snapshot range outside the snapshot (EACCES): QEMU's server sends
+    // EINVAL for errnos NBD lacks.
+    if crate::mirror::image_errno(&e) == libc::EACCES {
+        return SourceError::OutOfRange;
+    }
     SourceError::Io(e.to_string())
 }
 

@@ -9,8 +9,10 @@
 //! - [`node`]: a node (driver, image, identity, options, child);
 //! - [`registry`]: the nodes of one daemon, with QEMU's refusals;
 //! - [`qmp`]: `blockdev-add`, `blockdev-del`, `query-named-block-nodes`;
+//! - [`cbw`]: copy-before-write filters a client adds over the disk;
 //! - [`export`]: the nodes as NBD export sources.
 
+pub mod cbw;
 pub mod export;
 pub mod node;
 pub mod qmp;

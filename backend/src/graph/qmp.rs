@@ -1,9 +1,11 @@
-//! `blockdev-add` (drivers `file` and `raw`), `blockdev-del` and
+//! `blockdev-add` (drivers `file`, `raw`, `snapshot-access` and, with
+//! [`Filters`], `copy-before-write`), `blockdev-del` and
 //! `query-named-block-nodes`, with QEMU 7.2's arguments (read in schema
 //! order, so the first error is the one QEMU reports), checks and texts.
 //! What vubd cannot do (other drivers, `raw` with `offset`/`size`,
 //! `cache.no-flush`, `force-share`, `detect-zeroes`) is refused by name.
 
+use super::cbw::{self, Filters};
 use super::node::{Aio, Driver, Node, NodeOptions};
 use super::registry::{Graph, GraphError};
 use crate::backup::SnapshotAccess;
@@ -103,9 +105,9 @@ fn parse_common(args: &mut Args) -> Result<Common, QmpError> {
     if dz.is_some_and(|d| d != "off") {
         return Err(QmpError::generic("vubd does not support detect-zeroes"));
     }
-    if !["file", "raw", "snapshot-access"].contains(&driver.as_str()) {
+    if !["file", "raw", "snapshot-access", "copy-before-write"].contains(&driver.as_str()) {
         return Err(QmpError::generic(format!(
-            "vubd supports the block drivers 'file', 'raw' and 'snapshot-access' only, not '{driver}'"
+            "vubd supports the block drivers 'file', 'raw', 'copy-before-write' and 'snapshot-access' only, not '{driver}'"
         )));
     }
     Ok(Common {
@@ -158,6 +160,8 @@ enum Variant {
     Raw(ChildRef),
     /// Over the copy-before-write node of this name.
     SnapshotAccess(String),
+    /// A copy-before-write filter over the disk's node.
+    Cbw(cbw::CbwSpec),
 }
 
 fn parse_raw(args: &mut Args) -> Result<ChildRef, QmpError> {
@@ -249,12 +253,17 @@ fn open_file(
     ))
 }
 
-fn blockdev_add(graph: &Graph, args: &mut Args) -> Result<Value, QmpError> {
+fn blockdev_add(
+    graph: &Graph,
+    filters: Option<&Filters>,
+    args: &mut Args,
+) -> Result<Value, QmpError> {
     let mut args = std::mem::take(args);
     let common = parse_common(&mut args)?;
     let variant = match common.driver.as_str() {
         "file" => Variant::File(parse_file(&mut args)?),
         "raw" => Variant::Raw(parse_raw(&mut args)?),
+        "copy-before-write" => Variant::Cbw(cbw::parse(&mut args)?),
         _ => {
             let path = args.path("file");
             match args.required("file")? {
@@ -279,6 +288,14 @@ fn blockdev_add(graph: &Graph, args: &mut Args) -> Result<Value, QmpError> {
         return Err(err(GraphError::TooMany));
     }
     match variant {
+        Variant::Cbw(spec) => {
+            let Some(filters) = filters else {
+                return Err(QmpError::generic(
+                    "vubd adds copy-before-write filters only over a guest's disk",
+                ));
+            };
+            filters.add(graph, &name, spec)?;
+        }
         Variant::SnapshotAccess(c) => {
             let child = graph.lookup(&c).ok_or_else(|| {
                 QmpError::generic(format!("Cannot find device='{c}' nor node-name='{c}'"))
@@ -405,15 +422,29 @@ pub fn register_graph_commands(d: &Dispatcher, graph: Arc<Graph>, ctx: Arc<dyn M
 
 /// Registers `blockdev-add` and `blockdev-del` only.
 pub fn register_node_commands(d: &Dispatcher, graph: Arc<Graph>) {
-    let g = graph.clone();
+    register_del_add(d, graph, None);
+}
+
+/// Registers `blockdev-add` and `blockdev-del` that also add and remove
+/// copy-before-write filters in the guest's path (replacing the ones of
+/// [`register_graph_commands`]).
+pub fn register_filter_commands(d: &Dispatcher, graph: Arc<Graph>, filters: Filters) {
+    register_del_add(d, graph, Some(Arc::new(filters)));
+}
+
+fn register_del_add(d: &Dispatcher, graph: Arc<Graph>, filters: Option<Arc<Filters>>) {
+    let (g, f) = (graph.clone(), filters.clone());
     d.register("blockdev-add", move |call: &mut Call<'_>| {
-        blockdev_add(&g, &mut call.args)
+        blockdev_add(&g, f.as_deref(), &mut call.args)
     });
     d.register("blockdev-del", move |call: &mut Call<'_>| {
         let mut args = std::mem::take(&mut call.args);
         let name = args.req_str("node-name")?;
         args.finish()?;
-        graph.remove(&name).map_err(err)?;
+        let node = graph.remove(&name).map_err(err)?;
+        if let Some(f) = &filters {
+            f.removed(&graph, &node);
+        }
         Ok(json!({}))
     });
 }

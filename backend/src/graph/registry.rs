@@ -3,7 +3,7 @@
 //! a node in use with QEMU 7.2's words. Only management commands and jobs
 //! come here, one lock, never on a guest request.
 
-use super::node::Node;
+use super::node::{Driver, Node};
 use super::validate_node_name;
 use crate::image::Image;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -227,12 +227,23 @@ impl Graph {
             return Err(GraphError::NotFound(name.to_string()));
         };
         let e = &g.entries[i];
+        // The guest writes through a copy-before-write filter over the
+        // disk's node: in QEMU the device moved onto the filter, and the
+        // node is in use only as its child.
+        let filtered = e.users.iter().any(|u| match u {
+            User::Parent(p) => g
+                .entries
+                .iter()
+                .any(|x| x.node.name() == p && x.node.driver() == Driver::CopyBeforeWrite),
+            _ => false,
+        });
         // QEMU's order: users holding a BlockBackend on the node, op
         // blockers, ownership, other references.
-        if e.users
-            .iter()
-            .any(|u| matches!(u, User::Disk | User::Job(_) | User::Export(_)))
-        {
+        if e.users.iter().any(|u| match u {
+            User::Disk => !filtered,
+            User::Job(_) | User::Export(_) => true,
+            _ => false,
+        }) {
             return Err(GraphError::InUse(name.to_string()));
         }
         if e.users.iter().any(|u| matches!(u, User::BackupJob(_))) {

@@ -525,14 +525,20 @@ impl MirrorManager {
                 self.node_name
             )));
         }
-        // Another kind of job on the disk: a backup's copy-before-write
-        // filter reads the image a pivot would swap away. In QEMU's graph
-        // the filter sits above the disk's node, hence QEMU's words.
+        // Another kind of job on the disk, or a copy-before-write filter
+        // a client added: the filter reads the image a pivot would swap
+        // away. In QEMU's graph the filter sits above the disk's node,
+        // hence QEMU's words.
         if self
             .registry
             .list()
             .into_iter()
             .any(|j| !matches!(j.status(), JobStatus::Concluded | JobStatus::Null))
+            || self.graph.get().is_some_and(|g| {
+                g.nodes()
+                    .iter()
+                    .any(|(n, _)| n.driver() == crate::graph::Driver::CopyBeforeWrite)
+            })
         {
             return Err(generic("Need a root block node"));
         }
