@@ -239,10 +239,8 @@ impl Filters {
             }
             None => None,
         };
-        let cbw = Arc::new(
-            CopyBeforeWrite::new(source.clone(), target.image().clone(), opts, bits.as_ref())
-                .map_err(generic)?,
-        );
+        let cbw = CopyBeforeWrite::new(source.clone(), target.image().clone(), opts, bits.as_ref())
+            .map_err(generic)?;
         let node = Node::new(
             name,
             Driver::CopyBeforeWrite,
