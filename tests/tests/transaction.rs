@@ -557,3 +557,156 @@ fn kill_9_inside_a_transaction_leaves_the_old_or_the_new_state() -> Result<()> {
     }
     Ok(())
 }
+
+/// Jobs and nodes of the daemon that a backup action would leave: the ids
+/// in `query-jobs` and whether a node `cbw0` exists.
+fn backup_traces(q: &mut QmpClient) -> Result<(Vec<Value>, bool)> {
+    let jobs = q.ok("query-jobs", json!({}))?;
+    let jobs: Vec<Value> = jobs
+        .as_array()
+        .map(|a| a.iter().map(|j| j["id"].clone()).collect())
+        .unwrap_or_default();
+    let nodes = q.ok("query-named-block-nodes", json!({}))?;
+    let filter = nodes
+        .as_array()
+        .is_some_and(|a| a.iter().any(|n| n["node-name"] == "cbw0"));
+    Ok((jobs, filter))
+}
+
+/// A transaction with a `blockdev-backup` action among persistent bitmap
+/// actions: when its last action fails it leaves no job, no filter node,
+/// no bitmap change and no file change, also after kill -9; killed inside
+/// its commit (at the staging fsync, the rename, the directory fsync) the
+/// restarted daemon has the old or the new bitmaps, complete, and no
+/// staged file.
+#[test]
+fn a_transaction_with_a_backup_action_is_all_or_nothing_across_kill_9() -> Result<()> {
+    use std::os::unix::process::ExitStatusExt;
+    let backup = || {
+        act(
+            "blockdev-backup",
+            json!({"job-id": "fl0", "device": "disk0", "target": "tmp0", "sync": "none",
+                   "filter-node-name": "cbw0"}),
+        )
+    };
+    let actions = |last: Option<Value>| {
+        let mut v = vec![
+            act("block-dirty-bitmap-disable", b("p0")),
+            act(
+                "block-dirty-bitmap-add",
+                json!({"node": "disk0", "name": "p1", "persistent": true}),
+            ),
+            backup(),
+        ];
+        v.extend(last);
+        txn(v)
+    };
+    let setup = |dir: &ScratchDir, tag: &str| -> Result<(Daemon, QmpClient, PathBuf)> {
+        let image = dir.join("disk.img");
+        if !image.exists() {
+            create_image(&image, SIZE)?;
+            create_image(&dir.join("tmp.raw"), SIZE)?;
+        }
+        let (d, qmp, vhost) = start_vubd(dir, &image, tag)?;
+        let mut q = QmpClient::connect(&qmp, TIMEOUT)?;
+        if tag == "a" {
+            q.ok(
+                "block-dirty-bitmap-add",
+                json!({"node": "disk0", "name": "p0", "persistent": true}),
+            )?;
+            guest_writes(&vhost, 1)?;
+        }
+        q.ok(
+            "blockdev-add",
+            json!({"driver": "file", "node-name": "tmp0",
+                   "filename": dir.join("tmp.raw")}),
+        )?;
+        Ok((d, q, vhost))
+    };
+    let untouched = |dir: &ScratchDir| -> Result<()> {
+        let tmp = std::fs::read(dir.join("tmp.raw"))?;
+        ensure!(
+            tmp.len() as u64 == SIZE && tmp.iter().all(|&b| b == 0),
+            "the backup target was written"
+        );
+        Ok(())
+    };
+
+    // The last action fails: nothing of the others stays.
+    let dir = ScratchDir::new("txn-backup-fail")?;
+    let (mut d, mut q, _) = setup(&dir, "a")?;
+    let before = shape(&mut q)?;
+    let sidecars = files(dir.path())?;
+    let e = q.err(
+        "transaction",
+        actions(Some(act(
+            "block-dirty-bitmap-add",
+            json!({"node": "disk0", "name": "p1", "persistent": true}),
+        ))),
+    )?;
+    ensure!(e.desc == "Bitmap already exists: p1", "{e}");
+    ensure!(
+        shape(&mut q)? == before,
+        "bitmaps changed by a failed transaction"
+    );
+    ensure!(
+        backup_traces(&mut q)? == (vec![], false),
+        "the failed transaction left a job or a filter: {:?}",
+        backup_traces(&mut q)?
+    );
+    ensure!(files(dir.path())? == sidecars, "{:?}", files(dir.path())?);
+    d.kill();
+    let (_d, mut q, _) = setup(&dir, "b")?;
+    let after = shape(&mut q)?;
+    ensure!(
+        after.len() == 1 && after[0].0 == "p0" && after[0].1 && after[0].3 >= before[0].3,
+        "after kill -9: {after:?} vs {before:?}"
+    );
+    ensure!(files(dir.path())? == sidecars, "{:?}", files(dir.path())?);
+    untouched(&dir)?;
+    // The same transaction without the failing action takes effect.
+    q.ok("transaction", actions(None))?;
+    ensure!(
+        backup_traces(&mut q)? == (vec![json!("fl0")], true),
+        "{:?}",
+        backup_traces(&mut q)?
+    );
+
+    // Killed inside the commit: the old or the new bitmaps.
+    for (syscall, when, committed) in [
+        ("fsync", 1, false),
+        ("rename", 1, false),
+        ("fsync", 2, true),
+    ] {
+        let step = format!("{syscall}#{when}");
+        let dir = ScratchDir::new("txn-backup-strace")?;
+        let (mut d, mut q, _) = setup(&dir, "a")?;
+        let before = shape(&mut q)?;
+        let mut strace = kill_at(d.pid(), syscall, when, &dir.join("strace.log"))?;
+        let r = q.execute("transaction", actions(None));
+        ensure!(r.is_err(), "{step}: the daemon answered: {r:?}");
+        let status = d.wait_exit(TIMEOUT)?;
+        ensure!(status.signal() == Some(9), "{step}: {status}");
+        let _ = strace.wait();
+        let (_d, mut q, _) = setup(&dir, "b")?;
+        let after = shape(&mut q)?;
+        let names: Vec<(&str, bool)> = after.iter().map(|s| (s.0.as_str(), s.1)).collect();
+        if committed {
+            ensure!(names == [("p1", true), ("p0", false)], "{step}: {after:?}");
+        } else {
+            ensure!(names == [("p0", true)], "{step}: {after:?}");
+            ensure!(after[0].3 >= before[0].3, "{step}: p0 lost bits: {after:?}");
+        }
+        ensure!(
+            backup_traces(&mut q)? == (vec![], false),
+            "{step}: a restarted daemon has a backup job or filter"
+        );
+        let left = files(dir.path())?;
+        ensure!(
+            left == ["disk.img", "disk.img.vubd-bitmaps"],
+            "{step}: files {left:?}"
+        );
+        untouched(&dir)?;
+    }
+    Ok(())
+}
