@@ -252,6 +252,10 @@ fn resume_after_a_restart_on_the_new_image_finds_the_state() -> Result<()> {
         .map_err(anyhow::Error::msg)?;
     wait_status(&job, JobStatus::Paused, T)?;
     std::mem::forget(first);
+    // A real restart closes every descriptor, releasing the image locks;
+    // this one happens in the same process, so close the forgotten
+    // daemon's descriptors of C (its job is paused and never resumes).
+    close_fds_of(&c.canonicalize()?)?;
 
     // The restarted daemon is told `--image B`.
     let second = Rig::new(&b)?;

@@ -50,6 +50,7 @@ fn resume_copies_only_what_is_dirty_including_writes_before_the_resume() -> Resu
     );
     ensure!(dir.join("src.img.vubd-mirror").exists());
     std::mem::forget(first);
+    close_fds_of(&tgt.canonicalize()?)?;
 
     // Second life: the state is found and tracks writes at once.
     let second = Rig::new(&src)?;

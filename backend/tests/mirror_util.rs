@@ -580,3 +580,21 @@ pub const ENOSPC: i32 = 28;
 fn libc_eio() -> i32 {
     5
 }
+
+/// Closes every descriptor of this process that is open on `path`: the
+/// in-process stand-in for a restart's closing them (and their image
+/// locks), for a forgotten daemon whose jobs are paused.
+pub fn close_fds_of(path: &Path) -> Result<()> {
+    for entry in std::fs::read_dir("/proc/self/fd")? {
+        let entry = entry?;
+        if std::fs::read_link(entry.path()).is_ok_and(|target| target == path) {
+            if let Ok(fd) = entry.file_name().to_string_lossy().parse::<i32>() {
+                // SAFETY: the caller's promise: the descriptor belongs to a
+                // daemon that was forgotten (never dropped, its jobs paused)
+                // and is not used again.
+                unsafe { libc::close(fd) };
+            }
+        }
+    }
+    Ok(())
+}
