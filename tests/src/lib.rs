@@ -6,6 +6,7 @@ pub mod bench;
 pub mod bench_mirror;
 pub mod client;
 pub mod daemon;
+pub mod fleece;
 pub mod guest;
 pub mod nbd_tools;
 pub mod qmp_client;

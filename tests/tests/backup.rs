@@ -14,144 +14,18 @@
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tests::client::Client;
 use tests::daemon::{Daemon, ScratchDir};
+use tests::fleece::{Peer, Writer, BLOCK, SIZE, TIMEOUT};
 use tests::nbd_tools::{apply_dirty_extents, dirty_extents, map, run};
 use tests::qmp_client::{event_label, QmpClient};
 
 const MIB: u64 = 1 << 20;
-const SIZE: u64 = 64 * MIB;
-const BLOCK: u64 = 4096;
 const GRANULARITY: u64 = 65536;
-const TIMEOUT: Duration = Duration::from_secs(60);
-
-/// vubd or qemu-storage-daemon, serving `disk0` over vhost-user.
-struct Peer {
-    _daemon: Daemon,
-    qmp: QmpClient,
-    vhost: PathBuf,
-    nbd: PathBuf,
-    image: PathBuf,
-    tmp: PathBuf,
-    name: &'static str,
-}
-
-/// Data in the first half (a pattern per 4 KiB block), a hole after.
-fn make_image(path: &Path) -> Result<()> {
-    let mut data = vec![0u8; (SIZE / 2) as usize];
-    for (i, chunk) in data.chunks_mut(BLOCK as usize).enumerate() {
-        chunk.fill((i % 251) as u8 + 1);
-    }
-    std::fs::write(path, &data)?;
-    std::fs::File::options()
-        .write(true)
-        .open(path)?
-        .set_len(SIZE)?;
-    Ok(())
-}
-
-impl Peer {
-    fn start(dir: &ScratchDir, qsd: bool) -> Result<Peer> {
-        let name = if qsd { "qsd" } else { "vubd" };
-        let image = dir.join(&format!("{name}.img"));
-        make_image(&image)?;
-        let vhost = dir.join(&format!("{name}-vhost.sock"));
-        let qmp = dir.join(&format!("{name}-qmp.sock"));
-        let daemon = if qsd {
-            Daemon::qsd_with_monitor(&vhost, &qmp, &image, "discard=unmap", true)?
-        } else {
-            let q = qmp.to_string_lossy().into_owned();
-            Daemon::vubd(&vhost, &image, &["--qmp", &q])?
-        };
-        let qmp = QmpClient::connect(&qmp, TIMEOUT)?;
-        Ok(Peer {
-            _daemon: daemon,
-            qmp,
-            vhost,
-            nbd: dir.join(&format!("{name}-nbd.sock")),
-            tmp: dir.join(&format!("{name}-tmp.raw")),
-            image,
-            name,
-        })
-    }
-
-    fn uri(&self, export: &str) -> String {
-        format!("nbd+unix:///{export}?socket={}", self.nbd.display())
-    }
-
-    /// The reply as a comparable value, with the peer's paths masked.
-    fn reply(&mut self, cmd: &str, args: Value) -> Result<Value> {
-        let v = match self.qmp.execute(cmd, args)? {
-            Ok(v) => json!({ "return": v }),
-            Err(e) => json!({"error": {"class": e.class, "desc": e.desc}}),
-        };
-        Ok(serde_json::from_str(
-            &v.to_string()
-                .replace(&self.tmp.display().to_string(), "TMP")
-                .replace(&self.image.display().to_string(), "IMG"),
-        )?)
-    }
-}
-
-/// A libblkio client writing 4 KiB blocks at pseudo-random places, each
-/// with a new byte, until stopped; records the blocks it wrote.
-struct Writer {
-    stop: Arc<AtomicBool>,
-    count: Arc<AtomicU64>,
-    thread: std::thread::JoinHandle<Result<BTreeSet<u64>>>,
-}
-
-impl Writer {
-    fn start(vhost: &Path, seed: u64) -> Result<Writer> {
-        let mut client = Client::connect(vhost, 1, false)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let count = Arc::new(AtomicU64::new(0));
-        let (s, c) = (stop.clone(), count.clone());
-        let thread = std::thread::spawn(move || -> Result<BTreeSet<u64>> {
-            let mut x = seed | 1;
-            let mut written = BTreeSet::new();
-            while !s.load(Ordering::Relaxed) {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                let block = x % (SIZE / BLOCK);
-                client.write(block * BLOCK, &vec![(x >> 56) as u8 | 0x80; BLOCK as usize])?;
-                written.insert(block);
-                c.fetch_add(1, Ordering::Relaxed);
-            }
-            client.flush()?;
-            Ok(written)
-        });
-        Ok(Writer {
-            stop,
-            count,
-            thread,
-        })
-    }
-
-    /// Waits (bounded) until `n` more writes have completed.
-    fn wait_writes(&self, n: u64) -> Result<()> {
-        let target = self.count.load(Ordering::Relaxed) + n;
-        let deadline = Instant::now() + TIMEOUT;
-        while self.count.load(Ordering::Relaxed) < target {
-            ensure!(Instant::now() < deadline, "the writer stalled");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        Ok(())
-    }
-
-    fn stop(self) -> Result<BTreeSet<u64>> {
-        self.stop.store(true, Ordering::Relaxed);
-        match self.thread.join() {
-            Ok(r) => r,
-            Err(_) => bail!("writer panicked"),
-        }
-    }
-}
 
 /// The job events up to its `null`; QEMU's drained sections pause and
 /// resume a running job, which is no part of the contract, so `paused`
@@ -379,12 +253,12 @@ fn flow(p: &mut Peer) -> Result<Vec<Value>> {
         );
     }
     seen.push(jobs);
-    let before = w.count.load(Ordering::Relaxed);
+    let before = w.writes();
     let out = p.tmp.with_extension("copy");
     let started = Instant::now();
     run("nbdcopy", &[&p.uri("backup"), &out.to_string_lossy()])?;
     let took = started.elapsed();
-    let during = w.count.load(Ordering::Relaxed) - before;
+    let during = w.writes() - before;
     w.wait_writes(20)?;
     same(p, &out, &instant, "the export")?;
     ensure!(
@@ -442,7 +316,7 @@ fn fleecing_flow_matches_qemu() -> Result<()> {
     let dir = ScratchDir::new("backup")?;
     let mut results = Vec::new();
     for qsd in [false, true] {
-        let mut p = Peer::start(&dir, qsd)?;
+        let mut p = Peer::start(&dir, qsd, "discard=unmap")?;
         let seen = flow(&mut p).with_context(|| p.name)?;
         results.push((p.name, seen));
     }
@@ -462,7 +336,7 @@ fn push_backup_matches_qemu() -> Result<()> {
     let dir = ScratchDir::new("push")?;
     let mut results = Vec::new();
     for qsd in [false, true] {
-        let mut p = Peer::start(&dir, qsd)?;
+        let mut p = Peer::start(&dir, qsd, "discard=unmap")?;
         let instant = std::fs::read(&p.image)?;
         std::fs::File::create(&p.tmp)?.set_len(SIZE)?;
         p.qmp.ok(
@@ -507,7 +381,7 @@ fn incremental_backup_matches_qemu() -> Result<()> {
     let dir = ScratchDir::new("incr")?;
     let mut results = Vec::new();
     for qsd in [false, true] {
-        let mut p = Peer::start(&dir, qsd)?;
+        let mut p = Peer::start(&dir, qsd, "discard=unmap")?;
         let persistent = !qsd;
         std::fs::File::create(&p.tmp)?.set_len(SIZE)?;
         let mut seen = Vec::new();

@@ -18,92 +18,35 @@ use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
 use tests::client::Client;
-use tests::daemon::{Daemon, ScratchDir};
-use tests::qmp_client::QmpClient;
+use tests::daemon::ScratchDir;
+use tests::fleece::{Peer, Writer, BLOCK, SIZE, TIMEOUT};
 
 const MIB: u64 = 1 << 20;
-const SIZE: u64 = 64 * MIB;
-const BLOCK: u64 = 4096;
 const CLUSTER: u64 = 65536;
-const TIMEOUT: Duration = Duration::from_secs(60);
 /// The bitmap's granularity: coarser than the filter's 64 KiB clusters,
 /// so that each dirty bit stands for 16 clusters.
 const BITMAP_GRANULARITY: u64 = MIB;
 
-struct Peer {
-    _daemon: Daemon,
-    qmp: QmpClient,
-    vhost: PathBuf,
-    nbd: PathBuf,
-    image: PathBuf,
-    tmp: PathBuf,
-    small: PathBuf,
-    qsd: bool,
-    name: &'static str,
+/// cbw_node's own steps on a fleecing peer.
+trait CbwPeer {
+    fn small(&self) -> PathBuf;
+    fn masked_reply(&mut self, cmd: &str, args: Value) -> Result<Value>;
+    fn export_on(&mut self, id: &str, node: &str) -> Result<()>;
+    fn refused_by_vubd_only(&mut self, args: Value, vubd_says: &str) -> Result<()>;
 }
 
-/// Data in the first half (a pattern per 4 KiB block), a hole after.
-fn make_image(path: &Path) -> Result<()> {
-    let mut data = vec![0u8; (SIZE / 2) as usize];
-    for (i, chunk) in data.chunks_mut(BLOCK as usize).enumerate() {
-        chunk.fill((i % 251) as u8 + 1);
-    }
-    std::fs::write(path, &data)?;
-    std::fs::File::options()
-        .write(true)
-        .open(path)?
-        .set_len(SIZE)?;
-    Ok(())
-}
-
-impl Peer {
-    fn start(dir: &ScratchDir, qsd: bool) -> Result<Peer> {
-        let name = if qsd { "qsd" } else { "vubd" };
-        let image = dir.join(&format!("{name}.img"));
-        make_image(&image)?;
-        let vhost = dir.join(&format!("{name}-vhost.sock"));
-        let qmp = dir.join(&format!("{name}-qmp.sock"));
-        let daemon = if qsd {
-            Daemon::qsd_with_monitor(&vhost, &qmp, &image, "", true)?
-        } else {
-            let q = qmp.to_string_lossy().into_owned();
-            Daemon::vubd(&vhost, &image, &["--qmp", &q])?
-        };
-        let qmp = QmpClient::connect(&qmp, TIMEOUT)?;
-        Ok(Peer {
-            _daemon: daemon,
-            qmp,
-            vhost,
-            nbd: dir.join(&format!("{name}-nbd.sock")),
-            tmp: dir.join(&format!("{name}-tmp.raw")),
-            small: dir.join(&format!("{name}-small.raw")),
-            image,
-            qsd,
-            name,
-        })
+impl CbwPeer for Peer {
+    /// A second, smaller target file.
+    fn small(&self) -> PathBuf {
+        self.scratch("small.raw")
     }
 
-    fn uri(&self) -> String {
-        format!("nbd+unix:///snap?socket={}", self.nbd.display())
-    }
-
-    /// The reply as a comparable value, with the peer's paths masked.
-    fn reply(&mut self, cmd: &str, args: Value) -> Result<Value> {
-        let v = match self.qmp.execute(cmd, args)? {
-            Ok(v) => json!({ "return": v }),
-            Err(e) => json!({"error": {"class": e.class, "desc": e.desc}}),
-        };
-        Ok(serde_json::from_str(
-            &v.to_string()
-                .replace(&self.tmp.display().to_string(), "TMP")
-                .replace(&self.small.display().to_string(), "SMALL")
-                .replace(&self.tmp.with_extension("m").display().to_string(), "TMP1")
-                .replace(&self.image.display().to_string(), "IMG"),
-        )?)
+    /// The reply as a comparable value, with the peer's paths masked (the
+    /// second target and the mirror target too).
+    fn masked_reply(&mut self, cmd: &str, args: Value) -> Result<Value> {
+        let (small, mirror) = (self.small(), self.tmp.with_extension("m"));
+        self.reply_masked(cmd, args, &[(&small, "SMALL"), (&mirror, "TMP1")])
     }
 
     /// Exports `node` as the guest's vhost-user device (qsd only; moving
@@ -121,7 +64,7 @@ impl Peer {
     /// `blockdev-add` of a copy-before-write node where QEMU 7.2 accepts
     /// and vubd refuses with `vubd_says`; leaves no node behind.
     fn refused_by_vubd_only(&mut self, args: Value, vubd_says: &str) -> Result<()> {
-        let r = self.reply("blockdev-add", args)?;
+        let r = self.masked_reply("blockdev-add", args)?;
         if self.qsd {
             ensure!(r == json!({"return": {}}), "qsd: {r}");
             self.qmp.ok("blockdev-del", json!({"node-name": "cx"}))?;
@@ -129,58 +72,6 @@ impl Peer {
             ensure!(r["error"]["desc"] == vubd_says, "vubd: {r}");
         }
         Ok(())
-    }
-}
-
-/// A libblkio client writing 4 KiB blocks at pseudo-random places until
-/// stopped.
-struct Writer {
-    stop: Arc<AtomicBool>,
-    count: Arc<AtomicU64>,
-    thread: std::thread::JoinHandle<Result<()>>,
-}
-
-impl Writer {
-    fn start(vhost: &Path, seed: u64) -> Result<Writer> {
-        let mut client = Client::connect(vhost, 1, false)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let count = Arc::new(AtomicU64::new(0));
-        let (s, c) = (stop.clone(), count.clone());
-        let thread = std::thread::spawn(move || -> Result<()> {
-            let mut x = seed | 1;
-            while !s.load(Ordering::Relaxed) {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                let block = x % (SIZE / BLOCK);
-                client.write(block * BLOCK, &vec![(x >> 56) as u8 | 0x80; BLOCK as usize])?;
-                c.fetch_add(1, Ordering::Relaxed);
-            }
-            Ok(client.flush()?)
-        });
-        Ok(Writer {
-            stop,
-            count,
-            thread,
-        })
-    }
-
-    fn wait_writes(&self, n: u64) -> Result<()> {
-        let target = self.count.load(Ordering::Relaxed) + n;
-        let deadline = Instant::now() + TIMEOUT;
-        while self.count.load(Ordering::Relaxed) < target {
-            ensure!(Instant::now() < deadline, "the writer stalled");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        Ok(())
-    }
-
-    fn stop(self) -> Result<()> {
-        self.stop.store(true, Ordering::Relaxed);
-        match self.thread.join() {
-            Ok(r) => r,
-            Err(_) => bail!("writer panicked"),
-        }
     }
 }
 
@@ -227,7 +118,7 @@ fn read_clusters(
             &format!("skip={first}"),
             // qemu-img 7.2 counts `count` from the start of the input.
             &format!("count={}", first + n),
-            &format!("if={}", p.uri()),
+            &format!("if={}", p.uri("snap")),
             &format!("of={}", out.display()),
         ],
     )?;
@@ -269,22 +160,22 @@ fn node_fields(nodes: &Value, name: &str) -> Value {
 fn flow(p: &mut Peer, with_bitmap: bool) -> Result<Vec<Value>> {
     let mut seen = Vec::new();
     std::fs::File::create(&p.tmp)?.set_len(SIZE)?;
-    std::fs::File::create(&p.small)?.set_len(SIZE / 2)?;
+    std::fs::File::create(p.small())?.set_len(SIZE / 2)?;
     let mirror_target = p.tmp.with_extension("m");
     std::fs::File::create(&mirror_target)?.set_len(SIZE)?;
     for (node, path) in [
         ("tmp0", p.tmp.clone()),
-        ("small0", p.small.clone()),
+        ("small0", p.small().clone()),
         ("tmp1", mirror_target),
     ] {
-        seen.push(p.reply(
+        seen.push(p.masked_reply(
             "blockdev-add",
             json!({"driver": "file", "node-name": node, "filename": path}),
         )?);
     }
     // The bitmap's bits: 1 MiB chunks 1, 5 and 40 (the last in the hole).
     let dirty_chunks = [1u64, 5, 40];
-    seen.push(p.reply(
+    seen.push(p.masked_reply(
         "block-dirty-bitmap-add",
         json!({"node": "disk0", "name": "b1m", "granularity": BITMAP_GRANULARITY}),
     )?);
@@ -315,7 +206,7 @@ fn flow(p: &mut Peer, with_bitmap: bool) -> Result<Vec<Value>> {
         cbw_args(json!({"cbw-timeout": "x"})),
         cbw_args(json!({"bogus": 1})),
     ] {
-        seen.push(p.reply("blockdev-add", args)?);
+        seen.push(p.masked_reply("blockdev-add", args)?);
     }
     // QEMU 7.2 takes these; vubd refuses them (docs/backup.md).
     let cx = |extra: Value| {
@@ -348,24 +239,24 @@ fn flow(p: &mut Peer, with_bitmap: bool) -> Result<Vec<Value>> {
         p.qmp
             .wait_event("BLOCK_EXPORT_DELETED", TIMEOUT, |d| d["id"] == "e0")?;
     }
-    seen.push(p.reply("blockdev-add", cbw_args(extra))?);
+    seen.push(p.masked_reply("blockdev-add", cbw_args(extra))?);
     if p.qsd {
         p.export_on("e1", "cbw0")?;
     }
-    seen.push(p.reply(
+    seen.push(p.masked_reply(
         "blockdev-add",
         json!({"driver": "snapshot-access", "node-name": "acc0", "file": "cbw0"}),
     )?);
-    seen.push(p.reply(
+    seen.push(p.masked_reply(
         "nbd-server-start",
         json!({"addr": {"type": "unix", "data": {"path": p.nbd}}}),
     )?);
-    seen.push(p.reply(
+    seen.push(p.masked_reply(
         "block-export-add",
         json!({"type": "nbd", "id": "x0", "node-name": "acc0", "name": "snap"}),
     )?);
     // A mirror would swap the image under the filter.
-    seen.push(p.reply(
+    seen.push(p.masked_reply(
         "blockdev-mirror",
         json!({"job-id": "m0", "device": "disk0", "target": "tmp1", "sync": "full"}),
     )?);
@@ -408,9 +299,11 @@ fn flow(p: &mut Peer, with_bitmap: bool) -> Result<Vec<Value>> {
         }
         // A read across the edge of a chunk.
         seen.push(json!(read_clusters(p, 2 * MIB / CLUSTER - 1, 2, &out)?));
-        seen.push(json!(
-            tool("nbdcopy", &[&p.uri(), &out.to_string_lossy()])?.is_ok()
-        ));
+        seen.push(json!(tool(
+            "nbdcopy",
+            &[&p.uri("snap"), &out.to_string_lossy()]
+        )?
+        .is_ok()));
         // The target holds exactly the clusters QEMU copies.
         ensure!(
             std::fs::read(&p.tmp)? == expected_target(&instant, &dirty_chunks, &writes),
@@ -420,7 +313,7 @@ fn flow(p: &mut Peer, with_bitmap: bool) -> Result<Vec<Value>> {
     } else {
         let w = Writer::start(&p.vhost, 7)?;
         w.wait_writes(50)?;
-        let r = tool("nbdcopy", &[&p.uri(), &out.to_string_lossy()])?;
+        let r = tool("nbdcopy", &[&p.uri("snap"), &out.to_string_lossy()])?;
         ensure!(r.is_ok(), "{}: nbdcopy: {r:?}", p.name);
         w.wait_writes(20)?;
         w.stop()?;
@@ -440,15 +333,15 @@ fn flow(p: &mut Peer, with_bitmap: bool) -> Result<Vec<Value>> {
             p.qmp
                 .wait_event("BLOCK_EXPORT_DELETED", TIMEOUT, |d| d["id"] == "e1")?;
         }
-        seen.push(p.reply("blockdev-del", json!({"node-name": node}))?);
+        seen.push(p.masked_reply("blockdev-del", json!({"node-name": node}))?);
     }
-    seen.push(p.reply("block-export-del", json!({"id": "x0"}))?);
+    seen.push(p.masked_reply("block-export-del", json!({"id": "x0"}))?);
     p.qmp
         .wait_event("BLOCK_EXPORT_DELETED", TIMEOUT, |d| d["id"] == "x0")?;
-    seen.push(p.reply("nbd-server-stop", json!({}))?);
+    seen.push(p.masked_reply("nbd-server-stop", json!({}))?);
     let target_before = std::fs::read(&p.tmp)?;
     for node in ["tmp0", "acc0", "cbw0", "cbw0", "tmp0", "small0", "tmp1"] {
-        seen.push(p.reply("blockdev-del", json!({"node-name": node}))?);
+        seen.push(p.masked_reply("blockdev-del", json!({"node-name": node}))?);
     }
     if p.qsd {
         p.export_on("e2", "disk0")?;
@@ -489,7 +382,7 @@ fn compare(with_bitmap: bool, tag: &str) -> Result<()> {
     let dir = ScratchDir::new(tag)?;
     let mut results = Vec::new();
     for qsd in [false, true] {
-        let mut p = Peer::start(&dir, qsd)?;
+        let mut p = Peer::start(&dir, qsd, "")?;
         let seen = flow(&mut p, with_bitmap).with_context(|| p.name)?;
         results.push(seen);
     }
