@@ -103,18 +103,8 @@ impl Peer {
 /// Runs a command, requires success, returns stdout with the peer's
 /// socket path replaced by `SOCK` (so outputs of both peers compare).
 fn run(peer: &Peer, program: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .with_context(|| format!("cannot run {program}"))?;
-    ensure!(
-        out.status.success(),
-        "{} on {}: {program} {args:?} failed: {}",
-        peer.name,
-        peer.name,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).replace(&peer.nbd.display().to_string(), "SOCK"))
+    let out = tests::nbd_tools::run(program, args).with_context(|| peer.name)?;
+    Ok(out.replace(&peer.nbd.display().to_string(), "SOCK"))
 }
 
 /// Guest-like writes through libblkio, then writes through NBD (qemu-io).
