@@ -15,7 +15,7 @@ use super::job::{BackupJob, BitmapMode, Push, SyncBitmap};
 use crate::disk::Disk;
 use crate::graph::{Driver, Graph, GraphError, Node, NodeOptions, User};
 use crate::image::Image;
-use crate::jobs::{Job, JobError, JobOptions, JobRegistry, JobStatus, OnError};
+use crate::jobs::{Job, JobError, JobOptions, JobRegistry, JobStatus, JobTxn, OnError};
 use crate::qmp::transaction::{self, Action, CompletionMode, TxContext};
 use crate::qmp::{Args, BitmapOpError, Call, Dispatcher, ManagementContext, QmpError};
 use serde_json::json;
@@ -202,7 +202,7 @@ impl BackupService {
 }
 
 impl BackupAction {
-    fn prepare_inner(&mut self) -> Result<(), QmpError> {
+    fn prepare_inner(&mut self, group: Option<Arc<JobTxn>>) -> Result<(), QmpError> {
         let svc = self.svc.clone();
         let a = &self.args;
         let source = svc.source_node(&a.device)?;
@@ -218,13 +218,12 @@ impl BackupAction {
             // The target has no device name, as in QEMU (hence the space).
             return Err(generic("Compression is not supported for this drive "));
         }
-        // QEMU's op blocker on the source: one job per disk (a mirror's
-        // pivot would swap the image under the filter).
-        let busy = svc
-            .jobs
-            .list()
-            .into_iter()
-            .find(|j| !matches!(j.status(), JobStatus::Concluded | JobStatus::Null));
+        // QEMU's op blocker on the source: backups may share a disk, a
+        // mirror may not (its pivot would swap the image under the filter).
+        let busy = svc.jobs.list().into_iter().find(|j| {
+            !matches!(j.status(), JobStatus::Concluded | JobStatus::Null)
+                && j.job_type() != "backup"
+        });
         if let Some(j) = busy {
             return Err(generic(format!(
                 "Node '{}' is busy: block device is in use by block job: {}",
@@ -303,6 +302,9 @@ impl BackupAction {
             speed: a.speed.unsigned_abs(),
         };
         let job = svc.jobs.create(opts, driver.clone())?;
+        if let Some(group) = group {
+            group.add(&job);
+        }
         // QEMU's successor makes the bitmap busy from here on.
         let bitmap = match (&a.bitmap, svc.ctx.bitmaps()) {
             (Some(name), Some(b)) => {
@@ -330,8 +332,8 @@ impl BackupAction {
 }
 
 impl Action for BackupAction {
-    fn prepare(&mut self, _tx: &mut TxContext<'_>) -> Result<(), QmpError> {
-        self.prepare_inner()
+    fn prepare(&mut self, tx: &mut TxContext<'_>) -> Result<(), QmpError> {
+        self.prepare_inner(tx.job_txn())
     }
 
     fn commit(&mut self, _tx: &mut TxContext<'_>) {

@@ -12,10 +12,11 @@
 //! the states were taken.
 
 use super::state::{transition_allowed, verb_allowed, JobStatus, JobVerb};
+use super::txn::{Claimed, JobTxn};
 use super::JobError;
 use crate::qmp::EventBus;
 use serde_json::{json, Map, Value};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 /// QEMU's `BlockdevOnError`: what a job does when an I/O operation fails.
@@ -262,6 +263,8 @@ pub struct Job {
     cond: Condvar,
     /// Called once the job reaches `null`, to drop it from its registry.
     on_null: Mutex<Option<OnNull>>,
+    /// The grouped transaction the job belongs to, if any.
+    txn: OnceLock<Arc<JobTxn>>,
     me: Weak<Job>,
 }
 
@@ -317,6 +320,7 @@ impl Job {
             }),
             cond: Condvar::new(),
             on_null: Mutex::new(None),
+            txn: OnceLock::new(),
             me: me.clone(),
         });
         let mut st = job.lock();
@@ -332,6 +336,99 @@ impl Job {
 
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    // ---- membership of a grouped transaction (see `txn.rs`) ----
+
+    pub(super) fn join_txn(&self, txn: Arc<JobTxn>) {
+        let _ = self.txn.set(txn);
+    }
+
+    /// Claims the job for an abort of its transaction: `cancel` requests
+    /// a forced cancel first. True if the caller must now abort it (its
+    /// work is done and nobody else finishes it).
+    pub(super) fn claim_for_abort(&self, cancel: bool) -> bool {
+        let mut st = self.lock();
+        if cancel {
+            st.cancelled = true;
+            st.force_cancel = true;
+        }
+        if !st.deferred || st.finishing {
+            return false;
+        }
+        st.finishing = true;
+        st.error.get_or_insert_with(|| CANCELLED_ERROR.to_string());
+        true
+    }
+
+    /// Stops a running member of a transaction being aborted.
+    fn stop_for_txn(&self) {
+        let ready = self.status().is_ready();
+        self.driver.cancel(true, ready);
+        let mut st = self.lock();
+        st.cancelled = true;
+        st.force_cancel = true;
+        self.wake(&mut st);
+    }
+
+    pub(super) fn is_deferred(&self) -> bool {
+        self.lock().deferred
+    }
+
+    /// Its work succeeded and it waits for the other members.
+    pub(super) fn is_waiting_ok(&self) -> bool {
+        let st = self.lock();
+        st.status == JobStatus::Waiting && !st.finishing && !st.cancelled && st.error.is_none()
+    }
+
+    pub(super) fn auto_finalizes(&self) -> bool {
+        self.auto_finalize
+    }
+
+    /// `waiting` -> `pending` with the group; `finalize` claims it too.
+    pub(super) fn to_pending(&self, finalize: bool) {
+        let mut st = self.lock();
+        self.transition(&mut st, JobStatus::Pending);
+        if !self.auto_finalize {
+            self.events.emit(
+                "BLOCK_JOB_PENDING",
+                json!({"type": self.job_type(), "id": self.id}),
+            );
+        }
+        st.finishing |= finalize;
+        self.wake(&mut st);
+    }
+
+    /// Claims a pending job for `job-finalize` of its group.
+    pub(super) fn claim_for_finalize(&self) -> bool {
+        let mut st = self.lock();
+        if st.status != JobStatus::Pending || st.finishing {
+            return false;
+        }
+        st.finishing = true;
+        true
+    }
+
+    /// Carries out what a group decision claimed.
+    fn run_claimed(claimed: Claimed) {
+        for j in claimed.stop {
+            j.stop_for_txn();
+        }
+        for j in claimed.abort {
+            if let Some(ctx) = j.context() {
+                j.do_abort(&ctx);
+            }
+        }
+        for j in claimed.finalize {
+            if let Some(ctx) = j.context() {
+                j.do_finalize(&ctx);
+            }
+        }
+    }
+
+    /// The job's grouped transaction, with the job itself.
+    fn group(&self) -> Option<(Arc<JobTxn>, Arc<Job>)> {
+        Some((self.txn.get()?.clone(), self.arc()?))
     }
 
     fn arc(&self) -> Option<Arc<Job>> {
@@ -455,12 +552,22 @@ impl Job {
                 Err(e) if !cancelled => e,
                 _ => CANCELLED_ERROR.to_string(),
             });
+            if let Some((txn, me)) = self.group() {
+                drop(st);
+                Self::run_claimed(txn.abort_from(&me));
+                return;
+            }
             st.finishing = true;
             drop(st);
             self.do_abort(ctx);
             return;
         }
         self.transition(&mut st, JobStatus::Waiting);
+        if let Some((txn, _)) = self.group() {
+            drop(st);
+            Self::run_claimed(txn.member_done());
+            return;
+        }
         self.transition(&mut st, JobStatus::Pending);
         if !self.auto_finalize {
             self.events.emit(
@@ -635,6 +742,15 @@ impl Job {
             st.force_cancel |= force;
         }
         self.wake(&mut st);
+        let done = matches!(st.status, JobStatus::Waiting | JobStatus::Pending);
+        if st.deferred && st.force_cancel && !st.finishing && done {
+            if let Some((txn, me)) = self.group() {
+                // The whole group is cancelled with it.
+                drop(st);
+                Self::run_claimed(txn.abort_from(&me));
+                return Ok(());
+            }
+        }
         if st.deferred && st.force_cancel && !st.finishing && st.status == JobStatus::Pending {
             // Waiting for job-finalize: abort right here.
             st.finishing = true;
@@ -652,6 +768,16 @@ impl Job {
         let mut st = self.lock();
         self.check_verb(&st, JobVerb::Finalize)?;
         if st.finishing {
+            return Ok(());
+        }
+        if let Some((txn, _)) = self.group() {
+            drop(st);
+            let finalize = txn.finalize_all();
+            Self::run_claimed(Claimed {
+                abort: Vec::new(),
+                stop: Vec::new(),
+                finalize,
+            });
             return Ok(());
         }
         st.finishing = true;

@@ -4,7 +4,8 @@
 //! - [`state`]: the state machine tables, exactly QEMU's `JobSTT` and
 //!   `JobVerbTable`.
 //! - [`job`]: one job's life cycle around a kind-specific [`JobDriver`]
-//!   (the mirror is the only kind today).
+//!   (mirror and backup).
+//! - [`txn`]: grouped transactions, whose jobs finish together.
 //! - [`JobRegistry`]: jobs by id, as `query-jobs` lists them.
 //! - [`qmp`]: the job commands (`job-*`, `block-job-*`, `query-jobs`,
 //!   `query-block-jobs`) for a [`crate::qmp::Dispatcher`].
@@ -15,12 +16,14 @@
 pub mod job;
 pub mod qmp;
 pub mod state;
+pub mod txn;
 
 pub use job::{
     ErrorAction, IoOperation, IoStatus, Job, JobContext, JobDriver, JobInfo, JobOptions, OnError,
     CANCELLED_ERROR,
 };
 pub use state::{transition_allowed, verb_allowed, JobStatus, JobVerb};
+pub use txn::JobTxn;
 
 use crate::qmp::EventBus;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};

@@ -132,6 +132,29 @@ impl Fixture {
         job
     }
 
+    /// Creates the jobs, makes them one grouped transaction, starts them.
+    fn start_group(&self, jobs: Vec<(&str, Counter, bool)>) -> Vec<std::sync::Arc<Job>> {
+        let txn = JobTxn::new();
+        let jobs: Vec<_> = jobs
+            .into_iter()
+            .map(|(id, driver, auto_finalize)| {
+                let opts = JobOptions {
+                    id: id.into(),
+                    auto_finalize,
+                    auto_dismiss: true,
+                    speed: 0,
+                };
+                let job = self.reg.create(opts, std::sync::Arc::new(driver)).unwrap();
+                txn.add(&job);
+                job
+            })
+            .collect();
+        for j in &jobs {
+            j.start().unwrap();
+        }
+        jobs
+    }
+
     fn exec(&self, name: &str, args: Value) -> Result<Value, crate::qmp::QmpError> {
         let Value::Object(m) = args else {
             panic!("args")
@@ -463,4 +486,97 @@ fn ids_are_checked() {
     assert!(reg.list().is_empty());
     assert_eq!(f.events(), ["created", "null"]);
     let _ = Map::<String, Value>::new();
+}
+
+/// Events of job `id` only, as [`Fixture::events`] names them.
+fn events_of(f: &Fixture, id: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    while let Ok(e) = f.rx.recv_timeout(Duration::from_millis(50)) {
+        let data = e.data.clone().unwrap_or(Value::Null);
+        if data["id"] != id && data["device"] != id {
+            continue;
+        }
+        out.push(match e.name.as_str() {
+            "JOB_STATUS_CHANGE" => data["status"].as_str().unwrap().to_string(),
+            n => n.to_string(),
+        });
+    }
+    out
+}
+
+#[test]
+fn a_failing_member_cancels_its_group() {
+    let f = Fixture::new();
+    let mut bad = Counter::new();
+    bad.fail_with = Some("Input/output error".into());
+    let mut slow = Counter::new();
+    slow.ready_after = u32::MAX;
+    let jobs = f.start_group(vec![("bad", bad, true), ("slow", slow, true)]);
+    wait(&jobs[0], JobStatus::Null);
+    wait(&jobs[1], JobStatus::Null);
+    let slow = jobs[1].driver().as_any().downcast_ref::<Counter>().unwrap();
+    assert!(slow.aborted.load(Ordering::SeqCst) && !slow.committed.load(Ordering::SeqCst));
+    let events: Vec<String> = f.events();
+    let completed = events
+        .iter()
+        .filter(|e| *e == "BLOCK_JOB_COMPLETED")
+        .count();
+    let cancelled = events
+        .iter()
+        .filter(|e| *e == "BLOCK_JOB_CANCELLED")
+        .count();
+    assert_eq!((completed, cancelled), (1, 1), "{events:?}");
+}
+
+#[test]
+fn a_group_becomes_pending_together_and_finalizes_together() {
+    let f = Fixture::new();
+    let jobs = f.start_group(vec![
+        ("a", Counter::new(), false),
+        ("b", Counter::new(), false),
+    ]);
+    wait(&jobs[0], JobStatus::Ready);
+    wait(&jobs[1], JobStatus::Ready);
+    f.exec("job-complete", json!({"id": "a"})).unwrap();
+    wait(&jobs[0], JobStatus::Waiting);
+    // a waits for b; nothing is committed before b's work is done too.
+    assert_eq!(jobs[1].status(), JobStatus::Ready);
+    f.events();
+    f.exec("job-complete", json!({"id": "b"})).unwrap();
+    wait(&jobs[0], JobStatus::Pending);
+    wait(&jobs[1], JobStatus::Pending);
+    let driver = |j: &Job| {
+        j.driver()
+            .as_any()
+            .downcast_ref::<Counter>()
+            .unwrap()
+            .committed
+            .load(Ordering::SeqCst)
+    };
+    assert!(!driver(&jobs[0]) && !driver(&jobs[1]));
+    // job-finalize on one member finalizes both.
+    f.exec("job-finalize", json!({"id": "b"})).unwrap();
+    wait(&jobs[0], JobStatus::Null);
+    wait(&jobs[1], JobStatus::Null);
+    assert!(driver(&jobs[0]) && driver(&jobs[1]));
+}
+
+#[test]
+fn cancelling_a_waiting_member_cancels_its_group() {
+    let f = Fixture::new();
+    let jobs = f.start_group(vec![
+        ("a", Counter::new(), true),
+        ("b", Counter::new(), true),
+    ]);
+    wait(&jobs[0], JobStatus::Ready);
+    f.exec("job-complete", json!({"id": "a"})).unwrap();
+    wait(&jobs[0], JobStatus::Waiting);
+    f.events();
+    f.exec("job-cancel", json!({"id": "a"})).unwrap();
+    wait(&jobs[1], JobStatus::Null);
+    wait(&jobs[0], JobStatus::Null);
+    assert_eq!(
+        events_of(&f, "a"),
+        ["aborting", "BLOCK_JOB_CANCELLED", "concluded", "null"]
+    );
 }

@@ -18,7 +18,9 @@ use super::args::{value_enum, Args};
 use super::commands::{self, AddArgs, MergeArgs};
 use super::context::{BitmapOpError, BitmapTransaction, DirtyBitmaps, ManagementContext};
 use super::error::QmpError;
+use crate::jobs::JobTxn;
 use serde_json::{json, Value};
+use std::sync::Arc;
 
 /// QEMU's `ActionCompletionMode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,6 +48,7 @@ pub struct TxContext<'a> {
     pub completion_mode: CompletionMode,
     source: Option<&'a dyn DirtyBitmaps>,
     bitmaps: Option<Box<dyn BitmapTransaction + 'a>>,
+    jobs: Option<Arc<JobTxn>>,
 }
 
 impl<'a> TxContext<'a> {
@@ -64,6 +67,15 @@ impl<'a> TxContext<'a> {
             Some(b) => Ok(b),
             None => Err(QmpError::generic(commands::NO_BITMAPS)),
         }
+    }
+
+    /// The job transaction that the jobs of a `grouped` transaction join
+    /// (`None` for `individual`: each job stands alone).
+    pub fn job_txn(&mut self) -> Option<Arc<JobTxn>> {
+        if self.completion_mode == CompletionMode::Individual {
+            return None;
+        }
+        Some(self.jobs.get_or_insert_with(JobTxn::new).clone())
     }
 
     /// QEMU's `action_check_completion_mode`: actions without a job accept
@@ -285,6 +297,7 @@ pub fn run(
         completion_mode,
         source: source.as_deref(),
         bitmaps: None,
+        jobs: None,
     };
     let mut prepared = 0;
     let mut result = Ok(());
