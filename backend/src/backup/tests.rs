@@ -720,6 +720,15 @@ mod qmp {
         register_graph_commands(&d, graph.clone(), ctx.clone());
         let jobs = JobRegistry::new(events);
         crate::jobs::qmp::register_job_commands(&d, jobs.clone());
+        crate::graph::qmp::register_filter_commands(
+            &d,
+            graph.clone(),
+            crate::graph::cbw::Filters {
+                disk: disk.clone(),
+                ctx: ctx.clone(),
+                jobs: jobs.clone(),
+            },
+        );
         let svc = Arc::new(qmp::BackupService {
             disk: disk.clone(),
             graph: graph.clone(),
@@ -823,6 +832,52 @@ mod qmp {
         assert!(b1.get(5 * CL));
         let o = (5 * CL) as usize;
         assert!(read_node(&s.graph, "acc0", 5 * CL, 512) == s.before[o..o + 512]);
+    }
+
+    /// The same for `blockdev-add driver=copy-before-write`: a guest write
+    /// already inside the gate when the node is added lands before the
+    /// instant (in the snapshot), the first one after it is copied first.
+    #[test]
+    fn a_cbw_node_goes_in_after_the_writes_in_flight() {
+        let s = setup("cbw-instant");
+        let (entered, in_gate) = std::sync::mpsc::channel();
+        let writer = {
+            let disk = s.disk.clone();
+            std::thread::spawn(move || {
+                let _batch = disk.gate().enter();
+                let _ = entered.send(());
+                // blockdev-add waits for this batch before inserting.
+                wait_until("blockdev-add to wait for guest I/O", || {
+                    disk.gate().is_paused()
+                });
+                write(&disk, 3 * CL, 4096, 0xee)
+            })
+        };
+        in_gate.recv().unwrap();
+        exec(
+            &s.d,
+            "blockdev-add",
+            json!({"driver": "copy-before-write", "node-name": "cbw1",
+                   "file": "disk0", "target": "tmp0"}),
+        )
+        .unwrap();
+        writer.join().unwrap().unwrap();
+        exec(
+            &s.d,
+            "blockdev-add",
+            json!({"driver": "snapshot-access", "node-name": "acc0", "file": "cbw1"}),
+        )
+        .unwrap();
+        assert!(
+            read_node(&s.graph, "acc0", 3 * CL, 4096) == vec![0xee; 4096],
+            "a write in flight at the insertion is missing from the snapshot"
+        );
+        write(&s.disk, 5 * CL, 512, 0xef).unwrap();
+        let o = (5 * CL) as usize;
+        assert!(
+            read_node(&s.graph, "acc0", 5 * CL, 512) == s.before[o..o + 512],
+            "a write after the insertion reached the snapshot"
+        );
     }
 
     /// A transaction whose last action fails leaves no filter in the
