@@ -19,7 +19,7 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 use tests::daemon::{Daemon, ScratchDir};
 use tests::fleece::{make_image, Writer, SIZE};
-use tests::netns::{Link, Side, DESTINATION_ADDR};
+use tests::netns::{Counters, Link, QdiscError, Side, DESTINATION_ADDR};
 use tests::qmp_client::{event_label, QmpClient};
 
 const KIB: u64 = 1024;
@@ -233,10 +233,22 @@ impl Setup {
     /// `source` and `destination` on fresh images, the destination serving.
     fn new(tag: &str, source: Kind, destination: Kind) -> Result<Setup> {
         let dir = ScratchDir::new(tag)?;
-        let link = Link::new(tag)?;
         let (src, dst) = images(&dir)?;
-        let source = Node::start(&dir, &link, Side::Source, source, &src)?;
-        let mut destination = Node::start(&dir, &link, Side::Destination, destination, &dst)?;
+        Setup::on(dir, tag, source, destination, &src, &dst)
+    }
+
+    /// As [`Setup::new`], on the images `src` and `dst` (in `dir`).
+    fn on(
+        dir: ScratchDir,
+        tag: &str,
+        source: Kind,
+        destination: Kind,
+        src: &Path,
+        dst: &Path,
+    ) -> Result<Setup> {
+        let link = Link::new(tag)?;
+        let source = Node::start(&dir, &link, Side::Source, source, src)?;
+        let mut destination = Node::start(&dir, &link, Side::Destination, destination, dst)?;
         destination.serve()?;
         Ok(Setup {
             source,
@@ -693,4 +705,102 @@ fn destination_enospc_stop_qsd_source() -> Result<()> {
 #[test]
 fn destination_slow_qsd_source() -> Result<()> {
     destination_slow(Kind::Qsd)
+}
+
+// ---- benchmark ---------------------------------------------------------------
+
+const BENCH_SIZE: u64 = 1 << 30;
+
+/// The benchmark's source image: 1 GiB, every other MiB random data, the
+/// rest a hole.
+fn half_sparse_image(path: &Path) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::create(path)?;
+    f.set_len(BENCH_SIZE)?;
+    let mut rng = tests::rng::Rng(0x5eed);
+    let mut buf = vec![0u8; MIB as usize];
+    for i in (0..BENCH_SIZE / MIB).step_by(2) {
+        rng.fill(&mut buf);
+        f.write_all_at(&buf, i * MIB)?;
+    }
+    f.sync_all()?;
+    Ok(())
+}
+
+/// One benchmark run: `source` mirrors the half-sparse image into
+/// `destination` across the link (with `netem` on both ends if given),
+/// idle guest. Returns the seconds from `blockdev-mirror` to READY and
+/// what crossed the link (counted at the destination's interface).
+fn mirror_figures(
+    source_image: &Path,
+    source: Kind,
+    destination: Kind,
+    netem: Option<&[&str]>,
+) -> Result<Option<(f64, Counters)>> {
+    let dir = ScratchDir::new("mig-bench")?;
+    let dst = dir.join("dst.img");
+    tests::daemon::create_image(&dst, BENCH_SIZE)?;
+    let mut s = Setup::on(dir, "mig-bench", source, destination, source_image, &dst)?;
+    if let Some(args) = netem {
+        for side in [Side::Source, Side::Destination] {
+            match s.link.set_qdisc(side, "netem", args) {
+                Ok(()) => {}
+                Err(QdiscError::Unavailable(_)) => return Ok(None),
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    s.source.add_remote(60)?;
+    let before = s.link.counters(Side::Destination)?;
+    let start = Instant::now();
+    s.source.start_mirror("report")?;
+    s.source.wait_status("ready")?;
+    let secs = start.elapsed().as_secs_f64();
+    let after = s.link.counters(Side::Destination)?;
+    s.source.finish(None)?;
+    compare(source_image, &dst)?;
+    Ok(Some((
+        secs,
+        Counters {
+            rx_bytes: after.rx_bytes - before.rx_bytes,
+            tx_bytes: after.tx_bytes - before.tx_bytes,
+        },
+    )))
+}
+
+/// Prints the time to mirror a 1 GiB half-sparse disk over the veth link
+/// and the bytes on the wire, for each source/destination pair, without
+/// and with 1 ms of netem delay each way (where the kernel has netem).
+/// Asserts only that each copy is exact. Run with
+/// `cargo test --release -p tests --test migration -- --ignored --nocapture migration_figures`.
+#[test]
+#[ignore]
+fn migration_figures() -> Result<()> {
+    let dir = ScratchDir::new("mig-bench-src")?;
+    let image = dir.join("src.img");
+    half_sparse_image(&image)?;
+    let pairs = [(Kind::Qsd, Kind::Qsd), (Kind::Qsd, Kind::Vubd)];
+    let delays: [Option<&[&str]>; 2] = [None, Some(&["delay", "1ms"])];
+    // Twice, so that neither pair always runs first.
+    for netem in delays {
+        for (source, destination) in pairs.into_iter().chain(pairs.into_iter().rev()) {
+            let label = format!(
+                "{source:?} -> {destination:?}{}",
+                if netem.is_some() {
+                    ", netem delay 1ms"
+                } else {
+                    ""
+                }
+            );
+            match mirror_figures(&image, source, destination, netem)? {
+                Some((secs, c)) => println!(
+                    "{label}: {secs:.2} s to READY, {:.1} MiB to the destination, {:.1} MiB back",
+                    c.rx_bytes as f64 / MIB as f64,
+                    c.tx_bytes as f64 / MIB as f64
+                ),
+                None => println!("{label}: skipped, this kernel has no netem qdisc"),
+            }
+        }
+    }
+    Ok(())
 }
