@@ -77,11 +77,17 @@ impl Node {
     /// The destination's part: an NBD server on the link and `disk0`
     /// exported writable.
     fn serve(&mut self) -> Result<()> {
-        self.qmp.ok(
-            "nbd-server-start",
-            json!({"addr": {"type": "inet",
-                "data": {"host": DESTINATION_ADDR, "port": PORT.to_string()}}}),
-        )?;
+        self.serve_with(json!({}))
+    }
+
+    /// As [`Node::serve`], with more `nbd-server-start` arguments.
+    fn serve_with(&mut self, extra: Value) -> Result<()> {
+        let mut args = json!({"addr": {"type": "inet",
+            "data": {"host": DESTINATION_ADDR, "port": PORT.to_string()}}});
+        if let (Some(a), Some(e)) = (args.as_object_mut(), extra.as_object()) {
+            a.extend(e.clone());
+        }
+        self.qmp.ok("nbd-server-start", args)?;
         self.qmp.ok(
             "block-export-add",
             json!({"type": "nbd", "id": "x", "node-name": "disk0", "writable": true}),
@@ -404,6 +410,47 @@ fn vubd_destination_receives_a_mirror_and_stock_clients() -> Result<()> {
 #[test]
 fn qsd_destination_receives_a_mirror_and_stock_clients() -> Result<()> {
     destination_end(Kind::Qsd)
+}
+
+/// Waits (bounded) until `side` holds `n` established connections to or
+/// from the NBD port.
+fn wait_established(link: &Link, side: Side, n: usize) -> Result<()> {
+    let deadline = Instant::now() + TIMEOUT;
+    while link.established(side, PORT)? != n {
+        ensure!(
+            Instant::now() < deadline,
+            "{side:?} never had {n} NBD connections (has {})",
+            link.established(side, PORT)?
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+/// A source that vanishes behind a downed link (its FIN never arrives)
+/// must not hold a connection of vubd's NBD server for ever: vubd finds
+/// the peer dead (TCP keepalive) and lets the connection go, so that the
+/// source's successor gets the one slot `max-connections` allows.
+/// (qemu-storage-daemon 7.2 keeps such a connection until a write to it
+/// fails; this is vubd's own robustness, not a QEMU interface.)
+#[test]
+fn vubd_destination_drops_a_vanished_source() -> Result<()> {
+    let dir = ScratchDir::new("mig-dead")?;
+    let (src, dst) = images(&dir)?;
+    let link = Link::new("mig-dead")?;
+    let mut destination = Node::start(&dir, &link, Side::Destination, Kind::Vubd, &dst)?;
+    destination.serve_with(json!({"max-connections": 1}))?;
+    let mut source = Node::start(&dir, &link, Side::Source, Kind::Qsd, &src)?;
+    source.add_remote(0)?;
+    wait_established(&link, Side::Destination, 1)?;
+    link.set_link(Side::Destination, false)?;
+    source.daemon.kill();
+    drop(source);
+    wait_established(&link, Side::Destination, 0)?;
+    link.set_link(Side::Destination, true)?;
+    let mut successor = Node::start(&dir, &link, Side::Source, Kind::Qsd, &src)?;
+    successor.add_remote(0)?;
+    Ok(())
 }
 
 // ---- faults, the source's kind a parameter ----------------------------------
