@@ -775,22 +775,23 @@ fn half_sparse_image(path: &Path) -> Result<()> {
 }
 
 /// One benchmark run: `source` mirrors the half-sparse image into
-/// `destination` across the link (with `netem` on both ends if given),
+/// `destination` across the link (with the qdisc `shape` on both ends if
+/// given; `None` back if the kernel lacks it),
 /// idle guest. Returns the seconds from `blockdev-mirror` to READY and
 /// what crossed the link (counted at the destination's interface).
 fn mirror_figures(
     source_image: &Path,
     source: Kind,
     destination: Kind,
-    netem: Option<&[&str]>,
+    shape: Option<(&str, &[&str])>,
 ) -> Result<Option<(f64, Counters)>> {
     let dir = ScratchDir::new("mig-bench")?;
     let dst = dir.join("dst.img");
     tests::daemon::create_image(&dst, BENCH_SIZE)?;
     let mut s = Setup::on(dir, "mig-bench", source, destination, source_image, &dst)?;
-    if let Some(args) = netem {
+    if let Some((kind, args)) = shape {
         for side in [Side::Source, Side::Destination] {
-            match s.link.set_qdisc(side, "netem", args) {
+            match s.link.set_qdisc(side, kind, args) {
                 Ok(()) => {}
                 Err(QdiscError::Unavailable(_)) => return Ok(None),
                 Err(e) => return Err(e.into()),
@@ -816,8 +817,9 @@ fn mirror_figures(
 }
 
 /// Prints the time to mirror a 1 GiB half-sparse disk over the veth link
-/// and the bytes on the wire, for each source/destination pair, without
-/// and with 1 ms of netem delay each way (where the kernel has netem).
+/// and the bytes on the wire, for each source/destination pair: on the
+/// bare link, with 1 ms of netem delay each way (where the kernel has
+/// netem), and limited to 1 Gbit/s each way by tbf.
 /// Asserts only that each copy is exact. Run with
 /// `cargo test --release -p tests --test migration -- --ignored --nocapture migration_figures`.
 #[test]
@@ -827,25 +829,27 @@ fn migration_figures() -> Result<()> {
     let image = dir.join("src.img");
     half_sparse_image(&image)?;
     let pairs = [(Kind::Qsd, Kind::Qsd), (Kind::Qsd, Kind::Vubd)];
-    let delays: [Option<&[&str]>; 2] = [None, Some(&["delay", "1ms"])];
+    let shapes: [Option<(&str, &[&str])>; 3] = [
+        None,
+        Some(("netem", &["delay", "1ms"])),
+        Some(("tbf", &["rate", "1gbit", "burst", "1mb", "latency", "50ms"])),
+    ];
     // Twice, so that neither pair always runs first.
-    for netem in delays {
+    for shape in shapes {
         for (source, destination) in pairs.into_iter().chain(pairs.into_iter().rev()) {
             let label = format!(
                 "{source:?} -> {destination:?}{}",
-                if netem.is_some() {
-                    ", netem delay 1ms"
-                } else {
-                    ""
-                }
+                shape
+                    .map(|(kind, args)| format!(", {kind} {}", args.join(" ")))
+                    .unwrap_or_default()
             );
-            match mirror_figures(&image, source, destination, netem)? {
+            match mirror_figures(&image, source, destination, shape)? {
                 Some((secs, c)) => println!(
                     "{label}: {secs:.2} s to READY, {:.1} MiB to the destination, {:.1} MiB back",
                     c.rx_bytes as f64 / MIB as f64,
                     c.tx_bytes as f64 / MIB as f64
                 ),
-                None => println!("{label}: skipped, this kernel has no netem qdisc"),
+                None => println!("{label}: skipped, this kernel lacks the qdisc"),
             }
         }
     }
