@@ -1,5 +1,7 @@
 #!/bin/bash
 # Installs every system package vubd's build, tests and benchmarks need on Debian 12.
+# iproute2 (ip netns, tc) and procps (sysctl) serve the migration tests, which need
+# root and the veth module; netem (sch_netem) is used where the kernel has it.
 # qemu-system-x86 and qemu-utils must come in one command, from bookworm: a newer
 # qemu-utils (backports) conflicts with bookworm's qemu-system-common.
 set -euo pipefail
@@ -10,4 +12,4 @@ $SUDO apt-get update -qq
 $SUDO apt-get install -y -q --allow-downgrades \
     qemu-system-x86 qemu-utils/bookworm \
     linux-image-amd64 busybox-static fio e2fsprogs util-linux \
-    libnbd-bin nbdkit cpio zstd python3-pip strace >/dev/null
+    libnbd-bin nbdkit cpio zstd python3-pip strace iproute2 procps >/dev/null

@@ -91,9 +91,7 @@ impl Daemon {
     /// there for the tests' libblkio clients: libblkio creates its memfds
     /// without MFD_ALLOW_SEALING, so they can never be sealed.
     pub fn vubd(socket: &Path, image: &Path, extra: &[&str]) -> Result<Daemon> {
-        let mut args = vec!["--allow-unsealed-memory"];
-        args.extend_from_slice(extra);
-        Self::vubd_sealed_only(socket, image, &args)
+        Self::vubd_in(None, socket, image, extra)
     }
 
     /// Starts `vubd --socket SOCKET --image IMAGE EXTRA...`: by default it
@@ -104,6 +102,20 @@ impl Daemon {
         cmd.arg("--socket").arg(socket).arg("--image").arg(image);
         cmd.args(extra);
         Self::spawn(cmd, socket, "vubd")
+    }
+
+    /// As [`Daemon::vubd`] (unsealed memory allowed), inside network
+    /// namespace `netns` if given.
+    pub fn vubd_in(
+        netns: Option<&str>,
+        socket: &Path,
+        image: &Path,
+        extra: &[&str],
+    ) -> Result<Daemon> {
+        let mut cmd = Command::new(vubd_binary());
+        cmd.arg("--socket").arg(socket).arg("--image").arg(image);
+        cmd.arg("--allow-unsealed-memory").args(extra);
+        Self::spawn_in(netns, cmd, socket, "vubd")
     }
 
     /// Starts qemu-storage-daemon exporting IMAGE over vhost-user-blk at SOCKET
@@ -134,6 +146,19 @@ impl Daemon {
         file_opts: &str,
         writable: bool,
     ) -> Result<Daemon> {
+        Self::qsd_with_monitor_in(None, vhost, qmp, image, file_opts, writable)
+    }
+
+    /// As [`Daemon::qsd_with_monitor`], inside network namespace `netns`
+    /// if given.
+    pub fn qsd_with_monitor_in(
+        netns: Option<&str>,
+        vhost: &Path,
+        qmp: &Path,
+        image: &Path,
+        file_opts: &str,
+        writable: bool,
+    ) -> Result<Daemon> {
         let mut node = format!("driver=file,node-name=disk0,filename={}", image.display());
         if !file_opts.is_empty() {
             node = format!("{node},{file_opts}");
@@ -151,7 +176,7 @@ impl Daemon {
             .arg(format!("socket,id=m,path={},server=on,wait=off", qmp.display()))
             .arg("--monitor")
             .arg("chardev=m");
-        let daemon = Self::spawn(cmd, vhost, "qemu-storage-daemon")?;
+        let daemon = Self::spawn_in(netns, cmd, vhost, "qemu-storage-daemon")?;
         crate::qmp_client::wait_for_socket(qmp, Duration::from_secs(30))?;
         Ok(daemon)
     }
@@ -163,7 +188,19 @@ impl Daemon {
     /// not probed with a connection, because its socket servers take one
     /// client at a time and may close the next one if it arrives before they
     /// have noticed the probe leave.
-    pub fn spawn(mut cmd: Command, socket: &Path, name: &'static str) -> Result<Daemon> {
+    pub fn spawn(cmd: Command, socket: &Path, name: &'static str) -> Result<Daemon> {
+        Self::spawn_in(None, cmd, socket, name)
+    }
+
+    /// As [`Daemon::spawn`], inside network namespace `netns` if given
+    /// (`ip netns exec` execs the command, so the pid is the daemon's).
+    /// Unix sockets are files and work across namespaces.
+    pub fn spawn_in(
+        netns: Option<&str>,
+        mut cmd: Command,
+        socket: &Path,
+        name: &'static str,
+    ) -> Result<Daemon> {
         let _ = std::fs::remove_file(socket);
         let pid_file = (cmd.get_program() == "qemu-storage-daemon").then(|| {
             let path = socket.with_extension("pid");
@@ -171,6 +208,14 @@ impl Daemon {
             cmd.arg("--pidfile").arg(&path);
             path
         });
+        if let Some(ns) = netns {
+            let mut wrapped = Command::new("ip");
+            wrapped
+                .args(["netns", "exec", ns])
+                .arg(cmd.get_program())
+                .args(cmd.get_args());
+            cmd = wrapped;
+        }
         cmd.stdin(Stdio::null());
         let child = cmd
             .spawn()

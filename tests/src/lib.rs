@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod fleece;
 pub mod guest;
 pub mod nbd_tools;
+pub mod netns;
 pub mod qmp_client;
 pub mod raw_frontend;
 pub mod rng;

@@ -1,0 +1,871 @@
+//! Live storage migration across a network: a source daemon mirrors its
+//! disk over NBD/TCP into a destination daemon's writable NBD export, the
+//! two in separate network namespaces joined by a veth pair
+//! (`tests::netns`). Faults come from the kernel (the link taken down,
+//! TCP giving up), from killing the destination, and from nbdkit's
+//! `error` and `delay` filters as the destination.
+//!
+//! The source is qemu-storage-daemon 7.2 for now; every case takes the
+//! source's [`Kind`], so vubd as the source (`blockdev-add driver=nbd`) is
+//! one more `#[test]` line per case. The destination checks run against
+//! vubd and against qemu-storage-daemon with the same client and checks.
+//! Needs root (network namespaces).
+
+use anyhow::{bail, ensure, Context, Result};
+use serde_json::{json, Value};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+use tests::daemon::{Daemon, ScratchDir};
+use tests::fleece::{make_image, Writer, SIZE};
+use tests::netns::{Counters, Link, QdiscError, Side, DESTINATION_ADDR};
+use tests::qmp_client::{event_label, QmpClient};
+
+const KIB: u64 = 1024;
+const MIB: u64 = 1 << 20;
+const PORT: u16 = 10809;
+/// Anti-hang bound of the waits (jobs, events); never a timing assert.
+const TIMEOUT: Duration = Duration::from_secs(120);
+/// The mirror's granularity, given explicitly so both sources copy in the
+/// same chunks.
+const GRANULARITY: u64 = 64 * KIB;
+
+/// Which daemon plays a part.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Qsd,
+    Vubd,
+}
+
+/// A daemon serving `disk0` (its image) over vhost-user, with its QMP
+/// monitor, running inside one namespace of the link.
+struct Node {
+    daemon: Daemon,
+    qmp: QmpClient,
+    vhost: PathBuf,
+    image: PathBuf,
+    kind: Kind,
+}
+
+impl Node {
+    /// Starts `kind` on `image` in `side`'s namespace; `tag` names its sockets.
+    fn start(dir: &ScratchDir, link: &Link, side: Side, kind: Kind, image: &Path) -> Result<Node> {
+        let tag = format!("{kind:?}-{side:?}").to_lowercase();
+        let vhost = dir.join(&format!("{tag}-vhost.sock"));
+        let qmp = dir.join(&format!("{tag}-qmp.sock"));
+        let ns = Some(link.netns(side));
+        let daemon = match kind {
+            Kind::Qsd => {
+                Daemon::qsd_with_monitor_in(ns, &vhost, &qmp, image, "discard=unmap", true)?
+            }
+            Kind::Vubd => {
+                let q = qmp.to_string_lossy().into_owned();
+                Daemon::vubd_in(ns, &vhost, image, &["--qmp", &q])?
+            }
+        };
+        let qmp = QmpClient::connect(&qmp, TIMEOUT)?;
+        Ok(Node {
+            daemon,
+            qmp,
+            vhost,
+            image: image.to_path_buf(),
+            kind,
+        })
+    }
+
+    /// The destination's part: an NBD server on the link and `disk0`
+    /// exported writable.
+    fn serve(&mut self) -> Result<()> {
+        self.serve_with(json!({}))
+    }
+
+    /// As [`Node::serve`], with more `nbd-server-start` arguments.
+    fn serve_with(&mut self, extra: Value) -> Result<()> {
+        let mut args = json!({"addr": {"type": "inet",
+            "data": {"host": DESTINATION_ADDR, "port": PORT.to_string()}}});
+        if let (Some(a), Some(e)) = (args.as_object_mut(), extra.as_object()) {
+            a.extend(e.clone());
+        }
+        self.qmp.ok("nbd-server-start", args)?;
+        self.qmp.ok(
+            "block-export-add",
+            json!({"type": "nbd", "id": "x", "node-name": "disk0", "writable": true}),
+        )?;
+        Ok(())
+    }
+
+    /// The source's part: the destination as node `remote`, then a full
+    /// mirror of `disk0` onto it with `policy` on target errors.
+    fn mirror(&mut self, reconnect_delay: u32, policy: &str) -> Result<()> {
+        self.add_remote(reconnect_delay)?;
+        self.start_mirror(policy)
+    }
+
+    fn add_remote(&mut self, reconnect_delay: u32) -> Result<()> {
+        self.qmp.ok(
+            "blockdev-add",
+            json!({"driver": "nbd", "node-name": "remote",
+                "server": {"type": "inet", "host": DESTINATION_ADDR, "port": PORT.to_string()},
+                "export": "disk0", "reconnect-delay": reconnect_delay}),
+        )?;
+        Ok(())
+    }
+
+    fn start_mirror(&mut self, policy: &str) -> Result<()> {
+        self.qmp.ok(
+            "blockdev-mirror",
+            json!({"job-id": "m", "device": "disk0", "target": "remote", "sync": "full",
+                "granularity": GRANULARITY, "on-target-error": policy}),
+        )?;
+        Ok(())
+    }
+
+    /// Waits for the job's status `status` (JOB_STATUS_CHANGE).
+    fn wait_status(&mut self, status: &str) -> Result<()> {
+        self.qmp
+            .wait_event("JOB_STATUS_CHANGE", TIMEOUT, |d| d["status"] == status)
+            .with_context(|| format!("{:?}: job never {status}", self.kind))?;
+        Ok(())
+    }
+
+    /// Stops the writer (flushing its writes), cancels the job after READY
+    /// (the destination is then a copy of the source as of now) and waits
+    /// for the job to finish cleanly.
+    fn finish(&mut self, writer: Option<Writer>) -> Result<()> {
+        if let Some(w) = writer {
+            w.stop().context("the guest saw an error")?;
+        }
+        self.qmp.ok("block-job-cancel", json!({"device": "m"}))?;
+        let done = self
+            .qmp
+            .wait_event("BLOCK_JOB_COMPLETED", TIMEOUT, |_| true)?;
+        ensure!(done["data"].get("error").is_none(), "job failed: {done}");
+        Ok(())
+    }
+
+    /// The events seen since the last wait, as short labels.
+    fn labels(&mut self) -> Result<Vec<String>> {
+        Ok(self.qmp.take_events()?.iter().map(event_label).collect())
+    }
+}
+
+/// Requires `a` and `b` to hold the same data (`qemu-img compare`).
+fn compare(a: &Path, b: &Path) -> Result<()> {
+    let out = Command::new("qemu-img")
+        .args(["compare", "-U", "-f", "raw", "-F", "raw"])
+        .arg(a)
+        .arg(b)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "{} and {} differ: {}",
+        a.display(),
+        b.display(),
+        String::from_utf8_lossy(&out.stdout).trim()
+    );
+    Ok(())
+}
+
+/// The data extents of a file, from SEEK_DATA/SEEK_HOLE.
+fn data_extents(path: &Path) -> Result<Vec<(u64, u64)>> {
+    let f = std::fs::File::open(path)?;
+    let size = f.metadata()?.len() as i64;
+    let mut extents = Vec::new();
+    let mut pos = 0i64;
+    while pos < size {
+        // SAFETY: lseek on a file we own; no memory is passed.
+        let data = unsafe { libc::lseek(f.as_raw_fd(), pos, libc::SEEK_DATA) };
+        if data < 0 {
+            break; // ENXIO: no data after pos
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(f.as_raw_fd(), data, libc::SEEK_HOLE) };
+        ensure!(hole > data, "SEEK_HOLE failed on {}", path.display());
+        extents.push((data as u64, (hole - data) as u64));
+        pos = hole;
+    }
+    Ok(extents)
+}
+
+/// Whether `[off, off+len)` is entirely a hole in `extents`.
+fn is_hole(extents: &[(u64, u64)], off: u64, len: u64) -> bool {
+    extents.iter().all(|&(o, l)| o + l <= off || o >= off + len)
+}
+
+/// Requires every chunk (of the mirror's granularity) that is a hole in
+/// `source` to be a hole in `destination` too: zeroes travel as
+/// WRITE_ZEROES that may punch holes, not as data. SEEK_DATA reports
+/// unwritten (fallocated) extents as holes on some file systems, so the
+/// destination's allocated blocks must also fit in the source's chunks
+/// that hold data.
+fn holes_kept(source: &Path, destination: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let src = data_extents(source)?;
+    let dst = data_extents(destination)?;
+    let mut filled = Vec::new();
+    let mut data_chunks = 0;
+    for chunk in 0..SIZE / GRANULARITY {
+        let off = chunk * GRANULARITY;
+        if !is_hole(&src, off, GRANULARITY) {
+            data_chunks += 1;
+        } else if !is_hole(&dst, off, GRANULARITY) {
+            filled.push(off);
+        }
+    }
+    ensure!(
+        filled.is_empty(),
+        "{} chunks that are holes in the source hold data in the destination, first at {:?}",
+        filled.len(),
+        filled.first()
+    );
+    let allocated = std::fs::metadata(destination)?.blocks() * 512;
+    // Slack for the file system's extent blocks.
+    let bound = data_chunks * GRANULARITY + MIB;
+    ensure!(
+        allocated <= bound,
+        "the destination allocates {allocated} bytes, the source's data chunks {bound}"
+    );
+    Ok(())
+}
+
+/// A fresh pair of images in `dir`: the source half data, half hole; the
+/// destination empty (sparse), as a migration target is.
+fn images(dir: &ScratchDir) -> Result<(PathBuf, PathBuf)> {
+    let src = dir.join("src.img");
+    let dst = dir.join("dst.img");
+    make_image(&src)?;
+    tests::daemon::create_image(&dst, SIZE)?;
+    Ok((src, dst))
+}
+
+/// Source and destination running on the two ends of a new link.
+struct Setup {
+    // Fields drop in order: the daemons leave their namespaces before the
+    // link deletes them, the images go last.
+    source: Node,
+    destination: Node,
+    link: Link,
+    dir: ScratchDir,
+}
+
+impl Setup {
+    /// `source` and `destination` on fresh images, the destination serving.
+    fn new(tag: &str, source: Kind, destination: Kind) -> Result<Setup> {
+        let dir = ScratchDir::new(tag)?;
+        let (src, dst) = images(&dir)?;
+        Setup::on(dir, tag, source, destination, &src, &dst)
+    }
+
+    /// As [`Setup::new`], on the images `src` and `dst` (in `dir`).
+    fn on(
+        dir: ScratchDir,
+        tag: &str,
+        source: Kind,
+        destination: Kind,
+        src: &Path,
+        dst: &Path,
+    ) -> Result<Setup> {
+        let link = Link::new(tag)?;
+        let source = Node::start(&dir, &link, Side::Source, source, src)?;
+        let mut destination = Node::start(&dir, &link, Side::Destination, destination, dst)?;
+        destination.serve()?;
+        Ok(Setup {
+            source,
+            destination,
+            link,
+            dir,
+        })
+    }
+
+    /// Requires the destination to equal the source, holes kept.
+    fn check_copy(&self) -> Result<()> {
+        compare(&self.source.image, &self.destination.image)?;
+        holes_kept(&self.source.image, &self.destination.image)
+    }
+
+    /// Makes TCP in the source's namespace give up on a silent peer in
+    /// seconds instead of minutes (data and connection attempts alike), so
+    /// a link that stays down ends the NBD connection while it is down.
+    fn quick_tcp_give_up(&self) -> Result<()> {
+        self.link.set_tcp_retries(Side::Source, 3)?;
+        self.link.run(
+            Side::Source,
+            "sysctl",
+            &["-q", "-w", "net.ipv4.tcp_syn_retries=1"],
+        )?;
+        Ok(())
+    }
+
+    /// Waits (bounded) until the source holds an established connection
+    /// to the NBD port again.
+    fn wait_connected(&self) -> Result<()> {
+        let deadline = Instant::now() + TIMEOUT;
+        while self.link.established(Side::Source, PORT)? == 0 {
+            ensure!(
+                Instant::now() < deadline,
+                "the NBD client never reconnected"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(())
+    }
+
+    /// Waits (bounded) until the source holds no established connection
+    /// to the NBD port: TCP gave up on the downed link.
+    fn wait_disconnected(&self) -> Result<()> {
+        let deadline = Instant::now() + TIMEOUT;
+        while self.link.established(Side::Source, PORT)? > 0 {
+            ensure!(
+                Instant::now() < deadline,
+                "the NBD connection never dropped"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(())
+    }
+}
+
+// ---- the destination end -------------------------------------------------
+
+/// What a stock NBD client sees of the destination's export over the
+/// link, and what its commands do to the file.
+fn client_checks(s: &Setup) -> Result<()> {
+    let uri = format!("nbd://{DESTINATION_ADDR}:{PORT}/disk0");
+    let info: Value =
+        serde_json::from_str(&s.link.run(Side::Source, "nbdinfo", &["--json", &uri])?)?;
+    let export = &info["exports"][0];
+    for flag in ["can_flush", "can_fua", "can_trim", "can_zero"] {
+        ensure!(export[flag] == true, "{flag} not offered: {export}");
+    }
+    ensure!(export["is_read_only"] == false, "export is read-only");
+    // Both QEMU 7.2 and vubd serve every connection from one disk, and
+    // say so: a FLUSH on one covers writes completed on the others.
+    ensure!(export["can_multi_conn"] == true, "no multi-conn: {export}");
+    // Each command reaches the file: data with and without FUA, zeroes
+    // that must stay allocated (no unmap), zeroes that may punch, trim.
+    s.link.run(
+        Side::Source,
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x5a 0 4M",
+            "-c",
+            "write -f -P 0x6b 1M 64k",
+            "-c",
+            "write -z 0 256k",
+            "-c",
+            "write -z -u 512k 256k",
+            "-c",
+            "discard 2M 1M",
+            "-c",
+            "flush",
+            &uri,
+        ],
+    )?;
+    let data = std::fs::read(&s.destination.image)?;
+    let expect = |off: u64, len: u64, byte: u8| -> Result<()> {
+        let r = &data[off as usize..(off + len) as usize];
+        ensure!(
+            r.iter().all(|&b| b == byte),
+            "{off}+{len} is not all {byte:#x}"
+        );
+        Ok(())
+    };
+    expect(0, 256 * KIB, 0)?;
+    expect(256 * KIB, 256 * KIB, 0x5a)?;
+    expect(512 * KIB, 256 * KIB, 0)?;
+    expect(768 * KIB, 256 * KIB, 0x5a)?;
+    expect(MIB, 64 * KIB, 0x6b)?;
+    expect(MIB + 64 * KIB, MIB - 64 * KIB, 0x5a)?;
+    expect(2 * MIB, MIB, 0)?;
+    expect(3 * MIB, MIB, 0x5a)?;
+    let ext = data_extents(&s.destination.image)?;
+    ensure!(
+        !is_hole(&ext, 0, 256 * KIB),
+        "zeroes without unmap punched a hole: {ext:?}"
+    );
+    ensure!(
+        is_hole(&ext, 512 * KIB, 256 * KIB),
+        "zeroes with unmap left data: {ext:?}"
+    );
+    ensure!(is_hole(&ext, 2 * MIB, MIB), "trim left data: {ext:?}");
+    // Several connections at once.
+    let src = s.source.image.to_string_lossy().into_owned();
+    s.link.run(
+        Side::Source,
+        "nbdcopy",
+        &["--connections=4", "--flush", &src, &uri],
+    )?;
+    compare(&s.source.image, &s.destination.image)
+}
+
+/// A full mirror from qsd onto `destination` while a guest writes, then
+/// READY, cancel, compare, holes kept; then the stock-client checks.
+fn destination_end(destination: Kind) -> Result<()> {
+    let mut s = Setup::new("mig-dst", Kind::Qsd, destination)?;
+    let writer = Writer::start(&s.source.vhost, 7)?;
+    writer.wait_writes(200)?;
+    s.source.mirror(60, "report")?;
+    s.source.wait_status("ready")?;
+    writer.wait_writes(200)?;
+    s.source.finish(Some(writer))?;
+    s.check_copy()?;
+    client_checks(&s)
+}
+
+#[test]
+fn vubd_destination_receives_a_mirror_and_stock_clients() -> Result<()> {
+    destination_end(Kind::Vubd)
+}
+
+#[test]
+fn qsd_destination_receives_a_mirror_and_stock_clients() -> Result<()> {
+    destination_end(Kind::Qsd)
+}
+
+/// Waits (bounded) until `side` holds `n` established connections to or
+/// from the NBD port.
+fn wait_established(link: &Link, side: Side, n: usize) -> Result<()> {
+    let deadline = Instant::now() + TIMEOUT;
+    while link.established(side, PORT)? != n {
+        ensure!(
+            Instant::now() < deadline,
+            "{side:?} never had {n} NBD connections (has {})",
+            link.established(side, PORT)?
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+/// A source that vanishes behind a downed link (its FIN never arrives)
+/// must not hold a connection of vubd's NBD server for ever: vubd finds
+/// the peer dead (TCP keepalive) and lets the connection go, so that the
+/// source's successor gets the one slot `max-connections` allows.
+/// (qemu-storage-daemon 7.2 keeps such a connection until a write to it
+/// fails; this is vubd's own robustness, not a QEMU interface.)
+#[test]
+fn vubd_destination_drops_a_vanished_source() -> Result<()> {
+    let dir = ScratchDir::new("mig-dead")?;
+    let (src, dst) = images(&dir)?;
+    let link = Link::new("mig-dead")?;
+    let mut destination = Node::start(&dir, &link, Side::Destination, Kind::Vubd, &dst)?;
+    destination.serve_with(json!({"max-connections": 1}))?;
+    let mut source = Node::start(&dir, &link, Side::Source, Kind::Qsd, &src)?;
+    source.add_remote(0)?;
+    wait_established(&link, Side::Destination, 1)?;
+    link.set_link(Side::Destination, false)?;
+    source.daemon.kill();
+    drop(source);
+    wait_established(&link, Side::Destination, 0)?;
+    link.set_link(Side::Destination, true)?;
+    let mut successor = Node::start(&dir, &link, Side::Source, Kind::Qsd, &src)?;
+    successor.add_remote(0)?;
+    Ok(())
+}
+
+// ---- faults, the source's kind a parameter ----------------------------------
+
+/// Requires that no BLOCK_JOB_ERROR reached the source's monitor.
+fn no_job_error(node: &mut Node) -> Result<()> {
+    let labels = node.labels()?;
+    ensure!(
+        !labels.iter().any(|l| l.starts_with("ERROR")),
+        "the fault reached the job: {labels:?}"
+    );
+    Ok(())
+}
+
+/// The link drops (TCP gives up, the NBD connection ends) for less than
+/// `reconnect-delay`: the client reconnects and resends, the job reaches
+/// READY without an error and the copy is exact.
+fn short_outage(source: Kind) -> Result<()> {
+    let mut s = Setup::new("mig-short", source, Kind::Vubd)?;
+    s.quick_tcp_give_up()?;
+    let writer = Writer::start(&s.source.vhost, 11)?;
+    s.source.add_remote(300)?;
+    s.link.set_link(Side::Destination, false)?;
+    s.source.start_mirror("report")?;
+    s.wait_disconnected()?;
+    writer.wait_writes(100)?;
+    s.link.set_link(Side::Destination, true)?;
+    s.source.wait_status("ready")?;
+    writer.wait_writes(100)?;
+    s.source.finish(Some(writer))?;
+    no_job_error(&mut s.source)?;
+    s.check_copy()
+}
+
+/// The link stays down past `reconnect-delay`: with `report` the job ends
+/// with an error event; the guest keeps writing without an error.
+fn long_outage_report(source: Kind) -> Result<()> {
+    let mut s = Setup::new("mig-report", source, Kind::Vubd)?;
+    s.quick_tcp_give_up()?;
+    let writer = Writer::start(&s.source.vhost, 13)?;
+    s.source.add_remote(1)?;
+    s.link.set_link(Side::Destination, false)?;
+    s.source.start_mirror("report")?;
+    target_error_ends_job(&mut s.source, writer)
+}
+
+/// With `report`: a BLOCK_JOB_ERROR, the job completes with an error, and
+/// the guest's writes carry on without one.
+fn target_error_ends_job(source: &mut Node, writer: Writer) -> Result<()> {
+    let err = source
+        .qmp
+        .wait_event("BLOCK_JOB_ERROR", TIMEOUT, |_| true)?;
+    ensure!(err["data"]["action"] == "report", "{err}");
+    let done = source
+        .qmp
+        .wait_event("BLOCK_JOB_COMPLETED", TIMEOUT, |_| true)?;
+    ensure!(
+        done["data"].get("error").is_some(),
+        "job ended without an error: {done}"
+    );
+    writer.wait_writes(200)?;
+    writer.stop().context("the guest saw the target's error")?;
+    Ok(())
+}
+
+/// The link stays down past `reconnect-delay` with `stop`: the job pauses;
+/// once the link is back `job-resume` finishes the copy.
+fn long_outage_stop(source: Kind) -> Result<()> {
+    let mut s = Setup::new("mig-stop", source, Kind::Vubd)?;
+    s.quick_tcp_give_up()?;
+    let writer = Writer::start(&s.source.vhost, 17)?;
+    s.source.add_remote(1)?;
+    s.link.set_link(Side::Destination, false)?;
+    s.source.start_mirror("stop")?;
+    wait_paused_by_error(&mut s.source, "stop")?;
+    writer.wait_writes(200)?;
+    s.link.set_link(Side::Destination, true)?;
+    // The client reconnects in the background once the link is back;
+    // resumed before that, the job's next request fails at once (the
+    // reconnect-delay is spent) and pauses it again.
+    s.wait_connected()?;
+    s.source.qmp.ok("job-resume", json!({"id": "m"}))?;
+    s.source.wait_status("ready")?;
+    s.source.finish(Some(writer))?;
+    s.check_copy()
+}
+
+/// Waits for a BLOCK_JOB_ERROR with `action`, then the job's pause.
+fn wait_paused_by_error(source: &mut Node, action: &str) -> Result<()> {
+    let err = source
+        .qmp
+        .wait_event("BLOCK_JOB_ERROR", TIMEOUT, |_| true)?;
+    ensure!(err["data"]["action"] == action, "{err}");
+    source.wait_status("paused")
+}
+
+/// The destination daemon is killed and restarted on the same image while
+/// the job runs (after READY, the guest writing): within `reconnect-delay`
+/// the job carries on, and the copy is exact.
+fn destination_restart(source: Kind) -> Result<()> {
+    let mut s = Setup::new("mig-restart", source, Kind::Vubd)?;
+    let writer = Writer::start(&s.source.vhost, 19)?;
+    s.source.mirror(300, "report")?;
+    s.source.wait_status("ready")?;
+    s.destination.daemon.kill();
+    writer.wait_writes(300)?;
+    let image = s.destination.image.clone();
+    s.destination = Node::start(&s.dir, &s.link, Side::Destination, Kind::Vubd, &image)?;
+    s.destination.serve()?;
+    writer.wait_writes(300)?;
+    s.source.finish(Some(writer))?;
+    no_job_error(&mut s.source)?;
+    s.check_copy()
+}
+
+/// nbdkit serving the destination image in the destination's namespace,
+/// with filters; killed on drop.
+struct Nbdkit {
+    child: Child,
+}
+
+impl Nbdkit {
+    /// `nbdkit --filter=F... file IMAGE PARAMS...`, ready once it wrote
+    /// its pid file (nbdkit does so after it listens).
+    fn start(dir: &ScratchDir, link: &Link, filters: &[&str], params: &[&str]) -> Result<Nbdkit> {
+        let pid = dir.join("nbdkit.pid");
+        let image = dir.join("dst.img");
+        let mut c = link.command(Side::Destination, "nbdkit");
+        c.args(["-f", "-i", DESTINATION_ADDR, "-p", &PORT.to_string(), "-P"])
+            .arg(&pid);
+        for f in filters {
+            c.arg(format!("--filter={f}"));
+        }
+        c.arg("file").arg(format!("file={}", image.display()));
+        c.args(params);
+        let mut kit = Nbdkit { child: c.spawn()? };
+        let deadline = Instant::now() + TIMEOUT;
+        while !pid.exists() {
+            if let Some(status) = kit.child.try_wait()? {
+                bail!("nbdkit exited: {status}");
+            }
+            ensure!(Instant::now() < deadline, "nbdkit never started");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(kit)
+    }
+}
+
+impl Drop for Nbdkit {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The source alone on a link, with nbdkit as the destination.
+struct NbdkitSetup {
+    source: Node,
+    _kit: Nbdkit,
+    _link: Link,
+    dir: ScratchDir,
+}
+
+impl NbdkitSetup {
+    /// nbdkit with `filters` and `params`; `{trigger}` in a parameter
+    /// stands for [`NbdkitSetup::trigger`]'s path.
+    fn new(tag: &str, source: Kind, filters: &[&str], params: &[&str]) -> Result<NbdkitSetup> {
+        let dir = ScratchDir::new(tag)?;
+        let link = Link::new(tag)?;
+        let (src, _) = images(&dir)?;
+        let source = Node::start(&dir, &link, Side::Source, source, &src)?;
+        let trigger = dir.join(TRIGGER).display().to_string();
+        let params: Vec<String> = params
+            .iter()
+            .map(|p| p.replace("{trigger}", &trigger))
+            .collect();
+        let params: Vec<&str> = params.iter().map(String::as_str).collect();
+        let kit = Nbdkit::start(&dir, &link, filters, &params)?;
+        Ok(NbdkitSetup {
+            source,
+            _kit: kit,
+            _link: link,
+            dir,
+        })
+    }
+
+    /// The error filter's switch: errors are injected while it exists.
+    fn trigger(&self) -> PathBuf {
+        self.dir.join(TRIGGER)
+    }
+
+    /// Requires the destination to equal the source, holes kept.
+    fn check_copy(&self) -> Result<()> {
+        let dst = self.dir.join("dst.img");
+        compare(&self.source.image, &dst)?;
+        holes_kept(&self.source.image, &dst)
+    }
+}
+
+/// The name of the error filter's trigger file in the scratch directory.
+const TRIGGER: &str = "inject-errors";
+
+/// nbdkit's error filter failing every request with `errno` while the
+/// trigger file exists.
+fn error_filter(errno: &str) -> Vec<String> {
+    vec![
+        format!("error={errno}"),
+        "error-rate=100%".into(),
+        "error-file={trigger}".into(),
+    ]
+}
+
+/// A destination that fails writes with `errno`, `on-target-error=report`:
+/// the job ends with an error event, the guest sees none.
+fn destination_write_errors_report(source: Kind, errno: &str) -> Result<()> {
+    let params = error_filter(errno);
+    let params: Vec<&str> = params.iter().map(String::as_str).collect();
+    let mut s = NbdkitSetup::new("mig-kit-report", source, &["error"], &params)?;
+    std::fs::write(s.trigger(), b"")?;
+    let writer = Writer::start(&s.source.vhost, 23)?;
+    s.source.mirror(60, "report")?;
+    target_error_ends_job(&mut s.source, writer)
+}
+
+/// A destination out of space, `on-target-error=stop`: the job pauses;
+/// with space back (the trigger removed) `job-resume` finishes the copy.
+fn destination_enospc_stop(source: Kind) -> Result<()> {
+    let params = error_filter("ENOSPC");
+    let params: Vec<&str> = params.iter().map(String::as_str).collect();
+    let mut s = NbdkitSetup::new("mig-kit-stop", source, &["error"], &params)?;
+    std::fs::write(s.trigger(), b"")?;
+    let writer = Writer::start(&s.source.vhost, 29)?;
+    s.source.mirror(60, "stop")?;
+    wait_paused_by_error(&mut s.source, "stop")?;
+    writer.wait_writes(200)?;
+    std::fs::remove_file(s.trigger())?;
+    s.source.qmp.ok("job-resume", json!({"id": "m"}))?;
+    s.source.wait_status("ready")?;
+    s.source.finish(Some(writer))?;
+    s.check_copy()
+}
+
+/// A slow destination (nbdkit's delay filter on every write and zero):
+/// the job is slower, never wrong.
+fn destination_slow(source: Kind) -> Result<()> {
+    let mut s = NbdkitSetup::new(
+        "mig-kit-delay",
+        source,
+        &["delay"],
+        &["delay-write=20ms", "delay-zero=20ms", "delay-trim=20ms"],
+    )?;
+    let writer = Writer::start(&s.source.vhost, 31)?;
+    s.source.mirror(60, "report")?;
+    // The guest writes during the bulk copy and then stops: a destination
+    // this slow need not keep up with a guest that never does.
+    writer.wait_writes(200)?;
+    writer.stop().context("the guest saw an error")?;
+    s.source.wait_status("ready")?;
+    s.source.finish(None)?;
+    no_job_error(&mut s.source)?;
+    s.check_copy()
+}
+
+#[test]
+fn short_outage_qsd_source() -> Result<()> {
+    short_outage(Kind::Qsd)
+}
+
+#[test]
+fn long_outage_report_qsd_source() -> Result<()> {
+    long_outage_report(Kind::Qsd)
+}
+
+#[test]
+fn long_outage_stop_qsd_source() -> Result<()> {
+    long_outage_stop(Kind::Qsd)
+}
+
+#[test]
+fn destination_restart_qsd_source() -> Result<()> {
+    destination_restart(Kind::Qsd)
+}
+
+#[test]
+fn destination_eio_report_qsd_source() -> Result<()> {
+    destination_write_errors_report(Kind::Qsd, "EIO")
+}
+
+#[test]
+fn destination_enospc_report_qsd_source() -> Result<()> {
+    destination_write_errors_report(Kind::Qsd, "ENOSPC")
+}
+
+#[test]
+fn destination_enospc_stop_qsd_source() -> Result<()> {
+    destination_enospc_stop(Kind::Qsd)
+}
+
+#[test]
+fn destination_slow_qsd_source() -> Result<()> {
+    destination_slow(Kind::Qsd)
+}
+
+// ---- benchmark ---------------------------------------------------------------
+
+const BENCH_SIZE: u64 = 1 << 30;
+
+/// The benchmark's source image: 1 GiB, every other MiB random data, the
+/// rest a hole.
+fn half_sparse_image(path: &Path) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::create(path)?;
+    f.set_len(BENCH_SIZE)?;
+    let mut rng = tests::rng::Rng(0x5eed);
+    let mut buf = vec![0u8; MIB as usize];
+    for i in (0..BENCH_SIZE / MIB).step_by(2) {
+        rng.fill(&mut buf);
+        f.write_all_at(&buf, i * MIB)?;
+    }
+    f.sync_all()?;
+    Ok(())
+}
+
+/// One benchmark run: `source` mirrors the half-sparse image into
+/// `destination` across the link (with the qdisc `shape` on both ends if
+/// given; `None` back if the kernel lacks it),
+/// idle guest. Returns the seconds from `blockdev-mirror` to READY and
+/// what crossed the link (counted at the destination's interface).
+fn mirror_figures(
+    source_image: &Path,
+    source: Kind,
+    destination: Kind,
+    shape: Option<(&str, &[&str])>,
+) -> Result<Option<(f64, Counters)>> {
+    let dir = ScratchDir::new("mig-bench")?;
+    let dst = dir.join("dst.img");
+    tests::daemon::create_image(&dst, BENCH_SIZE)?;
+    let mut s = Setup::on(dir, "mig-bench", source, destination, source_image, &dst)?;
+    if let Some((kind, args)) = shape {
+        for side in [Side::Source, Side::Destination] {
+            match s.link.set_qdisc(side, kind, args) {
+                Ok(()) => {}
+                Err(QdiscError::Unavailable(_)) => return Ok(None),
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    s.source.add_remote(60)?;
+    let before = s.link.counters(Side::Destination)?;
+    let start = Instant::now();
+    s.source.start_mirror("report")?;
+    s.source.wait_status("ready")?;
+    let secs = start.elapsed().as_secs_f64();
+    let after = s.link.counters(Side::Destination)?;
+    s.source.finish(None)?;
+    compare(source_image, &dst)?;
+    Ok(Some((
+        secs,
+        Counters {
+            rx_bytes: after.rx_bytes - before.rx_bytes,
+            tx_bytes: after.tx_bytes - before.tx_bytes,
+        },
+    )))
+}
+
+/// Prints the time to mirror a 1 GiB half-sparse disk over the veth link
+/// and the bytes on the wire, for each source/destination pair: on the
+/// bare link, with 1 ms of netem delay each way (where the kernel has
+/// netem), and limited to 1 Gbit/s each way by tbf.
+/// Asserts only that each copy is exact. Run with
+/// `cargo test --release -p tests --test migration -- --ignored --nocapture migration_figures`.
+#[test]
+#[ignore]
+fn migration_figures() -> Result<()> {
+    let dir = ScratchDir::new("mig-bench-src")?;
+    let image = dir.join("src.img");
+    half_sparse_image(&image)?;
+    let pairs = [(Kind::Qsd, Kind::Qsd), (Kind::Qsd, Kind::Vubd)];
+    let shapes: [Option<(&str, &[&str])>; 3] = [
+        None,
+        Some(("netem", &["delay", "1ms"])),
+        Some(("tbf", &["rate", "1gbit", "burst", "1mb", "latency", "50ms"])),
+    ];
+    // Twice, so that neither pair always runs first.
+    for shape in shapes {
+        for (source, destination) in pairs.into_iter().chain(pairs.into_iter().rev()) {
+            let label = format!(
+                "{source:?} -> {destination:?}{}",
+                shape
+                    .map(|(kind, args)| format!(", {kind} {}", args.join(" ")))
+                    .unwrap_or_default()
+            );
+            match mirror_figures(&image, source, destination, shape)? {
+                Some((secs, c)) => println!(
+                    "{label}: {secs:.2} s to READY, {:.1} MiB to the destination, {:.1} MiB back",
+                    c.rx_bytes as f64 / MIB as f64,
+                    c.tx_bytes as f64 / MIB as f64
+                ),
+                None => println!("{label}: skipped, this kernel lacks the qdisc"),
+            }
+        }
+    }
+    Ok(())
+}
