@@ -74,6 +74,11 @@ impl Default for ServerConfig {
     }
 }
 
+/// Stack of a client's reader thread: parsing, dispatching, answering and
+/// freeing a message recurse once per nesting level, up to
+/// [`super::json::MAX_NESTING`]. Only the pages touched are ever committed.
+const CLIENT_STACK: usize = 8 << 20;
+
 enum Out {
     Text(String),
     Event(Arc<Event>),
@@ -318,6 +323,7 @@ fn accept_loop(listener: &UnixListener, shared: &Arc<Shared>) {
         let s = shared.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("qmp-client-{id}"))
+            .stack_size(CLIENT_STACK)
             .spawn(move || serve_client(stream, &s));
         match spawned {
             Ok(t) => {
