@@ -324,7 +324,14 @@ fn accept_loop(listener: &UnixListener, shared: &Arc<Shared>) {
         let spawned = std::thread::Builder::new()
             .name(format!("qmp-client-{id}"))
             .stack_size(CLIENT_STACK)
-            .spawn(move || serve_client(stream, &s));
+            .spawn(move || {
+                serve_client(stream, &s);
+                // Give back the descriptor and handle kept for shutdown now,
+                // not at the next connection: a burst of clients that all
+                // left must not keep their sockets open. (The accept thread
+                // holds the map while spawning, so the entry is there.)
+                s.clients().remove(&id);
+            });
         match spawned {
             Ok(t) => {
                 let thread_id = Some(t.thread().id());
