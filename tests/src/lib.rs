@@ -11,4 +11,5 @@ pub mod guest;
 pub mod nbd_tools;
 pub mod qmp_client;
 pub mod raw_frontend;
+pub mod resources;
 pub mod rng;

@@ -17,6 +17,7 @@ use std::time::Duration;
 use tests::client::Client;
 use tests::daemon::{create_image, Daemon, ScratchDir};
 use tests::qmp_client::QmpClient;
+use tests::resources::{settled, threads_and_fds, wait_back_to};
 
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 64 * MIB;
@@ -600,6 +601,61 @@ fn connection_cap_and_a_client_that_stops_reading_block_no_one() -> Result<()> {
         "the daemon stopped serving after a flood of connections"
     );
     Ok(())
+}
+
+#[test]
+fn hundreds_of_connections_and_a_thousand_cycles_leak_nothing() -> Result<()> {
+    const CAP: usize = 16;
+    let dir = ScratchDir::new("nbd-many")?;
+    let mut p = vubd_with_export(&dir, json!({"max-connections": CAP}))?;
+    let pid = p.daemon.pid();
+    let base = settled(pid)?;
+    let mut held = Vec::new();
+    for i in 0..300 {
+        let mut s = UnixStream::connect(&p.nbd)?;
+        s.set_read_timeout(Some(TIMEOUT))?;
+        let mut g = [0u8; 18];
+        if i < CAP {
+            s.read_exact(&mut g)
+                .with_context(|| format!("greeting of client {i}"))?;
+        } else {
+            let n = s.read(&mut g).unwrap_or(0);
+            ensure!(n == 0, "client {i} over max-connections got {n} bytes");
+        }
+        held.push(s);
+    }
+    let (threads, fds) = threads_and_fds(pid)?;
+    // One thread and a few descriptors per connection in its handshake.
+    ensure!(
+        threads <= base.0 + CAP,
+        "{threads} threads, {base:?} before"
+    );
+    ensure!(fds <= base.1 + 4 * CAP, "{fds} fds, {base:?} before");
+    drop(held);
+    wait_back_to(pid, base, TIMEOUT, "300 connections")?;
+    still_serving(&mut p)?;
+    for i in 0..1000u32 {
+        // The previous cycles' threads end asynchronously and may still
+        // hold every slot for a moment: a refused connection is retried.
+        let mut tries = 0;
+        let mut s = loop {
+            let mut s = UnixStream::connect(&p.nbd)?;
+            s.set_read_timeout(Some(TIMEOUT))?;
+            let mut g = [0u8; 18];
+            if s.read_exact(&mut g).is_ok() {
+                break s;
+            }
+            tries += 1;
+            ensure!(tries < 1000, "cycle {i}: no slot came back");
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        if i % 2 == 0 {
+            // Garbage client flags: the server closes.
+            let _ = s.write_all(&0xffff_fffcu32.to_be_bytes());
+        }
+    }
+    wait_back_to(pid, base, TIMEOUT, "1000 connect/disconnect cycles")?;
+    still_serving(&mut p)
 }
 
 /// A read-only disk: `block-export-add writable` is refused, the legacy

@@ -4,13 +4,14 @@
 //! beside a well-behaved one, and hundreds of connections (threads and
 //! descriptors counted in /proc before and after).
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tests::daemon::{create_image, Daemon, ScratchDir};
 use tests::qmp_client::wait_for_socket;
+use tests::resources::{settled, threads_and_fds, wait_back_to};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 const AFTER: &[u8] = br#"{"execute":"query-version","id":"after"}"#;
@@ -148,43 +149,6 @@ fn nesting_limits_match_qemu() -> Result<()> {
     check_nesting(&qmp).context("qemu-storage-daemon")
 }
 
-/// Threads and open descriptors of process `pid`.
-fn resources(pid: u32) -> Result<(usize, usize)> {
-    let count = |what: &str| -> Result<usize> {
-        Ok(std::fs::read_dir(format!("/proc/{pid}/{what}"))?.count())
-    };
-    Ok((count("task")?, count("fd")?))
-}
-
-/// Threads and descriptors once start-up has finished opening things:
-/// unchanged over several readings.
-fn settled(pid: u32) -> Result<(usize, usize)> {
-    let mut last = resources(pid)?;
-    let mut same = 0;
-    while same < 5 {
-        std::thread::sleep(Duration::from_millis(100));
-        let now = resources(pid)?;
-        same = if now == last { same + 1 } else { 0 };
-        last = now;
-    }
-    Ok(last)
-}
-
-/// Waits (generously) until `pid` is back to `base` threads and descriptors.
-fn back_to(pid: u32, base: (usize, usize), after: &str) -> Result<()> {
-    let start = Instant::now();
-    loop {
-        let now = resources(pid)?;
-        if now == base {
-            return Ok(());
-        }
-        if start.elapsed() > TIMEOUT {
-            bail!("after {after}: (threads, fds) {now:?}, before {base:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn hundreds_of_connections_are_refused_beyond_the_limit_and_leak_nothing() -> Result<()> {
     const LIMIT: usize = 32;
@@ -210,7 +174,7 @@ fn hundreds_of_connections_are_refused_beyond_the_limit_and_leak_nothing() -> Re
         held.push(c);
     }
     assert_eq!(refused, 500 - LIMIT);
-    let (threads, fds) = resources(pid)?;
+    let (threads, fds) = threads_and_fds(pid)?;
     // Two threads per client; a few descriptors per client.
     ensure!(
         threads <= base.0 + 2 * LIMIT,
@@ -218,22 +182,29 @@ fn hundreds_of_connections_are_refused_beyond_the_limit_and_leak_nothing() -> Re
     );
     ensure!(fds <= base.1 + 4 * LIMIT, "{fds} fds, {base:?} before");
     drop(held);
-    back_to(pid, base, "500 connections")?;
+    wait_back_to(pid, base, TIMEOUT, "500 connections")?;
     let mut c = Conn::negotiated(&v.qmp)?;
     c.send(AFTER)?;
     ensure!(c.until_after()?.is_empty());
     drop(c);
     for i in 0..1000 {
-        let mut c = Conn::connect(&v.qmp)?;
-        ensure!(
-            c.line()?.is_some_and(|g| g.starts_with("{\"QMP\"")),
-            "client {i}"
-        );
+        // The previous cycles' threads end asynchronously and may still
+        // hold every slot for a moment: a refused connection is retried.
+        let mut tries = 0;
+        let mut c = loop {
+            let mut c = Conn::connect(&v.qmp)?;
+            if c.line()?.is_some_and(|g| g.starts_with("{\"QMP\"")) {
+                break c;
+            }
+            tries += 1;
+            ensure!(tries < 1000, "cycle {i}: no slot came back");
+            std::thread::sleep(Duration::from_millis(5));
+        };
         if i % 2 == 0 {
             c.send(br#"{"execute":"qmp_capabilities"}{"execute":"query-bl"#)?;
         }
     }
-    back_to(pid, base, "1000 connect/disconnect cycles")
+    wait_back_to(pid, base, TIMEOUT, "1000 connect/disconnect cycles")
 }
 
 #[test]
