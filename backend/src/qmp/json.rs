@@ -552,6 +552,16 @@ mod tests {
 
     #[test]
     fn endless_brackets_use_bounded_memory() {
+        // 100k open brackets, well within the size limit.
+        let mut s = Splitter::default();
+        let mut out = Vec::new();
+        for _ in 0..100 {
+            s.feed(&[b'['; 1000], &mut out);
+        }
+        assert!(s.stack.capacity() <= MAX_NESTING, "{}", s.stack.capacity());
+        assert!(s.buf.capacity() <= 2 * MAX_NESTING, "{}", s.buf.capacity());
+        assert_eq!(out, vec![Frame::Error(DEPTH_ERROR.into())]);
+        // The same past the size limit.
         let mut s = Splitter::new(1000);
         let mut out = Vec::new();
         for _ in 0..100 {
