@@ -12,4 +12,5 @@ pub mod nbd_tools;
 pub mod netns;
 pub mod qmp_client;
 pub mod raw_frontend;
+pub mod resources;
 pub mod rng;

@@ -67,6 +67,11 @@ struct Options {
     /// Path of the QMP management socket (mode 0600; several clients at once).
     #[arg(long, value_name = "PATH")]
     qmp: Option<PathBuf>,
+    /// Simultaneous QMP clients; a client beyond them gets an error and is
+    /// disconnected. Each costs two threads and two descriptors.
+    #[arg(long, value_name = "N", default_value_t = 64,
+          value_parser = clap::value_parser!(u16).range(1..=4096))]
+    qmp_max_clients: u16,
     /// Seconds between lazy write-outs of persistent dirty bitmaps (the
     /// crash guarantee does not depend on it; it bounds re-copying after a crash).
     #[arg(long, value_name = "SECS", default_value_t = 5.0, value_parser = parse_interval)]
@@ -378,7 +383,11 @@ fn run(mut opts: Options) -> Result<()> {
                     jobs: mirrors.registry().clone(),
                 },
             );
-            let server = QmpServer::start(path, dispatcher, ServerConfig::default())
+            let config = ServerConfig {
+                max_clients: usize::from(opts.qmp_max_clients),
+                ..ServerConfig::default()
+            };
+            let server = QmpServer::start(path, dispatcher, config)
                 .with_context(|| format!("cannot start the QMP monitor on {}", path.display()))?;
             Some(server)
         }

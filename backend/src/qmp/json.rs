@@ -12,6 +12,18 @@
 //! at once; it then skips to the end of that line to resynchronise. A 0xFF
 //! byte resets the parser, as in QEMU.
 //!
+//! Limits, as QEMU 7.2's `json-streamer.c` sets them: nesting deeper than
+//! [`MAX_NESTING`] (1024 open brackets, the outer object included) gets
+//! `JSON nesting depth limit exceeded`, a message over the size limit gets
+//! `JSON token size limit exceeded`, both as soon as the limit is crossed.
+//! QEMU then resets and parses the rest of the refused message as new input
+//! (one `expecting value` error per leftover closing bracket); the splitter
+//! instead skips the rest of the refused value, counting brackets only, so
+//! the client gets one error per refused message and memory stays bounded
+//! however deep the input goes. Either way the next message is answered.
+//! The size limit is smaller than QEMU's 64 MiB (see [`DEFAULT_MAX_MESSAGE`]);
+//! QEMU's 2M-token limit can therefore never be reached.
+//!
 //! Output follows QEMU's own formatter byte for byte where it matters to
 //! picky clients: `", "` and `": "` separators, non-ASCII and control
 //! characters as `\uXXXX` escapes, and `\r\n` after every message.
@@ -21,9 +33,13 @@ use serde_json::Value;
 use std::io;
 
 /// Default limit on the size of one incoming message, in bytes. QMP
-/// commands are small; the limit keeps a hostile client from making the
-/// daemon buffer without bound.
+/// commands are small; QEMU allows 64 MiB, but a parsed message costs
+/// tens of bytes of memory per input byte and every client may send one at
+/// once, so vubd keeps each client's share at a few tens of MiB.
 pub const DEFAULT_MAX_MESSAGE: usize = 1 << 20;
+
+/// Deepest accepted nesting of arrays and objects, QEMU's `MAX_NESTING`.
+pub const MAX_NESTING: usize = 1024;
 
 /// One unit the splitter produces.
 #[derive(Debug, Clone, PartialEq)]
@@ -47,6 +63,9 @@ pub struct Splitter {
     in_scalar: bool,
     /// The current value exceeded `max`: its bytes are dropped, not stored.
     oversize: bool,
+    /// The current value was refused (too large or too deep); its rest is
+    /// skipped. Holds the open bracket count, as the stack is not kept.
+    discard: Option<u64>,
     /// After a lexical error: drop input up to and including the next newline.
     skip_line: bool,
 }
@@ -97,6 +116,7 @@ impl Splitter {
             escape: false,
             in_scalar: false,
             oversize: false,
+            discard: None,
             skip_line: false,
         }
     }
@@ -104,7 +124,11 @@ impl Splitter {
     /// True when a value has started but not ended (what a client that
     /// vanishes mid-message leaves behind).
     pub fn has_partial(&self) -> bool {
-        !self.buf.is_empty() || self.oversize || !self.stack.is_empty() || self.in_scalar
+        !self.buf.is_empty()
+            || self.oversize
+            || self.discard.is_some()
+            || !self.stack.is_empty()
+            || self.in_scalar
     }
 
     fn reset(&mut self) {
@@ -114,6 +138,7 @@ impl Splitter {
         self.escape = false;
         self.in_scalar = false;
         self.oversize = false;
+        self.discard = None;
     }
 
     fn push(&mut self, b: u8) {
@@ -130,18 +155,64 @@ impl Splitter {
 
     fn complete(&mut self, out: &mut Vec<Frame>) {
         let frame = if self.oversize {
-            Frame::Error(format!(
-                "JSON message size limit exceeded ({} bytes)",
-                self.max
-            ))
+            Frame::Error(SIZE_ERROR.into())
         } else {
-            match serde_json::from_slice::<Value>(&self.buf) {
+            match parse(&self.buf) {
                 Ok(v) => Frame::Value(v),
                 Err(e) => Frame::Error(format!("JSON parse error, {e}")),
             }
         };
         out.push(frame);
         self.reset();
+    }
+
+    /// Refuses the value being read and skips its rest; `depth` is its
+    /// count of open brackets.
+    fn refuse(&mut self, desc: &str, depth: usize, out: &mut Vec<Frame>) {
+        out.push(Frame::Error(desc.into()));
+        self.buf = Vec::new();
+        self.stack.clear();
+        self.oversize = false;
+        self.discard = Some(depth as u64);
+    }
+
+    /// Skips one byte of a refused value, tracking only strings and
+    /// bracket depth so that the value's end is found.
+    fn discard_byte(&mut self, depth: u64, b: u8, out: &mut Vec<Frame>) {
+        if self.in_string {
+            if self.escape {
+                self.escape = false;
+            } else if b == b'\\' {
+                self.escape = true;
+            } else if b == b'"' {
+                self.in_string = false;
+                if depth == 0 {
+                    self.reset();
+                }
+            }
+            return;
+        }
+        if self.in_scalar {
+            if !is_scalar_byte(b) {
+                // The top-level scalar ends; the byte is the next input's.
+                self.reset();
+                self.feed_byte(b, out);
+            }
+            return;
+        }
+        let depth = match b {
+            b'"' => {
+                self.in_string = true;
+                depth
+            }
+            b'{' | b'[' => depth + 1,
+            b'}' | b']' => depth.saturating_sub(1),
+            _ => depth,
+        };
+        self.discard = Some(depth);
+        if depth == 0 && !self.in_string {
+            self.reset();
+        }
     }
 
     fn lexical_error(&mut self, b: u8, out: &mut Vec<Frame>) {
@@ -157,6 +228,10 @@ impl Splitter {
     pub fn feed(&mut self, data: &[u8], out: &mut Vec<Frame>) {
         for &b in data {
             self.feed_byte(b, out);
+            if self.oversize {
+                // Still inside the value that outgrew the limit.
+                self.refuse(SIZE_ERROR, self.stack.len(), out);
+            }
         }
     }
 
@@ -174,6 +249,10 @@ impl Splitter {
             if b == b'\n' {
                 self.skip_line = false;
             }
+            return;
+        }
+        if let Some(depth) = self.discard {
+            self.discard_byte(depth, b, out);
             return;
         }
         if self.in_string {
@@ -207,6 +286,10 @@ impl Splitter {
                 }
             }
             b'{' | b'[' => {
+                if self.stack.len() >= MAX_NESTING {
+                    self.refuse(DEPTH_ERROR, self.stack.len() + 1, out);
+                    return;
+                }
                 self.stack.push(b);
                 self.push(b);
             }
@@ -242,6 +325,20 @@ impl Splitter {
             _ => self.lexical_error(b, out),
         }
     }
+}
+
+const SIZE_ERROR: &str = "JSON token size limit exceeded";
+const DEPTH_ERROR: &str = "JSON nesting depth limit exceeded";
+
+/// Parses one complete value. The splitter has already bounded its nesting
+/// by [`MAX_NESTING`], so serde_json's own limit (128, lower than QEMU's)
+/// is lifted; client threads get a stack sized for that depth.
+fn parse(bytes: &[u8]) -> serde_json::Result<Value> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    de.disable_recursion_limit();
+    let v = serde::Deserialize::deserialize(&mut de)?;
+    de.end()?;
+    Ok(v)
 }
 
 /// serde_json formatter producing QEMU's layout: `{"a": 1, "b": [1, 2]}`,
@@ -393,8 +490,90 @@ mod tests {
         let big = format!("{{\"a\":\"{}\"}}{{\"b\":1}}", "x".repeat(500));
         let out = split(&[big.as_bytes()]);
         assert_eq!(out.len(), 2);
-        assert!(matches!(&out[0], Frame::Error(e) if e.contains("size limit")));
+        assert_eq!(
+            out[0],
+            Frame::Error("JSON token size limit exceeded".into())
+        );
         assert_eq!(out[1], Frame::Value(json!({"b": 1})));
+        // The error comes as soon as the limit is crossed, as in QEMU, and
+        // the rest of the value (brackets inside strings included) is skipped.
+        let mut s = Splitter::new(64);
+        let mut out = Vec::new();
+        s.feed(
+            format!("[{{\"a\":[\"]]\\\"{}", "x".repeat(100)).as_bytes(),
+            &mut out,
+        );
+        assert_eq!(out.len(), 1);
+        s.feed(b"\"]}] 7 ", &mut out);
+        assert_eq!(
+            out,
+            vec![Frame::Error(SIZE_ERROR.into()), Frame::Value(json!(7))]
+        );
+        let out = split(&[format!("\"{}\" 8 ", "y".repeat(100)).as_bytes()]);
+        assert_eq!(
+            out,
+            vec![Frame::Error(SIZE_ERROR.into()), Frame::Value(json!(8))]
+        );
+        let out = split(&[format!("{} [8]", "9".repeat(100)).as_bytes()]);
+        assert_eq!(
+            out,
+            vec![Frame::Error(SIZE_ERROR.into()), Frame::Value(json!([8]))]
+        );
+    }
+
+    fn nested(depth: usize) -> String {
+        // The outer object counts as one level, as in QEMU.
+        format!(
+            "{{\"id\":{}{}}}",
+            "[".repeat(depth - 1),
+            "]".repeat(depth - 1)
+        )
+    }
+
+    #[test]
+    fn nesting_is_capped_at_qemus_depth() {
+        let mut s = Splitter::default();
+        let mut out = Vec::new();
+        // serde_json alone stops at 128; QEMU takes up to 1024.
+        for depth in [129, 200, MAX_NESTING] {
+            s.feed(nested(depth).as_bytes(), &mut out);
+            assert!(matches!(out.pop(), Some(Frame::Value(_))), "{depth}");
+        }
+        s.feed(nested(MAX_NESTING + 1).as_bytes(), &mut out);
+        s.feed(br#"{"after":1}"#, &mut out);
+        assert_eq!(
+            out,
+            vec![
+                Frame::Error("JSON nesting depth limit exceeded".into()),
+                Frame::Value(json!({"after": 1})),
+            ]
+        );
+    }
+
+    #[test]
+    fn endless_brackets_use_bounded_memory() {
+        // 100k open brackets, well within the size limit.
+        let mut s = Splitter::default();
+        let mut out = Vec::new();
+        for _ in 0..100 {
+            s.feed(&[b'['; 1000], &mut out);
+        }
+        assert!(s.stack.capacity() <= MAX_NESTING, "{}", s.stack.capacity());
+        assert!(s.buf.capacity() <= 2 * MAX_NESTING, "{}", s.buf.capacity());
+        assert_eq!(out, vec![Frame::Error(DEPTH_ERROR.into())]);
+        // The same past the size limit.
+        let mut s = Splitter::new(1000);
+        let mut out = Vec::new();
+        for _ in 0..100 {
+            s.feed(&[b'['; 1000], &mut out);
+            s.feed(br#"{"a":"]}"#, &mut out);
+        }
+        assert!(s.stack.capacity() <= MAX_NESTING, "{}", s.stack.capacity());
+        assert!(s.buf.capacity() <= 1000, "{}", s.buf.capacity());
+        assert_eq!(out, vec![Frame::Error(SIZE_ERROR.into())]);
+        assert!(s.has_partial());
+        s.feed(b"\xff{}", &mut out);
+        assert_eq!(out[2], Frame::Value(json!({})));
     }
 
     #[test]

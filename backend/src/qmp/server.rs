@@ -74,6 +74,11 @@ impl Default for ServerConfig {
     }
 }
 
+/// Stack of a client's reader thread: parsing, dispatching, answering and
+/// freeing a message recurse once per nesting level, up to
+/// [`super::json::MAX_NESTING`]. Only the pages touched are ever committed.
+const CLIENT_STACK: usize = 8 << 20;
+
 enum Out {
     Text(String),
     Event(Arc<Event>),
@@ -318,7 +323,15 @@ fn accept_loop(listener: &UnixListener, shared: &Arc<Shared>) {
         let s = shared.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("qmp-client-{id}"))
-            .spawn(move || serve_client(stream, &s));
+            .stack_size(CLIENT_STACK)
+            .spawn(move || {
+                serve_client(stream, &s);
+                // Give back the descriptor and handle kept for shutdown now,
+                // not at the next connection: a burst of clients that all
+                // left must not keep their sockets open. (The accept thread
+                // holds the map while spawning, so the entry is there.)
+                s.clients().remove(&id);
+            });
         match spawned {
             Ok(t) => {
                 let thread_id = Some(t.thread().id());
