@@ -54,15 +54,18 @@ pub enum SocketError {
     /// The path exists and is not a socket: never replaced.
     #[error("{0} exists and is not a socket; refusing to replace it")]
     NotASocket(PathBuf),
+    /// The path does not fit in `sun_path`: clients could not connect.
+    #[error("cannot listen on {0}: a socket path has at most 107 bytes")]
+    TooLong(PathBuf),
     /// A step of creating the socket failed.
-    #[error("cannot listen on {path}: {what}: {source}")]
+    #[error("cannot listen on {path}: {what}: {cause}")]
     Io {
         /// The final socket path.
         path: PathBuf,
         /// The step that failed.
         what: &'static str,
         /// The OS error.
-        source: io::Error,
+        cause: io::Error,
     },
 }
 
@@ -264,11 +267,11 @@ fn existing(parent: &OwnedFd, name: &CStr, path: &Path) -> Result<Existing, Sock
     let st = match stat_at(parent, name) {
         Ok(st) => st,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Existing::Nothing),
-        Err(source) => {
+        Err(cause) => {
             return Err(SocketError::Io {
                 path: path.to_path_buf(),
                 what: "cannot inspect the existing path",
-                source,
+                cause,
             })
         }
     };
@@ -278,10 +281,10 @@ fn existing(parent: &OwnedFd, name: &CStr, path: &Path) -> Result<Existing, Sock
     match UnixStream::connect(path) {
         Ok(_) => Err(SocketError::InUse(path.to_path_buf())),
         Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => Ok(Existing::StaleSocket),
-        Err(source) => Err(SocketError::Io {
+        Err(cause) => Err(SocketError::Io {
             path: path.to_path_buf(),
             what: "cannot tell whether the existing socket is in use",
-            source,
+            cause,
         }),
     }
 }
@@ -290,11 +293,14 @@ fn existing(parent: &OwnedFd, name: &CStr, path: &Path) -> Result<Existing, Sock
 /// group from the moment it appears there. A stale socket at `path` is
 /// replaced; a live one, or anything that is not a socket, is refused.
 pub fn bind(path: &Path, opts: &SocketOptions) -> Result<UnixListener, SocketError> {
-    let fail = |what, source| SocketError::Io {
+    let fail = |what, cause| SocketError::Io {
         path: path.to_path_buf(),
         what,
-        source,
+        cause,
     };
+    if path.as_os_str().len() > SUN_PATH_MAX {
+        return Err(SocketError::TooLong(path.to_path_buf()));
+    }
     let base = path
         .file_name()
         .ok_or_else(|| fail("no file name", io::ErrorKind::InvalidInput.into()))?;
@@ -392,4 +398,58 @@ pub fn bind(path: &Path, opts: &SocketOptions) -> Result<UnixListener, SocketErr
     })?;
     drop(dir);
     Ok(listener)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn modes() {
+        assert_eq!(parse_mode("0660"), Ok(0o660));
+        assert_eq!(parse_mode("600"), Ok(0o600));
+        assert_eq!(parse_mode("0o640"), Ok(0o640));
+        for bad in [
+            "0666", "0601", "0604", "1660", "0060", "", "8", "-600", "0x600",
+        ] {
+            assert!(parse_mode(bad).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn groups() {
+        assert_eq!(parse_group("root"), Ok(0));
+        assert_eq!(parse_group("0"), Ok(0));
+        assert_eq!(parse_group("65534"), Ok(65534));
+        for bad in [
+            "",
+            "no-such-group-here",
+            "4294967295",
+            "99999999999",
+            "a\0b",
+        ] {
+            assert!(parse_group(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    /// A socket whose listener is gone is replaced, a live one is not; a
+    /// bound socket gets its mode.
+    #[test]
+    fn stale_and_live() {
+        let dir = std::env::temp_dir().join(format!("vubd-unix-socket-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.sock");
+        drop(UnixListener::bind(&path).unwrap());
+        let opts = SocketOptions {
+            mode: 0o640,
+            group: None,
+        };
+        let live = bind(&path, &opts).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o640);
+        assert!(matches!(bind(&path, &opts), Err(SocketError::InUse(_))));
+        drop(live);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
