@@ -224,10 +224,6 @@ impl<'a> PrivateDir<'a> {
             }
         };
         let dir = PrivateDir { parent, name, fd };
-        // The umask may have taken owner bits away; only the owner may
-        // enter, whatever the umask left.
-        // SAFETY: fchmod on a descriptor we own.
-        check(unsafe { libc::fchmod(dir.fd.as_raw_fd(), 0o700) })?;
         // A directory someone swapped in under our name is not ours:
         // only this process's user could have made one owned by it.
         let st = stat_at(&dir.fd, c".")?;
@@ -238,6 +234,10 @@ impl<'a> PrivateDir<'a> {
                 "the private directory was replaced",
             ));
         }
+        // The umask may have taken owner bits away; only the owner may
+        // enter, whatever the umask left.
+        // SAFETY: fchmod on a descriptor we own.
+        check(unsafe { libc::fchmod(dir.fd.as_raw_fd(), 0o700) })?;
         Ok(dir)
     }
 }
