@@ -229,6 +229,16 @@ impl Daemon {
         Ok(daemon)
     }
 
+    /// Takes charge of a daemon started by the caller (say through a
+    /// wrapper that execs it): killed on drop; readiness is the caller's.
+    pub fn adopt(child: Child, socket: &Path, name: &'static str) -> Daemon {
+        Daemon {
+            child: Some(child),
+            socket: socket.to_path_buf(),
+            name,
+        }
+    }
+
     /// Waits until `pid_file` exists, or without one until the socket
     /// accepts a connection.
     fn wait_ready(&mut self, pid_file: Option<&Path>, timeout: Duration) -> Result<()> {

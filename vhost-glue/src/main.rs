@@ -17,13 +17,15 @@ use vubd_backend::dirty::{sidecar_path, DirtyTracker, FileStore, MetaStore, Trac
 use vubd_backend::graph::qmp as graph_qmp;
 use vubd_backend::mirror::pivot_marker;
 use vubd_backend::qmp::{standard_dispatcher, EventBus, QmpServer, ServerConfig};
+use vubd_backend::unix_socket::SocketOptions;
 use vubd_backend::{Disk, RawImage, RawImageOptions};
 
 /// vhost-user-blk daemon: serves a disk image to a VM over a vhost-user socket.
 #[derive(Parser, Debug)]
 #[command(name = "vubd", version, about, long_about = None)]
 struct Options {
-    /// Path of the vhost-user socket to listen on (created with mode 0600).
+    /// Path of the vhost-user socket to listen on (created with
+    /// --socket-mode and --socket-group).
     #[arg(long, value_name = "PATH")]
     socket: PathBuf,
     /// The disk image (a raw file or block device).
@@ -64,7 +66,8 @@ struct Options {
     #[arg(long, value_name = "N", default_value_t = 0,
           value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     poll_us: u64,
-    /// Path of the QMP management socket (mode 0600; several clients at once).
+    /// Path of the QMP management socket (--socket-mode and --socket-group;
+    /// several clients at once).
     #[arg(long, value_name = "PATH")]
     qmp: Option<PathBuf>,
     /// Simultaneous QMP clients; a client beyond them gets an error and is
@@ -91,6 +94,16 @@ struct Options {
     /// the switch left beside it.
     #[arg(long)]
     allow_stale_image: bool,
+    /// Mode of the vhost-user, QMP and NBD unix sockets, in octal: owner
+    /// read-write, group bits allowed, never any for other users.
+    #[arg(long, value_name = "OCTAL", default_value = "0600",
+          value_parser = vubd_backend::unix_socket::parse_mode)]
+    socket_mode: u32,
+    /// Group (name or gid) of the vhost-user, QMP and NBD unix sockets,
+    /// e.g. the VMM's when it does not run as vubd's user (with
+    /// --socket-mode 0660). vubd must be root or a member of it.
+    #[arg(long, value_name = "NAME|GID", value_parser = vubd_backend::unix_socket::parse_group)]
+    socket_group: Option<libc::gid_t>,
 }
 
 /// Values of --aio.
@@ -276,7 +289,11 @@ fn run(mut opts: Options) -> Result<()> {
             },
         },
     };
-    let listener = bind_socket(&opts.socket)?;
+    let socket_opts = SocketOptions {
+        mode: opts.socket_mode,
+        group: opts.socket_group,
+    };
+    let listener = bind_socket(&opts.socket, &socket_opts)?;
     let mut server = Server::new(listener, disk.clone(), cfg);
 
     // Every way of stopping (signals, QMP quit) ends up in one handler.
@@ -360,10 +377,10 @@ fn run(mut opts: Options) -> Result<()> {
                 disk: node,
                 graph: graph.clone(),
             };
-            nbd = Some(vubd_backend::nbd::register_nbd_commands(
-                &dispatcher,
-                Arc::new(nodes),
-            ));
+            let nbd_service =
+                vubd_backend::nbd::register_nbd_commands(&dispatcher, Arc::new(nodes));
+            nbd_service.set_socket_options(socket_opts);
+            nbd = Some(nbd_service);
             // Image fleecing: `blockdev-backup` and its `transaction` action.
             let (filter_graph, filter_ctx) = (graph.clone(), ctx.clone());
             let backup = Arc::new(vubd_backend::backup::qmp::BackupService {
@@ -385,6 +402,7 @@ fn run(mut opts: Options) -> Result<()> {
             );
             let config = ServerConfig {
                 max_clients: usize::from(opts.qmp_max_clients),
+                socket: socket_opts,
                 ..ServerConfig::default()
             };
             let server = QmpServer::start(path, dispatcher, config)

@@ -4,68 +4,31 @@
 use crate::config_space::DeviceConfig;
 use crate::device::BlockDevice;
 use log::{debug, info, warn};
-use std::io;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::os::unix::net::UnixListener;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vubd_backend::unix_socket::{self, SocketError, SocketOptions};
 use vubd_backend::Disk;
 
 /// Why the socket could not be set up or served.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    /// Another process is listening on the socket path.
-    #[error("{0} is in use by a running process (is another vubd serving it?)")]
-    SocketInUse(PathBuf),
-    /// The path exists and is not a socket: never delete it.
-    #[error("{0} exists and is not a socket; refusing to replace it")]
-    NotASocket(PathBuf),
-    /// bind/chmod/unlink failed.
-    #[error("cannot listen on {path}: {cause}")]
-    Bind {
-        /// The socket path.
-        path: PathBuf,
-        /// The OS error.
-        cause: io::Error,
-    },
+    /// The socket could not be created.
+    #[error(transparent)]
+    Socket(#[from] SocketError),
     /// The vhost-user library failed to set up a session.
     #[error("vhost-user: {0}")]
     Vhost(String),
 }
 
-/// Creates the listening socket at `path` with mode 0600, replacing a stale
-/// socket file but never a live one.
-pub fn bind_socket(path: &Path) -> Result<UnixListener, ServerError> {
-    let bind_err = |cause| ServerError::Bind {
-        path: path.to_path_buf(),
-        cause,
-    };
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => {
-            if UnixStream::connect(path).is_ok() {
-                return Err(ServerError::SocketInUse(path.to_path_buf()));
-            }
-            info!("removing stale socket {}", path.display());
-            std::fs::remove_file(path).map_err(bind_err)?;
-        }
-        Ok(_) => return Err(ServerError::NotASocket(path.to_path_buf())),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(bind_err(e)),
-    }
-    // Create the socket 0600 from the start (no window where others could
-    // connect); the process is still single-threaded here.
-    // SAFETY: umask only changes this process's file creation mask.
-    let old = unsafe { libc::umask(0o177) };
-    let listener = UnixListener::bind(path);
-    // SAFETY: as above, restoring the previous mask.
-    unsafe { libc::umask(old) };
-    let listener = listener.map_err(bind_err)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
-    Ok(listener)
+/// Creates the listening socket at `path` with `opts`' mode and group,
+/// replacing a stale socket file but never a live one.
+pub fn bind_socket(path: &Path, opts: &SocketOptions) -> Result<UnixListener, ServerError> {
+    Ok(unix_socket::bind(path, opts)?)
 }
 
 /// Serves frontends on a socket, one session after another.

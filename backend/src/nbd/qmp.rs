@@ -12,6 +12,7 @@ use super::server::{Address, NbdServer};
 use super::source::{DiskSource, ExportSource};
 use crate::qmp::args::Args;
 use crate::qmp::{Call, DirtyBitmaps, Dispatcher, QmpError};
+use crate::unix_socket::SocketOptions;
 use crate::Disk;
 use serde_json::{json, Value};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -57,6 +58,9 @@ pub struct NbdService {
     nodes: Arc<dyn NodeLookup>,
     exports: Arc<Exports>,
     server: Mutex<Option<NbdServer>>,
+    /// Mode and group of a unix socket `nbd-server-start` makes: the
+    /// daemon's `--socket-mode`/`--socket-group`.
+    socket: Mutex<SocketOptions>,
 }
 
 fn not_running() -> QmpError {
@@ -95,6 +99,12 @@ impl NbdService {
         self.server.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Sets the mode and group of the unix sockets `nbd-server-start`
+    /// makes from now on (default: 0600, the daemon's group).
+    pub fn set_socket_options(&self, opts: SocketOptions) {
+        *self.socket.lock().unwrap_or_else(|e| e.into_inner()) = opts;
+    }
+
     /// Stops the server (at daemon exit), removing every export.
     pub fn shutdown(&self) {
         if let Some(s) = self.server().take() {
@@ -124,8 +134,11 @@ impl NbdService {
                 "'tls-authz' is only supported with 'tls-creds'",
             ));
         }
-        *server =
-            Some(NbdServer::start(&addr, self.exports.clone(), max).map_err(QmpError::generic)?);
+        let socket = *self.socket.lock().unwrap_or_else(|e| e.into_inner());
+        *server = Some(
+            NbdServer::start(&addr, self.exports.clone(), max, &socket)
+                .map_err(QmpError::generic)?,
+        );
         Ok(json!({}))
     }
 
@@ -419,6 +432,7 @@ pub fn register_nbd_commands(d: &Dispatcher, nodes: Arc<dyn NodeLookup>) -> Arc<
         nodes,
         exports: Arc::new(Exports::new(d.events().clone())),
         server: Mutex::new(None),
+        socket: Mutex::new(SocketOptions::default()),
     });
     let s = svc.clone();
     d.register("nbd-server-start", move |c: &mut Call<'_>| {

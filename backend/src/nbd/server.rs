@@ -10,6 +10,7 @@
 use super::export::Exports;
 use super::handshake::negotiate;
 use super::transmission::{serve, TimedRead};
+use crate::unix_socket::SocketOptions;
 use std::collections::HashMap;
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
@@ -63,7 +64,8 @@ impl Default for Timeouts {
 /// Where the server listens (QEMU's `SocketAddress`, unix and inet).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Address {
-    /// A unix socket path (created mode 0600; a stale socket is replaced).
+    /// A unix socket path (created with the daemon's socket mode and group,
+    /// 0600 by default; a stale socket is replaced, a live one refused).
     Unix(PathBuf),
     /// A TCP host and port.
     Inet {
@@ -355,14 +357,15 @@ pub struct NbdServer {
 
 impl NbdServer {
     /// Listens on `addr` and serves `exports`; at most `max_connections`
-    /// clients at once (0: [`DEFAULT_MAX_CONNECTIONS`]). The error is
-    /// worded for QMP.
+    /// clients at once (0: [`DEFAULT_MAX_CONNECTIONS`]). A unix socket
+    /// gets `socket`'s mode and group. The error is worded for QMP.
     pub fn start(
         addr: &Address,
         exports: Arc<Exports>,
         max_connections: u32,
+        socket: &SocketOptions,
     ) -> Result<NbdServer, String> {
-        NbdServer::start_with(addr, exports, max_connections, Timeouts::default())
+        NbdServer::start_with(addr, exports, max_connections, Timeouts::default(), socket)
     }
 
     /// As [`NbdServer::start`], with other time-outs.
@@ -371,10 +374,11 @@ impl NbdServer {
         exports: Arc<Exports>,
         max_connections: u32,
         timeouts: Timeouts,
+        socket: &SocketOptions,
     ) -> Result<NbdServer, String> {
         let (listener, unix_path) = match addr {
             Address::Unix(path) => {
-                let l = crate::qmp::server::bind_private(path)
+                let l = crate::unix_socket::bind(path, socket)
                     .map_err(|e| format!("Failed to bind socket to {}: {e}", path.display()))?;
                 (Listener::Unix(l), Some(path.clone()))
             }

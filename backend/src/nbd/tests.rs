@@ -10,6 +10,7 @@ use super::source::{Allocation, ExportSource, SourceError};
 use super::transmission::{serve, TimedRead};
 use crate::dirty::{DirtyTracker, TrackerConfig};
 use crate::qmp::{DirtyBitmaps, EventBus};
+use crate::unix_socket::SocketOptions;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -620,8 +621,14 @@ fn refused_writes_skip_their_payload_and_past_the_end_is_enospc() {
 /// A server on a fresh unix socket path.
 fn server(tag: &str, exports: &Arc<Exports>, timeouts: Timeouts) -> (NbdServer, PathBuf) {
     let path = std::env::temp_dir().join(format!("vubd-nbd-unit-{tag}-{}", std::process::id()));
-    let s =
-        NbdServer::start_with(&Address::Unix(path.clone()), exports.clone(), 0, timeouts).unwrap();
+    let s = NbdServer::start_with(
+        &Address::Unix(path.clone()),
+        exports.clone(),
+        0,
+        timeouts,
+        &SocketOptions::default(),
+    )
+    .unwrap();
     (s, path)
 }
 

@@ -1,4 +1,4 @@
-//! The QMP transport: a unix socket (mode 0600) serving several clients at
+//! The QMP transport: a unix socket (mode 0600 unless configured) serving several clients at
 //! once, one reader thread and one writer thread per client.
 //!
 //! Every message to a client (greeting, replies, events) goes through one
@@ -16,11 +16,11 @@
 use super::dispatch::{Dispatcher, Session};
 use super::events::{Delivery, Event, Sink, SubscriptionId};
 use super::json::{to_wire, Splitter, DEFAULT_MAX_MESSAGE};
+use crate::unix_socket::{self, SocketError, SocketOptions};
 use serde_json::json;
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::Shutdown;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -33,17 +33,12 @@ use std::time::{Duration, Instant};
 /// Errors starting the server.
 #[derive(Debug, thiserror::Error)]
 pub enum QmpServerError {
-    /// The path exists and is not a socket; it is not ours to replace.
-    #[error("{0} exists and is not a socket")]
-    PathInUse(PathBuf),
-    /// Creating, binding or publishing the socket failed.
-    #[error("cannot listen on {path}: {source}")]
-    Listen {
-        /// The socket path.
-        path: PathBuf,
-        /// The cause.
-        source: std::io::Error,
-    },
+    /// Creating the socket failed (or its path is taken).
+    #[error(transparent)]
+    Socket(#[from] SocketError),
+    /// The accept thread could not be started.
+    #[error("cannot start the QMP accept thread: {0}")]
+    Thread(std::io::Error),
 }
 
 /// Tunables of the server.
@@ -60,6 +55,8 @@ pub struct ServerConfig {
     pub write_timeout: Duration,
     /// How long [`QmpServer::shutdown`] waits for clients to drain.
     pub drain_timeout: Duration,
+    /// Mode and group of the socket.
+    pub socket: SocketOptions,
 }
 
 impl Default for ServerConfig {
@@ -70,6 +67,7 @@ impl Default for ServerConfig {
             queue_len: 4096,
             write_timeout: Duration::from_secs(30),
             drain_timeout: Duration::from_secs(2),
+            socket: SocketOptions::default(),
         }
     }
 }
@@ -121,37 +119,6 @@ impl std::fmt::Debug for QmpServer {
     }
 }
 
-/// Binds `path` with mode 0600 from the first instant: the socket is
-/// created under a temporary name, restricted, then renamed into place, so
-/// no other user can connect through `path` in between. A stale socket at
-/// `path` is replaced (as QEMU does); any other file is refused.
-pub(crate) fn bind_private(path: &Path) -> Result<UnixListener, QmpServerError> {
-    let listen_err = |source| QmpServerError::Listen {
-        path: path.to_path_buf(),
-        source,
-    };
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => {
-            std::fs::remove_file(path).map_err(listen_err)?;
-        }
-        Ok(_) => return Err(QmpServerError::PathInUse(path.to_path_buf())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(listen_err(e)),
-    }
-    let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
-    tmp_name.push(format!(".tmp-{}", std::process::id()));
-    let tmp = path.with_file_name(tmp_name);
-    let _ = std::fs::remove_file(&tmp);
-    let listener = UnixListener::bind(&tmp).map_err(listen_err)?;
-    let publish = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
-        .and_then(|()| std::fs::rename(&tmp, path));
-    if let Err(e) = publish {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(listen_err(e));
-    }
-    Ok(listener)
-}
-
 impl QmpServer {
     /// Listens on `path` and serves `dispatcher` there until shut down.
     pub fn start(
@@ -159,7 +126,7 @@ impl QmpServer {
         dispatcher: Arc<Dispatcher>,
         config: ServerConfig,
     ) -> Result<QmpServer, QmpServerError> {
-        let listener = Arc::new(bind_private(path)?);
+        let listener = Arc::new(unix_socket::bind(path, &config.socket)?);
         let shared = Arc::new(Shared {
             dispatcher,
             config,
@@ -171,10 +138,7 @@ impl QmpServer {
         let accept_thread = std::thread::Builder::new()
             .name("qmp-accept".into())
             .spawn(move || accept_loop(&l, &s))
-            .map_err(|source| QmpServerError::Listen {
-                path: path.to_path_buf(),
-                source,
-            })?;
+            .map_err(QmpServerError::Thread)?;
         log::info!("QMP monitor listening on {}", path.display());
         Ok(QmpServer {
             path: path.to_path_buf(),
