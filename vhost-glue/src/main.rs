@@ -11,6 +11,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 use vhost_glue::config_space::AioEngine;
 use vhost_glue::management::{DaemonContext, ShutdownReason, HOLD_FIRST_TIMEOUT};
+use vhost_glue::seccomp;
 use vhost_glue::server::{bind_socket, Server};
 use vhost_glue::DeviceConfig;
 use vubd_backend::dirty::{sidecar_path, DirtyTracker, FileStore, MetaStore, TrackerConfig};
@@ -86,6 +87,12 @@ struct Options {
     /// the switch left beside it.
     #[arg(long)]
     allow_stale_image: bool,
+    /// seccomp filters, one allow-list per kind of thread: a forbidden
+    /// system call kills vubd (`trap`: after naming the thread and the
+    /// call on stderr; `kill`: silently), `log` only logs it (kernel audit
+    /// log), `none` turns the filters off.
+    #[arg(long, value_enum, value_name = "MODE", default_value_t = seccomp::Mode::Trap)]
+    seccomp: seccomp::Mode,
 }
 
 /// Values of --aio.
@@ -182,6 +189,9 @@ fn check_pivot_marker(image: &std::path::Path, allow: bool) -> Result<bool> {
 }
 
 fn run(mut opts: Options) -> Result<()> {
+    // Before the first thread starts: the block layer's threads confine
+    // themselves as they start.
+    seccomp::install(opts.seccomp)?;
     // Management queries report where the image really is.
     opts.image = std::fs::canonicalize(&opts.image)
         .with_context(|| format!("cannot open image {}", opts.image.display()))?;
@@ -281,6 +291,7 @@ fn run(mut opts: Options) -> Result<()> {
     std::thread::Builder::new()
         .name("vubd-signals".into())
         .spawn(move || {
+            seccomp::enter(seccomp::Kind::Main);
             for _ in signals.forever() {
                 let _ = signal_tx.send(ShutdownReason::Signal);
             }
@@ -390,6 +401,7 @@ fn run(mut opts: Options) -> Result<()> {
     let shutdown_thread = std::thread::Builder::new()
         .name("vubd-shutdown".into())
         .spawn(move || {
+            seccomp::enter(seccomp::Kind::Main);
             let Ok(reason) = shutdown_rx.recv() else {
                 return;
             };
@@ -430,6 +442,7 @@ fn run(mut opts: Options) -> Result<()> {
         opts.queues,
         opts.socket.display()
     );
+    seccomp::enter(seccomp::Kind::Main);
     server.run()?;
     // The server returns once a shutdown has begun, possibly as soon as a
     // frontend leaves; returning from main now would end the process before

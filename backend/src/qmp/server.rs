@@ -165,7 +165,10 @@ impl QmpServer {
         let (l, s) = (listener.clone(), shared.clone());
         let accept_thread = std::thread::Builder::new()
             .name("qmp-accept".into())
-            .spawn(move || accept_loop(&l, &s))
+            .spawn(move || {
+                crate::thread_kind::started(crate::thread_kind::ThreadKind::Qmp);
+                accept_loop(&l, &s)
+            })
             .map_err(|source| QmpServerError::Listen {
                 path: path.to_path_buf(),
                 source,
@@ -318,7 +321,10 @@ fn accept_loop(listener: &UnixListener, shared: &Arc<Shared>) {
         let s = shared.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("qmp-client-{id}"))
-            .spawn(move || serve_client(stream, &s));
+            .spawn(move || {
+                crate::thread_kind::started(crate::thread_kind::ThreadKind::Qmp);
+                serve_client(stream, &s)
+            });
         match spawned {
             Ok(t) => {
                 let thread_id = Some(t.thread().id());
@@ -360,7 +366,10 @@ fn serve_client(stream: UnixStream, shared: &Shared) {
             let _ = w.set_write_timeout(Some(shared.config.write_timeout));
             std::thread::Builder::new()
                 .name("qmp-writer".into())
-                .spawn(move || writer_loop(w, rx))
+                .spawn(move || {
+                    crate::thread_kind::started(crate::thread_kind::ThreadKind::Qmp);
+                    writer_loop(w, rx)
+                })
         }
         Err(e) => Err(e),
     };
