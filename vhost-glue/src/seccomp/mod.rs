@@ -234,7 +234,7 @@ extern "C" fn sigsys_handler(
             .cast::<i32>()
             .read_unaligned()
     };
-    let kind = CONFINED.with(Cell::get).map_or("unconfined", Kind::name);
+    let kind = CONFINED.with(Cell::get).map_or("inherited", Kind::name);
     let mut thread_name = [0u8; 16];
     // SAFETY: prctl(PR_GET_NAME) writes at most 16 bytes.
     let got = unsafe { libc::prctl(libc::PR_GET_NAME, thread_name.as_mut_ptr()) } == 0;
@@ -246,9 +246,9 @@ extern "C" fn sigsys_handler(
     let mut msg = Message::default();
     msg.push(b"vubd: seccomp: thread '");
     msg.push(&thread_name[..name_len]);
-    msg.push(b"' (");
+    msg.push(b"' (filter: ");
     msg.push(kind.as_bytes());
-    msg.push(b" filter) made forbidden system call ");
+    msg.push(b") made forbidden system call ");
     msg.push_number(nr);
     msg.push(b"; --seccomp log lets it pass and logs it\n");
     // SAFETY: write and raise are async-signal-safe.

@@ -62,7 +62,7 @@ fn queue_filter_kills_a_forbidden_socket_with_a_message() {
     assert_eq!(status.signal(), Some(libc::SIGSYS), "{status:?}: {stderr}");
     assert!(
         stderr.contains(&format!(
-            "(queue filter) made forbidden system call {}",
+            "(filter: queue) made forbidden system call {}",
             libc::SYS_socket
         )),
         "{stderr}"
