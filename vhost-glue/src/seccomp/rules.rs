@@ -91,6 +91,8 @@ fn common(r: &mut Rules) {
         SYS_prctl,
         SYS_set_robust_list,
         SYS_rseq,
+        // A wait interrupted by a stop signal (SIGSTOP/SIGCONT) resumes.
+        SYS_restart_syscall,
         // Waiting on eventfds and sockets with timeouts.
         SYS_poll,
         SYS_ppoll,
@@ -146,9 +148,21 @@ fn disk_io(r: &mut Rules) {
     ]);
 }
 
-/// Queue workers: guest I/O on already open files; no open, no socket.
+/// Reopening existing files, never creating or truncating one: the
+/// bitmap sidecar the first write after a bitmap's creation marks, the
+/// CPU count std reads from /proc and /sys.
+fn reopen(r: &mut Rules) {
+    r.allow_arg(
+        SYS_openat,
+        2,
+        &[(O_RDONLY | O_CLOEXEC) as u64, (O_RDWR | O_CLOEXEC) as u64],
+    );
+}
+
+/// Queue workers: guest I/O on open files; no socket, no new file.
 fn queue(r: &mut Rules) {
     disk_io(r);
+    reopen(r);
     // The mirror's dirty-chunk notifications and the gate's wake-ups.
     r.allow(&[SYS_pipe2, SYS_msync]);
 }
@@ -223,6 +237,7 @@ fn qmp(r: &mut Rules) {
 /// NBD server: sockets and reads of open images.
 fn nbd(r: &mut Rules) {
     disk_io(r);
+    reopen(r);
     sockets(r);
 }
 
