@@ -1,6 +1,6 @@
 //! `--seccomp`: each mode is accepted and the daemon serves guest I/O
-//! under it (the default, `trap`, confines every thread); an unknown
-//! mode is refused. The filters themselves meet the kernel in
+//! under it, with every thread confined (by default too) or, with `none`,
+//! none; an unknown mode is refused. The filters themselves meet the kernel in
 //! vhost-glue's `seccomp::tests` (a forbidden call kills with a message).
 
 use anyhow::{ensure, Result};
@@ -23,12 +23,39 @@ fn serves_with(tag: &str, extra: &[&str]) -> Result<()> {
     c.flush()?;
     ensure!(c.read(4096, data.len())? == data, "read back differs");
     c.discard(0, MIB)?;
+    let modes = filter_modes(d.pid())?;
     drop(c);
     ensure!(
         d.try_wait()?.is_none(),
         "vubd exited under --seccomp {extra:?}"
     );
+    let want = if extra.contains(&"none") { 0 } else { 2 };
+    ensure!(
+        modes.iter().all(|(_, m)| *m == want),
+        "--seccomp {extra:?}: threads' seccomp modes {modes:?}, want {want} (2 = filter)"
+    );
     Ok(())
+}
+
+/// Each thread's name and seccomp mode (0 none, 2 filter) from /proc.
+fn filter_modes(pid: u32) -> Result<Vec<(String, u32)>> {
+    let mut modes = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let status = std::fs::read_to_string(task?.path().join("status"))?;
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.trim().to_string())
+        };
+        let mode = field("Seccomp:").and_then(|v| v.parse().ok());
+        let Some(mode) = mode else {
+            anyhow::bail!("no Seccomp field in {status}");
+        };
+        modes.push((field("Name:").unwrap_or_default(), mode));
+    }
+    ensure!(modes.len() >= 3, "only threads {modes:?}");
+    Ok(modes)
 }
 
 #[test]
