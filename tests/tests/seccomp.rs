@@ -64,6 +64,11 @@ fn default_mode_serves_io() -> Result<()> {
 }
 
 #[test]
+fn sync_engine_serves_io_confined() -> Result<()> {
+    serves_with("seccomp-sync", &["--aio", "sync", "--queues", "2"])
+}
+
+#[test]
 fn every_mode_is_accepted() -> Result<()> {
     for mode in ["trap", "kill", "log", "none"] {
         serves_with(&format!("seccomp-{mode}"), &["--seccomp", mode])?;

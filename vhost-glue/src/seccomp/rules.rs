@@ -113,9 +113,9 @@ fn common(r: &mut Rules) {
         SYS_ioctl,
         1,
         &[
-            FIONBIO as u64,
-            FIOCLEX as u64,
-            TCGETS as u64,
+            FIONBIO,
+            FIOCLEX,
+            TCGETS,
             0x1268,      // BLKSSZGET
             0x127b,      // BLKPBSZGET
             0x8008_1272, // BLKGETSIZE64
