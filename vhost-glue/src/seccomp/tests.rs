@@ -33,6 +33,8 @@ fn child_case() {
     };
     let mode = if case.ends_with("-log") {
         Mode::Log
+    } else if case.ends_with("-kill") {
+        Mode::Kill
     } else {
         Mode::Trap
     };
@@ -91,6 +93,15 @@ fn queue_filter_kills_a_forbidden_socket_with_a_message() {
         )),
         "{stderr}"
     );
+    assert!(!stderr.contains("netlink socket returned"), "{stderr}");
+}
+
+#[test]
+fn kill_mode_kills_without_a_handler() {
+    let (status, stderr) = run_child("socket-kill");
+    assert!(stderr.contains("allowed calls passed"), "{stderr}");
+    assert_eq!(status.signal(), Some(libc::SIGSYS), "{status:?}: {stderr}");
+    assert!(!stderr.contains("forbidden system call"), "{stderr}");
     assert!(!stderr.contains("netlink socket returned"), "{stderr}");
 }
 
