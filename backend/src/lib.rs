@@ -16,6 +16,7 @@ pub mod lock;
 pub mod mirror;
 pub mod nbd;
 pub mod qmp;
+pub mod thread_kind;
 pub mod unix_socket;
 
 pub use disk::{Disk, DiskError, WriteHook, WriteOp};

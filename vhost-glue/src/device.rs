@@ -1093,6 +1093,8 @@ impl VhostUserBackend for BlockDevice {
     ) -> io::Result<()> {
         // Whichever of the thread's queues was kicked, the worker looks at
         // all of them: they share its engine.
+        // vhost-user-backend starts these threads: confine them here.
+        crate::seccomp::enter_once(crate::seccomp::Kind::Queue);
         if self.memory_refused.load(Ordering::Acquire) {
             return Ok(());
         }

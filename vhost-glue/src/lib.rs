@@ -7,6 +7,7 @@ pub mod config_space;
 pub mod device;
 pub mod management;
 pub mod request;
+pub mod seccomp;
 pub mod server;
 
 pub use config_space::DeviceConfig;

@@ -11,6 +11,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 use vhost_glue::config_space::AioEngine;
 use vhost_glue::management::{DaemonContext, ShutdownReason, HOLD_FIRST_TIMEOUT};
+use vhost_glue::seccomp;
 use vhost_glue::server::{bind_socket, Server};
 use vhost_glue::DeviceConfig;
 use vubd_backend::dirty::{sidecar_path, DirtyTracker, FileStore, MetaStore, TrackerConfig};
@@ -104,6 +105,12 @@ struct Options {
     /// --socket-mode 0660). vubd must be root or a member of it.
     #[arg(long, value_name = "NAME|GID", value_parser = vubd_backend::unix_socket::parse_group)]
     socket_group: Option<libc::gid_t>,
+    /// seccomp filters, one allow-list per kind of thread: a forbidden
+    /// system call kills vubd (`trap`: after naming the thread and the
+    /// call on stderr; `kill`: silently), `log` only logs it (kernel audit
+    /// log), `none` turns the filters off.
+    #[arg(long, value_enum, value_name = "MODE", default_value_t = seccomp::Mode::Trap)]
+    seccomp: seccomp::Mode,
 }
 
 /// Values of --aio.
@@ -200,6 +207,9 @@ fn check_pivot_marker(image: &std::path::Path, allow: bool) -> Result<bool> {
 }
 
 fn run(mut opts: Options) -> Result<()> {
+    // Before the first thread starts: the block layer's threads confine
+    // themselves as they start.
+    seccomp::install(opts.seccomp)?;
     // Management queries report where the image really is.
     opts.image = std::fs::canonicalize(&opts.image)
         .with_context(|| format!("cannot open image {}", opts.image.display()))?;
@@ -303,6 +313,7 @@ fn run(mut opts: Options) -> Result<()> {
     std::thread::Builder::new()
         .name("vubd-signals".into())
         .spawn(move || {
+            seccomp::enter(seccomp::Kind::Main);
             for _ in signals.forever() {
                 let _ = signal_tx.send(ShutdownReason::Signal);
             }
@@ -417,6 +428,7 @@ fn run(mut opts: Options) -> Result<()> {
     let shutdown_thread = std::thread::Builder::new()
         .name("vubd-shutdown".into())
         .spawn(move || {
+            seccomp::enter(seccomp::Kind::Main);
             let Ok(reason) = shutdown_rx.recv() else {
                 return;
             };
@@ -457,6 +469,7 @@ fn run(mut opts: Options) -> Result<()> {
         opts.queues,
         opts.socket.display()
     );
+    seccomp::enter(seccomp::Kind::Main);
     server.run()?;
     // The server returns once a shutdown has begun, possibly as soon as a
     // frontend leaves; returning from main now would end the process before

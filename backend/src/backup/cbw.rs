@@ -256,7 +256,10 @@ impl Copiers {
         let me = self.clone();
         let spawned = std::thread::Builder::new()
             .name("vubd-cbw".into())
-            .spawn(move || me.run(cbw));
+            .spawn(move || {
+                crate::thread_kind::started(crate::thread_kind::ThreadKind::Job);
+                me.run(cbw)
+            });
         if let Err(e) = spawned {
             q.threads -= 1;
             if q.threads == 0 {

@@ -535,7 +535,10 @@ impl DirtyTracker {
         let inner = self.inner.clone();
         let handle = std::thread::Builder::new()
             .name("vubd-bitmaps".into())
-            .spawn(move || background(inner))
+            .spawn(move || {
+                crate::thread_kind::started(crate::thread_kind::ThreadKind::BitmapWriter);
+                background(inner)
+            })
             .map_err(|e| DirtyError::io("starting the bitmap write-out thread", e))?;
         *slot = Some(handle);
         Ok(())

@@ -510,7 +510,10 @@ impl Job {
         let thread_job = job.clone();
         std::thread::Builder::new()
             .name(format!("job-{}", self.id))
-            .spawn(move || thread_job.thread_main())
+            .spawn(move || {
+                crate::thread_kind::started(crate::thread_kind::ThreadKind::Job);
+                thread_job.thread_main()
+            })
             .map(|_| ())
             .map_err(|e| {
                 // Could not start: behave as a job that failed at once.

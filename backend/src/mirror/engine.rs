@@ -303,7 +303,10 @@ impl Engine {
             let (s, rx, tx) = (state.clone(), task_rx.clone(), done_tx.clone());
             let handle = std::thread::Builder::new()
                 .name(format!("mirror-copy-{i}"))
-                .spawn(move || worker(s, rx, tx, buf, unmap))
+                .spawn(move || {
+                    crate::thread_kind::started(crate::thread_kind::ThreadKind::Job);
+                    worker(s, rx, tx, buf, unmap)
+                })
                 .map_err(|e| format!("cannot start a copy thread: {e}"))?;
             workers.push(handle);
         }

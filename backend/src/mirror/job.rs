@@ -511,8 +511,10 @@ impl JobDriver for MirrorJob {
             let stop2 = stop.clone();
             match std::thread::Builder::new()
                 .name(format!("mirror-sync-{}", ctx.id()))
-                .spawn(move || keep_sync_loop(engine, stop2))
-            {
+                .spawn(move || {
+                    crate::thread_kind::started(crate::thread_kind::ThreadKind::Job);
+                    keep_sync_loop(engine, stop2)
+                }) {
                 Ok(thread) => *lock(&self.keep_sync) = Some(KeepSync { stop, thread }),
                 Err(e) => return Err(format!("cannot start the keep-sync thread: {e}")),
             }

@@ -410,7 +410,10 @@ impl NbdServer {
         let (s, l) = (shared.clone(), listener.clone());
         let accept = std::thread::Builder::new()
             .name("vubd-nbd-accept".into())
-            .spawn(move || accept_loop(&l, &s))
+            .spawn(move || {
+                crate::thread_kind::started(crate::thread_kind::ThreadKind::Nbd);
+                accept_loop(&l, &s)
+            })
             .map_err(|e| format!("cannot start the NBD server: {e}"))?;
         Ok(NbdServer {
             shared,
@@ -505,6 +508,7 @@ fn accept_loop(listener: &Listener, shared: &Arc<Shared>) {
         let spawned = std::thread::Builder::new()
             .name("vubd-nbd-client".into())
             .spawn(move || {
+                crate::thread_kind::started(crate::thread_kind::ThreadKind::Nbd);
                 if let Err(e) = client(&s, id, stream) {
                     log::info!("NBD client {id}: {e}");
                 }

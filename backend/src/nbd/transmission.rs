@@ -335,7 +335,10 @@ impl<'a, W: Write + Send> Pipeline<'a, W> {
         if start {
             let spawned = std::thread::Builder::new()
                 .name("vubd-nbd-io".into())
-                .spawn_scoped(s, || self.work());
+                .spawn_scoped(s, || {
+                    crate::thread_kind::started(crate::thread_kind::ThreadKind::Nbd);
+                    self.work()
+                });
             if let Err(e) = spawned {
                 let mut f = self.flow();
                 f.workers -= 1;

@@ -137,7 +137,10 @@ impl QmpServer {
         let (l, s) = (listener.clone(), shared.clone());
         let accept_thread = std::thread::Builder::new()
             .name("qmp-accept".into())
-            .spawn(move || accept_loop(&l, &s))
+            .spawn(move || {
+                crate::thread_kind::started(crate::thread_kind::ThreadKind::Qmp);
+                accept_loop(&l, &s)
+            })
             .map_err(QmpServerError::Thread)?;
         log::info!("QMP monitor listening on {}", path.display());
         Ok(QmpServer {
@@ -289,6 +292,7 @@ fn accept_loop(listener: &UnixListener, shared: &Arc<Shared>) {
             .name(format!("qmp-client-{id}"))
             .stack_size(CLIENT_STACK)
             .spawn(move || {
+                crate::thread_kind::started(crate::thread_kind::ThreadKind::Qmp);
                 serve_client(stream, &s);
                 // Give back the descriptor and handle kept for shutdown now,
                 // not at the next connection: a burst of clients that all
@@ -337,7 +341,10 @@ fn serve_client(stream: UnixStream, shared: &Shared) {
             let _ = w.set_write_timeout(Some(shared.config.write_timeout));
             std::thread::Builder::new()
                 .name("qmp-writer".into())
-                .spawn(move || writer_loop(w, rx))
+                .spawn(move || {
+                    crate::thread_kind::started(crate::thread_kind::ThreadKind::Qmp);
+                    writer_loop(w, rx)
+                })
         }
         Err(e) => Err(e),
     };
