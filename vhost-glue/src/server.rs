@@ -3,6 +3,7 @@
 
 use crate::config_space::DeviceConfig;
 use crate::device::BlockDevice;
+use crate::inflight::proxy;
 use log::{debug, info, warn};
 use std::io;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -70,7 +71,7 @@ pub fn bind_socket(path: &Path) -> Result<UnixListener, ServerError> {
 
 /// Serves frontends on a socket, one session after another.
 pub struct Server {
-    listener: Listener,
+    listener: UnixListener,
     disk: Arc<Disk>,
     cfg: DeviceConfig,
     stopping: Arc<AtomicBool>,
@@ -104,7 +105,7 @@ impl Server {
     /// A server for `disk` on an already bound `listener`.
     pub fn new(listener: UnixListener, disk: Arc<Disk>, cfg: DeviceConfig) -> Server {
         Server {
-            listener: Listener::from(listener),
+            listener,
             disk,
             cfg,
             stopping: Arc::new(AtomicBool::new(false)),
@@ -124,18 +125,38 @@ impl Server {
     /// ending (guest shutdown, VMM crash) is normal: the next one is accepted.
     pub fn run(&mut self) -> Result<(), ServerError> {
         while !self.stopping.load(Ordering::Acquire) {
-            let device = Arc::new(BlockDevice::new(
-                self.disk.clone(),
-                self.cfg.clone(),
-                self.stopping.clone(),
-            ));
+            let slot = Arc::new(proxy::Slot::default());
+            let device = Arc::new(
+                BlockDevice::new(self.disk.clone(), self.cfg.clone(), self.stopping.clone())
+                    .with_inflight(slot.clone()),
+            );
             let memory = GuestMemoryAtomic::new(GuestMemoryMmap::new());
             let mut daemon = VhostUserDaemon::new("vubd-vhost".into(), device.clone(), memory)
                 .map_err(|e| ServerError::Vhost(e.to_string()))?;
-            if let Err(e) = daemon.start(&mut self.listener) {
-                warn!("accepting a frontend failed: {e}");
-                continue;
-            }
+            let frontend = match self.listener.accept() {
+                Ok((frontend, _)) => frontend,
+                Err(e) => {
+                    warn!("accepting a frontend failed: {e}");
+                    continue;
+                }
+            };
+            // The library serves our end of a private socket; the relay
+            // between it and the frontend adds inflight tracking.
+            let relays = match proxy::private_pair().and_then(|(inner, ours)| {
+                let relays = proxy::spawn(frontend, ours, slot)?;
+                Ok((inner, relays))
+            }) {
+                Ok((inner, relays)) => {
+                    if let Err(e) = daemon.start(&mut Listener::from(inner)) {
+                        warn!("starting a session failed: {e}");
+                    }
+                    relays
+                }
+                Err(e) => {
+                    warn!("cannot relay the frontend's session: {e}");
+                    continue;
+                }
+            };
             info!("frontend connected");
             *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(device);
             match daemon.wait() {
@@ -149,6 +170,9 @@ impl Server {
             *self.current.lock().unwrap_or_else(|p| p.into_inner()) = None;
             // Dropping the daemon stops and joins this session's queue threads.
             drop(daemon);
+            for relay in relays {
+                let _ = relay.join();
+            }
             debug!("session cleaned up");
         }
         Ok(())

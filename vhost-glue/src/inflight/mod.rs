@@ -10,6 +10,8 @@
 //! after a restart the backend first resubmits the heads still in flight in
 //! fetch order, then continues at used index + in-flight count.
 
+pub mod proxy;
+pub mod queues;
 pub mod region;
 
 use region::Region;
