@@ -52,7 +52,7 @@ use crate::config_space::{AioEngine, DeviceConfig};
 use crate::inflight::proxy::Slot;
 use crate::inflight::queues::Tracking;
 use crate::request::{Completion, GuestBuf, GuestMemoryMmap, Prepared, RequestParser, Zeroes};
-use log::{debug, warn};
+use log::{debug, trace, warn};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -111,6 +111,8 @@ struct Pending {
     data_len: u32,
     /// The guest memory snapshot its buffers point into.
     mem: PinId,
+    /// Submission order within the worker (set by `Slab::insert`).
+    seq: u64,
 }
 
 /// A DISCARD or WRITE_ZEROES too large for one go, done a step per round
@@ -142,10 +144,17 @@ impl Zeroing {
 struct Slab {
     entries: Vec<Option<Pending>>,
     free: Vec<usize>,
+    /// Requests submitted so far, and the latest of them completed: a
+    /// completion behind it came out of order (traced under `vubd::reorder`,
+    /// which the restart test counts).
+    submitted: u64,
+    latest_done: u64,
 }
 
 impl Slab {
-    fn insert(&mut self, p: Pending) -> usize {
+    fn insert(&mut self, mut p: Pending) -> usize {
+        self.submitted += 1;
+        p.seq = self.submitted;
         match self.free.pop() {
             Some(i) => {
                 self.entries[i] = Some(p);
@@ -161,6 +170,10 @@ impl Slab {
     fn remove(&mut self, i: usize) -> Option<Pending> {
         let p = self.entries.get_mut(i)?.take()?;
         self.free.push(i);
+        if p.seq < self.latest_done {
+            trace!(target: "vubd::reorder", "request {} completed after {}", p.seq, self.latest_done);
+        }
+        self.latest_done = self.latest_done.max(p.seq);
         Some(p)
     }
 }
@@ -775,6 +788,7 @@ impl BlockDevice {
                 status,
                 data_len,
                 mem: pin,
+                seq: 0,
             }) as u64;
             match prepared {
                 // SAFETY: the buffers point into the guest memory snapshot

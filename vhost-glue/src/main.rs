@@ -86,6 +86,11 @@ struct Options {
     /// the switch left beside it.
     #[arg(long)]
     allow_stale_image: bool,
+    /// Do not offer in-flight request tracking (INFLIGHT_SHMFD) to the
+    /// frontend. Without it, a restart while the disk completes requests out
+    /// of order can repeat or lose guest requests: for diagnosis only.
+    #[arg(long)]
+    no_inflight: bool,
 }
 
 /// Values of --aio.
@@ -273,6 +278,9 @@ fn run(mut opts: Options) -> Result<()> {
     };
     let listener = bind_socket(&opts.socket)?;
     let mut server = Server::new(listener, disk.clone(), cfg);
+    if opts.no_inflight {
+        server.offer_inflight(false);
+    }
 
     // Every way of stopping (signals, QMP quit) ends up in one handler.
     let (shutdown_tx, shutdown_rx) = mpsc::channel::<ShutdownReason>();

@@ -76,6 +76,7 @@ pub struct Server {
     cfg: DeviceConfig,
     stopping: Arc<AtomicBool>,
     current: Arc<Mutex<Option<Arc<BlockDevice>>>>,
+    offer_inflight: bool,
 }
 
 /// Lets another thread stop the server cleanly.
@@ -110,7 +111,13 @@ impl Server {
             cfg,
             stopping: Arc::new(AtomicBool::new(false)),
             current: Arc::new(Mutex::new(None)),
+            offer_inflight: true,
         }
+    }
+
+    /// Whether to offer in-flight tracking (INFLIGHT_SHMFD; on by default).
+    pub fn offer_inflight(&mut self, on: bool) {
+        self.offer_inflight = on;
     }
 
     /// A handle to stop the server from a signal thread.
@@ -143,7 +150,7 @@ impl Server {
             // The library serves our end of a private socket; the relay
             // between it and the frontend adds inflight tracking.
             let relays = match proxy::private_pair().and_then(|(inner, ours)| {
-                let relays = proxy::spawn(frontend, ours, slot)?;
+                let relays = proxy::spawn(frontend, ours, slot, self.offer_inflight)?;
                 Ok((inner, relays))
             }) {
                 Ok((inner, relays)) => {

@@ -76,11 +76,12 @@ pub fn private_pair() -> io::Result<(UnixListener, UnixStream)> {
 }
 
 /// Relays one session between `frontend` and `library` until either side
-/// closes; returns the two relay threads.
+/// closes, offering INFLIGHT_SHMFD if `offer`; returns the two relay threads.
 pub fn spawn(
     frontend: UnixStream,
     library: UnixStream,
     slot: Arc<Slot>,
+    offer: bool,
 ) -> io::Result<[JoinHandle<()>; 2]> {
     let front_out = Arc::new(Mutex::new(frontend.try_clone()?));
     let (front_in, lib_in, lib_out) = (frontend, library.try_clone()?, library);
@@ -97,7 +98,7 @@ pub fn spawn(
     let down = std::thread::Builder::new()
         .name("vubd-vu-out".into())
         .spawn(move || {
-            if let Err(e) = relay_replies(&lib_in, &replies_out) {
+            if let Err(e) = relay_replies(&lib_in, &replies_out, offer) {
                 debug!("library relay ended: {e}");
             }
             let _ = lib_in.shutdown(std::net::Shutdown::Both);
@@ -205,10 +206,10 @@ fn relay_requests(
     }
 }
 
-fn relay_replies(lib: &UnixStream, front_out: &Mutex<UnixStream>) -> io::Result<()> {
+fn relay_replies(lib: &UnixStream, front_out: &Mutex<UnixStream>, offer: bool) -> io::Result<()> {
     loop {
         let mut msg = Message::read(lib)?;
-        if msg.request == GET_PROTOCOL_FEATURES && msg.flags & REPLY != 0 {
+        if offer && msg.request == GET_PROTOCOL_FEATURES && msg.flags & REPLY != 0 {
             if let Ok(bytes) = <[u8; 8]>::try_from(&msg.payload[..]) {
                 let features =
                     u64::from_le_bytes(bytes) | VhostUserProtocolFeatures::INFLIGHT_SHMFD.bits();
