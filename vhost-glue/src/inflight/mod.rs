@@ -50,9 +50,7 @@ impl QueueTracker {
     /// the region's used index behind the ring's: that head (the last
     /// batch head) has completed and is not resubmitted.
     pub fn start(&mut self, guest_used_idx: u16) -> Option<u16> {
-        let Some(q) = self.region.queue(self.queue) else {
-            return None;
-        };
+        let q = self.region.queue(self.queue)?;
         self.resubmit.clear();
         if q.version() == 0 {
             q.init(guest_used_idx);

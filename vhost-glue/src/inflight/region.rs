@@ -120,7 +120,7 @@ impl Region {
         let need = (queue_stride(queue_size) * usize::from(num_queues)) as u64;
         let file_len = file.metadata()?.len();
         let fits = mmap_size >= need
-            && mmap_offset % page_size() == 0
+            && mmap_offset.is_multiple_of(page_size())
             && mmap_offset
                 .checked_add(mmap_size)
                 .is_some_and(|end| end <= file_len);
