@@ -294,7 +294,8 @@ impl RawFrontend {
         let wanted = VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD;
         let protocol_features = offered & wanted;
         fe.set_protocol_features(protocol_features)
             .context("SET_PROTOCOL_FEATURES")?;

@@ -49,8 +49,10 @@
 //! until they complete.
 
 use crate::config_space::{AioEngine, DeviceConfig};
+use crate::inflight::proxy::Slot;
+use crate::inflight::queues::Tracking;
 use crate::request::{Completion, GuestBuf, GuestMemoryMmap, Prepared, RequestParser, Zeroes};
-use log::{debug, warn};
+use log::{debug, trace, warn};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -58,7 +60,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringMutex, VringStateMutGuard, VringT};
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -109,6 +111,8 @@ struct Pending {
     data_len: u32,
     /// The guest memory snapshot its buffers point into.
     mem: PinId,
+    /// Submission order within the worker (set by `Slab::insert`).
+    seq: u64,
 }
 
 /// A DISCARD or WRITE_ZEROES too large for one go, done a step per round
@@ -140,10 +144,17 @@ impl Zeroing {
 struct Slab {
     entries: Vec<Option<Pending>>,
     free: Vec<usize>,
+    /// Requests submitted so far, and the latest of them completed: a
+    /// completion behind it came out of order (traced under `vubd::reorder`,
+    /// which the restart test counts).
+    submitted: u64,
+    latest_done: u64,
 }
 
 impl Slab {
-    fn insert(&mut self, p: Pending) -> usize {
+    fn insert(&mut self, mut p: Pending) -> usize {
+        self.submitted += 1;
+        p.seq = self.submitted;
         match self.free.pop() {
             Some(i) => {
                 self.entries[i] = Some(p);
@@ -159,6 +170,10 @@ impl Slab {
     fn remove(&mut self, i: usize) -> Option<Pending> {
         let p = self.entries.get_mut(i)?.take()?;
         self.free.push(i);
+        if p.seq < self.latest_done {
+            trace!(target: "vubd::reorder", "request {} completed after {}", p.seq, self.latest_done);
+        }
+        self.latest_done = self.latest_done.max(p.seq);
         Some(p)
     }
 }
@@ -219,6 +234,8 @@ pub struct BlockDevice {
     /// the end of its file, or in a file it may still shrink, would kill us
     /// with SIGBUS): serve nothing more in this session.
     memory_refused: AtomicBool,
+    /// In-flight requests recorded for a restarted vubd (INFLIGHT_SHMFD).
+    tracking: Tracking,
 }
 
 impl BlockDevice {
@@ -243,6 +260,7 @@ impl BlockDevice {
         // A new session starts from the default, not from the write cache
         // mode the previous guest left.
         disk.set_writeback(DeviceConfig::default_writeback(cfg.features()));
+        let tracking = Tracking::new(Arc::default(), usize::from(cfg.num_queues));
         BlockDevice {
             disk,
             cfg,
@@ -251,8 +269,16 @@ impl BlockDevice {
             mem: Mutex::new(None),
             memory_refused: AtomicBool::new(false),
             event_idx: AtomicBool::new(false),
+            tracking,
             stopping,
         }
+    }
+
+    /// The device, tracking requests in flight in the region the frontend
+    /// installs in `slot` (see `inflight`).
+    pub fn with_inflight(self, slot: Arc<Slot>) -> BlockDevice {
+        let tracking = Tracking::new(slot, usize::from(self.cfg.num_queues));
+        BlockDevice { tracking, ..self }
     }
 
     fn worker(&self, thread: usize) -> Option<MutexGuard<'_, Worker>> {
@@ -358,7 +384,11 @@ impl BlockDevice {
             if let Some((pos, head, done)) = step_zeroing(&mut worker.zeroing, &self.disk) {
                 if let Some(state) = states.get_mut(pos) {
                     let mem = atomic.memory();
-                    if let Err(e) = state.get_queue_mut().add_used(&*mem, head, done.used_len) {
+                    let queue = state.get_queue_mut();
+                    if let Err(e) =
+                        self.tracking
+                            .put_used(indices[pos], queue, &mem, head, done.used_len)
+                    {
                         warn!(
                             "queue {}: cannot complete request {head}: {e}",
                             indices[pos]
@@ -434,7 +464,10 @@ impl BlockDevice {
                 return Drain::Empty;
             }
             // Count the requests first, then load the memory map for them.
-            let Some(count) = available(state.get_queue(), &atomic.memory()) else {
+            let Some(count) =
+                self.tracking
+                    .available(index, state.get_queue_mut(), &atomic.memory())
+            else {
                 debug!("queue {index}: ring not ready or avail index corrupted");
                 return Drain::Unusable;
             };
@@ -442,6 +475,7 @@ impl BlockDevice {
                 return Drain::Empty;
             }
             let mem = atomic.memory();
+            let snapshot = mem.clone().into_inner();
             for _ in 0..count {
                 if self.stopping.load(Ordering::Acquire) {
                     return Drain::Empty;
@@ -449,8 +483,8 @@ impl BlockDevice {
                 let Some(request_batch) = gate.try_enter() else {
                     return Drain::Paused;
                 };
-                let chain = match state.get_queue_mut().iter(&*mem) {
-                    Ok(mut avail) => avail.next(),
+                let chain = match self.tracking.pop(index, state.get_queue_mut(), &snapshot) {
+                    Ok(chain) => chain,
                     Err(e) => {
                         debug!("queue {index}: {e}");
                         return Drain::Unusable;
@@ -467,13 +501,17 @@ impl BlockDevice {
                         head,
                         status,
                         job,
-                        _mem: mem.clone().into_inner(),
+                        _mem: snapshot.clone(),
                     });
                     batch.get_or_insert(request_batch);
                     continue;
                 }
                 let done = parser.run(prepared, &self.disk);
-                if let Err(e) = state.get_queue_mut().add_used(&*mem, head, done.used_len) {
+                let queue = state.get_queue_mut();
+                if let Err(e) = self
+                    .tracking
+                    .put_used(index, queue, &mem, head, done.used_len)
+                {
                     warn!("queue {index}: cannot complete request {head}: {e}");
                     continue;
                 }
@@ -542,7 +580,9 @@ impl BlockDevice {
             // on them are in flight.
             let current = atomic.memory();
             for q in queues.iter_mut() {
-                q.count = available(q.state.get_queue(), &current);
+                q.count = self
+                    .tracking
+                    .available(q.index, q.state.get_queue_mut(), &current);
             }
             drop(current);
             let current = atomic.memory();
@@ -697,8 +737,8 @@ impl BlockDevice {
         // Requests the engine runs inline (a memory-backed or non-async
         // image) take their time here: look at the gate before each one.
         while engine.has_room() && taken < usize::from(count) && !disk.gate().is_paused() {
-            let chain = match queue.iter(mem) {
-                Ok(mut avail) => avail.next(),
+            let chain = match self.tracking.pop(index, queue, snapshot) {
+                Ok(chain) => chain,
                 Err(e) => {
                     debug!("queue {index}: {e}");
                     return (taken, finished, false);
@@ -731,7 +771,7 @@ impl BlockDevice {
             let (status, data_len) = match prepared {
                 Prepared::Done(done) => {
                     finished += 1;
-                    complete(index, queue, mem, head, done);
+                    complete(&self.tracking, index, queue, mem, head, done);
                     continue;
                 }
                 Prepared::Read { status, len, .. } => (status, len),
@@ -748,6 +788,7 @@ impl BlockDevice {
                 status,
                 data_len,
                 mem: pin,
+                seq: 0,
             }) as u64;
             match prepared {
                 // SAFETY: the buffers point into the guest memory snapshot
@@ -785,7 +826,14 @@ impl BlockDevice {
             return;
         };
         if let Some(q) = queues.get_mut(queue) {
-            complete(q.index, q.state.get_queue_mut(), mem, head, done);
+            complete(
+                &self.tracking,
+                q.index,
+                q.state.get_queue_mut(),
+                mem,
+                head,
+                done,
+            );
             q.finished += 1;
         }
     }
@@ -809,7 +857,8 @@ impl BlockDevice {
             let done = RequestParser::finish(p.status, result, p.data_len);
             snapshots.unpin(p.mem);
             if let Some(q) = queues.get_mut(p.queue) {
-                complete(q.index, q.state.get_queue_mut(), mem, p.head, done);
+                let queue = q.state.get_queue_mut();
+                complete(&self.tracking, q.index, queue, mem, p.head, done);
                 q.finished += 1;
             }
         });
@@ -852,18 +901,6 @@ type WorkerParts<'a> = (
     &'a mut Pins<Arc<GuestMemoryMmap>>,
 );
 
-/// Requests the driver has made available and we have not taken; None if
-/// the ring is unusable (not ready, or an avail index further ahead than
-/// the ring holds: a corrupted ring).
-fn available(queue: &Queue, mem: &GuestMemoryMmap) -> Option<u16> {
-    if !queue.ready() {
-        return None;
-    }
-    let idx = queue.avail_idx(mem, Ordering::Acquire).ok()?;
-    let count = idx.0.wrapping_sub(queue.next_avail());
-    (count <= queue.size()).then_some(count)
-}
-
 /// Does one step of the zeroing whose turn it is; when that was its last,
 /// removes it and returns its (queue position, head, completion).
 fn step_zeroing(zeroing: &mut Vec<Zeroing>, disk: &Disk) -> Option<(usize, u16, Completion)> {
@@ -877,8 +914,15 @@ fn step_zeroing(zeroing: &mut Vec<Zeroing>, disk: &Disk) -> Option<(usize, u16, 
 }
 
 /// Puts a finished request in the used ring.
-fn complete(index: usize, queue: &mut Queue, mem: &GuestMemoryMmap, head: u16, done: Completion) {
-    if let Err(e) = queue.add_used(mem, head, done.used_len) {
+fn complete(
+    tracking: &Tracking,
+    index: usize,
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    head: u16,
+    done: Completion,
+) {
+    if let Err(e) = tracking.put_used(index, queue, mem, head, done.used_len) {
         warn!("queue {index}: cannot complete request {head}: {e}");
     }
 }

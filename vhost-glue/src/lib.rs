@@ -5,6 +5,7 @@
 
 pub mod config_space;
 pub mod device;
+pub mod inflight;
 pub mod management;
 pub mod request;
 pub mod seccomp;

@@ -111,6 +111,11 @@ struct Options {
     /// log), `none` turns the filters off.
     #[arg(long, value_enum, value_name = "MODE", default_value_t = seccomp::Mode::Trap)]
     seccomp: seccomp::Mode,
+    /// Do not offer in-flight request tracking (INFLIGHT_SHMFD) to the
+    /// frontend. Without it, a restart while the disk completes requests out
+    /// of order can repeat or lose guest requests: for diagnosis only.
+    #[arg(long)]
+    no_inflight: bool,
 }
 
 /// Values of --aio.
@@ -305,6 +310,9 @@ fn run(mut opts: Options) -> Result<()> {
     };
     let listener = bind_socket(&opts.socket, &socket_opts)?;
     let mut server = Server::new(listener, disk.clone(), cfg);
+    if opts.no_inflight {
+        server.offer_inflight(false);
+    }
 
     // Every way of stopping (signals, QMP quit) ends up in one handler.
     let (shutdown_tx, shutdown_rx) = mpsc::channel::<ShutdownReason>();

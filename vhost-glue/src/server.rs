@@ -3,6 +3,7 @@
 
 use crate::config_space::DeviceConfig;
 use crate::device::BlockDevice;
+use crate::inflight::proxy;
 use log::{debug, info, warn};
 use std::os::unix::net::UnixListener;
 use std::path::Path;
@@ -33,11 +34,12 @@ pub fn bind_socket(path: &Path, opts: &SocketOptions) -> Result<UnixListener, Se
 
 /// Serves frontends on a socket, one session after another.
 pub struct Server {
-    listener: Listener,
+    listener: UnixListener,
     disk: Arc<Disk>,
     cfg: DeviceConfig,
     stopping: Arc<AtomicBool>,
     current: Arc<Mutex<Option<Arc<BlockDevice>>>>,
+    offer_inflight: bool,
 }
 
 /// Lets another thread stop the server cleanly.
@@ -67,12 +69,18 @@ impl Server {
     /// A server for `disk` on an already bound `listener`.
     pub fn new(listener: UnixListener, disk: Arc<Disk>, cfg: DeviceConfig) -> Server {
         Server {
-            listener: Listener::from(listener),
+            listener,
             disk,
             cfg,
             stopping: Arc::new(AtomicBool::new(false)),
             current: Arc::new(Mutex::new(None)),
+            offer_inflight: true,
         }
+    }
+
+    /// Whether to offer in-flight tracking (INFLIGHT_SHMFD; on by default).
+    pub fn offer_inflight(&mut self, on: bool) {
+        self.offer_inflight = on;
     }
 
     /// A handle to stop the server from a signal thread.
@@ -87,18 +95,38 @@ impl Server {
     /// ending (guest shutdown, VMM crash) is normal: the next one is accepted.
     pub fn run(&mut self) -> Result<(), ServerError> {
         while !self.stopping.load(Ordering::Acquire) {
-            let device = Arc::new(BlockDevice::new(
-                self.disk.clone(),
-                self.cfg.clone(),
-                self.stopping.clone(),
-            ));
+            let slot = Arc::new(proxy::Slot::default());
+            let device = Arc::new(
+                BlockDevice::new(self.disk.clone(), self.cfg.clone(), self.stopping.clone())
+                    .with_inflight(slot.clone()),
+            );
             let memory = GuestMemoryAtomic::new(GuestMemoryMmap::new());
             let mut daemon = VhostUserDaemon::new("vubd-vhost".into(), device.clone(), memory)
                 .map_err(|e| ServerError::Vhost(e.to_string()))?;
-            if let Err(e) = daemon.start(&mut self.listener) {
-                warn!("accepting a frontend failed: {e}");
-                continue;
-            }
+            let frontend = match self.listener.accept() {
+                Ok((frontend, _)) => frontend,
+                Err(e) => {
+                    warn!("accepting a frontend failed: {e}");
+                    continue;
+                }
+            };
+            // The library serves our end of a private socket; the relay
+            // between it and the frontend adds inflight tracking.
+            let relays = match proxy::private_pair().and_then(|(inner, ours)| {
+                let relays = proxy::spawn(frontend, ours, slot, self.offer_inflight)?;
+                Ok((inner, relays))
+            }) {
+                Ok((inner, relays)) => {
+                    if let Err(e) = daemon.start(&mut Listener::from(inner)) {
+                        warn!("starting a session failed: {e}");
+                    }
+                    relays
+                }
+                Err(e) => {
+                    warn!("cannot relay the frontend's session: {e}");
+                    continue;
+                }
+            };
             info!("frontend connected");
             *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(device);
             match daemon.wait() {
@@ -112,6 +140,9 @@ impl Server {
             *self.current.lock().unwrap_or_else(|p| p.into_inner()) = None;
             // Dropping the daemon stops and joins this session's queue threads.
             drop(daemon);
+            for relay in relays {
+                let _ = relay.join();
+            }
             debug!("session cleaned up");
         }
         Ok(())
