@@ -80,12 +80,24 @@ fn qsd_dest(dir: &Path, t: Transport) -> Result<Dest> {
     let image = dir.join("dst.img");
     std::fs::File::create(&image)?.set_len(SIZE)?;
     let (server, _, uri) = address(dir, t)?;
-    let addr = match t {
-        Transport::Unix => format!(
+    Ok(Dest {
+        _qsd: Some(qsd_export(dir, &image, &server)?),
+        _vubd: None,
+        image,
+        server,
+        uri,
+    })
+}
+
+/// Starts qemu-storage-daemon exporting `image` as "e" at `server` (the
+/// image is kept: this also restarts a destination).
+fn qsd_export(dir: &Path, image: &Path, server: &Value) -> Result<Daemon> {
+    let addr = match server["type"].as_str() {
+        Some("unix") => format!(
             "addr.type=unix,addr.path={}",
             server["path"].as_str().context("path")?
         ),
-        Transport::Tcp => format!(
+        _ => format!(
             "addr.type=inet,addr.host=127.0.0.1,addr.port={}",
             server["port"].as_str().context("port")?
         ),
@@ -100,14 +112,7 @@ fn qsd_dest(dir: &Path, t: Transport) -> Result<Dest> {
         .arg(addr)
         .arg("--export")
         .arg("type=nbd,id=x,node-name=d,name=e,writable=on");
-    let daemon = Daemon::spawn(cmd, &dir.join("qsd.sock"), "qemu-storage-daemon")?;
-    Ok(Dest {
-        _qsd: Some(daemon),
-        _vubd: None,
-        image,
-        server,
-        uri,
-    })
+    Daemon::spawn(cmd, &dir.join("qsd.sock"), "qemu-storage-daemon")
 }
 
 /// A second vubd exporting its (empty) disk as "e", writable.
@@ -191,15 +196,7 @@ fn mirror_onto(
             )?;
         }
     }
-    let mut ready = false;
-    for _ in 0..6 {
-        if q.wait_event("BLOCK_JOB_READY", T / 6, |_| true).is_ok() {
-            ready = true;
-            break;
-        }
-        eprintln!("job: {}", q.ok("query-block-jobs", json!({}))?);
-    }
-    ensure!(ready, "no READY");
+    q.wait_event("BLOCK_JOB_READY", T, |_| true)?;
     load.wait_requests(100, T)?;
     if pivot {
         q.ok("job-complete", json!({"id": "m"}))?;
@@ -278,4 +275,107 @@ fn blockdev_mirror_to_vubd_export_cancel_after_ready() -> Result<()> {
 #[test]
 fn drive_mirror_to_vubd_export_by_uri_then_pivot() -> Result<()> {
     mirror_onto("nbdm-vubd-uri", vubd_dest, Transport::Unix, Via::Uri, true)
+}
+
+/// What happens to the destination while the mirror runs.
+#[derive(Clone, Copy, PartialEq)]
+enum Outage {
+    /// Killed and restarted within `reconnect-delay`.
+    Short,
+    /// Down for longer; `on-target-error=report`.
+    LongReport,
+    /// Down for longer; `on-target-error=stop`, restarted, `job-resume`.
+    LongStop,
+}
+
+/// Kills the qsd destination in the middle of the copy (the job is slowed
+/// by `speed` so that it is), and checks what the job and the guest see.
+fn destination_outage(tag: &str, outage: Outage) -> Result<()> {
+    let dir = ScratchDir::new_in("/dev/shm", tag)?;
+    let (sdir, ddir) = (dir.join("src"), dir.join("dst"));
+    std::fs::create_dir(&sdir)?;
+    std::fs::create_dir(&ddir)?;
+    let src = sdir.join("src.img");
+    let model = make_image(&src, SIZE, 1)?;
+    let mut dest = qsd_dest(&ddir, Transport::Unix)?;
+    let d = MirrorDaemon::start(&sdir, &src, &[])?;
+    let mut q: QmpClient = d.qmp()?;
+    let load = WriteLoad::start(d.client()?, model, load_cfg())?;
+    let delay = if outage == Outage::Short { 30 } else { 1 };
+    q.ok(
+        "blockdev-add",
+        json!({"driver": "nbd", "node-name": "remote", "server": dest.server,
+               "export": "e", "reconnect-delay": delay}),
+    )?;
+    let policy = if outage == Outage::LongStop {
+        "stop"
+    } else {
+        "report"
+    };
+    q.ok(
+        "blockdev-mirror",
+        json!({"device": "disk0", "target": "remote", "sync": "full", "job-id": "m",
+               "speed": 4 * MIB, "on-target-error": policy}),
+    )?;
+    // Mid-copy: some bytes done, most not.
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let job = q.ok("query-block-jobs", json!({}))?;
+        if job[0]["offset"].as_u64().unwrap_or(0) > 0 {
+            break;
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "the job copies nothing: {job}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut qsd = dest._qsd.take().context("qsd")?;
+    qsd.kill();
+    drop(qsd);
+    q.ok("block-job-set-speed", json!({"device": "m", "speed": 0}))?;
+    match outage {
+        Outage::Short => {
+            std::thread::sleep(Duration::from_millis(500));
+            dest._qsd = Some(qsd_export(&ddir, &dest.image, &dest.server)?);
+        }
+        Outage::LongReport => {
+            let ev = q.wait_event("BLOCK_JOB_COMPLETED", T, |_| true)?;
+            ensure!(ev["data"]["error"].is_string(), "no error: {ev}");
+            load.wait_requests(100, T)?;
+            load.stop().context("the guest saw an error")?;
+            return Ok(());
+        }
+        Outage::LongStop => {
+            q.wait_event("BLOCK_JOB_ERROR", T, |d| d["action"] == "stop")?;
+            q.wait_event("JOB_STATUS_CHANGE", T, |d| d["status"] == "paused")?;
+            dest._qsd = Some(qsd_export(&ddir, &dest.image, &dest.server)?);
+            // The outage has outlasted the delay: the client reconnects
+            // in the background; resume once it has.
+            std::thread::sleep(Duration::from_secs(2));
+            q.ok("job-resume", json!({"id": "m"}))?;
+        }
+    }
+    q.wait_event("BLOCK_JOB_READY", T, |_| true)?;
+    load.wait_requests(100, T)?;
+    let report = load.stop().context("the guest saw an error")?;
+    q.ok("block-job-cancel", json!({"device": "m"}))?;
+    let ev = q.wait_event("BLOCK_JOB_COMPLETED", T, |_| true)?;
+    ensure!(ev["data"].get("error").is_none(), "{ev}");
+    compare(&dest.image, &report.model)
+}
+
+#[test]
+fn destination_restarted_within_reconnect_delay_is_invisible() -> Result<()> {
+    destination_outage("nbdm-short", Outage::Short)
+}
+
+#[test]
+fn destination_down_longer_ends_the_job_with_report() -> Result<()> {
+    destination_outage("nbdm-report", Outage::LongReport)
+}
+
+#[test]
+fn destination_down_longer_pauses_the_job_with_stop_and_resumes() -> Result<()> {
+    destination_outage("nbdm-stop", Outage::LongStop)
 }
