@@ -504,6 +504,8 @@ impl Shared {
     fn read_one(&self, r: &mut Stream) -> Result<(), ReadErr> {
         let mut magic = [0u8; 4];
         r.read_exact(&mut magic)?;
+        // Quick ack is reset by the kernel; renewed for every reply.
+        r.quickack();
         match be32(&magic) {
             SIMPLE_REPLY_MAGIC => {
                 let mut h = [0u8; 12];
