@@ -200,7 +200,7 @@ mod tests {
 
     #[test]
     fn drive_mirror_target_names() {
-        let t = |s: &str| parse_target(s).map(|r| r.map(|s| (s.addr.uri(&s.export))));
+        let t = |s: &str| parse_target(s).map(|r| r.map(|s| s.addr.uri(&s.export)));
         assert_eq!(t("/var/x.img"), None);
         assert_eq!(
             t("nbd://127.0.0.1:1234/e").unwrap().unwrap(),
