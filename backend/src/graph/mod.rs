@@ -10,10 +10,12 @@
 //! - [`registry`]: the nodes of one daemon, with QEMU's refusals;
 //! - [`qmp`]: `blockdev-add`, `blockdev-del`, `query-named-block-nodes`;
 //! - [`cbw`]: copy-before-write filters a client adds over the disk;
-//! - [`export`]: the nodes as NBD export sources.
+//! - [`export`]: the nodes as NBD export sources;
+//! - [`nbd`]: nodes on remote NBD exports (`driver=nbd`).
 
 pub mod cbw;
 pub mod export;
+pub mod nbd;
 pub mod node;
 pub mod qmp;
 pub mod registry;

@@ -18,6 +18,8 @@ pub enum Driver {
     CopyBeforeWrite,
     /// The point-in-time view of a copy-before-write filter.
     SnapshotAccess,
+    /// A remote NBD export.
+    Nbd,
 }
 
 impl Driver {
@@ -28,6 +30,7 @@ impl Driver {
             Driver::Raw => "raw",
             Driver::CopyBeforeWrite => "copy-before-write",
             Driver::SnapshotAccess => "snapshot-access",
+            Driver::Nbd => "nbd",
         }
     }
 }

@@ -105,9 +105,9 @@ fn parse_common(args: &mut Args) -> Result<Common, QmpError> {
     if dz.is_some_and(|d| d != "off") {
         return Err(QmpError::generic("vubd does not support detect-zeroes"));
     }
-    if !["file", "raw", "snapshot-access", "copy-before-write"].contains(&driver.as_str()) {
+    if !["file", "raw", "snapshot-access", "copy-before-write", "nbd"].contains(&driver.as_str()) {
         return Err(QmpError::generic(format!(
-            "vubd supports the block drivers 'file', 'raw', 'copy-before-write' and 'snapshot-access' only, not '{driver}'"
+            "vubd supports the block drivers 'file', 'raw', 'nbd', 'copy-before-write' and 'snapshot-access' only, not '{driver}'"
         )));
     }
     Ok(Common {
@@ -162,6 +162,8 @@ enum Variant {
     SnapshotAccess(String),
     /// A copy-before-write filter over the disk's node.
     Cbw(cbw::CbwSpec),
+    /// A remote NBD export.
+    Nbd(super::nbd::NbdSpec),
 }
 
 fn parse_raw(args: &mut Args) -> Result<ChildRef, QmpError> {
@@ -264,6 +266,7 @@ fn blockdev_add(
         "file" => Variant::File(parse_file(&mut args)?),
         "raw" => Variant::Raw(parse_raw(&mut args)?),
         "copy-before-write" => Variant::Cbw(cbw::parse(&mut args)?),
+        "nbd" => Variant::Nbd(super::nbd::parse(&mut args)?),
         _ => {
             let path = args.path("file");
             match args.required("file")? {
@@ -316,6 +319,11 @@ fn blockdev_add(
             let node = Node::new(&name, Driver::SnapshotAccess, image, options, Some(c), true)
                 .with_filter(filter);
             graph.add(node, None).map_err(err)?;
+        }
+        Variant::Nbd(spec) => {
+            graph
+                .add(super::nbd::open(&name, &spec, common.read_only)?, None)
+                .map_err(err)?;
         }
         Variant::File(spec) => {
             graph
@@ -373,7 +381,8 @@ fn node_info(node: &Node) -> Value {
         driver: node.driver().name(),
         file: image.path(),
         size: image.size(),
-        allocated: Some(image.allocated_bytes()),
+        // QEMU does not know what an NBD export has allocated.
+        allocated: (node.driver() != Driver::Nbd).then(|| image.allocated_bytes()),
         read_only: node.options().read_only,
         writeback: true,
         direct: node.options().direct,

@@ -291,8 +291,14 @@ impl Engine {
         let cpus = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(2);
-        let max_in_flight =
-            ((buf_size / extent_bytes).max(1) as usize).min(super::MAX_WORKERS.min(cpus.max(2)));
+        // A target without a plain file (an NBD export) is bound by round
+        // trips, not by our CPUs: more copies in flight keep its link full.
+        let workers = if state.target.async_fd(&[]).is_none() {
+            super::MAX_REMOTE_WORKERS
+        } else {
+            super::MAX_WORKERS.min(cpus.max(2))
+        };
+        let max_in_flight = ((buf_size / extent_bytes).max(1) as usize).min(workers);
         let (task_tx, task_rx) = channel::<Task>();
         let task_rx = Arc::new(Mutex::new(task_rx));
         let (done_tx, done_rx) = channel::<Done>();

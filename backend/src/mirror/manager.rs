@@ -348,6 +348,13 @@ impl MirrorManager {
 
     fn open_target(&self, req: &MirrorRequest) -> Result<Arc<dyn Image>, QmpError> {
         let size = self.disk.size();
+        if let Some(spec) = req
+            .target
+            .to_str()
+            .and_then(crate::graph::nbd::parse_target)
+        {
+            return self.open_nbd_target(req, &spec?, size);
+        }
         // Absolute, so that after a pivot the disk's image path (beside
         // which sidecars and markers go) does not depend on our cwd.
         let path = &canonical(&req.target);
@@ -411,6 +418,29 @@ impl MirrorManager {
             return lock_target(image);
         }
         lock_target(image)
+    }
+
+    /// A `drive-mirror` target named by an NBD URI: the export must exist
+    /// (libvirt's `mode: existing`) and be the disk's size.
+    fn open_nbd_target(
+        &self,
+        req: &MirrorRequest,
+        spec: &crate::graph::nbd::NbdSpec,
+        size: u64,
+    ) -> Result<Arc<dyn Image>, QmpError> {
+        if req.mode == TargetMode::Create {
+            return Err(generic(
+                "vubd mirrors onto an NBD export with mode 'existing' only",
+            ));
+        }
+        let node = crate::graph::nbd::open("#nbd-target", spec, false)?;
+        if node.options().read_only {
+            return Err(generic("Block node is read-only"));
+        }
+        if node.image().size() != size {
+            return Err(generic("Source and target image have different sizes"));
+        }
+        Ok(node.image().clone())
     }
 
     /// Starts a mirror (QEMU's checks in QEMU's order, QEMU's messages).

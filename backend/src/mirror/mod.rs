@@ -41,6 +41,8 @@ pub const DEFAULT_BUF_SIZE: u64 = 16 << 20;
 pub const MAX_EXTENT: u64 = 4 << 20;
 /// Copy workers (copies in flight at most).
 pub const MAX_WORKERS: usize = 4;
+/// Most copy workers for a target reached over the network (NBD).
+pub const MAX_REMOTE_WORKERS: usize = 16;
 
 /// Errors of the mirror that are not QMP argument errors.
 #[derive(Debug, thiserror::Error)]

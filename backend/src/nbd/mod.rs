@@ -12,6 +12,7 @@
 //! - [`source`]: [`ExportSource`], what an export reads and writes;
 //! - [`qmp`]: the QMP commands (`nbd-server-start`, `block-export-add`, ...).
 
+pub mod client;
 pub mod export;
 pub mod handshake;
 pub mod proto;
