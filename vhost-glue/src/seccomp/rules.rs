@@ -83,6 +83,10 @@ fn common(r: &mut Rules) {
         SYS_exit_group,
         SYS_getpid,
         SYS_gettid,
+        SYS_getuid,
+        SYS_geteuid,
+        SYS_getgid,
+        SYS_getegid,
         SYS_tgkill,
         SYS_clock_gettime,
         SYS_clock_nanosleep,
@@ -159,10 +163,26 @@ fn reopen(r: &mut Rules) {
     );
 }
 
-/// Queue workers: guest I/O on open files; no socket, no new file.
+/// Traffic on sockets opened elsewhere: the NBD client's connection that
+/// a job copies onto, or that serves the guest after a pivot onto an NBD
+/// node (its reader thread, started by QMP, connects and reconnects).
+fn socket_io(r: &mut Rules) {
+    r.allow(&[
+        SYS_sendto,
+        SYS_sendmsg,
+        SYS_recvfrom,
+        SYS_recvmsg,
+        SYS_shutdown,
+        SYS_getsockopt,
+    ]);
+}
+
+/// Queue workers: guest I/O on open files and NBD connections; no new
+/// socket, no new file.
 fn queue(r: &mut Rules) {
     disk_io(r);
     reopen(r);
+    socket_io(r);
     // The mirror's dirty-chunk notifications and the gate's wake-ups.
     r.allow(&[SYS_pipe2, SYS_msync]);
 }
@@ -190,12 +210,18 @@ fn files(r: &mut Rules) {
         SYS_msync,
         SYS_pipe2,
         SYS_fchmod,
+        // Private directories: a socket's before it is renamed into
+        // place, the vhost-user relay's.
+        SYS_mkdir,
+        SYS_mkdirat,
+        SYS_rmdir,
     ]);
 }
 
 /// Block jobs: copy between open images, create and replace files.
 fn job(r: &mut Rules) {
     files(r);
+    socket_io(r);
 }
 
 /// Sockets of the given families only: no netlink, no packet sockets.
