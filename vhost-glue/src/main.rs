@@ -229,7 +229,7 @@ fn run(mut opts: Options) -> Result<()> {
     // A guest's disk, as QEMU's own devices lock one: QEMU, qemu-img and
     // another vubd see the image is in use.
     let (take, share) = vubd_backend::lock::guest_disk_perms(opts.readonly);
-    image.lock(take, share).with_context(|| {
+    lock_image_waiting(&image, take, share).with_context(|| {
         format!(
             "cannot use image {}: is another process using it?",
             opts.image.display()
@@ -485,6 +485,30 @@ fn run(mut opts: Options) -> Result<()> {
     // shutdown thread finishes those and exits the process itself.
     let _ = shutdown_thread.join();
     Ok(())
+}
+
+/// How long a start waits for the image's locks: after a kill -9 the dead
+/// vubd's io_uring lets go of the file a moment after the process is gone,
+/// and a supervisor restarts at once.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Locks the image, retrying a conflict for up to [`LOCK_WAIT`].
+fn lock_image_waiting(
+    image: &RawImage,
+    take: vubd_backend::lock::Perms,
+    share: vubd_backend::lock::Perms,
+) -> Result<(), vubd_backend::lock::LockError> {
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        match image.lock(take, share) {
+            Err(vubd_backend::lock::LockError::Conflict { .. })
+                if std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
 }
 
 fn main() {
