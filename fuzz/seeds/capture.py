@@ -53,8 +53,8 @@ class Qmp:
         json.loads(self.f.readline())
         self.cmd("qmp_capabilities")
 
-    def cmd(self, name, **args):
-        msg = {"execute": name}
+    def cmd(self, command, **args):
+        msg = {"execute": command}
         if args:
             msg["arguments"] = args
         data = json.dumps(msg).encode() + b"\n"
@@ -62,6 +62,8 @@ class Qmp:
         self.s.sendall(data)
         while True:
             reply = json.loads(self.f.readline())
+            if "error" in reply:
+                print(command, reply, flush=True)
             if "event" not in reply:
                 return reply
 
@@ -122,9 +124,9 @@ def nbd_seeds(tmp, vubd_nbd):
     ls = proxy(px, vubd_nbd, streams)
     uri = "nbd+unix:///disk0?socket=" + px
     runs = [
-        ("qemu-io-rw", ["qemu-io", "-f", "raw", uri, "-c", "write -P 0x55 0 64k",
+        ("qemu-io-rw", ["qemu-io", "-f", "raw", uri, "-c", "write -P 0x55 0 16k",
                         "-c", "write -z 1M 64k", "-c", "discard 2M 64k",
-                        "-c", "read -P 0x55 0 64k", "-c", "flush"]),
+                        "-c", "read -P 0x55 0 16k", "-c", "flush"]),
         ("qemu-img-map", ["qemu-img", "map", "--output=json", "-f", "raw", uri]),
         ("qemu-img-bitmap", ["qemu-img", "map", "--output=json", "--image-opts",
                              "driver=nbd,export=disk0,server.type=unix,server.path=" + px
@@ -136,7 +138,7 @@ def nbd_seeds(tmp, vubd_nbd):
                         os.path.join(tmp, "small.raw"), uri]),
     ]
     with open(os.path.join(tmp, "small.raw"), "wb") as f:
-        f.write(b"\x33" * 65536 + b"\0" * 65536 + b"\x44" * 4096)
+        f.write(b"\x33" * 8192 + b"\0" * 65536 + b"\x44" * 4096)
         f.truncate(DISK)
     for name, cmd in runs:
         before = len(streams)
@@ -156,6 +158,7 @@ def nbd_seeds(tmp, vubd_nbd):
 def main():
     faulthandler.dump_traceback_later(90, exit=True)
     tmp = tempfile.mkdtemp(prefix="vubd-seeds-", dir="/dev/shm")
+    d = None
     try:
         image = os.path.join(tmp, "disk.img")
         with open(image, "wb") as f:
@@ -164,7 +167,7 @@ def main():
         nbd_path = os.path.join(tmp, "nbd.sock")
         args = [VUBD, "--socket", os.path.join(tmp, "vhost.sock"), "--image", image,
                 "--qmp", qmp_path, "--bitmap-flush-interval", "3600"]
-        d = subprocess.Popen(args)
+        d = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(qmp_path)
         q = Qmp(qmp_path)
         q.cmd("query-block")
@@ -172,11 +175,14 @@ def main():
         q.cmd("block-dirty-bitmap-add", node="disk0", name="b1", granularity=4096,
               persistent=True, disabled=True)
         q.cmd("block-dirty-bitmap-add", node="disk0", name="tmp")
-        q.cmd("nbd-server-start", addr={"type": "unix", "path": nbd_path})
+        q.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": nbd_path}})
         q.cmd("block-export-add", type="nbd", id="e0", **{"node-name": "disk0"},
               name="disk0", writable=True, bitmaps=["b0"], **{"allocation-depth": True})
         nbd_seeds(tmp, nbd_path)
         q.cmd("x-debug-block-dirty-bitmap-sha256", node="disk0", name="b0")
+        q.cmd("query-named-block-nodes", flat=True)
+        q.cmd("block-export-del", id="e0")
+        q.cmd("nbd-server-stop")
         q.cmd("transaction", actions=[
             {"type": "block-dirty-bitmap-add", "data": {"node": "disk0", "name": "b2",
                                                        "persistent": True}},
@@ -186,9 +192,6 @@ def main():
         q.cmd("block-dirty-bitmap-disable", node="disk0", name="b2")
         q.cmd("block-dirty-bitmap-enable", node="disk0", name="b2")
         q.cmd("block-dirty-bitmap-remove", node="disk0", name="tmp")
-        q.cmd("query-named-block-nodes", flat=True)
-        q.cmd("block-export-del", id="e0")
-        q.cmd("nbd-server-stop")
         # A mirror slow enough to be under way when the daemon is killed.
         target = os.path.join(tmp, "target.img")
         q.cmd("drive-mirror", device="disk0", target=target, sync="full",
@@ -207,7 +210,9 @@ def main():
         with open(image + ".vubd-bitmaps", "rb") as f:
             save("bitmap_sidecar", "killed", f.read())
         # Clean stop (quit) after the recovery.
-        d = subprocess.Popen(args)
+        os.unlink(qmp_path)
+        os.unlink(os.path.join(tmp, "vhost.sock"))
+        d = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(qmp_path)
         q = Qmp(qmp_path)
         q.cmd("quit")
@@ -215,6 +220,9 @@ def main():
         with open(image + ".vubd-bitmaps", "rb") as f:
             save("bitmap_sidecar", "clean", f.read())
     finally:
+        if d is not None and d.poll() is None:
+            d.kill()
+            d.wait()
         shutil.rmtree(tmp, ignore_errors=True)
 
 
