@@ -22,3 +22,6 @@ cargo test --release --workspace --no-fail-fast
 VUBD_TEST_AIO=sync cargo test --release -p tests --test frontend
 VUBD_TEST_DIRECT=1 cargo test --release -p tests --test frontend
 VUBD_TEST_BACKEND=qsd cargo test --release -p tests --test frontend
+
+# Each fuzz target for a short fixed time from its seed corpus.
+ci/fuzz.sh

@@ -435,6 +435,23 @@ pub fn to_wire(value: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A number with more digits than an f64 holds is rounded correctly
+    /// (as QEMU's strtod does), so that what `to_wire` writes reads back
+    /// as the same value (found by the qmp_json fuzz target).
+    #[test]
+    fn long_numbers_round_correctly_and_survive_to_wire() {
+        let digits = "2".repeat(115);
+        let mut out = Vec::new();
+        Splitter::default().feed(format!("{digits} ").as_bytes(), &mut out);
+        let Some(Frame::Value(v)) = out.first() else {
+            panic!("no value: {out:?}");
+        };
+        let exact: f64 = digits.parse().expect("std parses it");
+        assert_eq!(v.as_f64(), Some(exact));
+        let back: Value = serde_json::from_str(&to_wire(v)).expect("valid JSON");
+        assert_eq!(&back, v);
+    }
     use serde_json::json;
 
     fn split(chunks: &[&[u8]]) -> Vec<Frame> {
