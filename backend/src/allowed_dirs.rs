@@ -14,7 +14,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -165,6 +165,23 @@ impl AllowedDirs {
         }
         Ok(file)
     }
+}
+
+/// Opens `path` under the installed policy; with none installed (a
+/// library use), with the same flags but anywhere.
+pub fn open(path: &Path, access: Access, extra: i32) -> Result<File, PolicyError> {
+    if let Some(p) = AllowedDirs::installed() {
+        return p.open(path, access, extra);
+    }
+    let mut oo = std::fs::OpenOptions::new();
+    oo.read(true).write(access != Access::Read);
+    oo.custom_flags(extra | libc::O_NOFOLLOW);
+    match access {
+        Access::Create { or_existing: true } => oo.create(true),
+        Access::Create { or_existing: false } => oo.create_new(true),
+        _ => &mut oo,
+    };
+    Ok(oo.open(path)?)
 }
 
 /// `openat2(dir, rest, flags)` resolving beneath `dir`.
