@@ -107,7 +107,13 @@ fn serve(path: &Path, mem: &Arc<Mem>) -> NbdServer {
         bitmaps: Vec::new(),
         release: None,
     });
-    NbdServer::start(&Address::Unix(path.to_path_buf()), exports, 0).unwrap()
+    NbdServer::start(
+        &Address::Unix(path.to_path_buf()),
+        exports,
+        0,
+        &crate::unix_socket::SocketOptions::default(),
+    )
+    .unwrap()
 }
 
 fn opts(path: &Path, delay: u64) -> ClientOptions {
