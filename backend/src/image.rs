@@ -251,21 +251,6 @@ impl RawImage {
             other => other,
         }
         .map_err(open_err)?;
-        RawImage::from_file(file, path, opts)
-    }
-
-    /// Serves `file`, opened already (read-write unless `opts.read_only`,
-    /// with `O_DIRECT` if `opts.direct`), e.g. by the `--allow-dir` policy;
-    /// `path` is what it reports.
-    pub fn from_file(
-        file: File,
-        path: &Path,
-        opts: RawImageOptions,
-    ) -> Result<RawImage, ImageError> {
-        let open_err = |cause| ImageError::Open {
-            path: path.to_path_buf(),
-            cause,
-        };
         let meta = file.metadata().map_err(open_err)?;
         let size = if meta.file_type().is_block_device() {
             // SAFETY: lseek on an fd we own; no memory is touched.

@@ -106,12 +106,10 @@ impl Peer {
 }
 
 /// Waits until process `pid` has no file under `dir` open but `keep`
-/// (a node's file is closed when `blockdev-del` removes it; `dir` itself
-/// stays open as the --allow-dir root).
+/// (a node's file is closed when `blockdev-del` removes it).
 fn wait_only_open(pid: u32, dir: &Path, keep: &[&str]) -> Result<()> {
     wait_files_closed(pid, T, |f| {
         f.starts_with(dir)
-            && f != dir
             && !f
                 .file_name()
                 .is_some_and(|n| keep.contains(&n.to_string_lossy().as_ref()))

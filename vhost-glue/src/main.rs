@@ -53,11 +53,6 @@ struct Options {
     /// can kill vubd with SIGBUS by cutting its file: trusted frontends only.
     #[arg(long)]
     allow_unsealed_memory: bool,
-    /// A directory management commands (blockdev-add, drive-mirror) may
-    /// open or create files beneath (repeatable; default: the image's
-    /// directory). Block devices only beneath one under /dev.
-    #[arg(long = "allow-dir", value_name = "DIR")]
-    allow_dirs: Vec<PathBuf>,
     /// Open the image with O_DIRECT (bypass the host page cache).
     #[arg(long)]
     direct: bool,
@@ -223,14 +218,6 @@ fn run(mut opts: Options) -> Result<()> {
     // Management queries report where the image really is.
     opts.image = std::fs::canonicalize(&opts.image)
         .with_context(|| format!("cannot open image {}", opts.image.display()))?;
-    // Where management commands may touch files (allowed_dirs).
-    let mut allow = opts.allow_dirs.clone();
-    if allow.is_empty() {
-        allow.extend(opts.image.parent().map(PathBuf::from));
-    }
-    let policy = vubd_backend::allowed_dirs::AllowedDirs::new(&allow)
-        .with_context(|| format!("--allow-dir {allow:?}"))?;
-    policy.install();
     let stale = check_pivot_marker(&opts.image, opts.allow_stale_image)?;
     let image = RawImage::open(
         &opts.image,

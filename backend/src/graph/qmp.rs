@@ -211,49 +211,33 @@ fn open_file(
             "aio=native was specified, but it requires cache.direct=on, which was not specified.",
         ));
     }
-    use crate::allowed_dirs::{self, Access, PolicyError};
-    // Through the --allow-dir policy: a client names the path.
-    let open = |read_only| -> Result<RawImage, PolicyError> {
-        let access = if read_only {
-            Access::Read
-        } else {
-            Access::Write
-        };
-        let extra = if c.direct { libc::O_DIRECT } else { 0 };
-        let f = allowed_dirs::open(&spec.filename, access, extra)?;
-        RawImage::from_file(
-            f,
+    let open = |read_only| {
+        RawImage::open(
             &spec.filename,
             RawImageOptions {
                 read_only,
                 direct: c.direct,
             },
         )
-        .map_err(|e| PolicyError::Io(std::io::Error::from_raw_os_error(image_errno(&e))))
-    };
-    let errno = |e: &PolicyError| match e {
-        PolicyError::Io(io) => io.raw_os_error().unwrap_or(libc::EIO),
-        _ => 0,
     };
     let mut read_only = c.read_only;
     let image = match open(read_only) {
         Err(e)
             if !read_only
                 && c.auto_read_only
-                && matches!(errno(&e), libc::EACCES | libc::EROFS | libc::EPERM) =>
+                && matches!(image_errno(&e), libc::EACCES | libc::EROFS | libc::EPERM) =>
         {
             read_only = true;
             open(true)
         }
         other => other,
     }
-    .map_err(|e| match e {
-        PolicyError::Io(io) => QmpError::generic(format!(
+    .map_err(|e| {
+        QmpError::generic(format!(
             "Could not open '{}': {}",
             spec.filename.display(),
-            strerror(io.raw_os_error().unwrap_or(libc::EIO))
-        )),
-        refused => QmpError::generic(refused.to_string()),
+            strerror(image_errno(&e))
+        ))
     })?;
     let options = NodeOptions {
         read_only,

@@ -347,7 +347,6 @@ impl MirrorManager {
     }
 
     fn open_target(&self, req: &MirrorRequest) -> Result<Arc<dyn Image>, QmpError> {
-        use crate::allowed_dirs::{self, Access, PolicyError};
         let size = self.disk.size();
         if let Some(spec) = req
             .target
@@ -356,72 +355,67 @@ impl MirrorManager {
         {
             return self.open_nbd_target(req, &spec?, size);
         }
+        // Absolute, so that after a pivot the disk's image path (beside
+        // which sidecars and markers go) does not depend on our cwd.
+        let path = &canonical(&req.target);
         let shown = req.target.display();
         let opts = RawImageOptions {
             read_only: false,
             direct: self.direct,
         };
-        let create = req.mode == TargetMode::Create;
-        let verb = if create { "create" } else { "open" };
-        let errno_err = |e: &std::io::Error| {
-            generic(format!(
-                "Could not {verb} '{shown}': {}",
-                super::strerror(e.raw_os_error().unwrap_or(libc::EIO))
-            ))
-        };
-        // The --allow-dir policy resolves the path as the client gave it
-        // (a symlink must not be resolved before the check).
-        let access = if create {
-            Access::Create { or_existing: true }
-        } else {
-            Access::Write
-        };
-        let extra = if self.direct { libc::O_DIRECT } else { 0 };
-        let f = allowed_dirs::open(&req.target, access, extra).map_err(|e| match e {
-            PolicyError::Io(ref io) => errno_err(io),
-            refused => generic(refused.to_string()),
-        })?;
-        // Absolute, so that after a pivot the disk's image path (beside
-        // which sidecars and markers go) does not depend on our cwd.
-        let path = &canonical(&req.target);
-        let unknown = || {
-            generic(format!(
-                "Could not {verb} '{shown}': cannot tell whether it is the image in use"
-            ))
-        };
-        // Fail closed: a file that cannot be told apart from the image in
-        // use is neither truncated nor served.
-        let target = f
-            .metadata()
-            .map(|m| file_identity(&m))
-            .map_err(|_| unknown())?;
-        self.disk.image().identity().ok_or_else(unknown)?;
-        self.refuse_active(Some(target))?;
-        let regular = f.metadata().map(|m| m.is_file()).unwrap_or(false);
-        if create && regular {
-            // QEMU's file driver creates the target afresh (truncates).
+        if req.mode == TargetMode::Create {
+            let create_err = |e: std::io::Error| {
+                generic(format!(
+                    "Could not create '{shown}': {}",
+                    super::strerror(e.raw_os_error().unwrap_or(libc::EIO))
+                ))
+            };
+            // Not O_TRUNC: whatever the path leads to is checked on the
+            // open file before a byte of it is dropped.
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(path)
+                .map_err(create_err)?;
+            // Fail closed: a file that cannot be told apart from the image
+            // in use is not truncated.
+            let unknown = || {
+                generic(format!(
+                    "Could not create '{shown}': cannot tell whether it is the image in use"
+                ))
+            };
+            let target = f
+                .metadata()
+                .map(|m| file_identity(&m))
+                .map_err(|_| unknown())?;
+            self.disk.image().identity().ok_or_else(unknown)?;
+            self.refuse_active(Some(target))?;
             f.set_len(0)
                 .and_then(|()| f.set_len(size))
-                .map_err(|e| errno_err(&e))?;
+                .map_err(create_err)?;
         }
-        let reopen = |f: &std::fs::File| {
-            f.try_clone().map_err(|e| errno_err(&e)).and_then(|f| {
-                RawImage::from_file(f, path, opts).map_err(|e| {
-                    generic(format!(
-                        "Could not open '{shown}': {}",
-                        super::strerror(super::image_errno(&e))
-                    ))
-                })
-            })
-        };
-        let image = reopen(&f)?;
+        let image = RawImage::open(path, opts).map_err(|e| {
+            generic(format!(
+                "Could not open '{shown}': {}",
+                super::strerror(super::image_errno(&e))
+            ))
+        })?;
+        self.refuse_active(image.identity())?;
         if image.size() < size {
             // A shorter existing target grows to the disk's size (QEMU
             // resizes the target too); a block device cannot.
-            if f.set_len(size).is_err() {
+            let grown = std::fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .and_then(|f| f.set_len(size));
+            if grown.is_err() {
                 return Err(generic("Source and target image have different sizes"));
             }
-            return lock_target(reopen(&f)?);
+            let image = RawImage::open(path, opts)
+                .map_err(|e| generic(format!("Could not open '{shown}': {e}")))?;
+            self.refuse_active(image.identity())?;
+            return lock_target(image);
         }
         lock_target(image)
     }
