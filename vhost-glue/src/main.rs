@@ -86,6 +86,12 @@ struct Options {
     /// the switch left beside it.
     #[arg(long)]
     allow_stale_image: bool,
+    /// Directory beneath which management commands (blockdev-add,
+    /// drive-mirror) may open or create files; repeatable. No symlink
+    /// may lead out, only regular files, except that a directory under
+    /// /dev holds block devices. Default: the directory of --image.
+    #[arg(long, value_name = "DIR")]
+    allow_dir: Vec<PathBuf>,
 }
 
 /// Values of --aio.
@@ -182,6 +188,18 @@ fn check_pivot_marker(image: &std::path::Path, allow: bool) -> Result<bool> {
 }
 
 fn run(mut opts: Options) -> Result<()> {
+    // Where management commands may touch files (before the image path
+    // is canonicalized: /dev/vg0/lv allows /dev/vg0, not all of /dev).
+    let allow = if opts.allow_dir.is_empty() {
+        let image = std::path::absolute(&opts.image)?;
+        vec![image
+            .parent()
+            .map_or_else(|| "/".into(), |d| d.to_path_buf())]
+    } else {
+        opts.allow_dir.clone()
+    };
+    let policy = vubd_backend::allowed_dirs::Policy::new(&allow).context("--allow-dir")?;
+    vubd_backend::allowed_dirs::set_policy(policy);
     // Management queries report where the image really is.
     opts.image = std::fs::canonicalize(&opts.image)
         .with_context(|| format!("cannot open image {}", opts.image.display()))?;
