@@ -17,11 +17,11 @@
 //! `--image` is trusted and does not go through it.
 
 use std::ffi::CString;
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -235,6 +235,35 @@ pub fn create_or_open(path: &Path) -> Result<(File, bool), AccessError> {
     }
 }
 
+/// Creates a sidecar file (bitmaps, mirror state, pivot marker) at
+/// `path`, read-write, replacing whatever name is there without following
+/// it: unlink (which removes a symlink, not its target), then `O_EXCL |
+/// O_NOFOLLOW`. A local user who plants a symlink at the name cannot turn
+/// the daemon's write into one through it; if they win a race to re-plant
+/// it, the create fails.
+pub fn create_sidecar(path: &Path) -> io::Result<File> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+}
+
+/// Opens an existing sidecar (read-write if `write`) without following a
+/// symlink at its name.
+pub fn open_sidecar(path: &Path, write: bool) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(write)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+}
+
 fn cstr(p: &Path) -> io::Result<CString> {
     CString::new(p.as_os_str().as_bytes())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
@@ -337,5 +366,65 @@ mod tests {
         assert!(m.contains("not a regular file"), "{m}");
         std::os::unix::fs::symlink("/dev/null", dir.join("null")).unwrap();
         refused(p.open(&dir.join("null"), libc::O_WRONLY, 0));
+    }
+
+    /// A local user plants symlinks to a victim at every sidecar name and
+    /// temporary name; the daemon's writes replace the links, never
+    /// write through them, and opening a link fails.
+    #[test]
+    fn sidecar_writes_do_not_follow_planted_symlinks() {
+        use crate::dirty::{FileStore, MetaStore};
+        use crate::mirror::pivot_marker;
+        use crate::mirror::state_file::{boot_id, StateFile, StateHeader};
+        use std::os::unix::fs::symlink;
+        let dir = scratch("sidecar");
+        let victim = dir.join("victim");
+        std::fs::write(&victim, b"the victim's bytes").unwrap();
+        let link = |name: &str| symlink(&victim, dir.join(name)).unwrap();
+        let is_file = |name: &str| {
+            std::fs::symlink_metadata(dir.join(name))
+                .unwrap()
+                .file_type()
+                .is_file()
+        };
+
+        // A bitmap sidecar: opening through the link fails; a replace
+        // (PATH.tmp, then rename) replaces both links.
+        link("bm");
+        let store = FileStore::new(dir.join("bm"));
+        assert!(store.write_at(0, b"x").is_err());
+        link("bm.tmp");
+        store.replace(b"bitmaps").unwrap();
+        store.write_at(0, b"B").unwrap();
+        assert!(is_file("bm"));
+        assert_eq!(std::fs::read(dir.join("bm")).unwrap(), b"Bitmaps");
+
+        // The mirror state file.
+        link("st");
+        assert!(StateFile::open(&dir.join("st")).is_err());
+        let header = StateHeader {
+            disk_size: 1 << 20,
+            granularity: 65536,
+            target: dir.join("t"),
+            boot_id: boot_id(),
+        };
+        StateFile::create(&dir.join("st"), header).unwrap();
+        assert!(is_file("st"));
+
+        // The pivot marker and its temporary name.
+        let img = dir.join("img");
+        let marker = pivot_marker::marker_path(&img);
+        symlink(&victim, &marker).unwrap();
+        assert!(pivot_marker::read(&img).is_err());
+        let mut tmp = marker.clone().into_os_string();
+        tmp.push(".tmp");
+        symlink(&victim, &tmp).unwrap();
+        pivot_marker::stage(&img, &dir.join("new"), None)
+            .unwrap()
+            .commit()
+            .unwrap();
+        assert!(pivot_marker::read(&img).unwrap().is_some());
+
+        assert_eq!(std::fs::read(&victim).unwrap(), b"the victim's bytes");
     }
 }
