@@ -123,9 +123,12 @@ impl Policy {
                 Some((d, rest))
             })
             .ok_or_else(outside)?;
-        if rest.as_os_str().is_empty() {
-            return Err(outside());
-        }
+        // The directory itself: opening it fails as any directory does.
+        let rest = if rest.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            rest
+        };
         let (flags, resolve) = if dir.devices {
             if rest.components().any(|c| c == Component::ParentDir) {
                 return Err(outside());
