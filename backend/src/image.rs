@@ -33,6 +33,9 @@ pub enum ImageError {
         /// The OS error.
         cause: io::Error,
     },
+    /// `--allow-dir` refused the path (the text names the rule).
+    #[error("{0}")]
+    Refused(String),
     /// A read, write, flush, discard or zeroing call failed.
     #[error("{op} at offset {offset} length {len}: {cause}")]
     Io {
@@ -232,12 +235,8 @@ pub struct RawImage {
 const IOV_MAX: usize = 1024;
 
 impl RawImage {
-    /// Opens `path` as a raw image.
+    /// Opens `path` as a raw image (a path the operator gave: trusted).
     pub fn open(path: &Path, opts: RawImageOptions) -> Result<RawImage, ImageError> {
-        let open_err = |cause| ImageError::Open {
-            path: path.to_path_buf(),
-            cause,
-        };
         let open = |extra: i32| {
             let mut oo = OpenOptions::new();
             oo.read(true).write(!opts.read_only);
@@ -250,7 +249,42 @@ impl RawImage {
             Err(e) if e.raw_os_error() == Some(libc::EPERM) => open(0),
             other => other,
         }
-        .map_err(open_err)?;
+        .map_err(|cause| ImageError::Open {
+            path: path.to_path_buf(),
+            cause,
+        })?;
+        RawImage::from_file(file, path, opts)
+    }
+
+    /// Opens `path`, which a management command named, as a raw image
+    /// within `--allow-dir` (see [`crate::allowed_dirs`]).
+    pub fn open_allowed(path: &Path, opts: RawImageOptions) -> Result<RawImage, ImageError> {
+        use crate::allowed_dirs::{open, AccessError};
+        let mode = if opts.read_only {
+            libc::O_RDONLY
+        } else {
+            libc::O_RDWR
+        } | if opts.direct { libc::O_DIRECT } else { 0 };
+        let file = match open(path, mode | libc::O_NOATIME) {
+            Err(AccessError::Os(e)) if e.raw_os_error() == Some(libc::EPERM) => open(path, mode),
+            other => other,
+        }
+        .map_err(|e| match e {
+            AccessError::Refused(m) => ImageError::Refused(m),
+            AccessError::Os(cause) => ImageError::Open {
+                path: path.to_path_buf(),
+                cause,
+            },
+        })?;
+        RawImage::from_file(file, path, opts)
+    }
+
+    /// The image on `file`, opened from `path` with `opts`.
+    fn from_file(file: File, path: &Path, opts: RawImageOptions) -> Result<RawImage, ImageError> {
+        let open_err = |cause| ImageError::Open {
+            path: path.to_path_buf(),
+            cause,
+        };
         let meta = file.metadata().map_err(open_err)?;
         let size = if meta.file_type().is_block_device() {
             // SAFETY: lseek on an fd we own; no memory is touched.

@@ -3,6 +3,7 @@
 //! commands. Nothing in this crate knows about vhost or virtio: the
 //! `vhost-glue` crate turns virtio requests into calls on [`Disk`].
 
+pub mod allowed_dirs;
 pub mod backup;
 pub mod bits;
 pub mod dirty;

@@ -106,10 +106,12 @@ impl Peer {
 }
 
 /// Waits until process `pid` has no file under `dir` open but `keep`
-/// (a node's file is closed when `blockdev-del` removes it).
+/// (a node's file is closed when `blockdev-del` removes it). The
+/// directory itself stays open in vubd (its `--allow-dir` handle).
 fn wait_only_open(pid: u32, dir: &Path, keep: &[&str]) -> Result<()> {
     wait_files_closed(pid, T, |f| {
         f.starts_with(dir)
+            && f != dir
             && !f
                 .file_name()
                 .is_some_and(|n| keep.contains(&n.to_string_lossy().as_ref()))

@@ -116,6 +116,12 @@ struct Options {
     /// of order can repeat or lose guest requests: for diagnosis only.
     #[arg(long)]
     no_inflight: bool,
+    /// Directory beneath which management commands (blockdev-add,
+    /// drive-mirror) may open or create files; repeatable. No symlink
+    /// may lead out, only regular files, except that a directory under
+    /// /dev holds block devices. Default: the directory of --image.
+    #[arg(long, value_name = "DIR")]
+    allow_dir: Vec<PathBuf>,
 }
 
 /// Values of --aio.
@@ -212,6 +218,18 @@ fn check_pivot_marker(image: &std::path::Path, allow: bool) -> Result<bool> {
 }
 
 fn run(mut opts: Options) -> Result<()> {
+    // Where management commands may touch files (before the image path
+    // is canonicalized: /dev/vg0/lv allows /dev/vg0, not all of /dev).
+    let allow = if opts.allow_dir.is_empty() {
+        let image = std::path::absolute(&opts.image)?;
+        vec![image
+            .parent()
+            .map_or_else(|| "/".into(), |d| d.to_path_buf())]
+    } else {
+        opts.allow_dir.clone()
+    };
+    let policy = vubd_backend::allowed_dirs::Policy::new(&allow).context("--allow-dir")?;
+    vubd_backend::allowed_dirs::set_policy(policy);
     // Before the first thread starts: the block layer's threads confine
     // themselves as they start.
     seccomp::install(opts.seccomp)?;

@@ -3,7 +3,7 @@
 //! (what is durable when), so a test can put a store that forgets unsynced
 //! writes at a "power cut" in place of the real file and check recovery.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
@@ -149,12 +149,7 @@ impl FileStore {
     }
 
     fn write_tmp(&self, contents: &[u8]) -> io::Result<File> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(self.tmp_path())?;
+        let file = crate::allowed_dirs::create_sidecar(&self.tmp_path())?;
         file.write_all_at(contents, 0)?;
         file.sync_all()?;
         Ok(file)
@@ -196,7 +191,7 @@ impl FileStore {
         }
         let mut guard = self.file.write().unwrap_or_else(|e| e.into_inner());
         if guard.is_none() {
-            *guard = Some(OpenOptions::new().read(true).write(true).open(&self.path)?);
+            *guard = Some(crate::allowed_dirs::open_sidecar(&self.path, true)?);
         }
         match guard.as_ref() {
             Some(file) => f(file),

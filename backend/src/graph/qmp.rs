@@ -9,7 +9,7 @@ use super::cbw::{self, Filters};
 use super::node::{Aio, Driver, Node, NodeOptions};
 use super::registry::{Graph, GraphError};
 use crate::backup::SnapshotAccess;
-use crate::image::{Image, RawImage, RawImageOptions};
+use crate::image::{Image, ImageError, RawImage, RawImageOptions};
 use crate::mirror::{image_errno, strerror};
 use crate::qmp::{commands, Args, Call, Dispatcher, ManagementContext, QmpError};
 use serde_json::{json, Value};
@@ -212,7 +212,7 @@ fn open_file(
         ));
     }
     let open = |read_only| {
-        RawImage::open(
+        RawImage::open_allowed(
             &spec.filename,
             RawImageOptions {
                 read_only,
@@ -232,12 +232,13 @@ fn open_file(
         }
         other => other,
     }
-    .map_err(|e| {
-        QmpError::generic(format!(
+    .map_err(|e| match e {
+        ImageError::Refused(m) => QmpError::generic(m),
+        e => QmpError::generic(format!(
             "Could not open '{}': {}",
             spec.filename.display(),
             strerror(image_errno(&e))
-        ))
+        )),
     })?;
     let options = NodeOptions {
         read_only,

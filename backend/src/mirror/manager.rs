@@ -11,9 +11,10 @@ use super::job::{MirrorJob, PivotCommit, PivotHook};
 use super::pivot_marker;
 use super::state_file::{boot_id, sidecar_path, StateFile, StateHeader};
 use super::{CopyMode, MirrorConfig, MirrorError, SyncMode, DEFAULT_BUF_SIZE, DEFAULT_GRANULARITY};
+use crate::allowed_dirs::{self, AccessError};
 use crate::disk::{Disk, WriteHook};
 use crate::graph::{Graph, Node, User};
-use crate::image::{file_identity, Image, RawImage, RawImageOptions};
+use crate::image::{file_identity, Image, ImageError, RawImage, RawImageOptions};
 use crate::jobs::{id_wellformed, Job, JobError, JobOptions, JobRegistry, JobStatus, OnError};
 use crate::qmp::QmpError;
 use std::path::{Path, PathBuf};
@@ -356,28 +357,27 @@ impl MirrorManager {
             return self.open_nbd_target(req, &spec?, size);
         }
         // Absolute, so that after a pivot the disk's image path (beside
-        // which sidecars and markers go) does not depend on our cwd.
-        let path = &canonical(&req.target);
+        // which sidecars and markers go) does not depend on our cwd; not
+        // canonical: `--allow-dir` judges the path as given, symlinks too.
+        let path = &std::path::absolute(&req.target).unwrap_or_else(|_| req.target.clone());
         let shown = req.target.display();
         let opts = RawImageOptions {
             read_only: false,
             direct: self.direct,
         };
+        let refused = |e: AccessError, what: &str| match e {
+            AccessError::Refused(m) => generic(m),
+            AccessError::Os(e) => generic(format!(
+                "Could not {what} '{shown}': {}",
+                super::strerror(e.raw_os_error().unwrap_or(libc::EIO))
+            )),
+        };
         if req.mode == TargetMode::Create {
-            let create_err = |e: std::io::Error| {
-                generic(format!(
-                    "Could not create '{shown}': {}",
-                    super::strerror(e.raw_os_error().unwrap_or(libc::EIO))
-                ))
-            };
-            // Not O_TRUNC: whatever the path leads to is checked on the
-            // open file before a byte of it is dropped.
-            let f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(path)
-                .map_err(create_err)?;
+            // A new file is made with O_EXCL; an existing one (QEMU
+            // recreates it) is opened without following a symlink and,
+            // not O_TRUNC, checked on the open file before a byte of it
+            // is dropped.
+            let (f, _) = allowed_dirs::create_or_open(path).map_err(|e| refused(e, "create"))?;
             // Fail closed: a file that cannot be told apart from the image
             // in use is not truncated.
             let unknown = || {
@@ -393,27 +393,29 @@ impl MirrorManager {
             self.refuse_active(Some(target))?;
             f.set_len(0)
                 .and_then(|()| f.set_len(size))
-                .map_err(create_err)?;
+                .map_err(|e| refused(e.into(), "create"))?;
         }
-        let image = RawImage::open(path, opts).map_err(|e| {
-            generic(format!(
-                "Could not open '{shown}': {}",
-                super::strerror(super::image_errno(&e))
-            ))
-        })?;
+        let open = || {
+            RawImage::open_allowed(path, opts).map_err(|e| match e {
+                ImageError::Refused(m) => generic(m),
+                e => generic(format!(
+                    "Could not open '{shown}': {}",
+                    super::strerror(super::image_errno(&e))
+                )),
+            })
+        };
+        let image = open()?;
         self.refuse_active(image.identity())?;
         if image.size() < size {
             // A shorter existing target grows to the disk's size (QEMU
             // resizes the target too); a block device cannot.
-            let grown = std::fs::OpenOptions::new()
-                .write(true)
-                .open(path)
-                .and_then(|f| f.set_len(size));
+            let grown = allowed_dirs::open(path, libc::O_WRONLY)
+                .map_err(|_| ())
+                .and_then(|f| f.set_len(size).map_err(|_| ()));
             if grown.is_err() {
                 return Err(generic("Source and target image have different sizes"));
             }
-            let image = RawImage::open(path, opts)
-                .map_err(|e| generic(format!("Could not open '{shown}': {e}")))?;
+            let image = open()?;
             self.refuse_active(image.identity())?;
             return lock_target(image);
         }

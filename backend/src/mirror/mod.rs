@@ -139,5 +139,6 @@ pub fn image_errno(e: &ImageError) -> i32 {
         ImageError::Open { cause, .. } | ImageError::Io { cause, .. } => {
             cause.raw_os_error().unwrap_or(libc::EIO)
         }
+        ImageError::Refused(_) => libc::EACCES,
     }
 }

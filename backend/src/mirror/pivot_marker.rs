@@ -15,7 +15,7 @@
 //! `identity -`), then `path ` followed by the new image's path, raw bytes
 //! up to the end of the file.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -74,11 +74,7 @@ pub fn stage(old: &Path, new: &Path, identity: Option<(u64, u64)>) -> io::Result
     }
     body.extend_from_slice(b"path ");
     body.extend_from_slice(new.as_os_str().as_bytes());
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&staged.tmp)?;
+    let mut f = crate::allowed_dirs::create_sidecar(&staged.tmp)?;
     f.write_all(&body)?;
     f.sync_all()?;
     Ok(staged)
@@ -104,7 +100,7 @@ impl Drop for StagedMarker {
 /// guess).
 pub fn read(image: &Path) -> io::Result<Option<PivotMarker>> {
     let path = marker_path(image);
-    let f = match File::open(&path) {
+    let f = match crate::allowed_dirs::open_sidecar(&path, false) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),

@@ -19,7 +19,7 @@
 
 use super::MirrorError;
 use crate::bits::{words_for, AtomicBits};
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
@@ -217,13 +217,8 @@ impl StateFile {
     pub fn create(path: &Path, header: StateHeader) -> Result<StateFile, MirrorError> {
         let encoded = header.encode()?;
         let (_, len) = Self::file_len(&header);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(path)
-            .map_err(io_err(path, "cannot create"))?;
+        let file =
+            crate::allowed_dirs::create_sidecar(path).map_err(io_err(path, "cannot create"))?;
         file.set_len(len as u64)
             .map_err(io_err(path, "cannot size"))?;
         // SAFETY: fallocate on our fd; no memory involved.
@@ -246,7 +241,7 @@ impl StateFile {
 
     /// Opens an existing sidecar; `Ok(None)` if there is none.
     pub fn open(path: &Path) -> Result<Option<StateFile>, MirrorError> {
-        let file = match OpenOptions::new().read(true).write(true).open(path) {
+        let file = match crate::allowed_dirs::open_sidecar(path, true) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io_err(path, "cannot open")(e)),
@@ -333,7 +328,7 @@ mod tests {
         assert!(s.bits().get(160) && s.bits().get(3) && !s.bits().get(6));
         drop(s);
         // A flipped header byte is detected.
-        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
         f.write_all_at(&[0xff], 20).unwrap();
         let e = StateFile::open(&path).unwrap_err();
         assert!(e.to_string().contains("checksum"), "{e}");
