@@ -5,9 +5,8 @@
 //! TCP giving up), from killing the destination, and from nbdkit's
 //! `error` and `delay` filters as the destination.
 //!
-//! The source is qemu-storage-daemon 7.2 for now; every case takes the
-//! source's [`Kind`], so vubd as the source (`blockdev-add driver=nbd`) is
-//! one more `#[test]` line per case. The destination checks run against
+//! Every case runs with qemu-storage-daemon 7.2 and with vubd as the
+//! source (`blockdev-add driver=nbd`, `blockdev-mirror`). The destination checks run against
 //! vubd and against qemu-storage-daemon with the same client and checks.
 //! Needs root (network namespaces).
 
@@ -768,6 +767,46 @@ fn destination_slow_qsd_source() -> Result<()> {
     destination_slow(Kind::Qsd)
 }
 
+#[test]
+fn short_outage_vubd_source() -> Result<()> {
+    short_outage(Kind::Vubd)
+}
+
+#[test]
+fn long_outage_report_vubd_source() -> Result<()> {
+    long_outage_report(Kind::Vubd)
+}
+
+#[test]
+fn long_outage_stop_vubd_source() -> Result<()> {
+    long_outage_stop(Kind::Vubd)
+}
+
+#[test]
+fn destination_restart_vubd_source() -> Result<()> {
+    destination_restart(Kind::Vubd)
+}
+
+#[test]
+fn destination_eio_report_vubd_source() -> Result<()> {
+    destination_write_errors_report(Kind::Vubd, "EIO")
+}
+
+#[test]
+fn destination_enospc_report_vubd_source() -> Result<()> {
+    destination_write_errors_report(Kind::Vubd, "ENOSPC")
+}
+
+#[test]
+fn destination_enospc_stop_vubd_source() -> Result<()> {
+    destination_enospc_stop(Kind::Vubd)
+}
+
+#[test]
+fn destination_slow_vubd_source() -> Result<()> {
+    destination_slow(Kind::Vubd)
+}
+
 // ---- benchmark ---------------------------------------------------------------
 
 const BENCH_SIZE: u64 = 1 << 30;
@@ -842,7 +881,12 @@ fn migration_figures() -> Result<()> {
     let dir = ScratchDir::new("mig-bench-src")?;
     let image = dir.join("src.img");
     half_sparse_image(&image)?;
-    let pairs = [(Kind::Qsd, Kind::Qsd), (Kind::Qsd, Kind::Vubd)];
+    let pairs = [
+        (Kind::Qsd, Kind::Qsd),
+        (Kind::Vubd, Kind::Vubd),
+        (Kind::Qsd, Kind::Vubd),
+        (Kind::Vubd, Kind::Qsd),
+    ];
     let shapes: [Option<(&str, &[&str])>; 3] = [
         None,
         Some(("netem", &["delay", "1ms"])),
