@@ -227,7 +227,8 @@ pub fn create_or_open(path: &Path) -> Result<(File, bool), AccessError> {
     let create = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC;
     let made = match POLICY.get() {
         Some(p) => p.open(path, create, 0o644),
-        None => Ok(openat2(libc::AT_FDCWD, path, create, 0o644, 0)?),
+        // Not `?`: EEXIST is handled below.
+        None => openat2(libc::AT_FDCWD, path, create, 0o644, 0).map_err(AccessError::from),
     };
     match made {
         Ok(f) => Ok((f, true)),
