@@ -8,6 +8,8 @@
 //! - [`handshake`]: the fixed newstyle option negotiation;
 //! - [`transmission`]: the request loop of one connection;
 //! - [`server`]: sockets, threads, connection limits and time-outs;
+//! - [`stream`]: one connection on a unix or TCP socket (server and client);
+//! - [`client`]: the NBD client, an image node over a remote export;
 //! - [`export`]: the exports, their clients and their removal;
 //! - [`source`]: [`ExportSource`], what an export reads and writes;
 //! - [`qmp`]: the QMP commands (`nbd-server-start`, `block-export-add`, ...).
@@ -19,6 +21,7 @@ pub mod proto;
 pub mod qmp;
 pub mod server;
 pub mod source;
+pub mod stream;
 pub mod transmission;
 
 pub use qmp::{register_nbd_commands, DiskNode, NbdService, NodeLookup, NodeRelease};

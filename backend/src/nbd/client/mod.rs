@@ -23,8 +23,9 @@ pub use conn::{Client, ClientOptions};
 pub use handshake::ExportInfo;
 pub use image::NbdImage;
 
-use std::io::{self, Read, Write};
-use std::net::{Shutdown, TcpStream};
+pub use super::stream::Stream;
+use std::io;
+use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 
@@ -85,15 +86,6 @@ pub enum ClientError {
     NoExport,
 }
 
-/// One connection, on either kind of socket.
-#[derive(Debug)]
-pub enum Stream {
-    /// Unix socket.
-    Unix(UnixStream),
-    /// TCP.
-    Tcp(TcpStream),
-}
-
 impl Stream {
     /// Connects to `addr`.
     pub fn connect(addr: &ServerAddress) -> Result<Stream, ClientError> {
@@ -117,85 +109,5 @@ impl Stream {
                 Ok(Stream::Tcp(s))
             }
         }
-    }
-
-    /// A second handle on the same socket (the reader's).
-    pub fn try_clone(&self) -> io::Result<Stream> {
-        Ok(match self {
-            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
-            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
-        })
-    }
-
-    /// Ends both directions, waking a reader blocked on the socket.
-    pub fn shutdown(&self) {
-        let _ = match self {
-            Stream::Unix(s) => s.shutdown(Shutdown::Both),
-            Stream::Tcp(s) => s.shutdown(Shutdown::Both),
-        };
-    }
-
-    /// Asks TCP to acknowledge what arrived at once. A server that leaves
-    /// Nagle on (qemu-storage-daemon 7.2) holds its next small reply until
-    /// the last one is acknowledged, and a client waiting for replies
-    /// sends nothing for the ack to ride on: without this, each such wait
-    /// costs a delayed-ack time-out (40 ms).
-    pub fn quickack(&self) {
-        if let Stream::Tcp(s) = self {
-            let one: libc::c_int = 1;
-            // SAFETY: setsockopt on a socket we own, with a valid int.
-            unsafe {
-                libc::setsockopt(
-                    std::os::fd::AsRawFd::as_raw_fd(s),
-                    libc::IPPROTO_TCP,
-                    libc::TCP_QUICKACK,
-                    (&one as *const libc::c_int).cast(),
-                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-                );
-            }
-        }
-    }
-
-    /// Time-out of each read (`None`: wait for ever).
-    pub fn set_read_timeout(&self, t: Option<std::time::Duration>) -> io::Result<()> {
-        match self {
-            Stream::Unix(s) => s.set_read_timeout(t),
-            Stream::Tcp(s) => s.set_read_timeout(t),
-        }
-    }
-
-    /// Time-out of each write (`None`: wait for ever).
-    pub fn set_write_timeout(&self, t: Option<std::time::Duration>) -> io::Result<()> {
-        match self {
-            Stream::Unix(s) => s.set_write_timeout(t),
-            Stream::Tcp(s) => s.set_write_timeout(t),
-        }
-    }
-}
-
-impl Read for Stream {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Stream::Unix(s) => s.read(buf),
-            Stream::Tcp(s) => s.read(buf),
-        }
-    }
-}
-
-impl Write for Stream {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Stream::Unix(s) => s.write(buf),
-            Stream::Tcp(s) => s.write(buf),
-        }
-    }
-    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
-        match self {
-            Stream::Unix(s) => s.write_vectored(bufs),
-            Stream::Tcp(s) => s.write_vectored(bufs),
-        }
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
     }
 }
