@@ -15,7 +15,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::ffi::OsStringExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
@@ -53,10 +53,12 @@ impl Slot {
 }
 
 /// A listening socket the library can accept from, and our end of the
-/// connection to it (already queued on the listener).
-pub fn private_pair() -> io::Result<(UnixListener, UnixStream)> {
-    let mut template = std::env::temp_dir()
-        .join("vubd-XXXXXX")
+/// connection to it (already queued on the listener), made in a private
+/// directory under `dir`: beside the vhost-user socket, where vubd may
+/// create sockets once confined (Landlock), unlike $TMPDIR.
+pub fn private_pair(dir: &Path) -> io::Result<(UnixListener, UnixStream)> {
+    let mut template = dir
+        .join(".vubd-XXXXXX")
         .into_os_string()
         .into_encoded_bytes();
     template.push(0);
