@@ -33,6 +33,8 @@ const VERSION_MASK: u32 = 0x3;
 const VERSION: u32 = 0x1;
 const REPLY: u32 = 0x4;
 const NEED_REPLY: u32 = 0x8;
+/// Bytes of `sun_path`, with the terminating NUL.
+const SUN_PATH_LEN: usize = 108;
 /// Bytes of the VhostUserInflight payload.
 const INFLIGHT_LEN: usize = 24;
 
@@ -70,7 +72,17 @@ pub fn private_pair(dir: &Path) -> io::Result<(UnixListener, UnixStream)> {
     template.pop();
     let dir = PathBuf::from(std::ffi::OsString::from_vec(template));
     let path = dir.join("s");
-    let result = UnixListener::bind(&path).and_then(|l| Ok((UnixStream::connect(&path)?, l)));
+    // Beside a --socket of the longest length bind(2) takes, the path is
+    // too long for it: reach the directory through its descriptor.
+    let result = File::open(&dir).and_then(|d| {
+        let addr = if path.as_os_str().len() < SUN_PATH_LEN {
+            path.clone()
+        } else {
+            PathBuf::from(format!("/proc/self/fd/{}/s", d.as_raw_fd()))
+        };
+        let listener = UnixListener::bind(&addr)?;
+        Ok((UnixStream::connect(&addr)?, listener))
+    });
     let _ = std::fs::remove_file(&path);
     let _ = std::fs::remove_dir(&dir);
     let (stream, listener) = result?;
