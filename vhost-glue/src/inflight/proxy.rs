@@ -14,6 +14,7 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::ffi::OsStringExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -33,8 +34,6 @@ const VERSION_MASK: u32 = 0x3;
 const VERSION: u32 = 0x1;
 const REPLY: u32 = 0x4;
 const NEED_REPLY: u32 = 0x8;
-/// Bytes of `sun_path`, with the terminating NUL.
-const SUN_PATH_LEN: usize = 108;
 /// Bytes of the VhostUserInflight payload.
 const INFLIGHT_LEN: usize = 24;
 
@@ -71,20 +70,32 @@ pub fn private_pair(dir: &Path) -> io::Result<(UnixListener, UnixStream)> {
     }
     template.pop();
     let dir = PathBuf::from(std::ffi::OsString::from_vec(template));
-    let path = dir.join("s");
-    // Beside a --socket of the longest length bind(2) takes, the path is
-    // too long for it: reach the directory through its descriptor.
-    let result = File::open(&dir).and_then(|d| {
-        let addr = if path.as_os_str().len() < SUN_PATH_LEN {
-            path.clone()
-        } else {
-            PathBuf::from(format!("/proc/self/fd/{}/s", d.as_raw_fd()))
-        };
-        let listener = UnixListener::bind(&addr)?;
-        Ok((UnixStream::connect(&addr)?, listener))
+    // Others may write beside the socket and swap a directory in under
+    // this name: work through a descriptor of ours, by its /proc path,
+    // which also fits in sun_path whatever the length of `dir`.
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+        .open(&dir);
+    let result = opened.and_then(|d| {
+        let st = d.metadata()?;
+        // SAFETY: geteuid has no preconditions.
+        if st.uid() != unsafe { libc::geteuid() } || st.mode() & 0o777 != 0o700 {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!("{} was replaced", dir.display()),
+            ));
+        }
+        let addr = PathBuf::from(format!("/proc/self/fd/{}/s", d.as_raw_fd()));
+        let pair = UnixListener::bind(&addr).and_then(|l| Ok((UnixStream::connect(&addr)?, l)));
+        let _ = std::fs::remove_file(&addr);
+        // Only ours: the name may lead elsewhere by now.
+        if std::fs::symlink_metadata(&dir).is_ok_and(|m| m.ino() == st.ino() && m.dev() == st.dev())
+        {
+            let _ = std::fs::remove_dir(&dir);
+        }
+        pair
     });
-    let _ = std::fs::remove_file(&path);
-    let _ = std::fs::remove_dir(&dir);
     let (stream, listener) = result?;
     Ok((listener, stream))
 }
