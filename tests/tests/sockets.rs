@@ -16,6 +16,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+use tests::client::Client;
 use tests::daemon::{create_image, vubd_binary, Daemon, ScratchDir};
 use tests::guest::Guest;
 use tests::qmp_client::QmpClient;
@@ -403,7 +404,8 @@ fn planted_paths_do_not_redirect_widen_or_block() -> Result<()> {
 
 /// A socket path of the longest length bind(2) takes (107 bytes) works
 /// for the vhost-user and QMP sockets with their mode: the temporary path
-/// must not be longer than the final one.
+/// must not be longer than the final one, nor the vhost-user relay's path
+/// in a private directory beside the socket.
 #[test]
 fn longest_socket_paths_work() -> Result<()> {
     let env = Env::new("sock-long")?;
@@ -412,7 +414,13 @@ fn longest_socket_paths_work() -> Result<()> {
         let fill = 107 - base.len() - 1 - tag.len();
         env.dir.join(&format!("{tag}{}", "x".repeat(fill)))
     };
-    let (vhost, qmp) = (pad("v"), pad("q"));
+    let qmp = pad("q");
+    // The vhost-user socket has a short name in a long directory: the
+    // relay's private directory goes beside it.
+    let deep = pad("d");
+    let deep = deep.with_file_name(&deep.file_name().context("setup")?.to_string_lossy()[2..]);
+    std::fs::create_dir(&deep)?;
+    let vhost = deep.join("v");
     ensure!(vhost.as_os_str().len() == 107, "setup: path length");
     let mut cmd = Command::new(vubd_binary());
     cmd.arg("--socket")
@@ -420,11 +428,24 @@ fn longest_socket_paths_work() -> Result<()> {
         .arg("--image")
         .arg(&env.image);
     cmd.arg("--qmp").arg(&qmp);
+    // libblkio's memory is not sealed.
+    cmd.arg("--allow-unsealed-memory");
     let _d = Daemon::spawn(cmd, &vhost, "vubd")?;
     QmpClient::connect(&qmp, T)?.ok("query-version", json!({}))?;
     for s in [&vhost, &qmp] {
         ensure!(mode_gid(s)?.0 == 0o600, "{} mode", s.display());
     }
+    // A frontend's session goes through a relay socket in a private
+    // directory beside the vhost-user socket, whose path is longer still.
+    let mut client = Client::connect(&vhost, 1, false)?;
+    client.write(0, &[0x5a; 4096])?;
+    ensure!(client.read(0, 4096)? == vec![0x5a; 4096], "read back");
+    let relays: Vec<_> = std::fs::read_dir(&deep)?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".vubd-"))
+        .map(|e| e.path())
+        .collect();
+    ensure!(relays.is_empty(), "relay directories left: {relays:?}");
     Ok(())
 }
 

@@ -6,6 +6,7 @@
 pub mod config_space;
 pub mod device;
 pub mod inflight;
+pub mod landlock;
 pub mod management;
 pub mod request;
 pub mod seccomp;

@@ -11,9 +11,9 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 use vhost_glue::config_space::AioEngine;
 use vhost_glue::management::{DaemonContext, ShutdownReason, HOLD_FIRST_TIMEOUT};
-use vhost_glue::seccomp;
 use vhost_glue::server::{bind_socket, Server};
 use vhost_glue::DeviceConfig;
+use vhost_glue::{landlock, seccomp};
 use vubd_backend::dirty::{sidecar_path, DirtyTracker, FileStore, MetaStore, TrackerConfig};
 use vubd_backend::graph::qmp as graph_qmp;
 use vubd_backend::mirror::pivot_marker;
@@ -122,6 +122,12 @@ struct Options {
     /// /dev holds block devices. Default: the directory of --image.
     #[arg(long, value_name = "DIR")]
     allow_dir: Vec<PathBuf>,
+    /// `enforce`: once started, vubd can reach only its image's directory
+    /// (a device: the device), the --allow-dir directories and its
+    /// sockets' directories (Landlock, as far as the kernel supports it);
+    /// `none`: no confinement.
+    #[arg(long, value_enum, value_name = "MODE", default_value_t = landlock::Mode::Enforce)]
+    landlock: landlock::Mode,
 }
 
 /// Values of --aio.
@@ -278,6 +284,16 @@ fn run(mut opts: Options) -> Result<()> {
             )
         })?;
     }
+    // Before the first thread (the bitmap writer) starts: the kernel
+    // confines only this thread and those it starts afterwards.
+    if opts.landlock == landlock::Mode::Enforce {
+        let mut sockets = vec![opts.socket.as_path()];
+        sockets.extend(opts.qmp.as_deref());
+        let reach =
+            landlock::Reach::for_daemon(&opts.image, &allow, &sockets).context("--landlock")?;
+        let status = landlock::restrict(&reach).context("cannot confine vubd with Landlock")?;
+        info!("{}", landlock::describe(&status));
+    }
     let disk = Arc::new(Disk::new(Box::new(image), opts.readonly));
     // Persistent bitmaps live beside the image; they are loaded (and, after
     // an unclean stop, recovered) before the first guest write can happen.
@@ -327,7 +343,7 @@ fn run(mut opts: Options) -> Result<()> {
         group: opts.socket_group,
     };
     let listener = bind_socket(&opts.socket, &socket_opts)?;
-    let mut server = Server::new(listener, disk.clone(), cfg);
+    let mut server = Server::new(&opts.socket, listener, disk.clone(), cfg);
     if opts.no_inflight {
         server.offer_inflight(false);
     }

@@ -6,7 +6,7 @@ use crate::device::BlockDevice;
 use crate::inflight::proxy;
 use log::{debug, info, warn};
 use std::os::unix::net::UnixListener;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use vhost::vhost_user::Listener;
@@ -40,6 +40,9 @@ pub struct Server {
     stopping: Arc<AtomicBool>,
     current: Arc<Mutex<Option<Arc<BlockDevice>>>>,
     offer_inflight: bool,
+    /// Where the vhost-user relay's private sockets are made: the
+    /// directory of the listening socket.
+    relay_dir: PathBuf,
 }
 
 /// Lets another thread stop the server cleanly.
@@ -66,9 +69,19 @@ impl StopHandle {
 }
 
 impl Server {
-    /// A server for `disk` on an already bound `listener`.
-    pub fn new(listener: UnixListener, disk: Arc<Disk>, cfg: DeviceConfig) -> Server {
+    /// A server for `disk` on `listener`, already bound at `socket`.
+    pub fn new(
+        socket: &Path,
+        listener: UnixListener,
+        disk: Arc<Disk>,
+        cfg: DeviceConfig,
+    ) -> Server {
+        let relay_dir = match socket.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
         Server {
+            relay_dir,
             listener,
             disk,
             cfg,
@@ -112,7 +125,7 @@ impl Server {
             };
             // The library serves our end of a private socket; the relay
             // between it and the frontend adds inflight tracking.
-            let relays = match proxy::private_pair().and_then(|(inner, ours)| {
+            let relays = match proxy::private_pair(&self.relay_dir).and_then(|(inner, ours)| {
                 let relays = proxy::spawn(frontend, ours, slot, self.offer_inflight)?;
                 Ok((inner, relays))
             }) {

@@ -14,8 +14,9 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::ffi::OsStringExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
@@ -53,10 +54,12 @@ impl Slot {
 }
 
 /// A listening socket the library can accept from, and our end of the
-/// connection to it (already queued on the listener).
-pub fn private_pair() -> io::Result<(UnixListener, UnixStream)> {
-    let mut template = std::env::temp_dir()
-        .join("vubd-XXXXXX")
+/// connection to it (already queued on the listener), made in a private
+/// directory under `dir`: beside the vhost-user socket, where vubd may
+/// create sockets once confined (Landlock), unlike $TMPDIR.
+pub fn private_pair(dir: &Path) -> io::Result<(UnixListener, UnixStream)> {
+    let mut template = dir
+        .join(".vubd-XXXXXX")
         .into_os_string()
         .into_encoded_bytes();
     template.push(0);
@@ -67,10 +70,32 @@ pub fn private_pair() -> io::Result<(UnixListener, UnixStream)> {
     }
     template.pop();
     let dir = PathBuf::from(std::ffi::OsString::from_vec(template));
-    let path = dir.join("s");
-    let result = UnixListener::bind(&path).and_then(|l| Ok((UnixStream::connect(&path)?, l)));
-    let _ = std::fs::remove_file(&path);
-    let _ = std::fs::remove_dir(&dir);
+    // Others may write beside the socket and swap a directory in under
+    // this name: work through a descriptor of ours, by its /proc path,
+    // which also fits in sun_path whatever the length of `dir`.
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+        .open(&dir);
+    let result = opened.and_then(|d| {
+        let st = d.metadata()?;
+        // SAFETY: geteuid has no preconditions.
+        if st.uid() != unsafe { libc::geteuid() } || st.mode() & 0o777 != 0o700 {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!("{} was replaced", dir.display()),
+            ));
+        }
+        let addr = PathBuf::from(format!("/proc/self/fd/{}/s", d.as_raw_fd()));
+        let pair = UnixListener::bind(&addr).and_then(|l| Ok((UnixStream::connect(&addr)?, l)));
+        let _ = std::fs::remove_file(&addr);
+        // Only ours: the name may lead elsewhere by now.
+        if std::fs::symlink_metadata(&dir).is_ok_and(|m| m.ino() == st.ino() && m.dev() == st.dev())
+        {
+            let _ = std::fs::remove_dir(&dir);
+        }
+        pair
+    });
     let (stream, listener) = result?;
     Ok((listener, stream))
 }
