@@ -106,6 +106,16 @@ pub trait Image: Send + Sync {
     fn identity(&self) -> Option<(u64, u64)> {
         None
     }
+    /// Takes QEMU-compatible locks (see [`crate::lock`]) for as long as
+    /// the image stays open or until [`Image::unlock`]; images that are no
+    /// local file have none to take.
+    fn lock_perms(
+        &self,
+        _take: crate::lock::Perms,
+        _share: crate::lock::Perms,
+    ) -> Result<(), crate::lock::LockError> {
+        Ok(())
+    }
     /// Releases the QEMU-compatible locks the image holds, if any (a job
     /// that ends without the image becoming the disk's gives them up, as
     /// QEMU does when its job lets go of the target).
@@ -168,6 +178,14 @@ macro_rules! forward_image {
             #[inline]
             fn identity(&self) -> Option<(u64, u64)> {
                 (**self).identity()
+            }
+            #[inline]
+            fn lock_perms(
+                &self,
+                take: crate::lock::Perms,
+                share: crate::lock::Perms,
+            ) -> Result<(), crate::lock::LockError> {
+                (**self).lock_perms(take, share)
             }
             #[inline]
             fn unlock(&self) {
@@ -718,6 +736,14 @@ impl Image for RawImage {
 
     fn identity(&self) -> Option<(u64, u64)> {
         self.file.metadata().ok().map(|m| file_identity(&m))
+    }
+
+    fn lock_perms(
+        &self,
+        take: crate::lock::Perms,
+        share: crate::lock::Perms,
+    ) -> Result<(), crate::lock::LockError> {
+        self.lock(take, share)
     }
 
     fn unlock(&self) {

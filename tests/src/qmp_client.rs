@@ -59,9 +59,21 @@ impl QmpClient {
     /// Connects to `path` (waiting up to `timeout` for it to appear) and
     /// negotiates capabilities; `timeout` also bounds every later wait.
     pub fn connect(path: &Path, timeout: Duration) -> Result<QmpClient> {
-        wait_for_socket(path, timeout)?;
-        let stream =
-            UnixStream::connect(path).with_context(|| format!("connect {}", path.display()))?;
+        let deadline = std::time::Instant::now() + timeout;
+        // A socket file left by a daemon that was killed refuses until its
+        // restarted successor replaces it.
+        let stream = loop {
+            wait_for_socket(path, timeout)?;
+            match UnixStream::connect(path) {
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::ConnectionRefused
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                other => break other.with_context(|| format!("connect {}", path.display()))?,
+            }
+        };
         let reader = BufReader::new(stream.try_clone()?);
         let (tx, rx) = channel();
         std::thread::Builder::new()

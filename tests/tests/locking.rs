@@ -315,3 +315,61 @@ fn a_mirror_target_is_locked() -> Result<()> {
     ensure!(w.ok, "the cancelled mirror still locks its target: {w:?}");
     Ok(())
 }
+
+/// A backup target (a `file` node the job writes through its
+/// copy-before-write filter) is locked while the job or the filter holds
+/// it, and free again after: nobody else may write the point-in-time
+/// image meanwhile. (qemu-storage-daemon 7.2 takes no lock on a backup
+/// target; this is a deliberate difference.)
+#[test]
+fn a_backup_target_is_locked_while_in_use() -> Result<()> {
+    if !have("qemu-io") {
+        eprintln!("SKIPPED: qemu-io missing");
+        return Ok(());
+    }
+    let dir = ScratchDir::new("lock-backup")?;
+    let (src, tgt): (PathBuf, PathBuf) = (dir.join("src.img"), dir.join("tgt.img"));
+    create_image(&src, 16 * MIB)?;
+    create_image(&tgt, 16 * MIB)?;
+    let d = MirrorDaemon::start(dir.path(), &src, &[])?;
+    let mut q = d.qmp()?;
+    let write_target = || {
+        let mut c = Command::new("qemu-io");
+        c.args(["-f", "raw", "-c", "write 0 4k"]).arg(&tgt);
+        probe(c, None, &tgt, dir.path())
+    };
+    let locked = |what: &str, w: Outcome| {
+        ensure!(
+            !w.ok && w.stderr.contains("Failed to get \"write\" lock"),
+            "a writer got the target of {what}: {w:?}"
+        );
+        Ok(())
+    };
+    q.ok(
+        "blockdev-add",
+        json!({"driver": "file", "node-name": "t0", "filename": tgt}),
+    )?;
+    ensure!(write_target()?.ok, "an unused node is locked");
+    q.ok(
+        "blockdev-backup",
+        json!({"job-id": "b", "device": "disk0", "target": "t0", "sync": "none"}),
+    )?;
+    locked("a backup job", write_target()?)?;
+    q.ok("block-job-cancel", json!({"device": "b"}))?;
+    q.wait_event("JOB_STATUS_CHANGE", DEADLINE, |d| d["status"] == "null")?;
+    ensure!(
+        write_target()?.ok,
+        "the ended backup still locks its target"
+    );
+    q.ok(
+        "blockdev-add",
+        json!({"driver": "copy-before-write", "node-name": "c0", "file": "disk0", "target": "t0"}),
+    )?;
+    locked("a copy-before-write node", write_target()?)?;
+    q.ok("blockdev-del", json!({"node-name": "c0"}))?;
+    ensure!(
+        write_target()?.ok,
+        "the removed filter still locks its target"
+    );
+    Ok(())
+}

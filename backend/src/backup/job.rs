@@ -81,6 +81,9 @@ impl BackupJob {
         self.graph.drop_node(&self.filter_node);
         self.graph
             .release(&self.target_node, &User::BackupJob(job_id.to_string()));
+        if let Some(target) = self.graph.lookup(&self.target_node) {
+            target.image().unlock();
+        }
     }
 
     /// The progress of a backup job is the bytes its filter copied

@@ -292,6 +292,13 @@ impl BackupAction {
             return Err(generic(e.to_string()));
         }
         self.partial = Some(driver.clone());
+        // The target is written: locked as a guest's disk is, so that no
+        // other process writes it meanwhile (QEMU 7.2 takes no lock here).
+        let (take, share) = crate::lock::guest_disk_perms(false);
+        target
+            .image()
+            .lock_perms(take, share)
+            .map_err(|e| generic(format!("{e} on backup target '{}'", a.target)))?;
         if a.speed < 0 {
             return Err(JobError::NegativeSpeed.into());
         }

@@ -254,7 +254,17 @@ impl Filters {
             true,
         )
         .with_filter(cbw.clone());
-        graph.add(node, None).map_err(|e| generic(e.to_string()))?;
+        // The target is written: locked as a guest's disk is (QEMU 7.2
+        // takes no lock here); refused before anything changed.
+        let (take, share) = crate::lock::guest_disk_perms(false);
+        target
+            .image()
+            .lock_perms(take, share)
+            .map_err(|e| generic(format!("{e} on copy-before-write target '{}'", spec.target)))?;
+        if let Err(e) = graph.add(node, None) {
+            target.image().unlock();
+            return Err(generic(e.to_string()));
+        }
         let _ = graph.claim(&spec.target, User::Parent(name.to_string()));
         self.disk.add_hook(cbw);
         Ok(())
@@ -276,6 +286,10 @@ impl Filters {
         for (n, users) in graph.nodes() {
             if users.contains(&parent) {
                 graph.release(n.name(), &parent);
+                // Never the disk's own locks (its file is the filter's child).
+                if n.image().identity() != self.disk.image().identity() {
+                    n.image().unlock();
+                }
             }
         }
     }
