@@ -132,6 +132,11 @@ pub struct Writer {
 impl Writer {
     /// Starts writing through `vhost`, the places drawn from `seed`.
     pub fn start(vhost: &Path, seed: u64) -> Result<Writer> {
+        Writer::paced(vhost, seed, Duration::ZERO)
+    }
+
+    /// As [`Writer::start`], resting `pause` after each write.
+    pub fn paced(vhost: &Path, seed: u64, pause: Duration) -> Result<Writer> {
         let mut client = Client::connect(vhost, 1, false)?;
         let stop = Arc::new(AtomicBool::new(false));
         let count = Arc::new(AtomicU64::new(0));
@@ -147,6 +152,9 @@ impl Writer {
                 client.write(block * BLOCK, &vec![(x >> 56) as u8 | 0x80; BLOCK as usize])?;
                 written.insert(block);
                 c.fetch_add(1, Ordering::Relaxed);
+                if !pause.is_zero() {
+                    std::thread::sleep(pause);
+                }
             }
             client.flush()?;
             Ok(written)
