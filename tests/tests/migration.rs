@@ -8,6 +8,9 @@
 //! Every case runs with qemu-storage-daemon 7.2 and with vubd as the
 //! source (`blockdev-add driver=nbd`, `blockdev-mirror`). The destination checks run against
 //! vubd and against qemu-storage-daemon with the same client and checks.
+//! The whole migration runs with a QEMU guest too: fio writes on the
+//! source while the disk is mirrored, and a second QEMU verifies on the
+//! destination (`migrate_a_guest`), for each pairing of vubd and qsd.
 //! Needs root (network namespaces).
 
 use anyhow::{bail, ensure, Context, Result};
@@ -18,6 +21,7 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 use tests::daemon::{Daemon, ScratchDir};
 use tests::fleece::{make_image, Writer, SIZE};
+use tests::guest::{log_path, wait_for_marker, Guest};
 use tests::netns::{Counters, Link, QdiscError, Side, DESTINATION_ADDR};
 use tests::qmp_client::{event_label, QmpClient};
 
@@ -120,9 +124,14 @@ impl Node {
     }
 
     fn start_mirror(&mut self, policy: &str) -> Result<()> {
+        self.start_mirror_sync(policy, "full")
+    }
+
+    /// As [`Node::start_mirror`], with `sync` (`full`, `top`, `none`).
+    fn start_mirror_sync(&mut self, policy: &str, sync: &str) -> Result<()> {
         self.qmp.ok(
             "blockdev-mirror",
-            json!({"job-id": "m", "device": "disk0", "target": "remote", "sync": "full",
+            json!({"job-id": "m", "device": "disk0", "target": "remote", "sync": sync,
                 "granularity": GRANULARITY, "on-target-error": policy}),
         )?;
         Ok(())
@@ -820,6 +829,259 @@ fn destination_slow_vubd_source() -> Result<()> {
     destination_slow(Kind::Vubd)
 }
 
+// ---- sync modes onto a remote node ------------------------------------------
+
+/// What the destination holds before the mirror: a byte no guest write
+/// and no chunk of the source's pattern fills a whole 64 KiB with.
+const STALE: u8 = 0x11;
+
+/// A source image as [`images`] makes it, and a destination of the same
+/// size full of [`STALE`] (a disk reused as a target, not a fresh one).
+fn stale_images(dir: &ScratchDir) -> Result<(PathBuf, PathBuf)> {
+    let src = dir.join("src.img");
+    let dst = dir.join("dst.img");
+    make_image(&src)?;
+    std::fs::write(&dst, vec![STALE; SIZE as usize])?;
+    Ok((src, dst))
+}
+
+/// The chunk (of the mirror's granularity) at `off` of both images.
+fn chunks_at(a: &Path, b: &Path, off: u64) -> Result<(Vec<u8>, Vec<u8>)> {
+    use std::os::unix::fs::FileExt;
+    let mut x = vec![0u8; GRANULARITY as usize];
+    let mut y = vec![0u8; GRANULARITY as usize];
+    std::fs::File::open(a)?.read_exact_at(&mut x, off)?;
+    std::fs::File::open(b)?.read_exact_at(&mut y, off)?;
+    Ok((x, y))
+}
+
+/// `sync=full` and `sync=top` onto an NBD node whose disk holds other
+/// data: the destination becomes an exact copy, the source's holes
+/// included (a raw disk has no backing file, so `top` is the whole disk,
+/// as in QEMU), while a guest writes.
+fn sync_copies_everything(source: Kind, sync: &str) -> Result<()> {
+    let tag = format!("mig-sync-{sync}");
+    let dir = ScratchDir::new(&tag)?;
+    let (src, dst) = stale_images(&dir)?;
+    let mut s = Setup::on(dir, &tag, source, Kind::Vubd, &src, &dst)?;
+    let writer = guest_writer(&s.source, 21)?;
+    s.source.add_remote(60)?;
+    s.source.start_mirror_sync("report", sync)?;
+    s.source.wait_status("ready")?;
+    writer.wait_writes(100)?;
+    s.source.finish(Some(writer))?;
+    no_job_error(&mut s.source)?;
+    compare(&s.source.image, &s.destination.image)
+}
+
+/// `sync=none`: only the chunks the guest writes while the job runs reach
+/// the destination; every other chunk keeps what the destination held.
+fn sync_none_copies_new_writes(source: Kind) -> Result<()> {
+    let tag = "mig-sync-none";
+    let dir = ScratchDir::new(tag)?;
+    let (src, dst) = stale_images(&dir)?;
+    let mut s = Setup::on(dir, tag, source, Kind::Vubd, &src, &dst)?;
+    s.source.add_remote(60)?;
+    s.source.start_mirror_sync("report", "none")?;
+    s.source.wait_status("ready")?;
+    let writer = guest_writer(&s.source, 23)?;
+    writer.wait_writes(300)?;
+    let written = writer.stop().context("the guest saw an error")?;
+    s.source.finish(None)?;
+    no_job_error(&mut s.source)?;
+    let per_chunk = GRANULARITY / tests::fleece::BLOCK;
+    let dirty: std::collections::BTreeSet<u64> = written.iter().map(|b| b / per_chunk).collect();
+    let (mut copied, mut kept) = (0, 0);
+    for chunk in 0..SIZE / GRANULARITY {
+        let (a, b) = chunks_at(&s.source.image, &s.destination.image, chunk * GRANULARITY)?;
+        if dirty.contains(&chunk) {
+            ensure!(
+                a == b,
+                "chunk {chunk} was written during the job but differs"
+            );
+            copied += 1;
+        } else {
+            ensure!(
+                b.iter().all(|&x| x == STALE),
+                "chunk {chunk} was not written during the job but was copied"
+            );
+            kept += 1;
+        }
+    }
+    ensure!(copied > 0 && kept > 0, "copied {copied}, kept {kept}");
+    Ok(())
+}
+
+#[test]
+fn sync_full_onto_a_used_disk_qsd_source() -> Result<()> {
+    sync_copies_everything(Kind::Qsd, "full")
+}
+
+#[test]
+fn sync_full_onto_a_used_disk_vubd_source() -> Result<()> {
+    sync_copies_everything(Kind::Vubd, "full")
+}
+
+#[test]
+fn sync_top_onto_a_used_disk_qsd_source() -> Result<()> {
+    sync_copies_everything(Kind::Qsd, "top")
+}
+
+#[test]
+fn sync_top_onto_a_used_disk_vubd_source() -> Result<()> {
+    sync_copies_everything(Kind::Vubd, "top")
+}
+
+#[test]
+fn sync_none_qsd_source() -> Result<()> {
+    sync_none_copies_new_writes(Kind::Qsd)
+}
+
+#[test]
+fn sync_none_vubd_source() -> Result<()> {
+    sync_none_copies_new_writes(Kind::Vubd)
+}
+
+// ---- the whole migration, with a QEMU guest ----------------------------------
+
+/// fio's job in both guests: the same parameters (and so the same offsets
+/// and seeds), 4 KiB random writes over the first 16 MiB with crc32c
+/// headers. The first guest writes; the second only verifies.
+const GUEST_FIO: &str = "$FIO --name=mig --filename=/dev/vda --direct=1 --ioengine=io_uring \
+    --rw=randwrite --bs=4k --iodepth=8 --size=16M --randseed=4242 --rate_iops=800 \
+    --verify=crc32c --verify_fatal=1 --verify_state_save=0 \
+    --output-format=terse --terse-version=3";
+
+/// The first guest: fio's write phase on the source, then idle until the
+/// test stops the VM (the VM's memory would move to the other host now).
+const SOURCE_GUEST: &str = r#"
+result phase writing
+eval "$GUEST_FIO --do_verify=0" >/tmp/fio.out 2>/tmp/fio.err
+rc=$?
+cat /tmp/fio.err
+result fio_rc $rc
+result fio_write_kb "$(cut -d';' -f47 /tmp/fio.out)"
+result fio_done 1
+sleep 600
+"#;
+
+/// The second guest, on the destination: fio verifies every block the
+/// first one wrote, then the whole disk's checksum.
+const DESTINATION_GUEST: &str = r#"
+eval "$GUEST_FIO --verify_only" >/tmp/fio.out 2>/tmp/fio.err
+rc=$?
+cat /tmp/fio.err
+result fio_rc $rc
+result fio_read_kb "$(cut -d';' -f6 /tmp/fio.out)"
+[ $rc = 0 ] || fail "fio verify exited $rc"
+result md5 "$(md5sum /dev/vda | cut -d' ' -f1)"
+"#;
+
+fn md5(path: &Path) -> Result<String> {
+    let out = Command::new("md5sum").arg(path).output()?;
+    ensure!(out.status.success(), "md5sum {} failed", path.display());
+    Ok(String::from_utf8(out.stdout)?
+        .split_whitespace()
+        .next()
+        .context("empty md5sum output")?
+        .to_string())
+}
+
+/// A guest's script with fio's job line defined.
+fn guest_script(body: &str) -> String {
+    format!("GUEST_FIO='{GUEST_FIO}'\n{body}")
+}
+
+/// Migrates a running guest's disk as libvirt's `--copy-storage-all`
+/// does: a QEMU guest writes with fio on the source daemon's disk while
+/// the source mirrors it into the destination's NBD export across the
+/// link; once fio's writes are done the VM is stopped (as for the last
+/// phase of a memory migration), the mirror cancelled after READY (the
+/// destination is then a copy as of the stop) and the first QEMU quits.
+/// A second QEMU on the destination daemon then verifies every block fio
+/// wrote, and the destination image must equal the source's.
+fn migrate_a_guest(source: Kind, destination: Kind) -> Result<()> {
+    let tag = format!("mig-guest-{source:?}-{destination:?}").to_lowercase();
+    let mut s = Setup::new(&tag, source, destination)?;
+    let qemu_qmp = s.dir.join("qemu1-qmp.sock");
+    let first = format!("{tag}-1");
+    let runner = Guest::new(&first, &s.source.vhost, &guest_script(SOURCE_GUEST))
+        .qmp(&qemu_qmp)
+        .timeout(Duration::from_secs(300))
+        .spawn()?;
+    wait_for_marker(&first, "VUBD-RESULT phase=writing", TIMEOUT, &runner)?;
+    let mut vm = QmpClient::connect(&qemu_qmp, TIMEOUT)?;
+    s.source.mirror(60, "report")?;
+    let log = std::fs::read_to_string(log_path(&first)).unwrap_or_default();
+    ensure!(
+        !log.contains("fio_done"),
+        "fio finished before the mirror started: the test would not test writes racing the copy"
+    );
+    wait_for_marker(&first, "VUBD-RESULT fio_done", TIMEOUT, &runner)?;
+    vm.ok("stop", json!({}))?;
+    s.source.wait_status("ready")?;
+    s.source.finish(None)?;
+    // The VM runs on the destination from here on; the first QEMU goes.
+    let _ = vm.execute("quit", json!({}));
+    let out = runner
+        .join()
+        .map_err(|_| anyhow::anyhow!("guest thread panicked"))??;
+    ensure!(
+        out.get("fio_rc")? == "0",
+        "fio failed on the source: {}",
+        out.tail(30)
+    );
+    ensure!(
+        out.get_parsed::<u64>("fio_write_kb")? == 16 * 1024,
+        "fio did not write its 16 MiB: {}",
+        out.tail(30)
+    );
+    let errors = out.kernel_errors();
+    ensure!(errors.is_empty(), "the source guest saw: {errors:?}");
+    s.check_copy()?;
+
+    let second = format!("{tag}-2");
+    let out = Guest::new(
+        &second,
+        &s.destination.vhost,
+        &guest_script(DESTINATION_GUEST),
+    )
+    .timeout(Duration::from_secs(300))
+    .run()?;
+    out.ensure_clean()?;
+    ensure!(
+        out.get_parsed::<u64>("fio_read_kb")? == 16 * 1024,
+        "fio verified less than it wrote: {}",
+        out.tail(30)
+    );
+    ensure!(
+        out.get("md5")? == md5(&s.source.image)?,
+        "the disk the destination guest sees is not the source's"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_guest_migrates_from_vubd_to_vubd() -> Result<()> {
+    migrate_a_guest(Kind::Vubd, Kind::Vubd)
+}
+
+#[test]
+fn a_guest_migrates_from_qsd_to_vubd() -> Result<()> {
+    migrate_a_guest(Kind::Qsd, Kind::Vubd)
+}
+
+#[test]
+fn a_guest_migrates_from_vubd_to_qsd() -> Result<()> {
+    migrate_a_guest(Kind::Vubd, Kind::Qsd)
+}
+
+/// The reference: qemu-storage-daemon at both ends passes the same checks.
+#[test]
+fn a_guest_migrates_from_qsd_to_qsd() -> Result<()> {
+    migrate_a_guest(Kind::Qsd, Kind::Qsd)
+}
+
 // ---- benchmark ---------------------------------------------------------------
 
 const BENCH_SIZE: u64 = 1 << 30;
@@ -843,14 +1105,15 @@ fn half_sparse_image(path: &Path) -> Result<()> {
 /// One benchmark run: `source` mirrors the half-sparse image into
 /// `destination` across the link (with the qdisc `shape` on both ends if
 /// given; `None` back if the kernel lacks it),
-/// idle guest. Returns the seconds from `blockdev-mirror` to READY and
-/// what crossed the link (counted at the destination's interface).
+/// idle guest. Returns the seconds from `blockdev-mirror` to READY, what
+/// crossed the link (counted at the destination's interface) and the
+/// daemons' CPU time meanwhile.
 fn mirror_figures(
     source_image: &Path,
     source: Kind,
     destination: Kind,
     shape: Option<(&str, &[&str])>,
-) -> Result<Option<(f64, Counters)>> {
+) -> Result<Option<Figures>> {
     let dir = ScratchDir::new("mig-bench")?;
     let dst = dir.join("dst.img");
     tests::daemon::create_image(&dst, BENCH_SIZE)?;
@@ -866,24 +1129,47 @@ fn mirror_figures(
     }
     s.source.add_remote(60)?;
     let before = s.link.counters(Side::Destination)?;
+    let cpu_before = (
+        s.source.daemon.cpu_time()?,
+        s.destination.daemon.cpu_time()?,
+    );
     let start = Instant::now();
     s.source.start_mirror("report")?;
     s.source.wait_status("ready")?;
     let secs = start.elapsed().as_secs_f64();
     let after = s.link.counters(Side::Destination)?;
+    let cpu_after = (
+        s.source.daemon.cpu_time()?,
+        s.destination.daemon.cpu_time()?,
+    );
     s.source.finish(None)?;
     compare(source_image, &dst)?;
-    Ok(Some((
+    Ok(Some(Figures {
         secs,
-        Counters {
+        wire: Counters {
             rx_bytes: after.rx_bytes - before.rx_bytes,
             tx_bytes: after.tx_bytes - before.tx_bytes,
         },
-    )))
+        source_cpu: (cpu_after.0 - cpu_before.0).as_secs_f64(),
+        destination_cpu: (cpu_after.1 - cpu_before.1).as_secs_f64(),
+    }))
+}
+
+/// What one benchmark run measured.
+struct Figures {
+    /// Seconds from `blockdev-mirror` to READY.
+    secs: f64,
+    /// Bytes that crossed the link, counted at the destination.
+    wire: Counters,
+    /// CPU seconds (user + system) the source daemon used meanwhile.
+    source_cpu: f64,
+    /// The same for the destination daemon.
+    destination_cpu: f64,
 }
 
 /// Prints the time to mirror a 1 GiB half-sparse disk over the veth link
-/// and the bytes on the wire, for each source/destination pair: on the
+/// with the bytes on the wire and each daemon's CPU time, for each
+/// source/destination pair: on the
 /// bare link, with 1 ms of netem delay each way (where the kernel has
 /// netem), and limited to 1 Gbit/s each way by tbf.
 /// Asserts only that each copy is exact. Run with
@@ -915,10 +1201,14 @@ fn migration_figures() -> Result<()> {
                     .unwrap_or_default()
             );
             match mirror_figures(&image, source, destination, shape)? {
-                Some((secs, c)) => println!(
-                    "{label}: {secs:.2} s to READY, {:.1} MiB to the destination, {:.1} MiB back",
-                    c.rx_bytes as f64 / MIB as f64,
-                    c.tx_bytes as f64 / MIB as f64
+                Some(f) => println!(
+                    "{label}: {:.2} s to READY, {:.1} MiB to the destination, {:.1} MiB back, \
+                     CPU s source {:.2} destination {:.2}",
+                    f.secs,
+                    f.wire.rx_bytes as f64 / MIB as f64,
+                    f.wire.tx_bytes as f64 / MIB as f64,
+                    f.source_cpu,
+                    f.destination_cpu
                 ),
                 None => println!("{label}: skipped, this kernel lacks the qdisc"),
             }

@@ -189,35 +189,12 @@ impl MirrorJob {
         lock(&self.engine).take()
     }
 
-    /// Sets D for every allocated chunk of the source (sync `top`).
-    fn scan_allocated(&self) -> Result<(), String> {
-        let s = &self.state;
-        let source = s.disk.image();
-        let mut pos = 0;
-        while pos < s.size {
-            let (data, run) = source.allocation(pos).map_err(|e| e.to_string())?;
-            let end = if run == 0 {
-                s.size
-            } else {
-                (pos + run).min(s.size)
-            };
-            if data {
-                if let Some((first, last)) = s.chunk_range(pos, end - pos) {
-                    s.dirty.set(first, last);
-                }
-            }
-            pos = end;
-        }
-        Ok(())
-    }
-
     fn run_loop(&self, ctx: &JobContext, engine: &mut Engine) -> Result<(), String> {
         let s = &*self.state;
         let started = Instant::now();
         if !self.config.resumed {
             match self.config.sync {
-                SyncMode::Full => s.dirty.set_all(),
-                SyncMode::Top => self.scan_allocated()?,
+                SyncMode::Full | SyncMode::Top => s.dirty.set_all(),
                 SyncMode::None => {}
             }
         }

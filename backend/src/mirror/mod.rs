@@ -64,8 +64,10 @@ pub enum MirrorError {
 pub enum SyncMode {
     /// The whole disk (holes become holes or zeroes on the target).
     Full,
-    /// Only allocated data (a raw image has no backing file, so "top" is the
-    /// allocated part of the image itself).
+    /// The top image of the chain: a raw disk has no backing file, so this
+    /// is the whole disk, as `Full` (QEMU: `base` is then NULL, and a hole
+    /// of the source is part of the image; copying only the allocated data
+    /// would leave a used target's old data where the source has holes).
     Top,
     /// Nothing at first: only what the guest writes from now on.
     None,
