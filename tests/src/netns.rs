@@ -1,7 +1,8 @@
 //! Two network namespaces joined by a veth pair, for migration tests that
 //! need a real network between a source and a destination daemon, and the
 //! kernel's fault injection on it: the link taken down and up, queueing
-//! disciplines (`tc`), per-namespace TCP settings.
+//! disciplines (`tc`), random packet loss (nftables), per-namespace TCP
+//! settings.
 //!
 //! Each [`Link`] has its own namespaces (unique names, so tests run in
 //! parallel); inside them the interfaces are both `eth0` and the addresses
@@ -20,6 +21,8 @@ pub const SOURCE_ADDR: &str = "10.77.0.1";
 pub const DESTINATION_ADDR: &str = "10.77.0.2";
 /// The veth interface's name in both namespaces.
 pub const IFACE: &str = "eth0";
+/// The nftables table [`Link::set_loss`] adds in a namespace.
+const LOSS_TABLE: &str = "vubd_loss";
 
 /// One end of the link.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -197,6 +200,56 @@ impl Link {
     /// Removes what [`Link::set_qdisc`] installed (back to the default).
     pub fn clear_qdisc(&self, side: Side) -> Result<()> {
         self.run(side, "tc", &["qdisc", "del", "dev", IFACE, "root"])?;
+        Ok(())
+    }
+
+    /// Drops `percent` of the packets `side` receives and of those it
+    /// sends, at random (nftables' `numgen random`; this stands in for
+    /// netem's `loss`, which kernels without `sch_netem` lack). 100 makes
+    /// a black hole with the link still up; [`Link::clear_loss`] ends it.
+    pub fn set_loss(&self, side: Side, percent: u32) -> Result<()> {
+        let _ = self.clear_loss(side);
+        let matches = if percent >= 100 {
+            String::new()
+        } else {
+            format!("numgen random mod 100 < {percent} ")
+        };
+        let rule = |chain: &str, hook: &str| {
+            format!(
+                "add chain inet {LOSS_TABLE} {chain} {{ type filter hook {hook} priority 0 ; }} ; \
+                 add rule inet {LOSS_TABLE} {chain} {matches}counter drop"
+            )
+        };
+        let script = format!(
+            "add table inet {LOSS_TABLE} ; {} ; {}",
+            rule("lossin", "input"),
+            rule("lossout", "output")
+        );
+        self.run(side, "nft", &[&script])?;
+        Ok(())
+    }
+
+    /// Packets [`Link::set_loss`] has dropped in `side` so far.
+    pub fn dropped(&self, side: Side) -> Result<u64> {
+        let out = self.run(side, "nft", &["list", "table", "inet", LOSS_TABLE])?;
+        let mut total = 0;
+        for line in out.lines() {
+            let mut words = line.split_whitespace();
+            while let Some(w) = words.next() {
+                if w == "packets" {
+                    total += words
+                        .next()
+                        .context("nft: no count after 'packets'")?
+                        .parse::<u64>()?;
+                }
+            }
+        }
+        Ok(total)
+    }
+
+    /// Removes what [`Link::set_loss`] installed.
+    pub fn clear_loss(&self, side: Side) -> Result<()> {
+        self.run(side, "nft", &["delete", "table", "inet", LOSS_TABLE])?;
         Ok(())
     }
 

@@ -2,8 +2,9 @@
 //! disk over NBD/TCP into a destination daemon's writable NBD export, the
 //! two in separate network namespaces joined by a veth pair
 //! (`tests::netns`). Faults come from the kernel (the link taken down,
-//! TCP giving up), from killing the destination, and from nbdkit's
-//! `error` and `delay` filters as the destination.
+//! TCP giving up, packets dropped by nftables), from killing the
+//! destination, and from nbdkit's `error` and `delay` filters as the
+//! destination.
 //!
 //! Every case runs with qemu-storage-daemon 7.2 and with vubd as the
 //! source (`blockdev-add driver=nbd`, `blockdev-mirror`). The destination checks run against
@@ -827,6 +828,70 @@ fn destination_enospc_stop_vubd_source() -> Result<()> {
 #[test]
 fn destination_slow_vubd_source() -> Result<()> {
     destination_slow(Kind::Vubd)
+}
+
+/// The link drops a share of its packets both ways for the whole copy:
+/// TCP retransmits, the job reaches READY without an error, the guest
+/// never notices and the copy is exact.
+fn lossy_link(source: Kind) -> Result<()> {
+    let mut s = Setup::new("mig-lossy", source, Kind::Vubd)?;
+    let writer = guest_writer(&s.source, 29)?;
+    s.source.add_remote(60)?;
+    s.link.set_loss(Side::Source, 3)?;
+    s.link.set_loss(Side::Destination, 3)?;
+    s.source.start_mirror("report")?;
+    s.source.wait_status("ready")?;
+    writer.wait_writes(100)?;
+    s.source.finish(Some(writer))?;
+    no_job_error(&mut s.source)?;
+    let dropped = s.link.dropped(Side::Source)? + s.link.dropped(Side::Destination)?;
+    ensure!(
+        dropped > 0,
+        "no packet was dropped: the test tested nothing"
+    );
+    s.check_copy()
+}
+
+/// Every packet is dropped for a while with the link up (a black hole: a
+/// failed switch, a firewall): nothing reaches the job or the guest, the
+/// connection carries on once packets pass again, and the copy is exact.
+fn black_hole(source: Kind) -> Result<()> {
+    let mut s = Setup::new("mig-hole", source, Kind::Vubd)?;
+    let writer = guest_writer(&s.source, 31)?;
+    s.source.add_remote(60)?;
+    s.source.start_mirror("report")?;
+    s.link.set_loss(Side::Destination, 100)?;
+    writer.wait_writes(1000)?;
+    ensure!(
+        s.link.dropped(Side::Destination)? > 0,
+        "nothing fell into the hole"
+    );
+    s.link.clear_loss(Side::Destination)?;
+    s.source.wait_status("ready")?;
+    writer.wait_writes(100)?;
+    s.source.finish(Some(writer))?;
+    no_job_error(&mut s.source)?;
+    s.check_copy()
+}
+
+#[test]
+fn lossy_link_qsd_source() -> Result<()> {
+    lossy_link(Kind::Qsd)
+}
+
+#[test]
+fn lossy_link_vubd_source() -> Result<()> {
+    lossy_link(Kind::Vubd)
+}
+
+#[test]
+fn black_hole_qsd_source() -> Result<()> {
+    black_hole(Kind::Qsd)
+}
+
+#[test]
+fn black_hole_vubd_source() -> Result<()> {
+    black_hole(Kind::Vubd)
 }
 
 // ---- sync modes onto a remote node ------------------------------------------
