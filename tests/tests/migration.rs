@@ -894,6 +894,37 @@ fn black_hole_vubd_source() -> Result<()> {
     black_hole(Kind::Vubd)
 }
 
+/// A destination that hangs with its connections up (its process
+/// stopped): vubd's NBD client counts a connection on which requests wait
+/// with nothing moving for `x-request-timeout` as lost, so even a
+/// write-blocking mirror, whose guest writes wait for the target, ends by
+/// its policy and the guest's writes go on. (QEMU 7.2's client has no such
+/// time-out: with qsd as the source the job and, in write-blocking mode,
+/// the guest's writes would wait for ever; this is vubd's own robustness.)
+#[test]
+fn a_hung_destination_ends_a_write_blocking_mirror_by_its_policy() -> Result<()> {
+    let mut s = Setup::new("mig-hung", Kind::Vubd, Kind::Vubd)?;
+    let writer = guest_writer(&s.source, 37)?;
+    s.source.qmp.ok(
+        "blockdev-add",
+        json!({"driver": "nbd", "node-name": "remote",
+            "server": {"type": "inet", "host": DESTINATION_ADDR, "port": PORT.to_string()},
+            "export": "disk0", "reconnect-delay": 1, "x-request-timeout": 2}),
+    )?;
+    s.source.qmp.ok(
+        "blockdev-mirror",
+        json!({"job-id": "m", "device": "disk0", "target": "remote", "sync": "full",
+            "granularity": GRANULARITY, "copy-mode": "write-blocking",
+            "on-target-error": "report"}),
+    )?;
+    s.source.wait_status("ready")?;
+    writer.wait_writes(100)?;
+    s.destination.daemon.signal(libc::SIGSTOP)?;
+    let ended = target_error_ends_job(&mut s.source, writer);
+    s.destination.daemon.signal(libc::SIGCONT)?;
+    ended
+}
+
 // ---- sync modes onto a remote node ------------------------------------------
 
 /// What the destination holds before the mirror: a byte no guest write

@@ -1,7 +1,8 @@
 //! `blockdev-add driver=nbd`: a node on a remote NBD export, with QEMU
 //! 7.2's arguments (`server` as a `SocketAddress` of type `inet` or
-//! `unix`, `export`, `reconnect-delay`) and texts; the URIs `drive-mirror`
-//! takes as a target name the same exports.
+//! `unix`, `export`, `reconnect-delay`) and texts, plus vubd's
+//! `x-request-timeout`; the URIs `drive-mirror` takes as a target name the
+//! same exports.
 
 use super::node::{Driver, Node, NodeOptions};
 use crate::nbd::client::{ClientError, ClientOptions, NbdImage, ServerAddress};
@@ -19,7 +20,16 @@ pub struct NbdSpec {
     pub export: String,
     /// Seconds requests wait for a lost connection.
     pub reconnect_delay: u32,
+    /// Seconds requests may wait with nothing moving on the connection
+    /// before it counts as lost (vubd's `x-request-timeout`; 0: for ever).
+    pub request_timeout: u32,
 }
+
+/// `x-request-timeout` when not given: far above any healthy server's
+/// pause (Linux's own NBD client gives up after 30 s too), short enough
+/// that a hung server fails a job by its policy instead of holding it and a
+/// write-blocking mirror's guest writes for ever.
+pub const DEFAULT_REQUEST_TIMEOUT: u32 = 30;
 
 /// `reconnect-delay` as QEMU 7.2 checks it (through its option parser:
 /// hence the unusual texts).
@@ -82,10 +92,14 @@ pub fn parse(args: &mut Args) -> Result<NbdSpec, QmpError> {
     }
     let reconnect_delay = reconnect_delay(args)?;
     let _open_timeout = args.opt_u32("open-timeout")?;
+    let request_timeout = args
+        .opt_u32("x-request-timeout")?
+        .unwrap_or(DEFAULT_REQUEST_TIMEOUT);
     Ok(NbdSpec {
         addr,
         export,
         reconnect_delay,
+        request_timeout,
     })
 }
 
@@ -99,6 +113,7 @@ pub fn parse_target(name: &str) -> Option<Result<NbdSpec, QmpError>> {
         addr,
         export: export.to_string(),
         reconnect_delay: 0,
+        request_timeout: DEFAULT_REQUEST_TIMEOUT,
     };
     if let Some(rest) = name.strip_prefix("nbd+unix://") {
         let parsed = rest
@@ -151,6 +166,8 @@ pub fn open(name: &str, spec: &NbdSpec, read_only: bool) -> Result<Node, QmpErro
         addr: spec.addr.clone(),
         export: spec.export.clone(),
         reconnect_delay: Duration::from_secs(u64::from(spec.reconnect_delay)),
+        request_timeout: (spec.request_timeout > 0)
+            .then(|| Duration::from_secs(u64::from(spec.request_timeout))),
     })
     .map_err(|e: ClientError| QmpError::generic(e.to_string()))?;
     let read_only = read_only || image.client().info().has(crate::nbd::proto::TF_READ_ONLY);

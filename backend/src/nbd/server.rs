@@ -14,7 +14,7 @@ use super::transmission::{serve, TimedRead};
 use crate::unix_socket::SocketOptions;
 use std::collections::HashMap;
 use std::io::{self, BufReader, BufWriter, Read, Write};
-use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{TcpListener, ToSocketAddrs};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
@@ -186,8 +186,9 @@ impl Listener {
             Listener::Tcp(l) => {
                 let (s, _) = l.accept()?;
                 let _ = s.set_nodelay(true);
-                detect_dead_peer(&s);
-                Stream::Tcp(s)
+                let s = Stream::Tcp(s);
+                s.detect_dead_peer();
+                s
             }
         })
     }
@@ -198,48 +199,6 @@ impl Listener {
             Listener::Tcp(l) => l.as_raw_fd(),
         }
     }
-}
-
-/// Idle time before TCP starts probing a silent client.
-const KEEPALIVE_IDLE_SECS: libc::c_int = 15;
-/// Time between probes.
-const KEEPALIVE_INTERVAL_SECS: libc::c_int = 5;
-/// Unanswered probes after which the connection is dropped.
-const KEEPALIVE_PROBES: libc::c_int = 4;
-/// Longest data may stay unacknowledged before the connection is dropped.
-const USER_TIMEOUT_MS: libc::c_int =
-    (KEEPALIVE_IDLE_SECS + KEEPALIVE_INTERVAL_SECS * KEEPALIVE_PROBES) * 1000;
-
-/// Makes the kernel drop a TCP connection whose peer vanished (a host
-/// gone, a network partition: no FIN or RST ever arrives) within about
-/// half a minute, idle or not. Without it an idle client thread waits
-/// for ever, holding one of the `max-connections` slots that a
-/// reconnecting migration source needs. A failure leaves the kernel's
-/// defaults, which only delay the clean-up.
-fn detect_dead_peer(s: &TcpStream) {
-    let fd = s.as_raw_fd();
-    let set = |level, name, v: libc::c_int| {
-        // SAFETY: setsockopt on a socket we own, with a c_int option value
-        // of the size given.
-        unsafe {
-            libc::setsockopt(
-                fd,
-                level,
-                name,
-                (&v as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-    };
-    set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
-    set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, KEEPALIVE_IDLE_SECS);
-    set(
-        libc::IPPROTO_TCP,
-        libc::TCP_KEEPINTVL,
-        KEEPALIVE_INTERVAL_SECS,
-    );
-    set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, KEEPALIVE_PROBES);
-    set(libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, USER_TIMEOUT_MS);
 }
 
 struct Shared {

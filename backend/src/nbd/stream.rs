@@ -7,6 +7,16 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
+/// Idle time before TCP starts probing a silent peer.
+const KEEPALIVE_IDLE_SECS: libc::c_int = 15;
+/// Time between probes.
+const KEEPALIVE_INTERVAL_SECS: libc::c_int = 5;
+/// Unanswered probes after which the connection is dropped.
+const KEEPALIVE_PROBES: libc::c_int = 4;
+/// Longest data may stay unacknowledged before the connection is dropped.
+const USER_TIMEOUT_MS: libc::c_int =
+    (KEEPALIVE_IDLE_SECS + KEEPALIVE_INTERVAL_SECS * KEEPALIVE_PROBES) * 1000;
+
 /// A connection on a unix or a TCP socket.
 #[derive(Debug)]
 pub enum Stream {
@@ -70,6 +80,29 @@ impl Stream {
     pub fn quickack(&self) {
         if let Stream::Tcp(_) = self {
             self.set_int_option(libc::IPPROTO_TCP, libc::TCP_QUICKACK, 1);
+        }
+    }
+
+    /// Makes the kernel drop a TCP connection whose peer vanished (a host
+    /// gone, a network partition: no FIN or RST ever arrives) within about
+    /// half a minute, idle or not: keepalive probes after
+    /// [`KEEPALIVE_IDLE_SECS`], and data unacknowledged for
+    /// [`USER_TIMEOUT_MS`]. Without it a server's idle connection thread
+    /// waits for ever, holding a `max-connections` slot a reconnecting
+    /// migration source needs, and a client notices only when TCP's
+    /// retransmissions give up (15 minutes by default). A unix socket is
+    /// left as it is; a failure leaves the kernel's defaults.
+    pub fn detect_dead_peer(&self) {
+        if let Stream::Tcp(_) = self {
+            self.set_int_option(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
+            self.set_int_option(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, KEEPALIVE_IDLE_SECS);
+            self.set_int_option(
+                libc::IPPROTO_TCP,
+                libc::TCP_KEEPINTVL,
+                KEEPALIVE_INTERVAL_SECS,
+            );
+            self.set_int_option(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, KEEPALIVE_PROBES);
+            self.set_int_option(libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, USER_TIMEOUT_MS);
         }
     }
 

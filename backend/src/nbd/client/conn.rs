@@ -15,6 +15,15 @@
 //! has been down for the delay all of them fail with EIO, and new ones fail
 //! at once until it is back. A reply that breaks the protocol fails the
 //! requests in flight (they are not resent to a server that garbles them).
+//!
+//! A server that stops answering with the connection up (a hung or
+//! stopped process, a storage stall behind it) would otherwise hold every
+//! request, and a guest write waiting for one in a write-blocking mirror,
+//! for ever: with a `request_timeout`, a connection on which requests wait
+//! and nothing has moved either way for that long counts as broken, and
+//! the rules above take over (resend after reconnecting, or fail at
+//! `reconnect-delay`). Progress, not a request's age, is what counts, so a
+//! slow link that keeps delivering replies is never cut.
 
 use super::handshake::{negotiate, ExportInfo};
 use super::{ClientError, ServerAddress, Stream};
@@ -46,6 +55,9 @@ pub struct ClientOptions {
     pub export: String,
     /// How long requests wait for a lost connection to come back.
     pub reconnect_delay: Duration,
+    /// How long requests may wait with nothing received or sent before the
+    /// connection counts as broken (`None`: for ever, as QEMU 7.2).
+    pub request_timeout: Option<Duration>,
 }
 
 /// What a request ended with.
@@ -122,21 +134,74 @@ struct Shared {
     writer: Mutex<Option<Stream>>,
     closing: std::sync::atomic::AtomicBool,
     wire_bytes: AtomicU64,
+    /// Milliseconds after `born` of the last byte received or sent.
+    progress_ms: AtomicU64,
+    born: Instant,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Connects and negotiates, with a time-out on the handshake.
+/// Connects and negotiates, with a time-out on the handshake (the request
+/// time-out if shorter: a server that hangs in transmission likely hangs
+/// in the handshake of the reconnection too).
 fn open(opts: &ClientOptions) -> Result<(Stream, ExportInfo), ClientError> {
     let mut s = Stream::connect(&opts.addr)?;
-    s.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
-    s.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    let limit = opts
+        .request_timeout
+        .map_or(HANDSHAKE_TIMEOUT, |t| t.min(HANDSHAKE_TIMEOUT));
+    s.set_read_timeout(Some(limit))?;
+    s.set_write_timeout(Some(limit))?;
     let info = negotiate(&mut s, &opts.export)?;
-    s.set_read_timeout(None)?;
+    s.set_read_timeout(watchdog_tick(opts))?;
     s.set_write_timeout(None)?;
     Ok((s, info))
+}
+
+/// How often the reader wakes to check for progress (`None`: no time-out,
+/// it blocks).
+fn watchdog_tick(opts: &ClientOptions) -> Option<Duration> {
+    opts.request_timeout
+        .map(|t| (t / 4).clamp(Duration::from_millis(10), Duration::from_secs(1)))
+}
+
+/// The reader's socket, with the request time-out: a read that waits
+/// returns `TimedOut` once requests have waited with no progress for the
+/// time-out, and goes on waiting otherwise (an idle connection, or one
+/// that moves slowly).
+struct Watchdog<'a> {
+    stream: &'a mut Stream,
+    shared: &'a Shared,
+}
+
+impl Read for Watchdog<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            match self.stream.read(buf) {
+                Ok(n) => {
+                    self.shared.note_progress();
+                    return Ok(n);
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    if let Some(stalled) = self.shared.stalled() {
+                        log::warn!(
+                            "NBD client: no progress from {} for {stalled:?} with requests waiting: reconnecting",
+                            self.shared.opts.addr.display()
+                        );
+                        return Err(io::ErrorKind::TimedOut.into());
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
 }
 
 /// A connection to one export, shared by every thread that does I/O on it.
@@ -171,6 +236,8 @@ impl Client {
             writer: Mutex::new(Some(stream)),
             closing: Default::default(),
             wire_bytes: AtomicU64::new(0),
+            progress_ms: AtomicU64::new(0),
+            born: Instant::now(),
         });
         let s2 = shared.clone();
         let handle = std::thread::Builder::new()
@@ -349,9 +416,28 @@ impl Shared {
                 return Err(io::ErrorKind::WriteZero.into());
             }
             self.wire_bytes.fetch_add(n as u64, Ordering::Relaxed);
+            self.note_progress();
             IoSlice::advance_slices(&mut slices, n);
         }
         Ok(())
+    }
+
+    /// Records that bytes moved on the connection.
+    fn note_progress(&self) {
+        let ms = self.born.elapsed().as_millis() as u64;
+        self.progress_ms.fetch_max(ms, Ordering::Relaxed);
+    }
+
+    /// How long requests have waited with nothing moving, if that is past
+    /// the request time-out.
+    fn stalled(&self) -> Option<Duration> {
+        let limit = self.opts.request_timeout?;
+        if lock(&self.state).pending.is_empty() {
+            return None;
+        }
+        let last = Duration::from_millis(self.progress_ms.load(Ordering::Relaxed));
+        let stalled = self.born.elapsed().saturating_sub(last);
+        (stalled >= limit).then_some(stalled)
     }
 
     /// Fails every pending request with EIO and sets the link state.
@@ -371,6 +457,9 @@ impl Shared {
     fn run(self: Arc<Self>, mut reader: Stream) {
         loop {
             let broken = self.read_replies(&mut reader);
+            // First through the reader's own handle: a sender blocked on a
+            // full socket holds the writer's lock until the socket ends.
+            reader.shutdown();
             if let Some(w) = lock(&self.writer).take() {
                 w.shutdown();
             }
@@ -458,8 +547,12 @@ impl Shared {
 
     /// Reads replies until the connection breaks.
     fn read_replies(&self, r: &mut Stream) -> Broken {
+        let mut r = Watchdog {
+            stream: r,
+            shared: self,
+        };
         loop {
-            match self.read_one(r) {
+            match self.read_one(&mut r) {
                 Ok(()) => {}
                 Err(ReadErr::Io(e)) => {
                     log::debug!("NBD client: read: {e}");
@@ -501,11 +594,11 @@ impl Shared {
         }
     }
 
-    fn read_one(&self, r: &mut Stream) -> Result<(), ReadErr> {
+    fn read_one(&self, r: &mut Watchdog<'_>) -> Result<(), ReadErr> {
         let mut magic = [0u8; 4];
         r.read_exact(&mut magic)?;
         // Quick ack is reset by the kernel; renewed for every reply.
-        r.quickack();
+        r.stream.quickack();
         match be32(&magic) {
             SIMPLE_REPLY_MAGIC => {
                 let mut h = [0u8; 12];
@@ -539,7 +632,7 @@ impl Shared {
         }
     }
 
-    fn read_chunk(&self, r: &mut Stream) -> Result<(), ReadErr> {
+    fn read_chunk(&self, r: &mut Watchdog<'_>) -> Result<(), ReadErr> {
         let mut h = [0u8; 16];
         r.read_exact(&mut h)?;
         let (flags, ty, handle, len) = (

@@ -106,7 +106,9 @@ impl Stream {
                 // Requests are written header then payload; Nagle would
                 // hold a small one back waiting for an ack.
                 s.set_nodelay(true).map_err(err)?;
-                Ok(Stream::Tcp(s))
+                let s = Stream::Tcp(s);
+                s.detect_dead_peer();
+                Ok(s)
             }
         }
     }

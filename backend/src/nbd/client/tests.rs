@@ -121,6 +121,7 @@ fn opts(path: &Path, delay: u64) -> ClientOptions {
         addr: ServerAddress::Unix(path.to_path_buf()),
         export: "e".into(),
         reconnect_delay: Duration::from_secs(delay),
+        request_timeout: None,
     }
 }
 
@@ -378,4 +379,92 @@ fn server_restarted_within_the_delay_is_invisible_longer_outage_fails() {
     // Now down for good: requests fail after the delay, and new ones at once.
     assert!(img.read_at(&[IoBuf::from_slice(&mut r)], 0).is_err());
     assert!(img.flush().is_err());
+}
+
+/// Runs `f` on a thread and waits (bounded) for its result: a client that
+/// hangs fails the test instead of hanging it.
+fn within<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(Duration::from_secs(30))
+        .expect("the client hung")
+}
+
+fn with_timeout(path: &Path, delay: u64, timeout_ms: u64) -> ClientOptions {
+    ClientOptions {
+        request_timeout: Some(Duration::from_millis(timeout_ms)),
+        ..opts(path, delay)
+    }
+}
+
+#[test]
+fn a_server_that_stops_answering_is_left_and_the_request_resent() {
+    let path = sock("hung");
+    let conns = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let conns2 = conns.clone();
+    hostile(&path, move |i, mut s| {
+        conns2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let req = read_request(&mut s);
+        if i == 0 {
+            // Hung with the connection up: reads on, never answers.
+            std::thread::spawn(move || {
+                let mut rest = Vec::new();
+                let _ = s.read_to_end(&mut rest);
+            });
+            return;
+        }
+        s.write_all(&simple_reply(0, req.handle)).unwrap();
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+    });
+    let c = Client::connect(with_timeout(&path, 30, 200)).unwrap();
+    let r = within(move || c.call(CMD_FLUSH, 0, 0, 0, None));
+    assert_eq!(r, Ok(Reply::Done));
+    assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 2);
+}
+
+#[test]
+fn a_hung_server_with_no_reconnect_delay_fails_the_request() {
+    let path = sock("hung0");
+    hostile(&path, |_, mut s| {
+        let _ = read_request(&mut s);
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+    });
+    let c = Client::connect(with_timeout(&path, 0, 200)).unwrap();
+    assert_eq!(within(move || c.call(CMD_FLUSH, 0, 0, 0, None)), Err(EIO));
+}
+
+#[test]
+fn a_slow_server_that_keeps_sending_is_not_cut() {
+    let path = sock("trickle");
+    let conns = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let conns2 = conns.clone();
+    hostile(&path, move |_, mut s| {
+        conns2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let req = read_request(&mut s);
+        // 4 KiB of data in 16 pieces, 100 ms apart: 1.6 s in all, eight
+        // times the time-out, but never 200 ms without a byte.
+        let mut v = chunk_header(
+            REPLY_FLAG_DONE,
+            REPLY_TYPE_OFFSET_DATA,
+            req.handle,
+            8 + 4096,
+        )
+        .to_vec();
+        v.extend_from_slice(&req.offset.to_be_bytes());
+        v.extend_from_slice(&[9; 4096]);
+        for piece in v.chunks(v.len().div_ceil(16)) {
+            std::thread::sleep(Duration::from_millis(100));
+            s.write_all(piece).unwrap();
+        }
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+    });
+    let c = Client::connect(with_timeout(&path, 30, 200)).unwrap();
+    let r = within(move || c.call(CMD_READ, 0, 0, 4096, None));
+    assert_eq!(r, Ok(Reply::Data(vec![9; 4096])));
+    assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 1);
 }
