@@ -16,7 +16,7 @@ use util::*;
 use vubd_backend::jobs::{Job, JobStatus, OnError};
 use vubd_backend::mirror::manager::TargetMode;
 use vubd_backend::mirror::{CopyMode, MirrorRequest};
-use vubd_backend::{Disk, Image};
+use vubd_backend::{Disk, Image, RawImage, RawImageOptions};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -410,5 +410,84 @@ fn a_write_through_failing_while_the_job_handles_an_earlier_one_does_not_stop_it
         stale.is_none(),
         "after the resume the job finds B's error ({stale:?}) and stops again"
     );
+    Ok(())
+}
+
+/// A target that hangs under a write-blocking mirror (its writes park
+/// until released, as on a dead NFS server): a guest write waits for it at
+/// most `x-target-timeout`, then completes with its chunks dirty; the job
+/// hears ETIMEDOUT and stops by its policy; once the target answers again
+/// and the job is resumed, the target ends equal to what the guest wrote.
+#[test]
+fn a_hung_write_blocking_target_holds_guest_writes_at_most_the_target_timeout() -> Result<()> {
+    let dir = Scratch::new("wbhang");
+    let (src, tgt) = (dir.join("src.img"), dir.join("tgt.img"));
+    let model = make_image(&src, 16 * MIB, 2)?;
+    std::fs::File::create(&tgt)?.set_len(16 * MIB)?;
+    let disk = Arc::new(Disk::new(
+        Box::new(RawImage::open(&src, RawImageOptions::default())?),
+        false,
+    ));
+    let rig = Rig::with_disk(disk, &src)?;
+    let gate = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+    let g2 = gate.clone();
+    let target: Arc<dyn Image> = Arc::new(Flaky::with_hook(&tgt, move |op, _| {
+        let (parked, cv) = &*g2;
+        let mut p = parked.lock().unwrap_or_else(|e| e.into_inner());
+        while *p && op.writes() {
+            p = cv.wait(p).unwrap_or_else(|e| e.into_inner());
+        }
+    })?);
+    let mut req = MirrorRequest::new("disk0", &tgt, "full");
+    req.job_id = Some("h".into());
+    req.mode = TargetMode::Existing;
+    req.on_target_error = OnError::Stop;
+    req.copy_mode = CopyMode::WriteBlocking;
+    req.target_timeout = Some(1);
+    let job = rig
+        .manager
+        .start_to(req, target)
+        .map_err(|e| anyhow::anyhow!(e.desc))?;
+    wait_status(&job, JobStatus::Ready, T)?;
+    let load = Writers::start(
+        &rig.disk,
+        model,
+        2,
+        4096,
+        16 * MIB,
+        true,
+        Some(Duration::from_micros(100)),
+    );
+    load.wait_writes(100, T)?;
+    let park = |on: bool| {
+        let (parked, cv) = &*gate;
+        *parked.lock().unwrap_or_else(|e| e.into_inner()) = on;
+        cv.notify_all();
+    };
+    park(true);
+    // Every write-through from now on hangs: the guest's writes go on
+    // (after one time-out), or this waits in vain.
+    let result = load.wait_writes(500, T);
+    park(false);
+    result.context("guest writes hung behind the target")?;
+    wait_status(&job, JobStatus::Standby, T)?;
+    let info = rig.block_job()?;
+    assert_eq!(info["io-status"], json!("failed"), "{info}");
+    rig.qmp("job-resume", json!({"id": "h"}))
+        .map_err(anyhow::Error::msg)?;
+    let t0 = Instant::now();
+    while rig.block_job()?["actively-synced"] != json!(true) {
+        ensure!(
+            t0.elapsed() < T,
+            "never in sync again: {}",
+            rig.block_job()?
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    rig.qmp("job-complete", json!({"id": "h"}))
+        .map_err(anyhow::Error::msg)?;
+    wait_status(&job, JobStatus::Null, T)?;
+    let (_, model) = load.stop().context("a guest write failed")?;
+    compare_file(&tgt, &model)?;
     Ok(())
 }

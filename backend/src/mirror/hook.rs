@@ -65,10 +65,12 @@
 
 use super::chunks::{RangeLock, Stripes};
 use super::state_file::StateFile;
+use super::through::{Payload, WriteThrough};
 use super::{image_errno, CopyMode};
 use crate::bits::AtomicBits;
 use crate::disk::{Disk, DiskError, WriteHook, WriteOp};
-use crate::image::Image;
+use crate::image::{Image, ImageError};
+use crate::iobuf::{total_len, IoBuf};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
@@ -109,6 +111,9 @@ pub struct MirrorState {
     sleeping: AtomicBool,
     work_lock: Mutex<()>,
     work_cv: Condvar,
+    /// Write-blocking writes off the guest's thread, bounded in time
+    /// (`None`: on the guest's thread, unbounded).
+    through: Option<WriteThrough>,
 }
 
 impl std::fmt::Debug for MirrorState {
@@ -151,7 +156,16 @@ impl MirrorState {
             sleeping: AtomicBool::new(false),
             work_lock: Mutex::new(()),
             work_cv: Condvar::new(),
+            through: None,
         }
+    }
+
+    /// Bounds a write-blocking guest write's wait for the target by
+    /// `timeout` (see `through.rs`); `None` writes on the guest's thread
+    /// for as long as the target takes.
+    pub fn with_target_timeout(mut self, timeout: Option<Duration>) -> std::io::Result<Self> {
+        self.through = timeout.map(WriteThrough::new).transpose()?;
+        Ok(self)
     }
 
     /// Bytes per chunk.
@@ -285,17 +299,42 @@ impl MirrorState {
     }
 
     /// Write-blocking part of `after_write`.
-    fn write_through(&self, offset: u64, len: u64, first: u64, last: u64, op: WriteOp<'_>) {
+    fn write_through(
+        self: &Arc<Self>,
+        offset: u64,
+        len: u64,
+        first: u64,
+        last: u64,
+        op: WriteOp<'_>,
+    ) {
+        if let Some(through) = &self.through {
+            let payload = match op {
+                WriteOp::Data(bufs) => Payload::Data(gather(bufs)),
+                WriteOp::Zeroes { unmap } => Payload::Zeroes { unmap },
+                // Not taken (see after_write); marking is always correct.
+                WriteOp::Discard => return self.mark(first, last),
+            };
+            return through.write(self, offset, len, (first, last), payload);
+        }
         let _range = self.ranges.lock(first, last);
         let result = match op {
             WriteOp::Data(bufs) => self.target.write_at(bufs, offset, false),
             WriteOp::Zeroes { unmap } => self.target.write_zeroes(offset, len, unmap),
-            // Not taken (see after_write); marking is always correct.
-            WriteOp::Discard => {
-                self.mark(first, last);
-                return;
-            }
+            WriteOp::Discard => return self.mark(first, last),
         };
+        self.decide_write_through(offset, len, (first, last), result);
+    }
+
+    /// After a write-through's target write, under its chunks' range lock
+    /// and with the guest's write still in its stripe: which of `chunks`
+    /// are now clean, or the target's error.
+    pub(super) fn decide_write_through(
+        &self,
+        offset: u64,
+        len: u64,
+        (first, last): (u64, u64),
+        result: Result<(), ImageError>,
+    ) {
         match result {
             Ok(()) => {
                 self.active_bytes.fetch_add(len, Ordering::Relaxed);
@@ -315,19 +354,33 @@ impl MirrorState {
             }
             Err(e) => {
                 log::warn!("mirror: write-blocking target write failed: {e}");
-                self.mark(first, last);
-                self.wb_suspended.store(true, Ordering::SeqCst);
-                let _ = self.wb_errno.compare_exchange(
-                    0,
-                    image_errno(&e),
-                    Ordering::SeqCst,
-                    Ordering::SeqCst,
-                );
-                // Last, after the suspension (see `set_actively_synced`).
-                self.actively_synced.store(false, Ordering::SeqCst);
+                self.write_through_failed((first, last), image_errno(&e));
             }
         }
     }
+
+    /// A write-through did not reach the target (`errno`): its chunks are
+    /// dirty, write-blocking is suspended until the job handled the error.
+    pub(super) fn write_through_failed(&self, (first, last): (u64, u64), errno: i32) {
+        self.mark(first, last);
+        self.wb_suspended.store(true, Ordering::SeqCst);
+        let _ = self
+            .wb_errno
+            .compare_exchange(0, errno, Ordering::SeqCst, Ordering::SeqCst);
+        // Last, after the suspension (see `set_actively_synced`).
+        self.actively_synced.store(false, Ordering::SeqCst);
+    }
+}
+
+/// A guest write's data, copied out of its buffers.
+fn gather(bufs: &[IoBuf<'_>]) -> Vec<u8> {
+    let mut data = Vec::with_capacity(total_len(bufs) as usize);
+    for b in bufs {
+        // SAFETY: an IoBuf is valid for reads of its length while it
+        // lives, and it lives for this call.
+        data.extend_from_slice(unsafe { std::slice::from_raw_parts(b.ptr(), b.len()) });
+    }
+    data
 }
 
 /// The write hook of one mirror job.
@@ -369,7 +422,8 @@ impl WriteHook for MirrorHook {
             && !s.wb_suspended.load(Ordering::SeqCst)
             && !matches!(op, WriteOp::Discard);
         if through {
-            s.write_through(offset, len.min(s.size - offset), first, last, op);
+            self.state
+                .write_through(offset, len.min(s.size - offset), first, last, op);
         } else {
             s.mark(first, last);
         }

@@ -19,6 +19,7 @@ use crate::jobs::{id_wellformed, Job, JobError, JobOptions, JobRegistry, JobStat
 use crate::qmp::QmpError;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::time::Duration;
 
 /// How the target is obtained (QAPI `NewImageMode`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,7 +71,14 @@ pub struct MirrorRequest {
     /// `filter-node-name`: the name of the job's filter node in the graph
     /// (`None`: an implicit `#blockNNN`).
     pub filter_node_name: Option<String>,
+    /// vubd's `x-target-timeout` (seconds; 0: none): the longest a guest
+    /// write waits for the target in write-blocking mode. `None`: 30 s, or
+    /// none for an NBD target (its client bounds its waits).
+    pub target_timeout: Option<u32>,
 }
+
+/// The write-blocking wait for a target with no `x-target-timeout`.
+pub const DEFAULT_TARGET_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl MirrorRequest {
     /// A request with QEMU's defaults for everything optional.
@@ -94,6 +102,7 @@ impl MirrorRequest {
             auto_dismiss: true,
             resume: false,
             filter_node_name: None,
+            target_timeout: None,
         }
     }
 }
@@ -717,13 +726,35 @@ impl MirrorManager {
                 Some(Arc::new(st))
             }
         };
-        let state = Arc::new(MirrorState::new(
+        // An NBD target bounds its own waits (`x-request-timeout`,
+        // `reconnect-delay`); a shorter bound here would end a mirror over
+        // an outage the client is meant to ride out.
+        let remote = target.async_fd(&[]).is_none();
+        let target_timeout = match req.target_timeout {
+            Some(0) => None,
+            Some(secs) => Some(Duration::from_secs(u64::from(secs))),
+            None if remote => None,
+            None => Some(DEFAULT_TARGET_TIMEOUT),
+        };
+        let state = match MirrorState::new(
             self.disk.clone(),
             target,
             granularity,
             persist.clone(),
             req.copy_mode,
-        ));
+        )
+        .with_target_timeout(target_timeout)
+        {
+            Ok(s) => Arc::new(s),
+            Err(e) => {
+                if pending_state.is_none() {
+                    if let Some(p) = &persist {
+                        let _ = std::fs::remove_file(p.path());
+                    }
+                }
+                return Err(generic(format!("cannot start the mirror's threads: {e}")));
+            }
+        };
         let buf_size = if req.buf_size == 0 {
             DEFAULT_BUF_SIZE
         } else {

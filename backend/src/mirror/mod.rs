@@ -10,6 +10,8 @@
 //!   lets a mirror resume after the daemon was killed;
 //! - [`hook`]: the [`crate::WriteHook`] that marks guest writes (and, in
 //!   write-blocking mode, writes them to the target too);
+//! - [`through`]: those target writes off the guest's thread, bounded by
+//!   the mirror's target time-out;
 //! - [`engine`]: the copier: picks dirty extents, copies them with several
 //!   workers in flight, holes as holes, at the job's speed;
 //! - [`job`]: the job driver (phase 1, READY, pivot, cancel, errors);
@@ -27,6 +29,7 @@ pub mod manager;
 pub mod pivot_marker;
 pub mod qmp;
 pub mod state_file;
+pub mod through;
 
 pub use manager::{MirrorManager, MirrorRequest};
 

@@ -3,9 +3,11 @@
 //! `blockdev-mirror`'s `target` is a node of the graph (`blockdev-add`
 //! first), `drive-mirror`'s a file path (`mode` defaults to
 //! `absolute-paths`, i.e. create a new sparse raw image). vubd's
-//! extensions: `unmap` on `blockdev-mirror` too, and `x-resume: true`,
+//! extensions: `unmap` on `blockdev-mirror` too, `x-resume: true`,
 //! which continues a mirror interrupted by a daemon crash or kill from its
-//! persistent state (a path target is then opened as `mode: existing`).
+//! persistent state (a path target is then opened as `mode: existing`),
+//! and `x-target-timeout` (seconds), the longest a write-blocking guest
+//! write waits for the target.
 
 use super::manager::{MirrorManager, MirrorRequest, TargetMode};
 use super::CopyMode;
@@ -72,6 +74,7 @@ pub fn parse_request(args: &mut Args, drive: bool) -> Result<MirrorRequest, QmpE
         req.unmap = args.opt_bool("unmap")?.unwrap_or(true);
     }
     req.resume = args.opt_bool("x-resume")?.unwrap_or(false);
+    req.target_timeout = args.opt_u32("x-target-timeout")?;
     args.finish()?;
     let default = if drive && !req.resume {
         TargetMode::Create
