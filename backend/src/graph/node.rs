@@ -20,9 +20,6 @@ pub enum Driver {
     SnapshotAccess,
     /// A remote NBD export.
     Nbd,
-    /// A mirror job's filter over the disk's node, for the job's life
-    /// (QEMU's `mirror_top`): the guest's writes reach the mirror through it.
-    MirrorTop,
 }
 
 impl Driver {
@@ -34,7 +31,6 @@ impl Driver {
             Driver::CopyBeforeWrite => "copy-before-write",
             Driver::SnapshotAccess => "snapshot-access",
             Driver::Nbd => "nbd",
-            Driver::MirrorTop => "mirror_top",
         }
     }
 }

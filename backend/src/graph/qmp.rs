@@ -392,17 +392,15 @@ fn node_info(node: &Node) -> Value {
 
 /// `query-named-block-nodes`: every node, newest first. The disk's node
 /// is described as `query-block` describes the disk (its bitmaps, the
-/// guest's write cache), under the node's own name and driver. A mirror's
-/// filter has the node below it as its backing image, as in QEMU (nested,
-/// and counted in `backing_file_depth`, unless `flat`).
-pub fn named_block_nodes(graph: &Graph, ctx: &dyn ManagementContext, flat: bool) -> Value {
+/// guest's write cache), under the node's own name and driver.
+pub fn named_block_nodes(graph: &Graph, ctx: &dyn ManagementContext) -> Value {
     let disk = graph.disk_node();
-    let nodes = graph.nodes();
-    let infos: Vec<Value> = nodes
-        .iter()
+    let list: Vec<Value> = graph
+        .nodes()
+        .into_iter()
         .map(|(node, _)| {
-            if !disk.as_ref().is_some_and(|d| Arc::ptr_eq(d, node)) {
-                return node_info(node);
+            if !disk.as_ref().is_some_and(|d| Arc::ptr_eq(d, &node)) {
+                return node_info(&node);
             }
             let mut info = commands::block_device_info(ctx);
             if let Value::Object(m) = &mut info {
@@ -411,27 +409,6 @@ pub fn named_block_nodes(graph: &Graph, ctx: &dyn ManagementContext, flat: bool)
                 m.insert("drv".into(), json!(drv));
                 if let Some(Value::Object(img)) = m.get_mut("image") {
                     img.insert("format".into(), json!(drv));
-                }
-            }
-            info
-        })
-        .collect();
-    let image_of = |name: &str| {
-        nodes
-            .iter()
-            .position(|(n, _)| n.name() == name)
-            .map(|i| infos[i]["image"].clone())
-    };
-    let list = nodes
-        .iter()
-        .zip(infos.iter())
-        .map(|((node, _), info)| {
-            let mut info = info.clone();
-            // QEMU counts the depth only where it nests the chain.
-            if let (Driver::MirrorTop, false) = (node.driver(), flat) {
-                info["backing_file_depth"] = json!(1);
-                if let Some(below) = node.child().and_then(image_of) {
-                    info["image"]["backing-image"] = below;
                 }
             }
             info
@@ -446,10 +423,10 @@ pub fn register_graph_commands(d: &Dispatcher, graph: Arc<Graph>, ctx: Arc<dyn M
     register_node_commands(d, graph.clone());
     d.register("query-named-block-nodes", move |call: &mut Call<'_>| {
         let mut args = std::mem::take(&mut call.args);
-        // Only a mirror's filter has a backing image to nest.
-        let flat = args.opt_bool("flat")?.unwrap_or(false);
+        // No backing chains yet: the nested view is the flat one.
+        let _flat = args.opt_bool("flat")?;
         args.finish()?;
-        Ok(named_block_nodes(&graph, ctx.as_ref(), flat))
+        Ok(named_block_nodes(&graph, ctx.as_ref()))
     });
 }
 

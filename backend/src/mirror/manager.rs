@@ -68,9 +68,6 @@ pub struct MirrorRequest {
     pub auto_dismiss: bool,
     /// `x-resume`: continue the interrupted mirror recorded beside the image.
     pub resume: bool,
-    /// `filter-node-name`: the name of the job's filter node in the graph
-    /// (`None`: an implicit `#blockNNN`).
-    pub filter_node_name: Option<String>,
     /// vubd's `x-target-timeout` (seconds; 0: none): the longest a guest
     /// write waits for the target in write-blocking mode. `None`: 30 s, or
     /// none for an NBD target (its client bounds its waits).
@@ -101,7 +98,6 @@ impl MirrorRequest {
             auto_finalize: true,
             auto_dismiss: true,
             resume: false,
-            filter_node_name: None,
             target_timeout: None,
         }
     }
@@ -140,78 +136,6 @@ impl Drop for NodeClaim {
     fn drop(&mut self) {
         if let Some((g, node, user)) = self.held.take() {
             g.release(&node, &user);
-        }
-    }
-}
-
-/// The job's filter node (`mirror_top`) in the graph, over the disk's
-/// node, removed on drop unless kept (then the job's end removes it).
-/// The graph shows what the guest's writes go through: the node stands for
-/// the mirror's write hook, which lives exactly as long.
-struct FilterNode {
-    held: Option<(Arc<Graph>, String)>,
-}
-
-impl FilterNode {
-    /// Adds the filter called `name` (checked as QEMU checks
-    /// `filter-node-name`; `None`: an implicit name) for job `job`.
-    fn insert(
-        graph: Option<&Arc<Graph>>,
-        name: Option<&str>,
-        disk: &Disk,
-        direct: bool,
-        job: &str,
-    ) -> Result<FilterNode, QmpError> {
-        let Some(g) = graph else {
-            return Ok(FilterNode { held: None });
-        };
-        let name = match name {
-            Some(n) => {
-                crate::graph::validate_node_name(n).map_err(|e| generic(e.to_string()))?;
-                n.to_string()
-            }
-            None => g.auto_name(),
-        };
-        let Some(below) = g.disk_node() else {
-            return Ok(FilterNode { held: None });
-        };
-        let options = crate::graph::NodeOptions {
-            read_only: disk.read_only(),
-            direct,
-            ..Default::default()
-        };
-        let node = Node::new(
-            &name,
-            crate::graph::Driver::MirrorTop,
-            disk.image(),
-            options,
-            Some(below.name().to_string()),
-            false,
-        );
-        g.add(node, None).map_err(|e| generic(e.to_string()))?;
-        // The guest's device writes through it: in QEMU the device's
-        // BlockBackend moved onto the filter, hence "in use".
-        let _ = g.claim(&name, User::Job(job.to_string()));
-        Ok(FilterNode {
-            held: Some((g.clone(), name)),
-        })
-    }
-
-    /// The node's name, for the job's end to remove it.
-    fn name(&self) -> Option<String> {
-        self.held.as_ref().map(|(_, n)| n.clone())
-    }
-
-    /// The job now exists: its end removes the node.
-    fn keep(mut self) {
-        self.held = None;
-    }
-}
-
-impl Drop for FilterNode {
-    fn drop(&mut self) {
-        if let Some((g, name)) = self.held.take() {
-            g.drop_node(&name);
         }
     }
 }
@@ -662,13 +586,6 @@ impl MirrorManager {
         // The job holds its target node from here; every failure below
         // lets go of it (and once the job exists, its end does).
         let claim = NodeClaim::take(self.graph.get(), target_node.as_deref(), &id)?;
-        let filter = FilterNode::insert(
-            self.graph.get(),
-            req.filter_node_name.as_deref(),
-            &self.disk,
-            self.direct,
-            &id,
-        )?;
         let mut granularity = if req.granularity == 0 {
             DEFAULT_GRANULARITY
         } else {
@@ -794,13 +711,9 @@ impl MirrorManager {
             .map(|n| (n.name().to_string(), User::Job(id.clone())));
         let end_graph = graph.clone();
         let end_held = held.clone();
-        let end_filter = filter.name();
         let on_end = Box::new(move || {
             if let (Some(g), Some((node, user))) = (&end_graph, &end_held) {
                 g.release(node, user);
-            }
-            if let (Some(g), Some(f)) = (&end_graph, &end_filter) {
-                g.drop_node(f);
             }
             if let Some(m) = me.upgrade() {
                 let mut slot = m.lock();
@@ -934,7 +847,6 @@ impl MirrorManager {
             None => self.disk.add_hook(hook),
         }
         claim.keep();
-        filter.keep();
         slot.active = Some(id);
         drop(slot);
         if let Err(e) = job.start() {
