@@ -521,6 +521,33 @@ mod tests {
     }
 
     #[test]
+    fn a_mirror_filter_holds_the_disk_and_the_job_blocks_its_source() {
+        let g = Graph::new(node("disk0", Driver::Raw, None, true));
+        g.add(node("mt0", Driver::MirrorTop, Some("disk0"), true), None)
+            .unwrap();
+        g.claim("mt0", User::Disk).unwrap();
+        let job = User::MirrorJob("m".into());
+        g.claim("disk0", job.clone()).unwrap();
+        assert_eq!(
+            g.remove("mt0").unwrap_err().to_string(),
+            "Node mt0 is in use"
+        );
+        // The disk's writes go through the filter: the job's blocker speaks.
+        assert_eq!(
+            g.remove("disk0").unwrap_err().to_string(),
+            "Node 'disk0' is busy: block device is in use by block job: mirror"
+        );
+        // The job's end.
+        g.drop_node("mt0");
+        g.release("disk0", &job);
+        assert_eq!(names(&g), ["disk0"]);
+        assert_eq!(
+            g.remove("disk0").unwrap_err().to_string(),
+            "Node disk0 is in use"
+        );
+    }
+
+    #[test]
     fn a_pivot_moves_the_disk_between_nodes() {
         let g = Graph::new(node("disk0", Driver::Raw, None, true));
         g.add(node("t", Driver::File, None, true), None).unwrap();
