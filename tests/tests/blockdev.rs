@@ -400,3 +400,226 @@ fn blockdev_mirror_onto_a_node_matches_qemu_and_keeps_every_write() -> Result<()
     }
     Ok(())
 }
+
+/// The fields of a mirror's filter node both daemons must report alike
+/// (the disk's own node differs: `file` on qsd, `raw` on vubd).
+fn filter_fields(nodes: &BTreeMap<String, Value>, name: &str) -> Vec<String> {
+    let Some(n) = nodes.get(name) else {
+        return vec![format!("{name}: absent")];
+    };
+    let mut out: Vec<String> = ["node-name", "drv", "file", "ro", "backing_file_depth"]
+        .iter()
+        .map(|f| match *f {
+            "node-name" if name.starts_with('#') => format!("{name}.{f} = #inline"),
+            _ => format!("{name}.{f} = {}", n[*f]),
+        })
+        .collect();
+    for f in ["format", "filename", "virtual-size"] {
+        out.push(format!("{name}.image.{f} = {}", n["image"][f]));
+    }
+    let backing = &n["image"]["backing-image"];
+    out.push(format!(
+        "{name}.image.backing-image = {}",
+        json!([backing["filename"], backing["virtual-size"]])
+    ));
+    out
+}
+
+/// vubd's `query-block` shows the device inserted on `node`: QEMU 7.2
+/// (qemu-system-x86_64 with a `virtio-blk-pci` device; qsd has no device
+/// and answers `[]`) shows a filter named by `filter-node-name`, nested
+/// over the disk's node, and skips an implicit one.
+fn inserted_on(p: &mut Peer, node: &str) -> Result<()> {
+    if p.name != "vubd" {
+        return Ok(());
+    }
+    let q = p.q.ok("query-block", json!({}))?;
+    let ins = &q[0]["inserted"];
+    ensure!(ins["node-name"] == node, "query-block: {q}");
+    if node == "mt0" {
+        ensure!(
+            ins["drv"] == "mirror_top"
+                && ins["backing_file_depth"] == 1
+                && ins["image"]["backing-image"]["virtual-size"] == ins["image"]["virtual-size"],
+            "query-block: {q}"
+        );
+    } else {
+        ensure!(ins["drv"] == "raw", "query-block: {q}");
+    }
+    Ok(())
+}
+
+/// An NBD server whose writes all fail (nbdkit's error filter), as a
+/// mirror target that fails the job.
+struct FailingTarget(std::process::Child);
+
+impl FailingTarget {
+    fn start(socket: &Path, size: u64) -> Result<FailingTarget> {
+        let child = std::process::Command::new("nbdkit")
+            .args(["-f", "-U"])
+            .arg(socket)
+            .args(["--filter=error", "memory", &size.to_string()])
+            .args(["error-pwrite=EIO", "error-pwrite-rate=1"])
+            .spawn()
+            .context("cannot run nbdkit")?;
+        let deadline = std::time::Instant::now() + T;
+        while !socket.exists() {
+            ensure!(
+                std::time::Instant::now() < deadline,
+                "nbdkit did not listen"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(FailingTarget(child))
+    }
+}
+
+impl Drop for FailingTarget {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The mirror's filter node (`mirror_top`) in the graph, as QEMU 7.2 has
+/// it: listed (implicit name without `filter-node-name`, the given one
+/// with it, `flat` and nested), refused by `blockdev-del`, a name clash
+/// refused before the job exists, the source blocked by the job, and the
+/// node gone once the job ends by cancel, by complete (the target is then
+/// the disk's node) or by an error.
+#[test]
+fn the_mirror_filter_node_is_in_the_graph_as_in_qemu() -> Result<()> {
+    let size = 16 * MIB;
+    let mut pair = start_pair("mirror-top", size)?;
+    for p in &pair.peers {
+        create_image(&p.dir.join("t.img"), size)?;
+    }
+    let mut nbdkits = Vec::new();
+    for p in &pair.peers {
+        nbdkits.push(FailingTarget::start(&p.dir.join("bad.sock"), size)?);
+    }
+    let out = same_on_both(&mut pair, "mirror_top", |p| {
+        let mut out = Vec::new();
+        out.push(p.run(
+            "blockdev-add",
+            json!({"driver": "file", "node-name": "t0", "filename": p.path("t.img")}),
+        )?);
+        // Slow enough that the job is still copying while it is looked at.
+        let m = |id: &str, filter: Option<&str>| {
+            let mut a = json!({"job-id": id, "device": "disk0", "target": "t0",
+                               "sync": "full", "speed": 1});
+            if let Some(f) = filter {
+                a["filter-node-name"] = json!(f);
+            }
+            a
+        };
+        let names = |p: &mut Peer, flat| -> Result<String> {
+            Ok(format!("{:?}", p.nodes(flat)?.keys().collect::<Vec<_>>()))
+        };
+        // Name clashes and bad names: refused, and no job was made.
+        for bad in ["t0", "disk0", "1x", &"n".repeat(32)] {
+            out.push(format!(
+                "filter {bad}: {}",
+                p.run("blockdev-mirror", m("m0", Some(bad)))?
+            ));
+        }
+        let jobs = p.q.ok("query-jobs", json!({}))?;
+        ensure!(
+            jobs == json!([]),
+            "a refused filter name left a job: {jobs}"
+        );
+        out.push(format!("nodes: {}", names(p, true)?));
+        // drive-mirror has no filter-node-name in QEMU 7.2.
+        out.push(p.run(
+            "drive-mirror",
+            json!({"device": "disk0", "target": p.path("t.img"), "sync": "full",
+                   "mode": "existing", "filter-node-name": "mt0"}),
+        )?);
+
+        // Without filter-node-name: an implicit node.
+        out.push(p.run("blockdev-mirror", m("m1", None))?);
+        for flat in [true, false] {
+            let nodes = p.nodes(flat)?;
+            out.push(format!("implicit, flat {flat}: {}", names(p, flat)?));
+            out.extend(filter_fields(&nodes, "#inline1"));
+        }
+        out.push(format!(
+            "del disk0: {}",
+            p.run("blockdev-del", json!({"node-name": "disk0"}))?
+        ));
+        inserted_on(p, "disk0")?;
+        out.push(p.run("block-job-cancel", json!({"device": "m1"}))?);
+        p.q.wait_event("JOB_STATUS_CHANGE", T, |d| {
+            d["id"] == "m1" && d["status"] == "null"
+        })?;
+        out.push(format!("after cancel: {}", names(p, true)?));
+
+        // With filter-node-name.
+        out.push(p.run("blockdev-mirror", m("m2", Some("mt0")))?);
+        for flat in [true, false] {
+            let nodes = p.nodes(flat)?;
+            out.push(format!("named, flat {flat}: {}", names(p, flat)?));
+            out.extend(filter_fields(&nodes, "mt0"));
+        }
+        inserted_on(p, "mt0")?;
+        for node in ["mt0", "disk0", "t0"] {
+            out.push(format!(
+                "del {node}: {}",
+                p.run("blockdev-del", json!({"node-name": node}))?
+            ));
+        }
+        out.push(format!(
+            "second mirror: {}",
+            p.run("blockdev-mirror", m("m9", Some("mt9")))?
+        ));
+        out.push(p.run("block-job-set-speed", json!({"device": "m2", "speed": 0}))?);
+        p.q.wait_event("BLOCK_JOB_READY", T, |d| d["device"] == "m2")?;
+        out.push(format!("ready: {}", names(p, true)?));
+        out.push(p.run("job-complete", json!({"id": "m2"}))?);
+        p.q.wait_event("JOB_STATUS_CHANGE", T, |d| {
+            d["id"] == "m2" && d["status"] == "null"
+        })?;
+        // After the pivot the filter is gone and the target is the disk's
+        // node: in use, while the old source is free.
+        out.push(format!("after complete: {}", names(p, true)?));
+        out.push(format!(
+            "del t0 after the pivot: {}",
+            p.run("blockdev-del", json!({"node-name": "t0"}))?
+        ));
+        // The filter's name is free again.
+        out.push(p.run(
+            "blockdev-add",
+            json!({"driver": "file", "node-name": "mt0", "filename": p.path("t.img"),
+                   "read-only": true}),
+        )?);
+        out.push(p.run("blockdev-del", json!({"node-name": "mt0"}))?);
+        out.push(p.run(
+            "blockdev-add",
+            json!({"driver": "nbd", "node-name": "bad0",
+                   "server": {"type": "unix", "path": p.path("bad.sock")}}),
+        )?);
+        // A job that fails on its target: the filter goes with it.
+        let mut a = json!({"job-id": "m3", "device": "t0", "target": "bad0",
+                           "sync": "full", "filter-node-name": "mt3"});
+        if p.name == "vubd" {
+            // vubd's device keeps its name across a pivot.
+            a["device"] = json!("disk0");
+        }
+        out.push(p.run("blockdev-mirror", a)?);
+        let done =
+            p.q.wait_event("BLOCK_JOB_COMPLETED", T, |d| d["device"] == "m3")?;
+        out.push(format!("m3 failed: {}", done["data"]["error"].is_string()));
+        p.q.wait_event("JOB_STATUS_CHANGE", T, |d| {
+            d["id"] == "m3" && d["status"] == "null"
+        })?;
+        out.push(format!("after the error: {}", names(p, true)?));
+        out.push(p.run("blockdev-del", json!({"node-name": "bad0"}))?);
+        out.push(p.run("blockdev-del", json!({"node-name": "disk0"}))?);
+        Ok(out)
+    })?;
+    for line in &out {
+        eprintln!("{line}");
+    }
+    drop(nbdkits);
+    Ok(())
+}

@@ -12,6 +12,9 @@
 //! - [`cbw`]: copy-before-write filters a client adds over the disk;
 //! - [`export`]: the nodes as NBD export sources;
 //! - [`nbd`]: nodes on remote NBD exports (`driver=nbd`).
+//!
+//! A mirror job's filter node (`mirror_top`) is made and removed by the job
+//! itself: `crate::mirror::top`.
 
 pub mod cbw;
 pub mod export;

@@ -3,6 +3,7 @@
 //! uses it is the registry's business.
 
 use crate::backup::CopyBeforeWrite;
+use crate::disk::WriteHook;
 use crate::image::Image;
 use std::sync::Arc;
 
@@ -20,6 +21,10 @@ pub enum Driver {
     SnapshotAccess,
     /// A remote NBD export.
     Nbd,
+    /// A mirror job's filter over the disk's node, for the job's life
+    /// (`filter-node-name`, or an implicit `#blockNNN`): the guest's writes
+    /// go through it, and it is the job's write hook.
+    MirrorTop,
 }
 
 impl Driver {
@@ -31,6 +36,7 @@ impl Driver {
             Driver::CopyBeforeWrite => "copy-before-write",
             Driver::SnapshotAccess => "snapshot-access",
             Driver::Nbd => "nbd",
+            Driver::MirrorTop => "mirror_top",
         }
     }
 }
@@ -70,6 +76,7 @@ pub struct Node {
     child: Option<String>,
     monitor_owned: bool,
     filter: Option<Arc<CopyBeforeWrite>>,
+    write_hook: Option<Arc<dyn WriteHook>>,
 }
 
 impl std::fmt::Debug for Node {
@@ -106,6 +113,7 @@ impl Node {
             child,
             monitor_owned,
             filter: None,
+            write_hook: None,
         }
     }
 
@@ -114,6 +122,20 @@ impl Node {
     pub fn with_filter(mut self, filter: Arc<CopyBeforeWrite>) -> Node {
         self.filter = Some(filter);
         self
+    }
+
+    /// The same node as the filter whose work on guest writes is `hook`
+    /// (a `mirror_top` node): whoever puts the node into the guest's path
+    /// installs this hook, so the node and what the writes go through are
+    /// one thing.
+    pub fn with_write_hook(mut self, hook: Arc<dyn WriteHook>) -> Node {
+        self.write_hook = Some(hook);
+        self
+    }
+
+    /// The write hook the node stands for in the guest's path, if any.
+    pub fn write_hook(&self) -> Option<&Arc<dyn WriteHook>> {
+        self.write_hook.as_ref()
     }
 
     /// The copy-before-write filter of the node, if it has one.

@@ -7,7 +7,7 @@
 
 use super::cbw::{self, Filters};
 use super::node::{Aio, Driver, Node, NodeOptions};
-use super::registry::{Graph, GraphError};
+use super::registry::{Graph, GraphError, User};
 use crate::backup::SnapshotAccess;
 use crate::image::{Image, ImageError, RawImage, RawImageOptions};
 use crate::mirror::{image_errno, strerror};
@@ -390,43 +390,92 @@ fn node_info(node: &Node) -> Value {
     })
 }
 
-/// `query-named-block-nodes`: every node, newest first. The disk's node
-/// is described as `query-block` describes the disk (its bitmaps, the
+/// The disk's node as `query-block` describes the disk (its bitmaps, the
 /// guest's write cache), under the node's own name and driver.
-pub fn named_block_nodes(graph: &Graph, ctx: &dyn ManagementContext) -> Value {
+fn disk_node_info(node: &Node, ctx: &dyn ManagementContext) -> Value {
+    let mut info = commands::block_device_info(ctx);
+    if let Value::Object(m) = &mut info {
+        let drv = node.driver().name();
+        m.insert("node-name".into(), json!(node.name()));
+        m.insert("drv".into(), json!(drv));
+        if let Some(Value::Object(img)) = m.get_mut("image") {
+            img.insert("format".into(), json!(drv));
+        }
+    }
+    info
+}
+
+/// A mirror's `mirror_top` node as QEMU 7.2 shows it: its child is a
+/// backing child, so the nested view (`flat: false`, and `query-block`)
+/// has the child's image as `backing-image` and a depth of 1.
+fn mirror_top_info(node: &Node, child: Option<&Value>) -> Value {
+    let mut info = node_info(node);
+    if let (Some(child), Value::Object(m)) = (child, &mut info) {
+        m.insert("backing_file_depth".into(), json!(1));
+        if let Some(Value::Object(img)) = m.get_mut("image") {
+            img.insert("backing-image".into(), child["image"].clone());
+        }
+    }
+    info
+}
+
+/// `query-named-block-nodes`: every node, newest first. The disk's node
+/// is described as `query-block` describes the disk; `flat: false` nests
+/// a mirror filter's child image as QEMU does.
+pub fn named_block_nodes(graph: &Graph, ctx: &dyn ManagementContext, flat: bool) -> Value {
     let disk = graph.disk_node();
+    let disk_info = disk.as_ref().map(|d| disk_node_info(d, ctx));
     let list: Vec<Value> = graph
         .nodes()
         .into_iter()
-        .map(|(node, _)| {
-            if !disk.as_ref().is_some_and(|d| Arc::ptr_eq(d, &node)) {
-                return node_info(&node);
+        .map(|(node, _)| match (&disk, &disk_info) {
+            (Some(d), Some(info)) if Arc::ptr_eq(d, &node) => info.clone(),
+            _ if node.driver() == Driver::MirrorTop => {
+                mirror_top_info(&node, disk_info.as_ref().filter(|_| !flat))
             }
-            let mut info = commands::block_device_info(ctx);
-            if let Value::Object(m) = &mut info {
-                let drv = node.driver().name();
-                m.insert("node-name".into(), json!(node.name()));
-                m.insert("drv".into(), json!(drv));
-                if let Some(Value::Object(img)) = m.get_mut("image") {
-                    img.insert("format".into(), json!(drv));
-                }
-            }
-            info
+            _ => node_info(&node),
         })
         .collect();
     Value::Array(list)
 }
 
-/// Registers `blockdev-add`, `blockdev-del` and `query-named-block-nodes`
-/// (replacing the one-node version of the standard set).
+/// `query-block`: the guest's disk. While a mirror filter named by
+/// `filter-node-name` is over the disk's node, that filter is what the
+/// device is inserted on (QEMU 7.2 shows it; an implicit filter is
+/// skipped, so the disk's node shows).
+pub fn query_block(graph: &Graph, ctx: &dyn ManagementContext) -> Value {
+    let mut info = commands::block_info(ctx);
+    let top = graph
+        .nodes()
+        .into_iter()
+        .find(|(n, users)| {
+            n.driver() == Driver::MirrorTop
+                && !n.name().starts_with('#')
+                && users.contains(&User::Disk)
+        })
+        .map(|(n, _)| n);
+    if let (Some(top), Some(disk)) = (top, graph.disk_node()) {
+        let child = disk_node_info(&disk, ctx);
+        info["inserted"] = mirror_top_info(&top, Some(&child));
+    }
+    json!([info])
+}
+
+/// Registers `blockdev-add`, `blockdev-del`, `query-named-block-nodes`
+/// and `query-block` (replacing the one-node versions of the standard
+/// set).
 pub fn register_graph_commands(d: &Dispatcher, graph: Arc<Graph>, ctx: Arc<dyn ManagementContext>) {
     register_node_commands(d, graph.clone());
+    let (g, c) = (graph.clone(), ctx.clone());
     d.register("query-named-block-nodes", move |call: &mut Call<'_>| {
         let mut args = std::mem::take(&mut call.args);
-        // No backing chains yet: the nested view is the flat one.
-        let _flat = args.opt_bool("flat")?;
+        let flat = args.opt_bool("flat")?.unwrap_or(false);
         args.finish()?;
-        Ok(named_block_nodes(&graph, ctx.as_ref()))
+        Ok(named_block_nodes(&g, c.as_ref(), flat))
+    });
+    d.register("query-block", move |call: &mut Call<'_>| {
+        std::mem::take(&mut call.args).finish()?;
+        Ok(query_block(&graph, ctx.as_ref()))
     });
 }
 

@@ -22,6 +22,9 @@ pub enum User {
     /// A backup job (by job id) using it as its target or filter: QEMU
     /// blocks such a node with an op blocker rather than a user.
     BackupJob(String),
+    /// A mirror job (by job id) on its source node: QEMU's op blocker
+    /// there, so `blockdev-del` names the job.
+    MirrorJob(String),
 }
 
 /// A refusal, worded as QEMU 7.2 words it.
@@ -55,6 +58,9 @@ pub enum GraphError {
     /// `blockdev-del` of a backup job's target or filter.
     #[error("Node '{0}' is busy: block device is in use by block job: backup")]
     BackupBusy(String),
+    /// `blockdev-del` of a mirror job's source node.
+    #[error("Node '{0}' is busy: block device is in use by block job: mirror")]
+    MirrorBusy(String),
     /// More than [`MAX_NODES`] nodes (each holds an open file).
     #[error("Too many block nodes (at most {MAX_NODES})")]
     TooMany,
@@ -227,14 +233,15 @@ impl Graph {
             return Err(GraphError::NotFound(name.to_string()));
         };
         let e = &g.entries[i];
-        // The guest writes through a copy-before-write filter over the
-        // disk's node: in QEMU the device moved onto the filter, and the
-        // node is in use only as its child.
+        // The guest writes through a filter over the disk's node (a
+        // copy-before-write node, a mirror's `mirror_top`): in QEMU the
+        // device moved onto the filter, and the node is in use only as its
+        // child.
         let filtered = e.users.iter().any(|u| match u {
-            User::Parent(p) => g
-                .entries
-                .iter()
-                .any(|x| x.node.name() == p && x.node.driver() == Driver::CopyBeforeWrite),
+            User::Parent(p) => g.entries.iter().any(|x| {
+                x.node.name() == p
+                    && matches!(x.node.driver(), Driver::CopyBeforeWrite | Driver::MirrorTop)
+            }),
             _ => false,
         });
         // QEMU's order: users holding a BlockBackend on the node, op
@@ -248,6 +255,9 @@ impl Graph {
         }
         if e.users.iter().any(|u| matches!(u, User::BackupJob(_))) {
             return Err(GraphError::BackupBusy(name.to_string()));
+        }
+        if e.users.iter().any(|u| matches!(u, User::MirrorJob(_))) {
+            return Err(GraphError::MirrorBusy(name.to_string()));
         }
         if !e.node.monitor_owned() {
             return Err(GraphError::NotOwned(name.to_string()));
@@ -507,6 +517,33 @@ mod tests {
         assert_eq!(
             g.claim("t", job).unwrap_err(),
             GraphError::NotFound("t".into())
+        );
+    }
+
+    #[test]
+    fn a_mirror_filter_holds_the_disk_and_the_job_blocks_its_source() {
+        let g = Graph::new(node("disk0", Driver::Raw, None, true));
+        g.add(node("mt0", Driver::MirrorTop, Some("disk0"), true), None)
+            .unwrap();
+        g.claim("mt0", User::Disk).unwrap();
+        let job = User::MirrorJob("m".into());
+        g.claim("disk0", job.clone()).unwrap();
+        assert_eq!(
+            g.remove("mt0").unwrap_err().to_string(),
+            "Node mt0 is in use"
+        );
+        // The disk's writes go through the filter: the job's blocker speaks.
+        assert_eq!(
+            g.remove("disk0").unwrap_err().to_string(),
+            "Node 'disk0' is busy: block device is in use by block job: mirror"
+        );
+        // The job's end.
+        g.drop_node("mt0");
+        g.release("disk0", &job);
+        assert_eq!(names(&g), ["disk0"]);
+        assert_eq!(
+            g.remove("disk0").unwrap_err().to_string(),
+            "Node disk0 is in use"
         );
     }
 

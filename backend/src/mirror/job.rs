@@ -13,18 +13,19 @@
 //!   gate, copies what is still dirty, flushes the target if that copy
 //!   wrote anything, and, for `complete`, runs the hooks' commits and swaps
 //!   the disk's image for the target (the pivot); a soft cancel stops
-//!   there, so the target is a point-in-time copy. The hook is removed
-//!   under the same pause, the sidecar deleted, the source closed. The
+//!   there, so the target is a point-in-time copy. The filter node
+//!   (`mirror_top`, whose hook marks guest writes) leaves the guest's path
+//!   and the graph under the same pause, the sidecar deleted, the source closed. The
 //!   pause is bounded (see [`PAUSE_REACH_TIMEOUT`], [`PIVOT_ATTEMPTS`]).
-//! - `abort` (error or forced cancel): stops copying, removes the hook; the
+//! - `abort` (error or forced cancel): stops copying, removes the filter node; the
 //!   source is untouched and the guest carries on with it.
 //! - errors follow `on-source-error` / `on-target-error` (report, ignore,
 //!   stop, enospc); a failing target never fails a guest request.
 
 use super::engine::Engine;
 use super::hook::MirrorState;
+use super::top::MirrorTop;
 use super::{strerror, CopyMode, MirrorConfig, SyncMode};
-use crate::disk::WriteHook;
 use crate::gate::PauseGuard;
 use crate::jobs::{ErrorAction, IoOperation, JobContext, JobDriver, JobError};
 use serde_json::{json, Map, Value};
@@ -121,7 +122,7 @@ struct KeepSync {
 /// The mirror's [`JobDriver`].
 pub struct MirrorJob {
     state: Arc<MirrorState>,
-    hook: Arc<dyn WriteHook>,
+    top: Arc<MirrorTop>,
     config: MirrorConfig,
     engine: Mutex<Option<Engine>>,
     keep_sync: Mutex<Option<KeepSync>>,
@@ -145,11 +146,13 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl MirrorJob {
-    /// A driver over installed `state`/`hook`; `on_end` runs once when the
-    /// job is over (the manager frees the disk's mirror slot).
+    /// A driver over `state` whose filter node `top` is in the guest's
+    /// path; `on_end` runs once when the job is over (the manager frees
+    /// the disk's mirror slot). The job's end takes `top` out of the
+    /// guest's path and the graph.
     pub fn new(
         state: Arc<MirrorState>,
-        hook: Arc<dyn WriteHook>,
+        top: Arc<MirrorTop>,
         config: MirrorConfig,
         engine: Engine,
         on_end: Box<dyn FnOnce() + Send>,
@@ -157,7 +160,7 @@ impl MirrorJob {
     ) -> MirrorJob {
         MirrorJob {
             state,
-            hook,
+            top,
             config,
             engine: Mutex::new(Some(engine)),
             keep_sync: Mutex::new(None),
@@ -562,7 +565,9 @@ impl JobDriver for MirrorJob {
             *lock(&self.engine) = Some(engine);
             return Err(e);
         }
-        s.disk.remove_hook(&self.hook);
+        // The filter leaves the guest's path and the graph under the pause
+        // (after a pivot the graph shows the target as the disk's node).
+        self.top.leave();
         let old = pivot.then(|| s.disk.replace_image(Box::new(s.target.clone())));
         if !pivot {
             s.target.unlock();
@@ -598,7 +603,7 @@ impl JobDriver for MirrorJob {
         if let Some(mut engine) = self.take_engine() {
             engine.shutdown();
         }
-        self.state.disk.remove_hook(&self.hook);
+        self.top.leave();
         self.state.target.unlock();
         self.remove_state_file();
         log::info!("mirror '{}': stopped without switching", ctx.id());
@@ -606,6 +611,9 @@ impl JobDriver for MirrorJob {
 
     fn clean(&self, _ctx: &JobContext) {
         drop(self.take_engine());
+        // A job that failed before it ran (or whose commit failed) still
+        // had its filter node.
+        self.top.leave();
         if let Some(f) = lock(&self.on_end).take() {
             f();
         }

@@ -10,6 +10,7 @@ use super::hook::{MirrorHook, MirrorState, ResumeTracker};
 use super::job::{MirrorJob, PivotCommit, PivotHook};
 use super::pivot_marker;
 use super::state_file::{boot_id, sidecar_path, StateFile, StateHeader};
+use super::top::MirrorTop;
 use super::{CopyMode, MirrorConfig, MirrorError, SyncMode, DEFAULT_BUF_SIZE, DEFAULT_GRANULARITY};
 use crate::allowed_dirs::{self, AccessError};
 use crate::disk::{Disk, WriteHook};
@@ -72,6 +73,9 @@ pub struct MirrorRequest {
     /// write waits for the target in write-blocking mode. `None`: 30 s, or
     /// none for an NBD target (its client bounds its waits).
     pub target_timeout: Option<u32>,
+    /// `filter-node-name` (`blockdev-mirror` only): the name of the job's
+    /// `mirror_top` node; without it the node gets an implicit name.
+    pub filter_node_name: Option<String>,
 }
 
 /// The write-blocking wait for a target with no `x-target-timeout`.
@@ -99,6 +103,7 @@ impl MirrorRequest {
             auto_dismiss: true,
             resume: false,
             target_timeout: None,
+            filter_node_name: None,
         }
     }
 }
@@ -561,10 +566,11 @@ impl MirrorManager {
         }
         let mut slot = self.lock();
         if let Some(active) = &slot.active {
-            return Err(generic(format!(
-                "Node '{}' is busy: block device is in use by block job: mirror ({active})",
-                self.node_name
-            )));
+            // The running mirror's filter node sits above the disk's node,
+            // so QEMU 7.2 finds no root node to mirror (checked with
+            // blockdev-mirror and drive-mirror on QEMU 7.2).
+            log::info!("mirror refused: mirror '{active}' runs on the disk");
+            return Err(generic("Need a root block node"));
         }
         // Another kind of job on the disk, or a copy-before-write filter
         // a client added: the filter reads the image a pivot would swap
@@ -582,6 +588,11 @@ impl MirrorManager {
             })
         {
             return Err(generic("Need a root block node"));
+        }
+        // QEMU checks the filter's name as it opens the filter, after the
+        // op blockers and before the job exists.
+        if let Some(name) = &req.filter_node_name {
+            MirrorTop::check_name(self.graph.get(), name).map_err(|e| generic(e.to_string()))?;
         }
         // The job holds its target node from here; every failure below
         // lets go of it (and once the job exists, its end does).
@@ -692,6 +703,21 @@ impl MirrorManager {
             }
         };
         let hook: Arc<dyn WriteHook> = Arc::new(MirrorHook::new(state.clone()));
+        // The job's filter node stands for the hook: from here on the hook
+        // enters and leaves the guest's path with the node.
+        let top = match MirrorTop::add(
+            self.graph.get(),
+            req.filter_node_name.as_deref(),
+            self.disk.clone(),
+            hook,
+            &id,
+        ) {
+            Ok(t) => Arc::new(t),
+            Err(e) => {
+                cleanup_new_state(&persist);
+                return Err(generic(e.to_string()));
+            }
+        };
         let config = MirrorConfig {
             sync,
             granularity,
@@ -803,7 +829,7 @@ impl MirrorManager {
         });
         let driver = Arc::new(MirrorJob::new(
             state.clone(),
-            hook.clone(),
+            top.clone(),
             config,
             engine,
             on_end,
@@ -820,6 +846,7 @@ impl MirrorManager {
         ) {
             Ok(j) => j,
             Err(e) => {
+                top.leave();
                 cleanup_new_state(&persist);
                 return Err(e.into());
             }
@@ -827,6 +854,7 @@ impl MirrorManager {
         if req.speed < 0 {
             // QEMU creates the job, then fails it on the speed.
             job.early_fail();
+            top.leave();
             cleanup_new_state(&persist);
             return Err(JobError::NegativeSpeed.into());
         }
@@ -838,13 +866,13 @@ impl MirrorManager {
                 // already (taken into D here) or starts after the pause and
                 // meets the mirror's hook; the tracker goes only then.
                 let _pause = self.disk.gate().pause();
-                self.disk.add_hook(hook);
+                top.enter();
                 state.dirty.or_from(p.bits());
                 if let Some(p) = slot.pending.take() {
                     self.disk.remove_hook(&p.hook);
                 }
             }
-            None => self.disk.add_hook(hook),
+            None => top.enter(),
         }
         claim.keep();
         slot.active = Some(id);

@@ -17,6 +17,8 @@
 //! - [`job`]: the job driver (phase 1, READY, pivot, cancel, errors);
 //! - [`manager`]: one disk's mirror slot, start-up recovery, and the start
 //!   of a job from QMP arguments;
+//! - [`top`]: the job's filter node (`mirror_top`) in the graph, which is
+//!   its write hook in the guest's path;
 //! - [`pivot_marker`]: the marker a pivot leaves beside the old image, so
 //!   that a restart on it does not roll the guest back;
 //! - [`qmp`]: `blockdev-mirror` and `drive-mirror`.
@@ -30,6 +32,7 @@ pub mod pivot_marker;
 pub mod qmp;
 pub mod state_file;
 pub mod through;
+pub mod top;
 
 pub use manager::{MirrorManager, MirrorRequest};
 

@@ -62,7 +62,7 @@ pub fn parse_request(args: &mut Args, drive: bool) -> Result<MirrorRequest, QmpE
     if drive {
         req.unmap = args.opt_bool("unmap")?.unwrap_or(true);
     } else {
-        let _filter = args.opt_str("filter-node-name")?;
+        req.filter_node_name = args.opt_str("filter-node-name")?;
     }
     req.copy_mode = match args.opt_enum("copy-mode", COPY_MODES)?.as_deref() {
         Some("write-blocking") => CopyMode::WriteBlocking,
