@@ -1083,6 +1083,15 @@ fn md5(path: &Path) -> Result<String> {
         .to_string())
 }
 
+/// A QEMU's QMP connection that makes it quit when dropped.
+struct QuitOnDrop(QmpClient);
+
+impl Drop for QuitOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.execute("quit", json!({}));
+    }
+}
+
 /// A guest's script with fio's job line defined.
 fn guest_script(body: &str) -> String {
     format!("GUEST_FIO='{GUEST_FIO}'\n{body}")
@@ -1105,8 +1114,11 @@ fn migrate_a_guest(source: Kind, destination: Kind) -> Result<()> {
         .qmp(&qemu_qmp)
         .timeout(Duration::from_secs(300))
         .spawn()?;
+    // However this test ends, the first QEMU goes: left idling, it would
+    // hold the guest turn (tests::guest runs one guest at a time) until
+    // its time-out and fail the next guest test too.
+    let mut vm = QuitOnDrop(QmpClient::connect(&qemu_qmp, TIMEOUT)?);
     wait_for_marker(&first, "VUBD-RESULT phase=writing", TIMEOUT, &runner)?;
-    let mut vm = QmpClient::connect(&qemu_qmp, TIMEOUT)?;
     s.source.mirror(60, "report")?;
     let log = std::fs::read_to_string(log_path(&first)).unwrap_or_default();
     ensure!(
@@ -1114,11 +1126,17 @@ fn migrate_a_guest(source: Kind, destination: Kind) -> Result<()> {
         "fio finished before the mirror started: the test would not test writes racing the copy"
     );
     wait_for_marker(&first, "VUBD-RESULT fio_done", TIMEOUT, &runner)?;
-    vm.ok("stop", json!({}))?;
+    vm.0.ok("stop", json!({}))?;
     s.source.wait_status("ready")?;
+    // Guest writes landed on chunks already copied, and were copied again.
+    let jobs = s.source.qmp.ok("query-block-jobs", json!({}))?;
+    ensure!(
+        jobs[0]["len"].as_u64().is_some_and(|len| len > SIZE),
+        "no guest write raced the copy: {jobs}"
+    );
     s.source.finish(None)?;
     // The VM runs on the destination from here on; the first QEMU goes.
-    let _ = vm.execute("quit", json!({}));
+    drop(vm);
     let out = runner
         .join()
         .map_err(|_| anyhow::anyhow!("guest thread panicked"))??;
@@ -1135,6 +1153,17 @@ fn migrate_a_guest(source: Kind, destination: Kind) -> Result<()> {
     let errors = out.kernel_errors();
     ensure!(errors.is_empty(), "the source guest saw: {errors:?}");
     s.check_copy()?;
+    // The recipe's step 4 and 5 (docs/migration.md).
+    s.source
+        .qmp
+        .ok("blockdev-del", json!({"node-name": "remote"}))?;
+    s.destination
+        .qmp
+        .ok("block-export-del", json!({"id": "x", "mode": "hard"}))?;
+    s.destination
+        .qmp
+        .wait_event("BLOCK_EXPORT_DELETED", TIMEOUT, |_| true)?;
+    s.destination.qmp.ok("nbd-server-stop", json!({}))?;
 
     let second = format!("{tag}-2");
     let out = Guest::new(
