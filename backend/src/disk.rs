@@ -12,6 +12,14 @@
 //! (a mirror starting or ending) never sees the end of a write whose start
 //! it did not see, and every hook that saw a start sees exactly one end,
 //! `after_write` or `write_failed`, even when the image fails the write.
+//!
+//! A hook may have long work to do on either side of the write: a
+//! copy-before-write filter copies old data to its target before, a
+//! write-blocking mirror writes the new data to its target after. An
+//! engine that must not block its thread uses the `_nowait` forms, which
+//! hand such work back as a [`HookWork`] to poll (`PendingWrite` before
+//! the write, `PendingEnd` after it), so the thread serves its other
+//! requests meanwhile; the synchronous forms wait for it ([`block_on`]).
 
 pub mod pins;
 pub mod uring;
@@ -98,14 +106,29 @@ pub trait WriteHook: Send + Sync {
     ) -> Result<Option<Box<dyn HookWork>>, DiskError> {
         self.before_write(offset, len).map(|()| None)
     }
-    /// True if `before_write` may block for long: an engine then does not
-    /// run writes synchronously on its thread (it uses `start_write_nowait`).
+    /// `after_write` for an engine that must not block its thread: work
+    /// that may take long (a write to a mirror target) is started
+    /// elsewhere and handed back to be polled; the guest request completes
+    /// when it is done. The default runs `after_write`.
+    fn after_write_nowait(
+        &self,
+        offset: u64,
+        len: u64,
+        op: WriteOp<'_>,
+    ) -> Result<Option<Box<dyn HookWork>>, DiskError> {
+        self.after_write(offset, len, op).map(|()| None)
+    }
+    /// True if `before_write` or `after_write` may block for long: an
+    /// engine then does not run writes synchronously on its thread (it
+    /// uses the `_nowait` forms).
     fn may_block(&self) -> bool {
         false
     }
 }
 
-/// Work a hook's `before_write_nowait` started and the write waits for.
+/// Work a hook's `before_write_nowait` or `after_write_nowait` started,
+/// which the write waits for. Dropping it before it is done ends it by
+/// its policy, as if its deadline had passed.
 pub trait HookWork: Send {
     /// The outcome once the work is done, or once its deadline passed (the
     /// hook's policy decides; the work may go on in the background). While
@@ -150,6 +173,64 @@ impl PendingWrite {
     }
 }
 
+/// Waits on this thread for `work`, at most until its deadline (its
+/// policy then answers): for the synchronous forms of the hooks.
+pub fn block_on(mut work: Box<dyn HookWork>) -> Result<(), DiskError> {
+    struct Unpark(std::thread::Thread);
+    impl std::task::Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+    loop {
+        if let Poll::Ready(r) = work.poll(&waker) {
+            return r;
+        }
+        match work.deadline() {
+            Some(d) => std::thread::park_timeout(d.saturating_duration_since(Instant::now())),
+            None => std::thread::park(),
+        }
+    }
+}
+
+/// How `WriteTicket::landed_nowait` left a write that landed.
+pub enum WriteEnd {
+    /// Every hook has ended: the request's outcome.
+    Done(Result<(), DiskError>),
+    /// A hook's after-write work is under way: poll it until it is done.
+    Waiting(PendingEnd),
+}
+
+/// A landed write waiting for a hook's after-write work before the
+/// request may complete.
+pub struct PendingEnd {
+    ticket: WriteTicket,
+    work: Box<dyn HookWork>,
+    /// The first error of the hooks ended so far.
+    result: Result<(), DiskError>,
+}
+
+impl PendingEnd {
+    /// When the work's policy applies if it is not done.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.work.deadline()
+    }
+
+    /// Goes on ending the write; `op` is what `landed_nowait` was given.
+    pub fn poll(mut self, op: WriteOp<'_>, waker: &Waker) -> WriteEnd {
+        match self.work.poll(waker) {
+            Poll::Pending => WriteEnd::Waiting(self),
+            Poll::Ready(r) => {
+                if self.result.is_ok() {
+                    self.result = r;
+                }
+                self.ticket.end_rest(op, waker, self.result)
+            }
+        }
+    }
+}
+
 type HookList = Vec<Arc<dyn WriteHook>>;
 
 /// A write-type request that passed its checks and `before_write` hooks.
@@ -161,6 +242,8 @@ pub struct WriteTicket {
     /// The hooks whose `before_write` succeeded, in order.
     hooks: Arc<HookList>,
     started: usize,
+    /// The hooks `hooks[..ended]` have had their end (`ended <= started`).
+    ended: usize,
     offset: u64,
     len: u64,
 }
@@ -183,9 +266,10 @@ impl WriteTicket {
     /// `after_write` (all of them, even after one fails; the first error
     /// is returned and fails the guest request).
     pub fn landed(mut self, op: WriteOp<'_>) -> Result<(), DiskError> {
-        let started = std::mem::take(&mut self.started);
         let mut result = Ok(());
-        for hook in &self.hooks[..started] {
+        while self.ended < self.started {
+            let hook = &self.hooks[self.ended];
+            self.ended += 1;
             let r = hook.after_write(self.offset, self.len, op);
             if result.is_ok() {
                 result = r;
@@ -193,11 +277,53 @@ impl WriteTicket {
         }
         result
     }
+
+    /// `landed` for an engine that must not block: a hook's long
+    /// after-write work is handed back as `Waiting`, to be polled with
+    /// `PendingEnd::poll` (woken through `waker`). Without such work it
+    /// is `landed` (no allocation).
+    pub fn landed_nowait(self, op: WriteOp<'_>, waker: &Waker) -> WriteEnd {
+        self.end_rest(op, waker, Ok(()))
+    }
+
+    /// Runs `after_write_nowait` on the hooks not ended yet, until one
+    /// hands back work; `result` is the first error so far.
+    fn end_rest(
+        mut self,
+        op: WriteOp<'_>,
+        waker: &Waker,
+        mut result: Result<(), DiskError>,
+    ) -> WriteEnd {
+        while self.ended < self.started {
+            let hook = self.hooks[self.ended].clone();
+            // Ended now: from here the work, if any, owns the hook's end.
+            self.ended += 1;
+            match hook.after_write_nowait(self.offset, self.len, op) {
+                Ok(None) => {}
+                Ok(Some(work)) => {
+                    let pending = PendingEnd {
+                        ticket: self,
+                        work,
+                        result,
+                    };
+                    return pending.poll(op, waker);
+                }
+                Err(e) => {
+                    if result.is_ok() {
+                        result = Err(e);
+                    }
+                }
+            }
+        }
+        WriteEnd::Done(result)
+    }
 }
 
 impl Drop for WriteTicket {
     fn drop(&mut self) {
-        for hook in &self.hooks[..self.started] {
+        // Not landed, or dropped part-way through its ends: the range may
+        // hold anything, which is what `write_failed` tells a hook.
+        for hook in &self.hooks[self.ended..self.started] {
             hook.write_failed(self.offset, self.len);
         }
     }
@@ -327,6 +453,7 @@ impl Disk {
         let mut ticket = WriteTicket {
             hooks: self.hooks.load_full(),
             started: 0,
+            ended: 0,
             offset,
             len,
         };
@@ -355,6 +482,7 @@ impl Disk {
         WriteTicket {
             hooks: self.hooks.load_full(),
             started: 0,
+            ended: 0,
             offset,
             len,
         }
@@ -391,9 +519,9 @@ impl Disk {
 
     /// Writes `bufs` at `offset`, honouring the write-back mode.
     pub fn write(&self, offset: u64, bufs: &[IoBuf]) -> Result<(), DiskError> {
-        let ticket = self.start_write(offset, total_len(bufs))?;
-        let fua = !self.writeback();
-        self.image.load().write_at(bufs, offset, fua)?;
+        let len = total_len(bufs);
+        let ticket = self.start_write(offset, len)?;
+        self.write_image(offset, len, WriteOp::Data(bufs))?;
         ticket.landed(WriteOp::Data(bufs))
     }
 
@@ -406,19 +534,33 @@ impl Disk {
     /// Deallocates a range (contents become unspecified; on raw files, zeroes).
     pub fn discard(&self, offset: u64, len: u64) -> Result<(), DiskError> {
         let ticket = self.start_write(offset, len)?;
-        self.image.load().discard(offset, len)?;
+        self.write_image(offset, len, WriteOp::Discard)?;
         ticket.landed(WriteOp::Discard)
     }
 
     /// Zeroes a range, deallocating it if `unmap`.
     pub fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<(), DiskError> {
         let ticket = self.start_write(offset, len)?;
+        let op = WriteOp::Zeroes { unmap };
+        self.write_image(offset, len, op)?;
+        ticket.landed(op)
+    }
+
+    /// The image's part of a write-type request (`op`), honouring the
+    /// write-back mode, for a request whose hooks have started.
+    pub fn write_image(&self, offset: u64, len: u64, op: WriteOp<'_>) -> Result<(), DiskError> {
         let image = self.image.load();
-        image.write_zeroes(offset, len, unmap)?;
-        if !self.writeback() {
-            image.flush()?;
+        match op {
+            WriteOp::Discard => image.discard(offset, len)?,
+            WriteOp::Zeroes { unmap } => {
+                image.write_zeroes(offset, len, unmap)?;
+                if !self.writeback() {
+                    image.flush()?;
+                }
+            }
+            WriteOp::Data(bufs) => image.write_at(bufs, offset, !self.writeback())?,
         }
-        ticket.landed(WriteOp::Zeroes { unmap })
+        Ok(())
     }
 }
 

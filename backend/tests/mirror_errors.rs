@@ -306,8 +306,8 @@ fn a_write_through_error_beats_the_jobs_in_sync_flag() -> Result<()> {
         target.clone(),
         64 * 1024,
         None,
-        CopyMode::WriteBlocking,
-    ));
+        (CopyMode::WriteBlocking, None),
+    )?);
     let hook = MirrorHook::new(state.clone());
     // The job looks: nothing is dirty.
     ensure!(state.dirty.count() == 0);
@@ -371,8 +371,8 @@ fn a_write_through_failing_while_the_job_handles_an_earlier_one_does_not_stop_it
         target,
         CHUNK,
         None,
-        CopyMode::WriteBlocking,
-    ));
+        (CopyMode::WriteBlocking, None),
+    )?);
     let hook = Arc::new(MirrorHook::new(state.clone()));
     let guest_write = |hook: &MirrorHook, offset: u64| -> Result<()> {
         let mut data = vec![7u8; 4096];

@@ -177,8 +177,8 @@ impl World {
             self.target.clone(),
             CHUNK,
             None,
-            mode,
-        ));
+            (mode, None),
+        )?);
         if start == Start::Behind {
             state.dirty.set(0, COPY_LAST);
         }

@@ -212,20 +212,27 @@ fn mirror_onto(
         compare(&dest.image, &report.model)?;
     } else {
         let report = load.stop().context("the client saw an error")?;
-        q.ok("block-job-cancel", json!({"device": "m"}))?;
-        q.wait_event("BLOCK_JOB_COMPLETED", T, |d| d.get("error").is_none())?;
+        cancel_and_compare(&mut q, &src, &dest.image)?;
         compare(&dest.image, &report.model)?;
-        let out = Command::new("qemu-img")
-            .args(["compare", "-U", "-f", "raw", "-F", "raw"])
-            .arg(&src)
-            .arg(&dest.image)
-            .output()?;
-        ensure!(
-            out.status.success(),
-            "qemu-img compare: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
     }
+    Ok(())
+}
+
+/// Cancels job "m" after READY and checks with qemu-img that the
+/// destination equals the source.
+fn cancel_and_compare(q: &mut QmpClient, src: &Path, dst: &Path) -> Result<()> {
+    q.ok("block-job-cancel", json!({"device": "m"}))?;
+    q.wait_event("BLOCK_JOB_COMPLETED", T, |d| d.get("error").is_none())?;
+    let out = Command::new("qemu-img")
+        .args(["compare", "-U", "-f", "raw", "-F", "raw"])
+        .arg(src)
+        .arg(dst)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "qemu-img compare: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     Ok(())
 }
 
@@ -378,4 +385,253 @@ fn destination_down_longer_ends_the_job_with_report() -> Result<()> {
 #[test]
 fn destination_down_longer_pauses_the_job_with_stop_and_resumes() -> Result<()> {
     destination_outage("nbdm-stop", Outage::LongStop)
+}
+
+/// A write-blocking mirror onto an NBD destination that stops answering
+/// (SIGSTOP, its connection up): a guest write and a write-zeroes wait
+/// for the destination, but the queue thread serving them does not. Reads on the same queue
+/// complete meanwhile, the one of the waiting write's block included
+/// (with its new data: it landed on the source). Once the destination
+/// answers again the write completes and the destination ends equal to
+/// the source. On a build whose write-through blocks the queue thread,
+/// the first read hangs until the destination is resumed. qsd 7.2 as the
+/// source passes the same checks.
+fn stopped_destination(qsd_source: bool) -> Result<()> {
+    let tag = if qsd_source {
+        "nbdm-stopped-qsd"
+    } else {
+        "nbdm-stopped"
+    };
+    let dir = ScratchDir::new_in("/dev/shm", tag)?;
+    let (sdir, ddir) = (dir.join("src"), dir.join("dst"));
+    std::fs::create_dir(&sdir)?;
+    std::fs::create_dir(&ddir)?;
+    let src = sdir.join("src.img");
+    make_image(&src, SIZE, 2)?;
+    let dest = vubd_dest(&ddir, Transport::Unix)?;
+    let dest_daemon = &dest._vubd.as_ref().context("vubd destination")?.daemon;
+    let (vhost, qmp) = (sdir.join("vhost.sock"), sdir.join("qmp.sock"));
+    let _source = if qsd_source {
+        Daemon::qsd_with_monitor(&vhost, &qmp, &src, "", true)?
+    } else {
+        MirrorDaemon::start(&sdir, &src, &[])?.daemon
+    };
+    let mut q = QmpClient::connect(&qmp, T)?;
+    let mut remote = json!({"driver": "nbd", "node-name": "remote", "server": dest.server,
+                            "export": "e"});
+    if !qsd_source {
+        // No request time-out: the NBD client must not end the wait itself
+        // (QEMU's client has none).
+        remote["x-request-timeout"] = json!(0);
+    }
+    q.ok("blockdev-add", remote)?;
+    q.ok(
+        "blockdev-mirror",
+        json!({"device": "disk0", "target": "remote", "sync": "full", "job-id": "m",
+               "copy-mode": "write-blocking"}),
+    )?;
+    q.wait_event("BLOCK_JOB_READY", T, |_| true)?;
+    let mut client = tests::client::Client::connect(&vhost, 1, false)?;
+    let mut queue = client.take_queue(0)?;
+    queue.set_timeout(T);
+    let readbuf = queue.alloc_buffer(4096)?;
+    let mut data = queue.alloc_buffer(4096)?;
+    data.as_mut_slice().fill(0xa5);
+
+    dest_daemon.signal(libc::SIGSTOP)?;
+    let resume = || dest_daemon.signal(libc::SIGCONT);
+    let result = (|| -> Result<()> {
+        const WRITE: u64 = 1;
+        const ZEROES: u64 = 2;
+        let at = 5 * MIB + 8192;
+        queue.submit_write(at, &data, 0..4096, WRITE)?;
+        queue.submit_write_zeroes(2 * MIB, 64 * 1024, false, ZEROES)?;
+        let mut done = Vec::new();
+        for i in 0..64u64 {
+            let off = if i == 0 { at } else { (i * 997 * 4096) % SIZE };
+            queue.submit_read(off, &readbuf, 0..4096, 100 + i)?;
+            done.clear();
+            queue
+                .wait(1, &mut done)
+                .context("a read hung behind the writes waiting for the stopped destination")?;
+            ensure!(
+                done.iter()
+                    .all(|c| c.user_data != WRITE && c.user_data != ZEROES),
+                "a write completed while the destination was stopped: {done:?}"
+            );
+            done[0].result(|| format!("read at {off}"))?;
+            if i == 0 {
+                ensure!(
+                    readbuf.as_slice().iter().all(|&b| b == 0xa5),
+                    "the source does not hold the waiting write's data"
+                );
+            }
+        }
+        ensure!(queue.in_flight() == 2, "the writes are not waiting");
+        Ok(())
+    })();
+    resume()?;
+    result?;
+    let mut done = Vec::new();
+    while queue.in_flight() > 0 {
+        queue.wait(1, &mut done)?;
+    }
+    for c in &done {
+        c.result(|| format!("write-blocking request {}", c.user_data))?;
+    }
+    cancel_and_compare(&mut q, &src, &dest.image)
+}
+
+#[test]
+fn a_stopped_destination_holds_only_the_writes_waiting_for_it() -> Result<()> {
+    stopped_destination(false)
+}
+
+#[test]
+fn a_stopped_destination_holds_only_the_writes_waiting_for_it_on_qsd() -> Result<()> {
+    stopped_destination(true)
+}
+
+// ---- figures ------------------------------------------------------------------
+
+/// A source daemon of the figures.
+#[derive(Clone)]
+enum Source {
+    /// A vubd binary.
+    Vubd(PathBuf),
+    Qsd,
+}
+
+impl Source {
+    fn name(&self) -> String {
+        match self {
+            Source::Vubd(bin) if *bin == tests::daemon::vubd_binary() => "vubd".into(),
+            Source::Vubd(bin) => format!("vubd {}", bin.display()),
+            Source::Qsd => "qsd 7.2".into(),
+        }
+    }
+
+    /// Starts serving `image` over vhost-user at `dir/vhost.sock`, with QMP
+    /// at `dir/qmp.sock`.
+    fn start(&self, dir: &Path, image: &Path) -> Result<(Daemon, PathBuf, PathBuf)> {
+        let (vhost, qmp) = (dir.join("vhost.sock"), dir.join("qmp.sock"));
+        let daemon = match self {
+            Source::Vubd(bin) => {
+                let mut cmd = Command::new(bin);
+                cmd.arg("--socket").arg(&vhost).arg("--image").arg(image);
+                cmd.arg("--allow-unsealed-memory").arg("--qmp").arg(&qmp);
+                let d = Daemon::spawn(cmd, &vhost, "vubd")?;
+                tests::qmp_client::wait_for_socket(&qmp, T)?;
+                d
+            }
+            Source::Qsd => Daemon::qsd_with_monitor(&vhost, &qmp, image, "aio=io_uring", true)?,
+        };
+        Ok((daemon, vhost, qmp))
+    }
+}
+
+/// One measurement: 4 KiB random writes at QD16 while a write-blocking
+/// mirror (READY) sends each of them to `target` (`file` on /dev/shm, or
+/// `nbd`: a vubd export over a unix socket). Returns (IOPS, CPU seconds of
+/// the source daemon per million writes); checks that the target ends
+/// equal to what the client wrote.
+fn write_blocking_run(source: &Source, target: &str, tag: &str) -> Result<(f64, f64)> {
+    const WRITES: u64 = 20_000;
+    let dir = ScratchDir::new_in("/dev/shm", tag)?;
+    let (sdir, ddir) = (dir.join("src"), dir.join("dst"));
+    std::fs::create_dir(&sdir)?;
+    std::fs::create_dir(&ddir)?;
+    let src = sdir.join("src.img");
+    let model = make_image(&src, SIZE, 1)?;
+    let (_source, vhost, qmp) = source.start(&sdir, &src)?;
+    let mut q = QmpClient::connect(&qmp, T)?;
+    let (_dest, dst) = match target {
+        "file" => {
+            let dst = sdir.join("dst.img");
+            std::fs::File::create(&dst)?.set_len(SIZE)?;
+            q.ok(
+                "blockdev-add",
+                json!({"driver": "file", "node-name": "t", "filename": dst}),
+            )?;
+            (None, dst)
+        }
+        _ => {
+            let dest = vubd_dest(&ddir, Transport::Unix)?;
+            q.ok(
+                "blockdev-add",
+                json!({"driver": "nbd", "node-name": "t", "server": dest.server, "export": "e"}),
+            )?;
+            let dst = dest.image.clone();
+            (Some(dest), dst)
+        }
+    };
+    q.ok(
+        "blockdev-mirror",
+        json!({"device": "disk0", "target": "t", "sync": "full", "job-id": "m",
+               "copy-mode": "write-blocking"}),
+    )?;
+    q.wait_event("BLOCK_JOB_READY", T, |_| true)?;
+    let client = tests::client::Client::connect(&vhost, 1, false)?;
+    let cfg = LoadConfig {
+        span: SIZE,
+        queue_depth: 16,
+        zeroes_every: None,
+        ..LoadConfig::default()
+    };
+    let load = WriteLoad::start(client, model, cfg)?;
+    load.wait_requests(2_000, T)?;
+    let pid = _source.pid();
+    let cpu0 = tests::daemon::process_cpu_time(pid)?;
+    let t0 = std::time::Instant::now();
+    load.wait_requests(WRITES, T)?;
+    let secs = t0.elapsed().as_secs_f64();
+    let cpu = (tests::daemon::process_cpu_time(pid)? - cpu0).as_secs_f64();
+    let report = load.stop().context("the client saw an error")?;
+    q.ok("block-job-cancel", json!({"device": "m"}))?;
+    q.wait_event("BLOCK_JOB_COMPLETED", T, |d| d.get("error").is_none())?;
+    compare(&dst, &report.model)?;
+    Ok((WRITES as f64 / secs, cpu / WRITES as f64 * 1e6))
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Guest write IOPS under a write-blocking mirror, vubd against qsd 7.2
+/// (and an older vubd build given as `VUBD_BASELINE`), alternating, 3
+/// runs each; prints a table. Run:
+/// `VUBD_BASELINE=OLD_VUBD cargo test --release -p tests --test nbd_mirror -- --ignored --nocapture write_blocking_figures`
+#[test]
+#[ignore = "benchmark: prints figures"]
+fn write_blocking_figures() -> Result<()> {
+    let mut sources = vec![Source::Vubd(tests::daemon::vubd_binary())];
+    if let Ok(old) = std::env::var("VUBD_BASELINE") {
+        sources.push(Source::Vubd(old.into()));
+    }
+    sources.push(Source::Qsd);
+    println!("| target | source | IOPS (median of 3) | source CPU µs per write | IOPS / qsd's (median of paired runs) |");
+    println!("| --- | --- | --- | --- | --- |");
+    for target in ["file", "nbd"] {
+        let mut runs: Vec<Vec<(f64, f64)>> = vec![Vec::new(); sources.len()];
+        for rep in 0..3 {
+            for (i, s) in sources.iter().enumerate() {
+                runs[i].push(write_blocking_run(s, target, &format!("wbfig-{rep}-{i}"))?);
+            }
+        }
+        let qsd = &runs[sources.len() - 1];
+        for (i, s) in sources.iter().enumerate() {
+            let mut iops: Vec<f64> = runs[i].iter().map(|r| r.0).collect();
+            let mut cpu: Vec<f64> = runs[i].iter().map(|r| r.1).collect();
+            let mut ratio: Vec<f64> = runs[i].iter().zip(qsd).map(|(a, b)| a.0 / b.0).collect();
+            println!(
+                "| {target} | {} | {:.0} | {:.1} | {:.2} |",
+                s.name(),
+                median(&mut iops),
+                median(&mut cpu),
+                median(&mut ratio)
+            );
+        }
+    }
+    Ok(())
 }

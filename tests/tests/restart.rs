@@ -259,7 +259,8 @@ fn fio_verify_survives_kill9_restarts_with_reordering() -> Result<()> {
 
     let out = guest
         .join()
-        .map_err(|_| anyhow::anyhow!("guest thread panicked"))??;
+        .map_err(|_| anyhow::anyhow!("guest thread panicked"))?
+        .with_context(|| format!("vubd log ends:\n{}", tail(&log)))?;
     let vubd_log = std::fs::read_to_string(&log)?;
     let reordered = vubd_log
         .lines()

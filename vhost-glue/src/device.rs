@@ -29,10 +29,14 @@
 //!   request that arrives alone runs inline, and on tmpfs, when the queue
 //!   threads take every core, all requests do (see `AioEngine`).
 //!
-//! A DISCARD or WRITE_ZEROES too large for one go (`ZEROES_STEP`) is not
-//! run when popped: both engines keep it as a `Zeroing` and do one step per
-//! round of their loop, taking and completing the thread's other requests
-//! in between; it counts as in flight until its last step.
+//! A DISCARD or WRITE_ZEROES too large for one go (`ZEROES_STEP`), or
+//! whose hooks may wait long (a copy-before-write filter, a write-blocking
+//! mirror), is not run when popped: both engines keep it as a `Zeroing`
+//! and do one step per round of their loop, taking and completing the
+//! thread's other requests in between; it counts as in flight until its
+//! last step. The io_uring engine runs each step as an engine request
+//! (`UringEngine::zeroes`), which parks on its hooks' work instead of
+//! blocking the thread.
 //!
 //! Both engines look at the disk's gate (a block job's pause, e.g. the
 //! mirror's pivot) before each request they take, so a pause waits for the
@@ -115,10 +119,11 @@ struct Pending {
     seq: u64,
 }
 
-/// A DISCARD or WRITE_ZEROES too large for one go, done a step per round
-/// of the worker's loop, so that the thread's other requests are taken and
-/// completed between its steps. It counts as in flight: the worker does
-/// not leave its handler (nor lets a pause start) before it is done.
+/// A DISCARD or WRITE_ZEROES run in steps (see the module's notes), a
+/// step per round of the worker's loop, so that the thread's other
+/// requests are taken and completed between its steps. It counts as in
+/// flight: the worker does not leave its handler (nor lets a pause start)
+/// before it is done.
 struct Zeroing {
     /// Position of its queue among the thread's queues.
     queue: usize,
@@ -128,9 +133,30 @@ struct Zeroing {
     /// The guest memory snapshot its status byte points into, held to
     /// keep it mapped.
     _mem: Arc<GuestMemoryMmap>,
+    /// Its step on the io_uring engine (unused by the synchronous engine).
+    step: Step,
 }
 
+/// Where a zeroing's step on the io_uring engine is.
+enum Step {
+    /// None started: start the next one on its turn.
+    Idle,
+    /// On the engine, under the zeroing's token.
+    InFlight,
+    /// Came back with this result.
+    Done(Result<(), vubd_backend::DiskError>),
+}
+
+/// Tags the engine tokens of zeroing steps (request tokens are slab indices).
+const ZEROING_TOKEN: u64 = 1 << 62;
+
 impl Zeroing {
+    /// The engine token of its steps: a queue and a head are unique among
+    /// the requests under way.
+    fn token(&self) -> u64 {
+        ZEROING_TOKEN | (self.queue as u64) << 16 | u64::from(self.head)
+    }
+
     /// Does the next step; the completion once the request is finished.
     fn step(&mut self, disk: &Disk) -> Option<Completion> {
         let result = self.job.step(disk)?;
@@ -502,6 +528,7 @@ impl BlockDevice {
                         status,
                         job,
                         _mem: snapshot.clone(),
+                        step: Step::Idle,
                     });
                     batch.get_or_insert(request_batch);
                     continue;
@@ -627,8 +654,8 @@ impl BlockDevice {
                 }
             }
             engine.submit();
-            self.reap(&mut queues, &mem, engine, pending, snapshots);
-            self.step_zeroing(&mut queues, &mem, zeroing);
+            self.reap(&mut queues, &mem, engine, pending, snapshots, zeroing);
+            self.step_zeroing(&mut queues, &mem, engine, zeroing);
             for fd in engine.take_kicks() {
                 if let Some(q) = queues.iter_mut().find(|q| q.kick == Some(fd)) {
                     if q.may_drain {
@@ -647,7 +674,14 @@ impl BlockDevice {
                 // A pause may go ahead now.
                 batch = None;
             }
-            if taken > 0 || finished > 0 || !zeroing.is_empty() {
+            // A zeroing whose step is on the engine is waited for as the
+            // engine's other requests are.
+            let zeroing_ready = zeroing.iter().any(|z| match z.step {
+                Step::Done(_) => true,
+                Step::Idle => engine.has_room(),
+                Step::InFlight => false,
+            });
+            if taken > 0 || finished > 0 || zeroing_ready {
                 last_work = Instant::now();
                 continue;
             }
@@ -757,6 +791,7 @@ impl BlockDevice {
                     status,
                     job,
                     _mem: snapshot.clone(),
+                    step: Step::Idle,
                 });
                 continue;
             }
@@ -814,28 +849,63 @@ impl BlockDevice {
         (taken, finished, true)
     }
 
-    /// Does one step of the zeroing whose turn it is, and completes it
-    /// (counted in its queue's `finished`) when that was its last.
+    /// Takes in the zeroing steps the engine finished, completing the
+    /// zeroings that are done (counted in their queue's `finished`), and
+    /// starts one step on the engine: of the first zeroing without one,
+    /// which then goes last.
     fn step_zeroing(
         &self,
         queues: &mut [ServedQueue<'_>],
         mem: &GuestMemoryMmap,
+        engine: &mut UringEngine,
         zeroing: &mut Vec<Zeroing>,
     ) {
-        let Some((queue, head, done)) = step_zeroing(zeroing, &self.disk) else {
+        let mut i = 0;
+        while i < zeroing.len() {
+            let z = &mut zeroing[i];
+            let result = match std::mem::replace(&mut z.step, Step::Idle) {
+                Step::Done(result) => result,
+                other => {
+                    z.step = other;
+                    i += 1;
+                    continue;
+                }
+            };
+            let Some(result) = z.job.step_done(result) else {
+                i += 1;
+                continue;
+            };
+            let z = zeroing.remove(i);
+            // The status byte lies in `z._mem`, mapped while we hold it.
+            let done = RequestParser::finish(z.status, result, 0);
+            if let Some(q) = queues.get_mut(z.queue) {
+                complete(
+                    &self.tracking,
+                    q.index,
+                    q.state.get_queue_mut(),
+                    mem,
+                    z.head,
+                    done,
+                );
+                q.finished += 1;
+            }
+        }
+        if !engine.has_room() {
+            return;
+        }
+        let Some(i) = zeroing.iter().position(|z| matches!(z.step, Step::Idle)) else {
             return;
         };
-        if let Some(q) = queues.get_mut(queue) {
-            complete(
-                &self.tracking,
-                q.index,
-                q.state.get_queue_mut(),
-                mem,
-                head,
-                done,
-            );
-            q.finished += 1;
-        }
+        let mut z = zeroing.remove(i);
+        z.step = match z.job.next_step() {
+            Some((offset, len, op)) => {
+                engine.zeroes(&self.disk, offset, len, op, z.token());
+                Step::InFlight
+            }
+            // Nothing left (no segment): finishes on the next round.
+            None => Step::Done(Ok(())),
+        };
+        zeroing.push(z);
     }
 
     /// Completes every request the engine has finished, counting them in
@@ -847,8 +917,16 @@ impl BlockDevice {
         engine: &mut UringEngine,
         pending: &mut Slab,
         snapshots: &mut Pins<Arc<GuestMemoryMmap>>,
+        zeroing: &mut [Zeroing],
     ) {
         engine.reap(&self.disk, |token, result| {
+            if token & ZEROING_TOKEN != 0 {
+                match zeroing.iter_mut().find(|z| z.token() == token) {
+                    Some(z) => z.step = Step::Done(result),
+                    None => warn!("completion of unknown zeroing step {token:#x}"),
+                }
+                return;
+            }
             let Some(p) = pending.remove(token as usize) else {
                 warn!("completion of unknown request {token}");
                 return;

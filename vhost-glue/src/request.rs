@@ -15,7 +15,10 @@
 //! (`RequestParser::process`) or on an asynchronous engine, and to finish
 //! with `RequestParser::finish`. So does a DISCARD or WRITE_ZEROES larger
 //! than `ZEROES_STEP` (up to 32 GiB): it runs in steps (`Zeroes`), so that a
-//! worker can serve its other requests between them.
+//! worker can serve its other requests between them; and any DISCARD or
+//! WRITE_ZEROES while the disk has hooks that may wait long (a
+//! copy-before-write filter, a write-blocking mirror), so that an
+//! asynchronous engine runs it without blocking its thread.
 
 use crate::config_space::{DeviceConfig, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS};
 use log::{debug, warn};
@@ -27,7 +30,7 @@ use vm_memory::GuestMemoryBackend;
 /// Guest memory as vubd maps it (no dirty-page log: vubd does not offer LOG_ALL).
 pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
 use vubd_backend::iobuf::total_len;
-use vubd_backend::{Disk, DiskError, IoBuf};
+use vubd_backend::{Disk, DiskError, IoBuf, WriteOp};
 
 const HEADER_LEN: usize = 16;
 const SEGMENT_LEN: usize = 16;
@@ -55,26 +58,47 @@ impl Zeroes {
         self.segments[..self.count].iter().map(|s| s.1).sum()
     }
 
-    /// Does the next step; the result once the request is finished (or has
-    /// failed: the rest is not attempted).
-    pub fn step(&mut self, disk: &Disk) -> Option<Result<(), DiskError>> {
+    /// The next step, as (offset, length, operation), for a caller that
+    /// runs it itself (an asynchronous engine) and then reports it with
+    /// `step_done`; None once every segment is done.
+    pub fn next_step(&self) -> Option<(u64, u64, WriteOp<'static>)> {
         let &(offset, len, unmap) = self.segments[..self.count].get(self.next)?;
         let n = (len - self.done).min(ZEROES_STEP);
-        let at = offset + self.done;
-        let result = if self.discard {
-            disk.discard(at, n)
-        } else {
-            disk.write_zeroes(at, n, unmap)
+        let op = match self.discard {
+            true => WriteOp::Discard,
+            false => WriteOp::Zeroes { unmap },
+        };
+        Some((offset + self.done, n, op))
+    }
+
+    /// Records how the step `next_step` gave ended; the result once the
+    /// request is finished (or has failed: the rest is not attempted).
+    pub fn step_done(&mut self, result: Result<(), DiskError>) -> Option<Result<(), DiskError>> {
+        let Some((_, n, _)) = self.next_step() else {
+            return Some(result);
         };
         if result.is_err() {
             return Some(result);
         }
         self.done += n;
-        if self.done == len {
+        if self.done == self.segments[self.next].1 {
             self.next += 1;
             self.done = 0;
         }
         (self.next == self.count).then_some(Ok(()))
+    }
+
+    /// Does the next step; the result once the request is finished (or has
+    /// failed: the rest is not attempted).
+    pub fn step(&mut self, disk: &Disk) -> Option<Result<(), DiskError>> {
+        let Some((at, n, op)) = self.next_step() else {
+            return Some(Ok(()));
+        };
+        let result = match op {
+            WriteOp::Zeroes { unmap } => disk.write_zeroes(at, n, unmap),
+            _ => disk.discard(at, n),
+        };
+        self.step_done(result)
     }
 
     /// Does every remaining step.
@@ -128,7 +152,8 @@ pub enum Prepared {
         /// Where the status byte goes.
         status: GuestBuf,
     },
-    /// A DISCARD or WRITE_ZEROES too large for one go: run its steps.
+    /// A DISCARD or WRITE_ZEROES too large for one go, or whose hooks may
+    /// wait long: run its steps.
     Zeroes {
         /// The validated request (boxed: rare, and large).
         job: Box<Zeroes>,
@@ -385,7 +410,9 @@ impl RequestParser {
                         };
                     }
                     Exec::Flush => return Prepared::Flush { status: status_buf },
-                    Exec::Zeroes(job) if job.bytes() > ZEROES_STEP => {
+                    // Large ones run in steps; so do those whose hooks may
+                    // wait long (an engine then runs them without blocking).
+                    Exec::Zeroes(job) if job.bytes() > ZEROES_STEP || disk.hooks_may_block() => {
                         return Prepared::Zeroes {
                             job: Box::new(job),
                             status: status_buf,

@@ -19,16 +19,20 @@
 //!
 //! A write whose hooks have long work to do first (a copy-before-write
 //! filter's copy, run on the filter's own threads) is parked without a
-//! slot in the ring until the work is done or its deadline passes; an
-//! eventfd polled in the ring wakes the thread for it, so the thread's
-//! other requests go on meanwhile.
+//! slot in the ring until the work is done or its deadline passes; so is
+//! a write that landed and whose hooks have long work to do before it may
+//! complete (a write-blocking mirror's write to its target). An eventfd
+//! polled in the ring wakes the thread for them, so the thread's other
+//! requests go on meanwhile.
 //!
 //! Each request keeps the image it was issued on alive until it completes
 //! (a mirror pivot may switch images; see `Pins`), and its buffers must stay
 //! valid until it is reaped: submission is `unsafe` for that reason.
 
 use super::pins::{PinId, Pins};
-use super::{Disk, DiskError, PendingWrite, WriteOp, WriteStart, WriteTicket};
+use super::{
+    Disk, DiskError, PendingEnd, PendingWrite, WriteEnd, WriteOp, WriteStart, WriteTicket,
+};
 use crate::image::{Durable, Image, ImageError};
 use crate::iobuf::{total_len, IoBuf};
 use io_uring::{opcode, squeue, types, IoUring};
@@ -107,13 +111,47 @@ impl Slot {
     }
 }
 
-/// A write waiting for its hooks' work before it is issued.
+/// A write waiting for its hooks' work, before it is issued or after it
+/// landed.
 struct Parked {
     token: u64,
     offset: u64,
-    /// Valid until the request is reaped, by `write`'s contract.
-    bufs: Vec<IoBuf<'static>>,
-    write: PendingWrite,
+    body: Body,
+    phase: Phase,
+}
+
+/// What a parked write writes.
+enum Body {
+    /// Data; valid until the request is reaped, by `write`'s contract.
+    Data(Vec<IoBuf<'static>>),
+    /// A discard or write-zeroes of this many bytes.
+    Zeroes(u64, WriteOp<'static>),
+}
+
+impl Body {
+    fn op(&self) -> WriteOp<'_> {
+        match self {
+            Body::Data(bufs) => WriteOp::Data(bufs),
+            Body::Zeroes(_, op) => *op,
+        }
+    }
+}
+
+/// Which side of the transfer a parked write waits on.
+enum Phase {
+    /// Not issued yet.
+    Start(PendingWrite),
+    /// Landed on the image; the request completes when its hooks end.
+    End(PendingEnd),
+}
+
+impl Phase {
+    fn deadline(&self) -> Option<Instant> {
+        match self {
+            Phase::Start(w) => w.deadline(),
+            Phase::End(w) => w.deadline(),
+        }
+    }
 }
 
 /// Wakes the engine's thread for its parked writes: writes an eventfd
@@ -362,37 +400,113 @@ impl UringEngine {
                 self.issue_write(disk, (offset, bufs, token), ticket, inline)
             },
             Ok(WriteStart::Waiting(write)) => {
-                self.parked.push_back(Parked {
-                    token,
-                    offset,
-                    // SAFETY: per this function's contract.
-                    bufs: bufs
-                        .iter()
-                        .map(|b| unsafe { b.extend::<'static>() })
-                        .collect(),
-                    write,
-                });
-                self.arm_wake();
+                // SAFETY: per this function's contract.
+                let bufs = bufs.iter().map(|b| unsafe { b.extend::<'static>() });
+                let body = Body::Data(bufs.collect());
+                self.park(token, offset, body, Phase::Start(write));
             }
             Err(e) => self.ready.push_back((token, Err(e))),
         }
     }
 
-    /// Polls the parked writes: those whose hooks are done are issued (or
-    /// fail), the others stay parked.
+    /// Starts a discard (`op` is `WriteOp::Discard`) or a write-zeroes
+    /// (`WriteOp::Zeroes`) of `len` bytes at `offset`. The image's part
+    /// runs at submission (a fallocate, or zeroes written on files that
+    /// cannot deallocate); hooks with long work on either side park the
+    /// request instead of blocking the thread.
+    pub fn zeroes(&mut self, disk: &Disk, offset: u64, len: u64, op: WriteOp<'static>, token: u64) {
+        if matches!(op, WriteOp::Data(_)) {
+            let e = DiskError::Hook("engine: data given as a zeroes request".into());
+            self.ready.push_back((token, Err(e)));
+            return;
+        }
+        match disk.start_write_nowait(offset, len, &self.waker) {
+            Ok(WriteStart::Ready(ticket)) => {
+                self.run_zeroes(disk, (offset, len, op, token), ticket)
+            }
+            Ok(WriteStart::Waiting(write)) => {
+                self.park(token, offset, Body::Zeroes(len, op), Phase::Start(write))
+            }
+            Err(e) => self.ready.push_back((token, Err(e))),
+        }
+    }
+
+    /// The image's part of a zeroes request whose hooks have started.
+    fn run_zeroes(
+        &mut self,
+        disk: &Disk,
+        (offset, len, op, token): (u64, u64, WriteOp<'static>, u64),
+        ticket: WriteTicket,
+    ) {
+        self.stats.synchronous += 1;
+        // On error the ticket drops: the hooks hear the write failed.
+        let result = match disk.write_image(offset, len, op) {
+            Err(e) => Some(Err(e)),
+            Ok(()) => self.end_write((offset, Body::Zeroes(len, op), token), ticket),
+        };
+        if let Some(result) = result {
+            self.ready.push_back((token, result));
+        }
+    }
+
+    fn park(&mut self, token: u64, offset: u64, body: Body, phase: Phase) {
+        self.parked.push_back(Parked {
+            token,
+            offset,
+            body,
+            phase,
+        });
+        self.arm_wake();
+    }
+
+    /// Ends a write that landed: its outcome, or None if it is parked on
+    /// its hooks' after-write work (reported once that is done).
+    fn end_write(
+        &mut self,
+        (offset, body, token): (u64, Body, u64),
+        ticket: WriteTicket,
+    ) -> Option<Result<(), DiskError>> {
+        match ticket.landed_nowait(body.op(), &self.waker) {
+            WriteEnd::Done(result) => Some(result),
+            WriteEnd::Waiting(end) => {
+                self.park(token, offset, body, Phase::End(end));
+                None
+            }
+        }
+    }
+
+    /// Polls the parked writes: those whose hooks are done are issued,
+    /// fail or finish; the others stay parked.
     fn resume_parked(&mut self, disk: &Disk) {
         for _ in 0..self.parked.len() {
-            let Some(p) = self.parked.pop_front() else {
+            let Some(Parked {
+                token,
+                offset,
+                body,
+                phase,
+            }) = self.parked.pop_front()
+            else {
                 break;
             };
-            match p.write.poll(&self.waker) {
-                Ok(WriteStart::Waiting(write)) => self.parked.push_back(Parked { write, ..p }),
-                // SAFETY: `bufs` are valid until the token is reaped, by
-                // `write`'s contract.
-                Ok(WriteStart::Ready(ticket)) => unsafe {
-                    self.issue_write(disk, (p.offset, &p.bufs, p.token), ticket, false)
+            match phase {
+                Phase::Start(write) => match (write.poll(&self.waker), body) {
+                    (Ok(WriteStart::Waiting(write)), body) => {
+                        self.park(token, offset, body, Phase::Start(write))
+                    }
+                    // SAFETY: `bufs` are valid until the token is reaped, by
+                    // `write`'s contract.
+                    (Ok(WriteStart::Ready(ticket)), Body::Data(bufs)) => unsafe {
+                        self.issue_write(disk, (offset, &bufs, token), ticket, false)
+                    },
+                    (Ok(WriteStart::Ready(ticket)), Body::Zeroes(len, op)) => {
+                        self.run_zeroes(disk, (offset, len, op, token), ticket)
+                    }
+                    (Err(e), _) => self.ready.push_back((token, Err(e))),
                 },
-                Err(e) => self.ready.push_back((p.token, Err(e))),
+                Phase::End(end) => match end.poll(body.op(), &self.waker) {
+                    WriteEnd::Waiting(end) => self.park(token, offset, body, Phase::End(end)),
+                    WriteEnd::Done(result) => self.ready.push_back((token, result)),
+                },
             }
         }
     }
@@ -410,7 +524,7 @@ impl UringEngine {
 
     /// The earliest deadline of the parked writes' hooks.
     fn parked_deadline(&self) -> Option<Instant> {
-        self.parked.iter().filter_map(|p| p.write.deadline()).min()
+        self.parked.iter().filter_map(|p| p.phase.deadline()).min()
     }
 
     /// Issues a write whose hooks have all started, synchronously if
@@ -432,11 +546,16 @@ impl UringEngine {
         };
         let Some((fd, image)) = pinned else {
             self.stats.synchronous += 1;
-            let result = disk
-                .with_image(|img| img.write_at(bufs, offset, fua))
-                .map_err(DiskError::from)
-                .and_then(|()| ticket.landed(WriteOp::Data(bufs)));
-            self.ready.push_back((token, result));
+            if let Err(e) = disk.with_image(|img| img.write_at(bufs, offset, fua)) {
+                // The ticket drops: the hooks hear the write failed.
+                self.ready.push_back((token, Err(e.into())));
+                return;
+            }
+            // SAFETY: the caller keeps `bufs` valid until the token is reaped.
+            let bufs = Body::Data(bufs.iter().map(|b| unsafe { b.extend() }).collect());
+            if let Some(result) = self.end_write((offset, bufs, token), ticket) {
+                self.ready.push_back((token, result));
+            }
             return;
         };
         // SAFETY: the caller keeps `bufs` valid until the token is reaped.
@@ -833,20 +952,31 @@ impl UringEngine {
         };
         // A failed write drops its ticket here: its hooks hear of it.
         let ticket = slot.ticket.take();
+        let image = slot.image.take();
         let result = match outcome {
-            Err(e) => Err(Self::image_err(kind, offset, len, e)),
+            Err(e) => Some(Err(Self::image_err(kind, offset, len, e))),
             Ok(()) => match (kind, ticket) {
-                (Kind::Read, _) => Ok(()),
-                (Kind::Write { .. }, Some(ticket)) => ticket.landed(WriteOp::Data(&slot.bufs)),
-                (Kind::Write { .. }, None) => Ok(()),
-                (Kind::Flush, _) => disk.finish_flush(),
+                (Kind::Read, _) => Some(Ok(())),
+                (Kind::Write { .. }, Some(ticket)) => {
+                    let landed = ticket.landed_nowait(WriteOp::Data(&slot.bufs), &self.waker);
+                    match landed {
+                        WriteEnd::Done(result) => Some(result),
+                        WriteEnd::Waiting(end) => {
+                            let body = Body::Data(slot.bufs.clone());
+                            self.park(token, offset, body, Phase::End(end));
+                            None
+                        }
+                    }
+                }
+                (Kind::Write { .. }, None) => Some(Ok(())),
+                (Kind::Flush, _) => Some(disk.finish_flush()),
             },
         };
-        if let Some(image) = slot.image.take() {
+        if let Some(image) = image {
             self.images.unpin(image);
         }
         self.free.push(idx);
-        Some((token, result))
+        result.map(|result| (token, result))
     }
 
     fn image_err(kind: Kind, offset: u64, len: u64, cause: io::Error) -> DiskError {

@@ -7,10 +7,11 @@
 //! makes it reachable.
 
 use super::*;
-use crate::disk::WriteHook;
+use crate::disk::{HookWork, WriteHook};
 use crate::image::{RawImage, RawImageOptions};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -349,10 +350,9 @@ impl WriteHook for Recorder {
         Ok(())
     }
     fn after_write(&self, offset: u64, len: u64, op: WriteOp<'_>) -> Result<(), DiskError> {
-        let WriteOp::Data(bufs) = op else {
-            panic!("not data")
-        };
-        assert_eq!(total_len(bufs), len, "after_write sees the whole request");
+        if let WriteOp::Data(bufs) = op {
+            assert_eq!(total_len(bufs), len, "after_write sees the whole request");
+        }
         self.0.lock().unwrap().push(format!("after {offset}"));
         Ok(())
     }
@@ -459,6 +459,148 @@ fn hooks_run_around_the_io_and_a_flush_follows_completed_writes() {
         .iter()
         .all(|&b| b == 0));
     assert_eq!(rec.log().len(), 5, "no after_write for a refused write");
+}
+
+/// After-write work that ends when the test opens its gate, or by its
+/// policy (an error) once its deadline passed.
+#[derive(Default)]
+struct AfterGate {
+    state: Mutex<(bool, Option<std::task::Waker>)>,
+    deadline: Option<Instant>,
+    /// Writes that landed and wait for it.
+    landed: std::sync::atomic::AtomicUsize,
+}
+
+impl AfterGate {
+    fn open(&self) {
+        let mut s = self.state.lock().unwrap();
+        s.0 = true;
+        if let Some(w) = s.1.take() {
+            w.wake();
+        }
+    }
+}
+
+struct GateWork(Arc<AfterGate>);
+
+impl HookWork for GateWork {
+    fn poll(&mut self, waker: &std::task::Waker) -> std::task::Poll<Result<(), DiskError>> {
+        let mut s = self.0.state.lock().unwrap();
+        if s.0 {
+            return std::task::Poll::Ready(Ok(()));
+        }
+        if self.0.deadline.is_some_and(|d| Instant::now() >= d) {
+            return std::task::Poll::Ready(Err(DiskError::Hook("timed out".into())));
+        }
+        s.1 = Some(waker.clone());
+        std::task::Poll::Pending
+    }
+    fn deadline(&self) -> Option<Instant> {
+        self.0.deadline
+    }
+}
+
+/// A hook with long after-write work (as a write-blocking mirror's write
+/// to its target).
+struct AfterWork(Arc<AfterGate>);
+
+impl WriteHook for AfterWork {
+    fn after_write_nowait(
+        &self,
+        _offset: u64,
+        _len: u64,
+        _op: WriteOp<'_>,
+    ) -> Result<Option<Box<dyn HookWork>>, DiskError> {
+        self.0.landed.fetch_add(1, Ordering::SeqCst);
+        Ok(Some(Box::new(GateWork(self.0.clone()))))
+    }
+    fn may_block(&self) -> bool {
+        true
+    }
+}
+
+#[test]
+fn a_write_waiting_for_its_hooks_after_landing_holds_only_itself() {
+    let dir = TempDir::new();
+    let path = dir.image("img", 1 << 20);
+    let disk = raw_disk(&path);
+    let gate = Arc::new(AfterGate::default());
+    disk.add_hook(Arc::new(AfterWork(gate.clone())));
+    let rec = Arc::new(Recorder::default());
+    disk.add_hook(rec.clone());
+    let mut e = engine();
+    let mut w = vec![5u8; 4096];
+    let mut inline = vec![6u8; 4096];
+    let mut r = vec![0u8; 4096];
+    std::fs::write(&path, vec![9u8; 1 << 20]).unwrap();
+    // SAFETY: the buffers outlive the reaping below.
+    unsafe {
+        e.write(&disk, 0, &[IoBuf::from_slice(&mut w)], 1);
+        e.write_inline(&disk, 8192, &[IoBuf::from_slice(&mut inline)], 2);
+        e.read(&disk, 65536, &[IoBuf::from_slice(&mut r)], 4);
+    }
+    e.zeroes(&disk, 16384, 4096, WriteOp::Zeroes { unmap: false }, 3);
+    // Until the three writes landed, only the read may complete.
+    let mut done = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while gate.landed.load(Ordering::SeqCst) < 3 || done.is_empty() {
+        assert!(Instant::now() < deadline, "stuck: {done:?}");
+        e.submit();
+        e.reap(&disk, |t, r| done.push((t, r)));
+        e.wait(&[], Some(Duration::from_millis(10)));
+    }
+    assert_eq!(done.len(), 1, "{done:?}");
+    assert_eq!(done[0].0, 4, "the read waited for the writes' hooks");
+    assert!(done[0].1.is_ok());
+    assert_eq!(e.in_flight(), 3);
+    // Their requests wait, and so do the hooks after the one with work.
+    let file = std::fs::read(&path).unwrap();
+    assert!(file[..4096].iter().all(|&b| b == 5) && file[8192..12288].iter().all(|&b| b == 6));
+    assert!(file[16384..20480].iter().all(|&b| b == 0));
+    assert_eq!(rec.log(), ["before 0", "before 8192", "before 16384"]);
+    e.submit();
+    let mut early = Vec::new();
+    e.reap(&disk, |t, _| early.push(t));
+    assert!(
+        early.is_empty(),
+        "{early:?} completed before the hook's work"
+    );
+    gate.open();
+    let mut done = reap_n(&mut e, &disk, 3);
+    done.sort_by_key(|d| d.0);
+    assert!(done.iter().map(|d| d.0).eq([1, 2, 3]));
+    assert!(done.iter().all(|(_, r)| r.is_ok()));
+    let mut log = rec.log();
+    log[3..].sort();
+    assert_eq!(
+        log,
+        [
+            "before 0",
+            "before 8192",
+            "before 16384",
+            "after 0",
+            "after 16384",
+            "after 8192"
+        ]
+    );
+
+    // Work that never ends: its deadline wakes the engine, and the
+    // hook's policy (here an error) ends the request.
+    let disk = raw_disk(&path);
+    let stuck = Arc::new(AfterGate {
+        deadline: Some(Instant::now() + Duration::from_millis(50)),
+        ..AfterGate::default()
+    });
+    disk.add_hook(Arc::new(AfterWork(stuck)));
+    // SAFETY: as above.
+    unsafe { e.write(&disk, 0, &[IoBuf::from_slice(&mut w)], 4) };
+    let done = reap_n(&mut e, &disk, 1);
+    assert_eq!(done[0].0, 4);
+    assert!(
+        matches!(done[0].1, Err(DiskError::Hook(_))),
+        "{:?}",
+        done[0].1
+    );
 }
 
 #[test]

@@ -23,7 +23,9 @@
 //!
 //! The hook writes every guest write (and write-zeroes) to the target before
 //! the request completes, holding the chunk range lock so it cannot interleave
-//! with a chunk copy. A chunk that was clean stays clean; a chunk the write
+//! with a chunk copy. The target write runs on the mirror's write-through
+//! threads, and the request waits for it without holding its queue thread
+//! (`through.rs`). A chunk that was clean stays clean; a chunk the write
 //! covers completely becomes clean; one that is dirty, or *contended*, is
 //! left for the copier. Discards are only marked: whether a discarded range
 //! reads as zeroes depends on the storage. A target error never fails the
@@ -68,7 +70,7 @@ use super::state_file::StateFile;
 use super::through::{Payload, WriteThrough};
 use super::{image_errno, CopyMode};
 use crate::bits::AtomicBits;
-use crate::disk::{Disk, DiskError, WriteHook, WriteOp};
+use crate::disk::{block_on, Disk, DiskError, HookWork, WriteHook, WriteOp};
 use crate::image::{Image, ImageError};
 use crate::iobuf::{total_len, IoBuf};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
@@ -111,9 +113,8 @@ pub struct MirrorState {
     sleeping: AtomicBool,
     work_lock: Mutex<()>,
     work_cv: Condvar,
-    /// Write-blocking writes off the guest's thread, bounded in time
-    /// (`None`: on the guest's thread, unbounded).
-    through: Option<WriteThrough>,
+    /// Write-blocking writes to the target, off the guest's thread.
+    through: WriteThrough,
 }
 
 impl std::fmt::Debug for MirrorState {
@@ -128,16 +129,19 @@ impl std::fmt::Debug for MirrorState {
 
 impl MirrorState {
     /// New state for `disk` -> `target` at `granularity` (a power of two).
+    /// A write-blocking guest write waits for the target at most
+    /// `target_timeout` (`None`: as long as the target takes; see
+    /// `through.rs`). Fails if the write-through threads cannot start.
     pub fn new(
         disk: Arc<Disk>,
         target: Arc<dyn Image>,
         granularity: u64,
         persist: Option<Arc<StateFile>>,
-        copy_mode: CopyMode,
-    ) -> MirrorState {
+        (copy_mode, target_timeout): (CopyMode, Option<Duration>),
+    ) -> std::io::Result<MirrorState> {
         let size = disk.size();
         let chunks = size.div_ceil(granularity);
-        MirrorState {
+        Ok(MirrorState {
             disk,
             target,
             size,
@@ -156,16 +160,8 @@ impl MirrorState {
             sleeping: AtomicBool::new(false),
             work_lock: Mutex::new(()),
             work_cv: Condvar::new(),
-            through: None,
-        }
-    }
-
-    /// Bounds a write-blocking guest write's wait for the target by
-    /// `timeout` (see `through.rs`); `None` writes on the guest's thread
-    /// for as long as the target takes.
-    pub fn with_target_timeout(mut self, timeout: Option<Duration>) -> std::io::Result<Self> {
-        self.through = timeout.map(WriteThrough::new).transpose()?;
-        Ok(self)
+            through: WriteThrough::new(target_timeout)?,
+        })
     }
 
     /// Bytes per chunk.
@@ -298,31 +294,11 @@ impl MirrorState {
         self.sleeping.store(false, Ordering::SeqCst);
     }
 
-    /// Write-blocking part of `after_write`.
-    fn write_through(
-        self: &Arc<Self>,
-        offset: u64,
-        len: u64,
-        first: u64,
-        last: u64,
-        op: WriteOp<'_>,
-    ) {
-        if let Some(through) = &self.through {
-            let payload = match op {
-                WriteOp::Data(bufs) => Payload::Data(gather(bufs)),
-                WriteOp::Zeroes { unmap } => Payload::Zeroes { unmap },
-                // Not taken (see after_write); marking is always correct.
-                WriteOp::Discard => return self.mark(first, last),
-            };
-            return through.write(self, offset, len, (first, last), payload);
-        }
-        let _range = self.ranges.lock(first, last);
-        let result = match op {
-            WriteOp::Data(bufs) => self.target.write_at(bufs, offset, false),
-            WriteOp::Zeroes { unmap } => self.target.write_zeroes(offset, len, unmap),
-            WriteOp::Discard => return self.mark(first, last),
-        };
-        self.decide_write_through(offset, len, (first, last), result);
+    /// A guest write's end: it leaves its chunks' stripes, and a copy of
+    /// them is useful now that its data has landed.
+    pub(super) fn leave(&self, (first, last): (u64, u64)) {
+        self.stripes.leave(first, last);
+        self.wake_copier();
     }
 
     /// After a write-through's target write, under its chunks' range lock
@@ -413,24 +389,44 @@ impl WriteHook for MirrorHook {
     }
 
     fn after_write(&self, offset: u64, len: u64, op: WriteOp<'_>) -> Result<(), DiskError> {
-        let s = &*self.state;
-        let Some((first, last)) = s.chunk_range(offset, len) else {
-            return Ok(());
+        match self.after_write_nowait(offset, len, op)? {
+            Some(work) => block_on(work),
+            None => Ok(()),
+        }
+    }
+
+    fn after_write_nowait(
+        &self,
+        offset: u64,
+        len: u64,
+        op: WriteOp<'_>,
+    ) -> Result<Option<Box<dyn HookWork>>, DiskError> {
+        let s = &self.state;
+        let Some(chunks) = s.chunk_range(offset, len) else {
+            return Ok(None);
         };
         s.guest_writes.fetch_add(1, Ordering::Relaxed);
-        let through = s.write_blocking.load(Ordering::SeqCst)
-            && !s.wb_suspended.load(Ordering::SeqCst)
-            && !matches!(op, WriteOp::Discard);
-        if through {
-            self.state
-                .write_through(offset, len.min(s.size - offset), first, last, op);
-        } else {
-            s.mark(first, last);
-        }
-        s.stripes.leave(first, last);
-        // Only now (the data has landed) is a copy of these chunks useful.
-        s.wake_copier();
-        Ok(())
+        let through =
+            s.write_blocking.load(Ordering::SeqCst) && !s.wb_suspended.load(Ordering::SeqCst);
+        let payload = match op {
+            WriteOp::Data(bufs) if through => Some(Payload::Data(gather(bufs))),
+            WriteOp::Zeroes { unmap } if through => Some(Payload::Zeroes { unmap }),
+            // Discards are only marked (see the module's notes).
+            _ => None,
+        };
+        let Some(payload) = payload else {
+            s.mark(chunks.0, chunks.1);
+            s.leave(chunks);
+            return Ok(None);
+        };
+        let len = len.min(s.size - offset);
+        let wait = s.through.start(s, offset, len, chunks, payload);
+        Ok(Some(Box::new(wait)))
+    }
+
+    /// Write-blocking writes wait for the target (off the queue thread).
+    fn may_block(&self) -> bool {
+        true
     }
 
     fn write_failed(&self, offset: u64, len: u64) {
@@ -441,8 +437,7 @@ impl WriteHook for MirrorHook {
         // The source may hold part of the write: the target needs these
         // chunks again, whatever the copy mode.
         s.mark(first, last);
-        s.stripes.leave(first, last);
-        s.wake_copier();
+        s.leave((first, last));
     }
 }
 

@@ -669,10 +669,8 @@ impl MirrorManager {
             target,
             granularity,
             persist.clone(),
-            req.copy_mode,
-        )
-        .with_target_timeout(target_timeout)
-        {
+            (req.copy_mode, target_timeout),
+        ) {
             Ok(s) => Arc::new(s),
             Err(e) => {
                 if pending_state.is_none() {

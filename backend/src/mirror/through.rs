@@ -1,36 +1,46 @@
-//! Write-blocking writes to the target off the guest's thread, with a
-//! bound on the wait: a target that hangs (a dead NFS server, a stalled
-//! array) must not hold the guest's queue thread, and with it every queue
-//! it serves, for ever.
+//! Write-blocking writes to the target off the guest's thread: a guest
+//! write in write-blocking mode completes only once its data is on the
+//! target too, but the queue thread that serves it must not wait for
+//! that. It would stall every other request and queue of the thread,
+//! and a target that hangs (a dead NFS server, a stalled array, an NBD
+//! destination that stopped answering) would hold them for ever.
 //!
-//! A guest write in write-blocking mode copies its data (the guest may
-//! reuse its buffers once the request completes, which may happen before
-//! the target write ends) and hands the target write to one of a few
-//! threads. The guest's thread waits for it, at most the mirror's target
-//! time-out. The thread takes the chunks' range lock, writes, and makes
-//! the write-blocking decision (clean, dirty, or a target error) under the
-//! task's lock, all while the guest's write is still inside its stripe,
-//! since the guest's thread waits until the decision is made or it has
-//! given up on it (see `hook.rs` for why the decision must fall there).
+//! So the target write is a task for one of a few threads of the mirror,
+//! and the guest's write waits for it as a [`HookWork`]: the io_uring
+//! engine parks the request and is woken when the task is done, serving
+//! its other requests meanwhile; the synchronous path blocks on it. The
+//! task carries a copy of the guest's data, because the guest's request
+//! may complete before the task ends (below) and the guest may then reuse
+//! its buffers.
 //!
-//! When the time-out passes first, the guest's thread marks the task
-//! abandoned under that lock, marks the chunks dirty (its data landed on
-//! the source: the background rule), suspends write-blocking and reports
-//! ETIMEDOUT to the job, which applies `on-target-error`; the guest's
-//! request completes. The late target write, if it ever ends, decides
-//! nothing. Until it ends it holds the chunks' range lock, so no copy of
-//! those chunks can run before it and be overwritten by its stale data:
-//! every copy of them starts after it, from the source.
+//! The thread takes the chunks' range lock, writes, and makes the
+//! write-blocking decision (clean, dirty, or a target error) under the
+//! task's lock, all while the guest's write is still inside its stripe:
+//! the write leaves its stripe only when its wait ends (see `hook.rs` for
+//! why the decision must fall there).
+//!
+//! With a target time-out (`x-target-timeout`), a wait whose deadline
+//! passes first marks the task abandoned under that lock, marks the chunks
+//! dirty (its data landed on the source: the background rule), suspends
+//! write-blocking and reports ETIMEDOUT to the job, which applies
+//! `on-target-error`; the guest's request completes. The late target
+//! write, if it ever ends, decides nothing. Until it ends it holds the
+//! chunks' range lock, so no copy of those chunks can run before it and
+//! be overwritten by its stale data: every copy of them starts after it,
+//! from the source.
 
 use super::hook::MirrorState;
+use crate::disk::{DiskError, HookWork};
 use crate::image::ImageError;
 use crate::iobuf::IoBuf;
 use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
-/// Threads writing through to the target: the copies in flight at once.
-const THREADS: usize = 4;
+/// Threads writing through to the target: the target writes in flight at
+/// once (more guest writes queue for them; none waits on a queue thread).
+const THREADS: usize = 8;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -47,18 +57,15 @@ pub(super) enum Payload {
     },
 }
 
+/// What the task and the guest's wait tell each other, under one lock.
 #[derive(Default)]
 struct Verdict {
     /// The thread made the decision.
     done: bool,
-    /// The guest's thread gave up waiting: the thread must not decide.
+    /// The guest's wait gave up: the thread must not decide.
     abandoned: bool,
-}
-
-#[derive(Default)]
-struct Reply {
-    verdict: Mutex<Verdict>,
-    cond: Condvar,
+    /// Woken when the decision is made.
+    waker: Option<Waker>,
 }
 
 struct Task {
@@ -67,18 +74,19 @@ struct Task {
     len: u64,
     chunks: (u64, u64),
     payload: Payload,
-    reply: Arc<Reply>,
+    verdict: Arc<Mutex<Verdict>>,
 }
 
 /// The threads of one mirror; they end when it is dropped.
 pub(super) struct WriteThrough {
-    tasks: Mutex<Sender<Task>>,
-    timeout: Duration,
+    tasks: Sender<Task>,
+    timeout: Option<Duration>,
 }
 
 impl WriteThrough {
-    /// Starts the threads; a guest write waits at most `timeout`.
-    pub(super) fn new(timeout: Duration) -> std::io::Result<WriteThrough> {
+    /// Starts the threads; a guest write waits at most `timeout` (`None`:
+    /// for as long as the target takes).
+    pub(super) fn new(timeout: Option<Duration>) -> std::io::Result<WriteThrough> {
         let (tx, rx) = channel::<Task>();
         let rx = Arc::new(Mutex::new(rx));
         for i in 0..THREADS {
@@ -90,56 +98,112 @@ impl WriteThrough {
                     run(&rx)
                 })?;
         }
-        Ok(WriteThrough {
-            tasks: Mutex::new(tx),
-            timeout,
-        })
+        Ok(WriteThrough { tasks: tx, timeout })
     }
 
-    /// Writes `payload` at `offset` through to `state`'s target and makes
-    /// the write-blocking decision for `chunks`, or, after the time-out,
-    /// gives up: the chunks are then dirty and the job hears ETIMEDOUT.
-    pub(super) fn write(
+    /// Starts writing `payload` at `offset` through to `state`'s target;
+    /// the returned wait ends once the write-blocking decision for
+    /// `chunks` is made, or, after the time-out, by giving up (the chunks
+    /// are then dirty and the job hears ETIMEDOUT). Either way the guest's
+    /// write then leaves its stripe.
+    pub(super) fn start(
         &self,
         state: &Arc<MirrorState>,
         offset: u64,
         len: u64,
         chunks: (u64, u64),
         payload: Payload,
-    ) {
-        let reply = Arc::new(Reply::default());
+    ) -> ThroughWait {
+        let verdict = Arc::new(Mutex::new(Verdict::default()));
         let task = Task {
             state: state.clone(),
             offset,
             len,
             chunks,
             payload,
-            reply: reply.clone(),
+            verdict: verdict.clone(),
         };
-        if lock(&self.tasks).send(task).is_err() {
+        if self.tasks.send(task).is_err() {
             // No thread left (they only end with the mirror).
             state.write_through_failed(chunks, libc::EIO);
-            return;
+            lock(&verdict).done = true;
         }
-        let deadline = Instant::now() + self.timeout;
-        let mut v = lock(&reply.verdict);
-        while !v.done {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
+        ThroughWait {
+            state: state.clone(),
+            offset,
+            chunks,
+            verdict,
+            deadline: self.timeout.map(|t| Instant::now() + t),
+            timeout: self.timeout,
+            ended: false,
+        }
+    }
+}
+
+/// A guest write waiting for its write-through.
+pub(super) struct ThroughWait {
+    state: Arc<MirrorState>,
+    offset: u64,
+    chunks: (u64, u64),
+    verdict: Arc<Mutex<Verdict>>,
+    deadline: Option<Instant>,
+    timeout: Option<Duration>,
+    /// The guest's write has left its stripe.
+    ended: bool,
+}
+
+impl ThroughWait {
+    /// Ends the wait: decided, or given up on (`errno` for the job).
+    fn end(&mut self, give_up: Option<i32>) {
+        if let Some(errno) = give_up {
+            let mut v = lock(&self.verdict);
+            if !v.done {
                 v.abandoned = true;
                 drop(v);
-                log::warn!(
-                    "mirror: write-blocking target write at {offset} not done after {:?}: the guest goes on, the chunks stay dirty",
-                    self.timeout
-                );
-                state.write_through_failed(chunks, libc::ETIMEDOUT);
-                return;
+                self.state.write_through_failed(self.chunks, errno);
             }
-            v = reply
-                .cond
-                .wait_timeout(v, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+        }
+        self.ended = true;
+        self.state.leave(self.chunks);
+    }
+}
+
+impl HookWork for ThroughWait {
+    fn poll(&mut self, waker: &Waker) -> Poll<Result<(), DiskError>> {
+        let mut v = lock(&self.verdict);
+        if v.done {
+            drop(v);
+            self.end(None);
+            return Poll::Ready(Ok(()));
+        }
+        if self.deadline.is_some_and(|d| Instant::now() >= d) {
+            drop(v);
+            log::warn!(
+                "mirror: write-blocking target write at {} not done after {:?}: the guest goes on, the chunks stay dirty",
+                self.offset,
+                self.timeout.unwrap_or_default()
+            );
+            self.end(Some(libc::ETIMEDOUT));
+            // A target error never fails the guest's write (QEMU's rule).
+            return Poll::Ready(Ok(()));
+        }
+        if !v.waker.as_ref().is_some_and(|w| w.will_wake(waker)) {
+            v.waker = Some(waker.clone());
+        }
+        Poll::Pending
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        self.deadline
+    }
+}
+
+impl Drop for ThroughWait {
+    fn drop(&mut self) {
+        if !self.ended {
+            // Given up on without a poll (an engine torn down): as a
+            // time-out, so the chunks are dirty and the stripe is left.
+            self.end(Some(libc::EIO));
         }
     }
 }
@@ -161,16 +225,20 @@ fn run(tasks: &Mutex<Receiver<Task>>) {
             }
             Payload::Zeroes { unmap } => s.target.write_zeroes(task.offset, task.len, unmap),
         };
-        let mut v = lock(&task.reply.verdict);
+        let mut v = lock(&task.verdict);
         if v.abandoned {
             match result {
                 Ok(()) => log::info!("mirror: a timed-out write-through ended after all"),
                 Err(e) => log::warn!("mirror: a timed-out write-through failed: {e}"),
             }
-        } else {
-            s.decide_write_through(task.offset, task.len, task.chunks, result);
-            v.done = true;
-            task.reply.cond.notify_all();
+            continue;
+        }
+        s.decide_write_through(task.offset, task.len, task.chunks, result);
+        v.done = true;
+        let waker = v.waker.take();
+        drop(v);
+        if let Some(w) = waker {
+            w.wake();
         }
     }
 }
