@@ -153,13 +153,21 @@ pub(super) struct ThroughWait {
 }
 
 impl ThroughWait {
-    /// Ends the wait: decided, or given up on (`errno` for the job).
+    /// Ends the wait: decided, or (`give_up`) given up on unless the
+    /// decision was made meanwhile; the job then hears `errno`.
     fn end(&mut self, give_up: Option<i32>) {
         if let Some(errno) = give_up {
             let mut v = lock(&self.verdict);
             if !v.done {
                 v.abandoned = true;
                 drop(v);
+                if errno == libc::ETIMEDOUT {
+                    log::warn!(
+                        "mirror: write-blocking target write at {} not done after {:?}: the guest goes on, the chunks stay dirty",
+                        self.offset,
+                        self.timeout.unwrap_or_default()
+                    );
+                }
                 self.state.write_through_failed(self.chunks, errno);
             }
         }
@@ -171,26 +179,17 @@ impl ThroughWait {
 impl HookWork for ThroughWait {
     fn poll(&mut self, waker: &Waker) -> Poll<Result<(), DiskError>> {
         let mut v = lock(&self.verdict);
-        if v.done {
-            drop(v);
-            self.end(None);
-            return Poll::Ready(Ok(()));
+        let expired = self.deadline.is_some_and(|d| Instant::now() >= d);
+        if !v.done && !expired {
+            if !v.waker.as_ref().is_some_and(|w| w.will_wake(waker)) {
+                v.waker = Some(waker.clone());
+            }
+            return Poll::Pending;
         }
-        if self.deadline.is_some_and(|d| Instant::now() >= d) {
-            drop(v);
-            log::warn!(
-                "mirror: write-blocking target write at {} not done after {:?}: the guest goes on, the chunks stay dirty",
-                self.offset,
-                self.timeout.unwrap_or_default()
-            );
-            self.end(Some(libc::ETIMEDOUT));
-            // A target error never fails the guest's write (QEMU's rule).
-            return Poll::Ready(Ok(()));
-        }
-        if !v.waker.as_ref().is_some_and(|w| w.will_wake(waker)) {
-            v.waker = Some(waker.clone());
-        }
-        Poll::Pending
+        drop(v);
+        self.end(expired.then_some(libc::ETIMEDOUT));
+        // A target error never fails the guest's write (QEMU's rule).
+        Poll::Ready(Ok(()))
     }
 
     fn deadline(&self) -> Option<Instant> {
