@@ -439,6 +439,8 @@ fn stopped_destination(qsd_source: bool) -> Result<()> {
     data.as_mut_slice().fill(0xa5);
 
     dest_daemon.signal(libc::SIGSTOP)?;
+    // kill() returns before every thread has stopped.
+    wait_stopped(dest_daemon.pid())?;
     let resume = || dest_daemon.signal(libc::SIGCONT);
     let result = (|| -> Result<()> {
         const WRITE: u64 = 1;
@@ -480,6 +482,30 @@ fn stopped_destination(qsd_source: bool) -> Result<()> {
         c.result(|| format!("write-blocking request {}", c.user_data))?;
     }
     cancel_and_compare(&mut q, &src, &dest.image)
+}
+
+/// Waits until every thread of process `pid` is stopped (state T).
+fn wait_stopped(pid: u32) -> Result<()> {
+    let t0 = std::time::Instant::now();
+    loop {
+        let mut running = 0;
+        for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+            let stat = std::fs::read_to_string(task?.path().join("stat"))?;
+            // The state follows the parenthesised command name.
+            let state = stat.rsplit(") ").next().and_then(|r| r.chars().next());
+            if state != Some('T') {
+                running += 1;
+            }
+        }
+        if running == 0 {
+            return Ok(());
+        }
+        ensure!(
+            t0.elapsed() < T,
+            "{running} thread(s) of {pid} never stopped"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
 }
 
 #[test]
