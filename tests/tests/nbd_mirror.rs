@@ -387,6 +387,54 @@ fn destination_down_longer_pauses_the_job_with_stop_and_resumes() -> Result<()> 
     destination_outage("nbdm-stop", Outage::LongStop)
 }
 
+/// The daemon a write-blocking mirror runs in.
+#[derive(Clone)]
+enum Source {
+    /// A vubd binary.
+    Vubd(PathBuf),
+    Qsd,
+}
+
+impl Source {
+    fn name(&self) -> String {
+        match self {
+            Source::Vubd(bin) if *bin == tests::daemon::vubd_binary() => "vubd".into(),
+            Source::Vubd(bin) => format!("vubd {}", bin.display()),
+            Source::Qsd => "qsd 7.2".into(),
+        }
+    }
+
+    /// Starts serving `image` over vhost-user at `dir/vhost.sock`, with QMP
+    /// at `dir/qmp.sock`.
+    fn start(&self, dir: &Path, image: &Path) -> Result<(Daemon, PathBuf, PathBuf)> {
+        let (vhost, qmp) = (dir.join("vhost.sock"), dir.join("qmp.sock"));
+        let daemon = match self {
+            Source::Vubd(bin) => {
+                let mut cmd = Command::new(bin);
+                cmd.arg("--socket").arg(&vhost).arg("--image").arg(image);
+                cmd.arg("--allow-unsealed-memory").arg("--qmp").arg(&qmp);
+                let d = Daemon::spawn(cmd, &vhost, "vubd")?;
+                tests::qmp_client::wait_for_socket(&qmp, T)?;
+                d
+            }
+            Source::Qsd => Daemon::qsd_with_monitor(&vhost, &qmp, image, "aio=io_uring", true)?,
+        };
+        Ok((daemon, vhost, qmp))
+    }
+}
+
+/// Mirrors disk0 onto node `target` in write-blocking mode and waits
+/// for READY.
+fn mirror_write_blocking(q: &mut QmpClient, target: &str) -> Result<()> {
+    q.ok(
+        "blockdev-mirror",
+        json!({"device": "disk0", "target": target, "sync": "full", "job-id": "m",
+               "copy-mode": "write-blocking"}),
+    )?;
+    q.wait_event("BLOCK_JOB_READY", T, |_| true)?;
+    Ok(())
+}
+
 /// A write-blocking mirror onto an NBD destination that stops answering
 /// (SIGSTOP, its connection up): a guest write and a write-zeroes wait
 /// for the destination, but the queue thread serving them does not. Reads on the same queue
@@ -396,7 +444,8 @@ fn destination_down_longer_pauses_the_job_with_stop_and_resumes() -> Result<()> 
 /// the source. On a build whose write-through blocks the queue thread,
 /// the first read hangs until the destination is resumed. qsd 7.2 as the
 /// source passes the same checks.
-fn stopped_destination(qsd_source: bool) -> Result<()> {
+fn stopped_destination(source: Source) -> Result<()> {
+    let qsd_source = matches!(source, Source::Qsd);
     let tag = if qsd_source {
         "nbdm-stopped-qsd"
     } else {
@@ -410,12 +459,7 @@ fn stopped_destination(qsd_source: bool) -> Result<()> {
     make_image(&src, SIZE, 2)?;
     let dest = vubd_dest(&ddir, Transport::Unix)?;
     let dest_daemon = &dest._vubd.as_ref().context("vubd destination")?.daemon;
-    let (vhost, qmp) = (sdir.join("vhost.sock"), sdir.join("qmp.sock"));
-    let _source = if qsd_source {
-        Daemon::qsd_with_monitor(&vhost, &qmp, &src, "", true)?
-    } else {
-        MirrorDaemon::start(&sdir, &src, &[])?.daemon
-    };
+    let (_source, vhost, qmp) = source.start(&sdir, &src)?;
     let mut q = QmpClient::connect(&qmp, T)?;
     let mut remote = json!({"driver": "nbd", "node-name": "remote", "server": dest.server,
                             "export": "e"});
@@ -425,12 +469,7 @@ fn stopped_destination(qsd_source: bool) -> Result<()> {
         remote["x-request-timeout"] = json!(0);
     }
     q.ok("blockdev-add", remote)?;
-    q.ok(
-        "blockdev-mirror",
-        json!({"device": "disk0", "target": "remote", "sync": "full", "job-id": "m",
-               "copy-mode": "write-blocking"}),
-    )?;
-    q.wait_event("BLOCK_JOB_READY", T, |_| true)?;
+    mirror_write_blocking(&mut q, "remote")?;
     let mut client = tests::client::Client::connect(&vhost, 1, false)?;
     let mut queue = client.take_queue(0)?;
     queue.set_timeout(T);
@@ -510,51 +549,15 @@ fn wait_stopped(pid: u32) -> Result<()> {
 
 #[test]
 fn a_stopped_destination_holds_only_the_writes_waiting_for_it() -> Result<()> {
-    stopped_destination(false)
+    stopped_destination(Source::Vubd(tests::daemon::vubd_binary()))
 }
 
 #[test]
 fn a_stopped_destination_holds_only_the_writes_waiting_for_it_on_qsd() -> Result<()> {
-    stopped_destination(true)
+    stopped_destination(Source::Qsd)
 }
 
 // ---- figures ------------------------------------------------------------------
-
-/// A source daemon of the figures.
-#[derive(Clone)]
-enum Source {
-    /// A vubd binary.
-    Vubd(PathBuf),
-    Qsd,
-}
-
-impl Source {
-    fn name(&self) -> String {
-        match self {
-            Source::Vubd(bin) if *bin == tests::daemon::vubd_binary() => "vubd".into(),
-            Source::Vubd(bin) => format!("vubd {}", bin.display()),
-            Source::Qsd => "qsd 7.2".into(),
-        }
-    }
-
-    /// Starts serving `image` over vhost-user at `dir/vhost.sock`, with QMP
-    /// at `dir/qmp.sock`.
-    fn start(&self, dir: &Path, image: &Path) -> Result<(Daemon, PathBuf, PathBuf)> {
-        let (vhost, qmp) = (dir.join("vhost.sock"), dir.join("qmp.sock"));
-        let daemon = match self {
-            Source::Vubd(bin) => {
-                let mut cmd = Command::new(bin);
-                cmd.arg("--socket").arg(&vhost).arg("--image").arg(image);
-                cmd.arg("--allow-unsealed-memory").arg("--qmp").arg(&qmp);
-                let d = Daemon::spawn(cmd, &vhost, "vubd")?;
-                tests::qmp_client::wait_for_socket(&qmp, T)?;
-                d
-            }
-            Source::Qsd => Daemon::qsd_with_monitor(&vhost, &qmp, image, "aio=io_uring", true)?,
-        };
-        Ok((daemon, vhost, qmp))
-    }
-}
 
 /// One measurement: 4 KiB random writes at QD16 while a write-blocking
 /// mirror (READY) sends each of them to `target` (`file` on /dev/shm, or
@@ -591,12 +594,7 @@ fn write_blocking_run(source: &Source, target: &str, tag: &str) -> Result<(f64, 
             (Some(dest), dst)
         }
     };
-    q.ok(
-        "blockdev-mirror",
-        json!({"device": "disk0", "target": "t", "sync": "full", "job-id": "m",
-               "copy-mode": "write-blocking"}),
-    )?;
-    q.wait_event("BLOCK_JOB_READY", T, |_| true)?;
+    mirror_write_blocking(&mut q, "t")?;
     let client = tests::client::Client::connect(&vhost, 1, false)?;
     let cfg = LoadConfig {
         span: SIZE,
